@@ -1,0 +1,48 @@
+# batchd developer entry points. Both quick-start commands set themselves up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PG_HOST ?= 127.0.0.1
+PG_PORT ?= 5432
+
+.PHONY: test demo lint typecheck pytest postgres bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the project's metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed postgres lint typecheck pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed postgres
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Start the machine's local cluster when it is installed but stopped.
+postgres:
+	@if pg_isready -q -h $(PG_HOST) -p $(PG_PORT) 2>/dev/null; then exit 0; fi; \
+	if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then \
+		echo "PostgreSQL is not answering on $(PG_HOST):$(PG_PORT); starting the local cluster"; \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | sort -V | tail -n 1) main start; \
+	fi; \
+	for i in $$(seq 1 30); do pg_isready -q -h $(PG_HOST) -p $(PG_PORT) && exit 0; sleep 1; done; \
+	echo "PostgreSQL is not reachable on $(PG_HOST):$(PG_PORT)" >&2; exit 1
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m batchd.emulator.tour
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/emulator_scale.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
