@@ -96,8 +96,8 @@ class Emulator:
 
 
 EMULATOR = web.AppKey("emulator", Emulator)
-_REQUEST_ID = "request_id"
-_DROPPED = "dropped"
+_REQUEST_ID = web.RequestKey("request_id", str)
+_DROPPED = web.RequestKey("dropped", bool)
 
 
 # -- middleware: request ids, the error envelope, auth, limits and injected faults --------------------------

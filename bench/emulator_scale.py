@@ -1,0 +1,391 @@
+"""How the emulator copes with a full-size batch: memory and time for N requests of ~1 KB, and for N/10.
+
+For each size a fresh emulator process is started (so its peak memory, VmHWM, belongs to that size alone),
+one batch of N requests is created through the official SDK, the emulated clock is pushed past the
+batch's end, and every result is streamed back through the SDK and checked against its own request.
+The emulator's resident memory is read from /proc/PID/status at idle, after the create, while the
+results stream and after they have all arrived.
+
+    .venv/bin/python bench/emulator_scale.py [--requests 100000] [--port PORT]
+
+Exits non-zero when a check fails: a result missing, duplicated, not succeeded or not answering its own
+prompt, or the batch's counts disagreeing with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shlex
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx2
+
+MODEL = "claude-sonnet-4-5"
+PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
+EXCERPT_CHARS = 120  # how much of the prompt the emulator echoes back
+PROCESSING_TIME_S = 5
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+SAMPLE_EVERY_LINES = 5_000
+MIB = 1024 * 1024
+
+
+# -- the emulator process and its memory -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_mib: float  # VmRSS: resident now
+    hwm_mib: float  # VmHWM: the most it has been resident since it started
+
+
+def read_memory(pid: int | str) -> Memory:
+    """From /proc/PID/status; `pid` may be "self"."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in {"VmRSS", "VmHWM"}:
+            values[key] = int(value.split()[0]) * 1024 / MIB  # the kernel reports kB
+    return Memory(rss_mib=values["VmRSS"], hwm_mib=values["VmHWM"])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmulatorProcess:
+    """`batchd emulator` in a subprocess, its output kept in a log file for when something goes wrong."""
+
+    def __init__(self, port: int, log_dir: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [
+            sys.executable,
+            "-m",
+            "batchd",
+            "emulator",
+            "--port",
+            str(port),
+            "--processing-time",
+            str(PROCESSING_TIME_S),
+        ]
+        self.log_path = log_dir / f"emulator-{port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the emulator is not running")
+        return self._process.pid
+
+    def memory(self) -> Memory:
+        return read_memory(self.pid)
+
+    async def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220, S603
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError(
+                        f"the emulator exited with {self._process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    async with session.get(f"{self.url}/_emulator/stats") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the emulator did not answer within {STARTUP_TIMEOUT_S:.0f} s")
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no output)"
+
+    async def admin(self, method: str, path: str, payload: Any = None) -> Any:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, f"{self.url}/_emulator/{path}", json=payload) as response,
+        ):
+            response.raise_for_status()
+            return await response.json()
+
+
+# -- the requests ------------------------------------------------------------------------------------------
+
+
+def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
+    """Random lowercase words: prompts are slices of it, so no two requests compress alike."""
+    words: list[str] = []
+    length = 0
+    while length < size:
+        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10)))
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)
+
+
+def prompt_for(custom_id: str, index: int, pool: str) -> str:
+    head = f"Request {custom_id}: "
+    start = (index * 7919) % (len(pool) - PROMPT_CHARS)
+    return head + pool[start : start + PROMPT_CHARS - len(head)]
+
+
+def expected_reply(prompt: str) -> tuple[str, str]:
+    """What a correct reply contains: the prompt's start (whitespace collapsed), and its checksum."""
+    excerpt = " ".join(prompt.split())[:EXCERPT_CHARS]
+    return excerpt, f"[crc32 {zlib.crc32(prompt.encode()):08x}]"
+
+
+def build_requests(n: int, pool: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    requests: list[dict[str, Any]] = []
+    expected: dict[str, tuple[str, str]] = {}
+    for i in range(n):
+        custom_id = f"bench-{i + 1:06d}"
+        prompt = prompt_for(custom_id, i, pool)
+        requests.append(
+            {
+                "custom_id": custom_id,
+                "params": {
+                    "model": MODEL,
+                    "max_tokens": 256,
+                    "messages": [{"role": "user", "content": prompt}],
+                },
+            }
+        )
+        expected[custom_id] = expected_reply(prompt)
+    return requests, expected
+
+
+class CreateWatcher:
+    """httpx event hooks: when the create POST left the client, its size, and when its answer came back."""
+
+    def __init__(self) -> None:
+        self.sent_at = 0.0
+        self.answered_at = 0.0
+        self.body_bytes = 0
+
+    @staticmethod
+    def _is_create(request: httpx2.Request) -> bool:
+        return request.method == "POST" and request.url.path == "/v1/messages/batches"
+
+    async def on_request(self, request: httpx2.Request) -> None:
+        if self._is_create(request):
+            self.sent_at = time.perf_counter()
+            self.body_bytes = int(request.headers["content-length"])
+
+    async def on_response(self, response: httpx2.Response) -> None:
+        if self._is_create(response.request):
+            self.answered_at = time.perf_counter()
+
+
+# -- one run -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    n: int
+    json_bytes: int = 0
+    build_s: float = 0.0
+    sdk_prepare_s: float = 0.0  # the SDK's own work on the params before the POST goes out
+    upload_accept_s: float = 0.0  # from the POST leaving to the emulator's answer: upload and accept
+    create_s: float = 0.0  # build + SDK + upload + accept
+    results_s: float = 0.0
+    idle: Memory | None = None
+    after_create: Memory | None = None
+    results_max_rss_mib: float = 0.0
+    after_results: Memory | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.n / self.results_s if self.results_s else 0.0
+
+
+async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
+    run = Run(n)
+    emulator = EmulatorProcess(port, log_dir)
+    print(f"\n== N = {n:,}: {shlex.join(emulator.command)}", flush=True)
+    try:
+        await emulator.start()
+        await asyncio.sleep(0.5)  # let start-up settle before the idle reading
+        run.idle = emulator.memory()
+        await exercise(run, emulator, pool)
+    except BaseException:
+        print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        emulator.stop()
+    return run
+
+
+async def exercise(run: Run, emulator: EmulatorProcess, pool: str) -> None:
+    watcher = CreateWatcher()
+    http_client = anthropic.DefaultAsyncHttpxClient(
+        event_hooks={"request": [watcher.on_request], "response": [watcher.on_response]}
+    )
+    async with anthropic.AsyncAnthropic(
+        api_key="k", base_url=emulator.url, max_retries=0, timeout=600, http_client=http_client
+    ) as client:
+        started = time.perf_counter()
+        requests, expected = build_requests(run.n, pool)
+        built = time.perf_counter()
+        batch = await client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        done = time.perf_counter()
+        del requests
+        run.build_s = built - started
+        run.sdk_prepare_s = watcher.sent_at - built
+        run.upload_accept_s = watcher.answered_at - watcher.sent_at
+        run.create_s = done - started
+        run.json_bytes = watcher.body_bytes
+        run.after_create = emulator.memory()
+        print(
+            f"create: {run.create_s:.1f} s (build {run.build_s:.1f} s, SDK {run.sdk_prepare_s:.1f} s, "
+            f"upload + emulator accept {run.upload_accept_s:.1f} s), {run.json_bytes / MIB:.1f} MiB sent",
+            flush=True,
+        )
+
+        await emulator.admin("POST", "clock/advance", {"seconds": PROCESSING_TIME_S + 5})
+        batch = await client.messages.batches.retrieve(batch.id)
+        check(run, batch.processing_status == "ended", f"batch is {batch.processing_status}, not ended")
+        check(
+            run,
+            batch.request_counts.succeeded == run.n,
+            f"request_counts.succeeded = {batch.request_counts.succeeded}, expected {run.n}",
+        )
+
+        seen: Counter[str] = Counter()
+        wrong: list[str] = []
+        not_succeeded = 0
+        run.results_max_rss_mib = emulator.memory().rss_mib
+        started = time.perf_counter()
+        decoder = await client.messages.batches.results(batch.id)
+        try:
+            async for line in decoder:
+                seen[line.custom_id] += 1
+                if line.result.type != "succeeded":
+                    not_succeeded += 1
+                    continue
+                text = "".join(b.text for b in line.result.message.content if b.type == "text")
+                excerpt, checksum = expected.get(line.custom_id, ("\0", "\0"))
+                if excerpt not in text or not text.endswith(checksum):
+                    wrong.append(line.custom_id)
+                if sum(seen.values()) % SAMPLE_EVERY_LINES == 0:
+                    run.results_max_rss_mib = max(run.results_max_rss_mib, emulator.memory().rss_mib)
+        finally:
+            await decoder.close()
+        run.results_s = time.perf_counter() - started
+        run.after_results = emulator.memory()
+        run.results_max_rss_mib = max(run.results_max_rss_mib, run.after_results.rss_mib)
+        print(f"results: {sum(seen.values()):,} lines in {run.results_s:.1f} s", flush=True)
+
+    lines = sum(seen.values())
+    check(run, lines == run.n, f"{lines} result lines, expected {run.n}")
+    missing = expected.keys() - seen.keys()
+    check(run, not missing, f"{len(missing)} custom_ids never came back, e.g. {sorted(missing)[:3]}")
+    unknown = seen.keys() - expected.keys()
+    check(run, not unknown, f"{len(unknown)} unknown custom_ids came back, e.g. {sorted(unknown)[:3]}")
+    repeated = [cid for cid, count in seen.items() if count > 1]
+    check(run, not repeated, f"{len(repeated)} custom_ids came back more than once, e.g. {repeated[:3]}")
+    check(run, not_succeeded == 0, f"{not_succeeded} results did not succeed")
+    check(run, not wrong, f"{len(wrong)} replies do not answer their own prompt, e.g. {wrong[:3]}")
+    stats = await emulator.admin("GET", "stats")
+    check(
+        run,
+        stats["requests_received"] == run.n,
+        f"emulator received {stats['requests_received']} requests, expected {run.n}",
+    )
+
+
+def check(run: Run, ok: bool, failure: str) -> None:
+    if not ok:
+        run.failures.append(failure)
+        print(f"CHECK FAILED: {failure}", flush=True)
+
+
+# -- the report --------------------------------------------------------------------------------------------
+
+
+def table(runs: list[Run]) -> str:
+    header = (
+        "| N | JSON sent (MiB) | create (s) | of which upload + accept (s) | results (s) | results lines/s "
+        "| RSS idle (MiB) | RSS after create (MiB) | RSS max during results (MiB) "
+        "| RSS after results (MiB) | peak VmHWM (MiB) |"
+    )
+    rows = [header, "|" + "---:|" * header.count(" | ") + "---:|"]
+    for run in runs:
+        assert run.idle and run.after_create and run.after_results
+        rows.append(
+            f"| {run.n:,} | {run.json_bytes / MIB:.1f} | {run.create_s:.1f} | {run.upload_accept_s:.1f} "
+            f"| {run.results_s:.1f} | {run.lines_per_s:,.0f} | {run.idle.rss_mib:.0f} "
+            f"| {run.after_create.rss_mib:.0f} | {run.results_max_rss_mib:.0f} "
+            f"| {run.after_results.rss_mib:.0f} | {run.after_results.hwm_mib:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+async def main(args: argparse.Namespace) -> int:
+    pool = text_pool(random.Random(20_250_101))
+    sizes = [max(1, args.requests // 10), args.requests]
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
+        for n in sizes:
+            runs.append(await run_size(n, args.port or free_port(), pool, Path(log_dir)))
+    print("\n" + table(runs))
+    print(f"\nclient (this process) peak VmHWM: {read_memory('self').hwm_mib:.0f} MiB")
+    failures = [f"N={run.n}: {failure}" for run in runs for failure in run.failures]
+    if failures:
+        print("\nFAILED:\n" + "\n".join(failures))
+        return 1
+    print("\nall checks passed")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--requests", type=int, default=100_000, help="requests in the large batch (default 100,000)"
+    )
+    parser.add_argument("--port", type=int, help="emulator port (default: a free one per run)")
+    args = parser.parse_args()
+    if not 10 <= args.requests <= 100_000:
+        parser.error("--requests must be between 10 and 100,000 (the API's limit per batch)")
+    return args
+
+
+if __name__ == "__main__":
+    print("$ " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    sys.exit(asyncio.run(main(parse_args())))

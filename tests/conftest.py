@@ -1,0 +1,116 @@
+"""Fixtures every batchd test may use: real PostgreSQL databases, a running emulator, an SDK client.
+
+- `database_url`: a fresh database per test module, cloned from a session template (fast: a file copy),
+  dropped when the module ends.
+- `emulator`: the Message Batches API emulator served on a free loopback port for one test.
+- `anthropic_client`: the official `AsyncAnthropic` pointed at it, with strict response validation so a
+  missing field fails instead of becoming None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import anthropic
+import asyncpg
+import pytest
+from support import EmulatorHandle, start_emulator
+
+from batchd.emulator import EmulatorConfig
+
+SERVER_URL = os.environ.get("BATCHD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _database_url(name: str) -> str:
+    base, _, _ = SERVER_URL.rpartition("/")
+    return f"{base}/{name}"
+
+
+async def _admin(*statements: str) -> None:
+    connection = await asyncpg.connect(SERVER_URL)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def database_template() -> Iterator[str]:
+    """A template database for the session; later issues install batchd's schema into it here."""
+    name = f"batchd_template_{os.getpid()}"
+    try:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError) as error:
+        pytest.fail(f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster")
+    yield name
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="module")
+def database_url(database_template: str) -> Iterator[str]:
+    """A database of this module's own, cloned from the template and dropped afterwards."""
+    name = f"batchd_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name} TEMPLATE {database_template}"))
+    yield _database_url(name)
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def fail_on_task_errors() -> AsyncIterator[None]:
+    """Fails the test if any asyncio task died with an exception nobody retrieved."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield
+    loop.set_exception_handler(previous)
+    assert not errors, f"unhandled errors in asyncio tasks: {errors}"
+
+
+# Batches end only when a test pushes the emulated clock past their processing time: nothing waits on luck.
+FAST = EmulatorConfig(processing_time_s=(60.0, 60.0), cancel_time_s=5.0, seed=1234)
+
+
+@pytest.fixture
+def emulator_config() -> EmulatorConfig:
+    """Override in a module (or parametrize indirectly) to start the emulator differently."""
+    return FAST
+
+
+@pytest.fixture
+async def emulator(emulator_config: EmulatorConfig, fail_on_task_errors: None) -> AsyncIterator[EmulatorHandle]:
+    async with start_emulator(emulator_config) as handle:
+        yield handle
+
+
+@pytest.fixture
+async def make_client(emulator: EmulatorHandle) -> AsyncIterator[Callable[..., anthropic.AsyncAnthropic]]:
+    """Builds SDK clients pointed at the emulator (options override the defaults); all closed afterwards."""
+    clients: list[anthropic.AsyncAnthropic] = []
+
+    def make(**options: Any) -> anthropic.AsyncAnthropic:
+        settings: dict[str, Any] = {
+            "api_key": "test-key",
+            "base_url": emulator.url,
+            "_strict_response_validation": True,
+            "timeout": 30.0,
+        }
+        settings.update(options)
+        client = anthropic.AsyncAnthropic(**settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+def anthropic_client(make_client: Callable[..., anthropic.AsyncAnthropic]) -> anthropic.AsyncAnthropic:
+    """The official SDK client, strict, with its default retries, pointed at the emulator."""
+    return make_client()
