@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import httpx2
+from anthropic.types.messages.batch_create_params import Request
 
 MODEL = "claude-sonnet-4-5"
 PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
@@ -170,8 +171,8 @@ def expected_reply(prompt: str) -> tuple[str, str]:
     return excerpt, f"[crc32 {zlib.crc32(prompt.encode()):08x}]"
 
 
-def build_requests(n: int, pool: str) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
-    requests: list[dict[str, Any]] = []
+def build_requests(n: int, pool: str) -> tuple[list[Request], dict[str, tuple[str, str]]]:
+    requests: list[Request] = []
     expected: dict[str, tuple[str, str]] = {}
     for i in range(n):
         custom_id = f"bench-{i + 1:06d}"
@@ -214,6 +215,8 @@ class CreateWatcher:
 
 # -- one run -----------------------------------------------------------------------------------------------
 
+NO_MEMORY = Memory(rss_mib=0.0, hwm_mib=0.0)
+
 
 @dataclass
 class Run:
@@ -224,18 +227,37 @@ class Run:
     upload_accept_s: float = 0.0  # from the POST leaving to the emulator's answer: upload and accept
     create_s: float = 0.0  # build + SDK + upload + accept
     results_s: float = 0.0
-    idle: Memory | None = None
-    after_create: Memory | None = None
-    results_max_rss_mib: float = 0.0
-    after_results: Memory | None = None
+    idle: Memory = NO_MEMORY
+    after_create: Memory = NO_MEMORY
+    results_max_rss_mib: float = 0.0  # sampled every SAMPLE_EVERY_LINES lines
+    after_results: Memory = NO_MEMORY
     failures: list[str] = field(default_factory=list)
 
     @property
     def lines_per_s(self) -> float:
         return self.n / self.results_s if self.results_s else 0.0
 
+    def check(self, ok: bool, failure: str) -> None:
+        if not ok:
+            self.failures.append(failure)
+            print(f"CHECK FAILED: {failure}", flush=True)
+
+
+@dataclass
+class Received:
+    """What came back in the results, per custom_id."""
+
+    seen: Counter[str] = field(default_factory=Counter)
+    not_succeeded: int = 0
+    wrong: list[str] = field(default_factory=list)  # replies that do not answer their own prompt
+
+    @property
+    def lines(self) -> int:
+        return self.seen.total()
+
 
 async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
+    """One batch of n requests against a fresh emulator."""
     run = Run(n)
     emulator = EmulatorProcess(port, log_dir)
     print(f"\n== N = {n:,}: {shlex.join(emulator.command)}", flush=True)
@@ -243,7 +265,17 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
         await emulator.start()
         await asyncio.sleep(0.5)  # let start-up settle before the idle reading
         run.idle = emulator.memory()
-        await exercise(run, emulator, pool)
+        watcher = CreateWatcher()
+        http_client = anthropic.DefaultAsyncHttpxClient(
+            event_hooks={"request": [watcher.on_request], "response": [watcher.on_response]}
+        )
+        async with anthropic.AsyncAnthropic(
+            api_key="k", base_url=emulator.url, max_retries=0, timeout=600, http_client=http_client
+        ) as client:
+            batch_id, expected = await create(run, client, watcher, emulator, pool)
+            await end_batch(run, client, emulator, batch_id)
+            received = await download(run, client, emulator, batch_id, expected)
+        await check_results(run, emulator, expected, received)
     except BaseException:
         print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
         raise
@@ -252,118 +284,138 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
     return run
 
 
-async def exercise(run: Run, emulator: EmulatorProcess, pool: str) -> None:
-    watcher = CreateWatcher()
-    http_client = anthropic.DefaultAsyncHttpxClient(
-        event_hooks={"request": [watcher.on_request], "response": [watcher.on_response]}
+async def create(
+    run: Run,
+    client: anthropic.AsyncAnthropic,
+    watcher: CreateWatcher,
+    emulator: EmulatorProcess,
+    pool: str,
+) -> tuple[str, dict[str, tuple[str, str]]]:
+    started = time.perf_counter()
+    requests, expected = build_requests(run.n, pool)
+    built = time.perf_counter()
+    batch = await client.messages.batches.create(requests=requests)
+    run.create_s = time.perf_counter() - started
+    run.after_create = emulator.memory()
+    run.build_s = built - started
+    run.sdk_prepare_s = watcher.sent_at - built
+    run.upload_accept_s = watcher.answered_at - watcher.sent_at
+    run.json_bytes = watcher.body_bytes
+    print(
+        f"create: {run.create_s:.2f} s (build {run.build_s:.2f} s, SDK {run.sdk_prepare_s:.2f} s, "
+        f"upload + emulator accept {run.upload_accept_s:.2f} s), {run.json_bytes / MIB:.1f} MiB sent",
+        flush=True,
     )
-    async with anthropic.AsyncAnthropic(
-        api_key="k", base_url=emulator.url, max_retries=0, timeout=600, http_client=http_client
-    ) as client:
-        started = time.perf_counter()
-        requests, expected = build_requests(run.n, pool)
-        built = time.perf_counter()
-        batch = await client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
-        done = time.perf_counter()
-        del requests
-        run.build_s = built - started
-        run.sdk_prepare_s = watcher.sent_at - built
-        run.upload_accept_s = watcher.answered_at - watcher.sent_at
-        run.create_s = done - started
-        run.json_bytes = watcher.body_bytes
-        run.after_create = emulator.memory()
-        print(
-            f"create: {run.create_s:.1f} s (build {run.build_s:.1f} s, SDK {run.sdk_prepare_s:.1f} s, "
-            f"upload + emulator accept {run.upload_accept_s:.1f} s), {run.json_bytes / MIB:.1f} MiB sent",
-            flush=True,
-        )
+    return batch.id, expected
 
-        await emulator.admin("POST", "clock/advance", {"seconds": PROCESSING_TIME_S + 5})
-        batch = await client.messages.batches.retrieve(batch.id)
-        check(run, batch.processing_status == "ended", f"batch is {batch.processing_status}, not ended")
-        check(
-            run,
-            batch.request_counts.succeeded == run.n,
-            f"request_counts.succeeded = {batch.request_counts.succeeded}, expected {run.n}",
-        )
 
-        seen: Counter[str] = Counter()
-        wrong: list[str] = []
-        not_succeeded = 0
-        run.results_max_rss_mib = emulator.memory().rss_mib
-        started = time.perf_counter()
-        decoder = await client.messages.batches.results(batch.id)
-        try:
-            async for line in decoder:
-                seen[line.custom_id] += 1
-                if line.result.type != "succeeded":
-                    not_succeeded += 1
-                    continue
+async def end_batch(
+    run: Run, client: anthropic.AsyncAnthropic, emulator: EmulatorProcess, batch_id: str
+) -> None:
+    """Push the emulated clock past the batch's processing time, and check it ended with every request."""
+    await emulator.admin("POST", "clock/advance", {"seconds": PROCESSING_TIME_S + 5})
+    batch = await client.messages.batches.retrieve(batch_id)
+    run.check(batch.processing_status == "ended", f"batch is {batch.processing_status}, not ended")
+    succeeded = batch.request_counts.succeeded
+    run.check(succeeded == run.n, f"request_counts.succeeded = {succeeded}, expected {run.n}")
+
+
+async def download(
+    run: Run,
+    client: anthropic.AsyncAnthropic,
+    emulator: EmulatorProcess,
+    batch_id: str,
+    expected: dict[str, tuple[str, str]],
+) -> Received:
+    """Stream every result through the SDK, checking each as it arrives and sampling the emulator's RSS."""
+    received = Received()
+    run.results_max_rss_mib = emulator.memory().rss_mib
+    started = time.perf_counter()
+    decoder = await client.messages.batches.results(batch_id)
+    try:
+        async for line in decoder:
+            received.seen[line.custom_id] += 1
+            if line.result.type == "succeeded":
                 text = "".join(b.text for b in line.result.message.content if b.type == "text")
                 excerpt, checksum = expected.get(line.custom_id, ("\0", "\0"))
                 if excerpt not in text or not text.endswith(checksum):
-                    wrong.append(line.custom_id)
-                if sum(seen.values()) % SAMPLE_EVERY_LINES == 0:
-                    run.results_max_rss_mib = max(run.results_max_rss_mib, emulator.memory().rss_mib)
-        finally:
-            await decoder.close()
-        run.results_s = time.perf_counter() - started
-        run.after_results = emulator.memory()
-        run.results_max_rss_mib = max(run.results_max_rss_mib, run.after_results.rss_mib)
-        print(f"results: {sum(seen.values()):,} lines in {run.results_s:.1f} s", flush=True)
+                    received.wrong.append(line.custom_id)
+            else:
+                received.not_succeeded += 1
+            if received.lines % SAMPLE_EVERY_LINES == 0:
+                run.results_max_rss_mib = max(run.results_max_rss_mib, emulator.memory().rss_mib)
+    finally:
+        await decoder.close()
+    run.results_s = time.perf_counter() - started
+    run.after_results = emulator.memory()
+    run.results_max_rss_mib = max(run.results_max_rss_mib, run.after_results.rss_mib)
+    print(f"results: {received.lines:,} lines in {run.results_s:.2f} s", flush=True)
+    return received
 
-    lines = sum(seen.values())
-    check(run, lines == run.n, f"{lines} result lines, expected {run.n}")
-    missing = expected.keys() - seen.keys()
-    check(run, not missing, f"{len(missing)} custom_ids never came back, e.g. {sorted(missing)[:3]}")
-    unknown = seen.keys() - expected.keys()
-    check(run, not unknown, f"{len(unknown)} unknown custom_ids came back, e.g. {sorted(unknown)[:3]}")
-    repeated = [cid for cid, count in seen.items() if count > 1]
-    check(run, not repeated, f"{len(repeated)} custom_ids came back more than once, e.g. {repeated[:3]}")
-    check(run, not_succeeded == 0, f"{not_succeeded} results did not succeed")
-    check(run, not wrong, f"{len(wrong)} replies do not answer their own prompt, e.g. {wrong[:3]}")
+
+async def check_results(
+    run: Run, emulator: EmulatorProcess, expected: dict[str, tuple[str, str]], received: Received
+) -> None:
+    run.check(received.lines == run.n, f"{received.lines} result lines, expected {run.n}")
+    missing = sorted(expected.keys() - received.seen.keys())
+    run.check(not missing, f"{len(missing)} custom_ids never came back, e.g. {missing[:3]}")
+    unknown = sorted(received.seen.keys() - expected.keys())
+    run.check(not unknown, f"{len(unknown)} unknown custom_ids came back, e.g. {unknown[:3]}")
+    repeated = sorted(cid for cid, count in received.seen.items() if count > 1)
+    run.check(not repeated, f"{len(repeated)} custom_ids came back more than once, e.g. {repeated[:3]}")
+    run.check(received.not_succeeded == 0, f"{received.not_succeeded} results did not succeed")
+    wrong = received.wrong
+    run.check(not wrong, f"{len(wrong)} replies do not answer their own prompt, e.g. {wrong[:3]}")
     stats = await emulator.admin("GET", "stats")
-    check(
-        run,
-        stats["requests_received"] == run.n,
-        f"emulator received {stats['requests_received']} requests, expected {run.n}",
-    )
-
-
-def check(run: Run, ok: bool, failure: str) -> None:
-    if not ok:
-        run.failures.append(failure)
-        print(f"CHECK FAILED: {failure}", flush=True)
+    got = stats["requests_received"]
+    run.check(got == run.n, f"the emulator counted {got} requests received, expected {run.n}")
 
 
 # -- the report --------------------------------------------------------------------------------------------
 
 
+COLUMNS = [
+    "N",
+    "JSON sent (MiB)",
+    "create (s)",
+    "of which upload + accept (s)",
+    "results (s)",
+    "results lines/s",
+    "RSS idle (MiB)",
+    "RSS after create (MiB)",
+    "RSS max during results (MiB)",
+    "RSS after results (MiB)",
+    "peak VmHWM (MiB)",
+]
+
+
 def table(runs: list[Run]) -> str:
-    header = (
-        "| N | JSON sent (MiB) | create (s) | of which upload + accept (s) | results (s) | results lines/s "
-        "| RSS idle (MiB) | RSS after create (MiB) | RSS max during results (MiB) "
-        "| RSS after results (MiB) | peak VmHWM (MiB) |"
+    """A Markdown table, one row per size, ready to paste into docs/benchmarks.md."""
+    rows = [COLUMNS, ["---:"] * len(COLUMNS)]
+    rows.extend(
+        [
+            f"{run.n:,}",
+            f"{run.json_bytes / MIB:.1f}",
+            f"{run.create_s:.2f}",
+            f"{run.upload_accept_s:.2f}",
+            f"{run.results_s:.2f}",
+            f"{run.lines_per_s:,.0f}",
+            f"{run.idle.rss_mib:.0f}",
+            f"{run.after_create.rss_mib:.0f}",
+            f"{run.results_max_rss_mib:.0f}",
+            f"{run.after_results.rss_mib:.0f}",
+            f"{run.after_results.hwm_mib:.0f}",
+        ]
+        for run in runs
     )
-    rows = [header, "|" + "---:|" * header.count(" | ") + "---:|"]
-    for run in runs:
-        assert run.idle and run.after_create and run.after_results
-        rows.append(
-            f"| {run.n:,} | {run.json_bytes / MIB:.1f} | {run.create_s:.1f} | {run.upload_accept_s:.1f} "
-            f"| {run.results_s:.1f} | {run.lines_per_s:,.0f} | {run.idle.rss_mib:.0f} "
-            f"| {run.after_create.rss_mib:.0f} | {run.results_max_rss_mib:.0f} "
-            f"| {run.after_results.rss_mib:.0f} | {run.after_results.hwm_mib:.0f} |"
-        )
-    return "\n".join(rows)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 async def main(args: argparse.Namespace) -> int:
     pool = text_pool(random.Random(20_250_101))
     sizes = [max(1, args.requests // 10), args.requests]
-    runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
-        for n in sizes:
-            runs.append(await run_size(n, args.port or free_port(), pool, Path(log_dir)))
+        runs = [await run_size(n, args.port or free_port(), pool, Path(log_dir)) for n in sizes]
     print("\n" + table(runs))
     print(f"\nclient (this process) peak VmHWM: {read_memory('self').hwm_mib:.0f} MiB")
     failures = [f"N={run.n}: {failure}" for run in runs for failure in run.failures]

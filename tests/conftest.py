@@ -46,7 +46,9 @@ def database_template() -> Iterator[str]:
     try:
         asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
     except (OSError, asyncpg.PostgresError) as error:
-        pytest.fail(f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster")
+        pytest.fail(
+            f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster"
+        )
     yield name
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
@@ -83,7 +85,9 @@ def emulator_config() -> EmulatorConfig:
 
 
 @pytest.fixture
-async def emulator(emulator_config: EmulatorConfig, fail_on_task_errors: None) -> AsyncIterator[EmulatorHandle]:
+async def emulator(
+    emulator_config: EmulatorConfig, fail_on_task_errors: None
+) -> AsyncIterator[EmulatorHandle]:
     async with start_emulator(emulator_config) as handle:
         yield handle
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from batchd.emulator import EMULATOR, Emulator, EmulatorConfig, create_app
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-haiku-4-5"
 
 
 @dataclass
@@ -69,7 +69,9 @@ def request(custom_id: str, text: str | None = None, **params: Any) -> dict[str,
     body: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 256,
-        "messages": [{"role": "user", "content": text if text is not None else f"Tell me about {custom_id}."}],
+        "messages": [
+            {"role": "user", "content": text if text is not None else f"Tell me about {custom_id}."}
+        ],
     }
     body.update(params)
     return {"custom_id": custom_id, "params": body}

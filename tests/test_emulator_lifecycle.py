@@ -1,4 +1,6 @@
-"""The batch lifecycle through the official SDK over real HTTP: create, retrieve, list, cancel, delete, results."""
+"""The batch lifecycle through the official SDK over real HTTP.
+
+Create, retrieve, list, cancel, delete and results."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ BATCH_KEYS = {
 }
 
 
-async def results_of(client: anthropic.AsyncAnthropic, batch_id: str) -> dict[str, MessageBatchIndividualResponse]:
+async def results_of(
+    client: anthropic.AsyncAnthropic, batch_id: str
+) -> dict[str, MessageBatchIndividualResponse]:
     decoder = await client.messages.batches.results(batch_id)
     lines: list[MessageBatchIndividualResponse] = []
     try:
@@ -69,7 +73,10 @@ async def test_create_answers_an_in_progress_batch_with_every_field(
 async def test_a_batch_ends_after_its_processing_time_with_results_for_every_request(
     emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic
 ) -> None:
-    prompts = {f"req-{i}": f"Summarise document number {i} about {'lighthouses' if i % 2 else 'bees'}" for i in range(20)}
+    prompts = {
+        f"req-{i}": f"Summarise document number {i} about {'lighthouses' if i % 2 else 'bees'}"
+        for i in range(20)
+    }
     batch = await anthropic_client.messages.batches.create(
         requests=[request(cid, text) for cid, text in prompts.items()]
     )
@@ -108,7 +115,9 @@ async def test_results_are_jsonl_with_lf_endings_and_not_in_request_order(
     ended = await anthropic_client.messages.batches.retrieve(batch.id)
     assert ended.results_url is not None
     async with httpx2.AsyncClient() as http:
-        response = await http.get(ended.results_url, headers={"x-api-key": "k", "Accept": "application/binary"})
+        response = await http.get(
+            ended.results_url, headers={"x-api-key": "k", "Accept": "application/binary"}
+        )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/x-jsonl"
     assert response.headers["request-id"].startswith("req_")
@@ -183,7 +192,9 @@ async def test_cancel_arrives_with_a_json_content_type_and_an_empty_body(
     assert response.json()["processing_status"] == "canceling"
 
 
-async def test_delete_only_once_ended(emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic) -> None:
+async def test_delete_only_once_ended(
+    emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
     batch = await anthropic_client.messages.batches.create(requests=[request("x")])
     with pytest.raises(anthropic.BadRequestError, match="still processing"):
         await anthropic_client.messages.batches.delete(batch.id)
@@ -197,8 +208,12 @@ async def test_delete_only_once_ended(emulator: EmulatorHandle, anthropic_client
         await anthropic_client.messages.batches.delete(batch.id)
 
 
-async def test_list_pages_newest_first(emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic) -> None:
-    created = [(await anthropic_client.messages.batches.create(requests=[request(f"b{i}")])).id for i in range(7)]
+async def test_list_pages_newest_first(
+    emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
+    created = [
+        (await anthropic_client.messages.batches.create(requests=[request(f"b{i}")])).id for i in range(7)
+    ]
     newest_first = created[::-1]
 
     first = await anthropic_client.messages.batches.list(limit=3)
@@ -230,7 +245,9 @@ async def test_list_pages_newest_first(emulator: EmulatorHandle, anthropic_clien
     assert empty.has_more is False
 
 
-async def test_list_refuses_bad_parameters(emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic) -> None:
+async def test_list_refuses_bad_parameters(
+    emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
     with pytest.raises(anthropic.BadRequestError, match="limit"):
         await anthropic_client.messages.batches.list(limit=0)
     with pytest.raises(anthropic.BadRequestError, match="limit"):
@@ -246,7 +263,9 @@ async def test_results_before_the_end_and_after_archiving(
     with pytest.raises(anthropic.AnthropicError, match="results_url"):
         await anthropic_client.messages.batches.results(batch.id)
     async with httpx2.AsyncClient() as http:
-        early = await http.get(f"{emulator.url}/v1/messages/batches/{batch.id}/results", headers={"x-api-key": "k"})
+        early = await http.get(
+            f"{emulator.url}/v1/messages/batches/{batch.id}/results", headers={"x-api-key": "k"}
+        )
     assert early.status_code == 400
     assert early.json()["error"]["type"] == "invalid_request_error"
 
@@ -274,7 +293,9 @@ async def test_a_stuck_batch_expires_at_its_24_hour_mark(make_client: Any, emula
 @pytest.mark.parametrize(
     "emulator_config", [EmulatorConfig(time_scale=200_000, processing_time_s=(1e9, 1e9), seed=7)]
 )
-async def test_the_time_scale_makes_a_day_pass_in_real_seconds(anthropic_client: anthropic.AsyncAnthropic) -> None:
+async def test_the_time_scale_makes_a_day_pass_in_real_seconds(
+    anthropic_client: anthropic.AsyncAnthropic,
+) -> None:
     # A batch that would take 30 years expires at its 24-hour mark, which this scale reaches in 0.43 s.
     batch = await anthropic_client.messages.batches.create(requests=[request("slow")])
 

@@ -1,5 +1,7 @@
-"""What the emulator refuses, and how: synchronously for a malformed create, as `errored` results for bad params,
-with the API's error envelope, status codes, headers and authentication."""
+"""What the emulator refuses, and how.
+
+Synchronously for a malformed create, as `errored` results for bad params; with the API's error envelope,
+status codes, headers and authentication."""
 
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ async def test_custom_id_must_match_the_pattern(
     assert (await emulator.stats())["batches_created"] == 0
 
 
-async def test_custom_id_of_64_allowed_characters_is_accepted(anthropic_client: anthropic.AsyncAnthropic) -> None:
+async def test_custom_id_of_64_allowed_characters_is_accepted(
+    anthropic_client: anthropic.AsyncAnthropic,
+) -> None:
     longest = "aZ09_-" * 10 + "abcd"
     assert len(longest) == 64
     batch = await anthropic_client.messages.batches.create(requests=[request(longest)])
@@ -59,7 +63,9 @@ async def test_custom_id_must_be_unique_within_a_batch(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
     with pytest.raises(anthropic.BadRequestError, match="unique"):
-        await anthropic_client.messages.batches.create(requests=[request("same"), request("other"), request("same")])
+        await anthropic_client.messages.batches.create(
+            requests=[request("same"), request("other"), request("same")]
+        )
     assert (await emulator.stats())["batches_created"] == 0
     # ... but the same custom_id in two batches is fine.
     await anthropic_client.messages.batches.create(requests=[request("same")])
@@ -82,7 +88,9 @@ async def test_custom_id_must_be_unique_within_a_batch(
 )
 async def test_malformed_create_bodies_are_refused_at_once(emulator: EmulatorHandle, body: Any) -> None:
     async with httpx2.AsyncClient() as http:
-        response = await http.post(f"{emulator.url}/v1/messages/batches", json=body, headers={"x-api-key": "k"})
+        response = await http.post(
+            f"{emulator.url}/v1/messages/batches", json=body, headers={"x-api-key": "k"}
+        )
     assert response.status_code == 400
     assert response.json()["type"] == "error"
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -97,7 +105,9 @@ async def test_a_body_that_is_not_json(emulator: EmulatorHandle) -> None:
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("emulator_config", [EmulatorConfig(max_batch_requests=100, processing_time_s=(60, 60))])
+@pytest.mark.parametrize(
+    "emulator_config", [EmulatorConfig(max_batch_requests=100, processing_time_s=(60, 60))]
+)
 async def test_more_requests_than_a_batch_may_hold_is_a_validation_error(
     anthropic_client: anthropic.AsyncAnthropic,
 ) -> None:
@@ -158,11 +168,21 @@ async def test_a_declared_body_over_256_mb_is_refused_before_it_is_read(emulator
         ({"model": MODEL, "max_tokens": 10, "messages": [{"role": "robot", "content": "hi"}]}, "role"),
         ({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": ""}]}, "non-empty"),
         (
-            {"model": MODEL, "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            {
+                "model": MODEL,
+                "max_tokens": 10,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
             "stream",
         ),
         (
-            {"model": MODEL, "max_tokens": 10, "temperature": 3, "messages": [{"role": "user", "content": "hi"}]},
+            {
+                "model": MODEL,
+                "max_tokens": 10,
+                "temperature": 3,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
             "temperature",
         ),
     ],
@@ -223,13 +243,17 @@ async def test_every_response_carries_a_request_id_and_errors_the_envelope(emula
         {"authorization": "Bearer sk-test", "anthropic-version": "2099-01-01"},
     ],
 )
-async def test_both_key_headers_and_any_version_are_accepted(emulator: EmulatorHandle, headers: dict[str, str]) -> None:
+async def test_both_key_headers_and_any_version_are_accepted(
+    emulator: EmulatorHandle, headers: dict[str, str]
+) -> None:
     async with httpx2.AsyncClient() as http:
         response = await http.get(f"{emulator.url}/v1/messages/batches", headers=headers)
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("headers", [{}, {"x-api-key": ""}, {"authorization": "Basic abc"}, {"authorization": "Bearer"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"x-api-key": ""}, {"authorization": "Basic abc"}, {"authorization": "Bearer"}]
+)
 async def test_no_api_key_is_401(emulator: EmulatorHandle, headers: dict[str, str]) -> None:
     async with httpx2.AsyncClient() as http:
         response = await http.get(f"{emulator.url}/v1/messages/batches", headers=headers)
@@ -258,13 +282,21 @@ async def test_the_synchronous_messages_endpoint(anthropic_client: anthropic.Asy
             model="claude-nope", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
         )
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
-        await anthropic_client.messages.create(model=MODEL, max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+        await anthropic_client.messages.create(
+            model=MODEL, max_tokens=0, messages=[{"role": "user", "content": "hi"}]
+        )
 
 
 async def test_prompt_cache_writes_then_reads_a_marked_prefix(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
-    system = [{"type": "text", "text": "You are a careful analyst. " * 400, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    system = [
+        {
+            "type": "text",
+            "text": "You are a careful analyst. " * 400,
+            "cache_control": {"type": "ephemeral", "ttl": "1h"},
+        }
+    ]
     first = await anthropic_client.messages.create(
         model=MODEL, max_tokens=50, system=system, messages=[{"role": "user", "content": "first"}]
     )
