@@ -39,7 +39,7 @@ postgres:
 	echo "PostgreSQL is not reachable on $(PG_HOST):$(PG_PORT)" >&2; exit 1
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m batchd.emulator.tour
+	$(BIN)/batchd demo
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/emulator_scale.py

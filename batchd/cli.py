@@ -19,6 +19,7 @@ from aiohttp.log import access_logger
 from pydantic import ValidationError
 
 from . import __version__, log
+from .demo import run_tour
 from .emulator import EmulatorConfig, create_app
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
@@ -158,12 +159,23 @@ async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bo
     return 0
 
 
+def _add_demo_parser(commands: Any) -> None:
+    parser = commands.add_parser("demo", help="a scripted tour of the emulator with the official SDK")
+    parser.set_defaults(run=run_demo)
+
+
+def run_demo(_args: argparse.Namespace) -> int:
+    asyncio.run(run_tour())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_emulator_parser(commands)
+    _add_demo_parser(commands)
     return parser
 
 

@@ -247,13 +247,10 @@ class Run:
 class Received:
     """What came back in the results, per custom_id."""
 
+    lines: int = 0
     seen: Counter[str] = field(default_factory=Counter)
     not_succeeded: int = 0
     wrong: list[str] = field(default_factory=list)  # replies that do not answer their own prompt
-
-    @property
-    def lines(self) -> int:
-        return self.seen.total()
 
 
 async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
@@ -334,6 +331,7 @@ async def download(
     decoder = await client.messages.batches.results(batch_id)
     try:
         async for line in decoder:
+            received.lines += 1
             received.seen[line.custom_id] += 1
             if line.result.type == "succeeded":
                 text = "".join(b.text for b in line.result.message.content if b.type == "text")

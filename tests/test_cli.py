@@ -1,0 +1,136 @@
+"""`batchd emulator` and `batchd demo` as a user runs them: real processes, stopped by signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anthropic
+import pytest
+from support import request
+
+EX_CONFIG = 78
+
+
+@asynccontextmanager
+async def running_emulator(*args: str) -> AsyncIterator[str]:
+    """Starts `batchd emulator --port 0 ARGS`, yields its URL from the `emulator.listening` log line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", "emulator", "--port", "0", *args, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        event = json.loads(line)
+        assert event["event"] == "emulator.listening", event
+        yield event["url"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        rest = (await process.stderr.read()).decode()
+        assert "emulator.stopped" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def run_batchd(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_emulator_command_serves_the_sdk_and_stops_on_sigterm() -> None:
+    async with (
+        running_emulator("--processing-time", "0", "--seed", "1") as url,
+        anthropic.AsyncAnthropic(api_key="k", base_url=url, _strict_response_validation=True) as client,
+    ):
+        batch = await client.messages.batches.create(requests=[request("cli-1")])
+        while batch.processing_status != "ended":  # a zero processing time ends it on the next look
+            batch = await client.messages.batches.retrieve(batch.id)
+        assert batch.request_counts.succeeded == 1
+
+
+async def test_settings_come_from_the_config_file_and_options_override_them(tmp_path: Path) -> None:
+    config = tmp_path / "batchd.toml"
+    config.write_text('[emulator]\napi_key = "from-file"\nprocessing_time_s = [1000, 1000]\n')
+    async with running_emulator("--config", str(config)) as url:
+        async with anthropic.AsyncAnthropic(api_key="other", base_url=url, max_retries=0) as client:
+            with pytest.raises(anthropic.AuthenticationError):
+                await client.messages.batches.list()
+        async with anthropic.AsyncAnthropic(api_key="from-file", base_url=url) as client:
+            batch = await client.messages.batches.create(requests=[request("x")])
+            assert (await client.messages.batches.retrieve(batch.id)).processing_status == "in_progress"
+    async with (
+        running_emulator("--config", str(config), "--api-key", "from-flag") as url,
+        anthropic.AsyncAnthropic(api_key="from-flag", base_url=url) as client,
+    ):
+        assert (await client.messages.batches.list()).data == []
+
+
+async def test_faults_given_at_start() -> None:
+    faults = json.dumps({"http": [{"endpoint": "list", "status": 529, "count": 1}]})
+    async with (
+        running_emulator("--faults", faults) as url,
+        anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0) as client,
+    ):
+        with pytest.raises(anthropic.OverloadedError):
+            await client.messages.batches.list()
+        await client.messages.batches.list()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[emulator]\ntime_scale = -1\n", "emulator.time_scale"),
+        ("[emulator]\nbogus = 1\n", "emulator.bogus"),
+        ("[emulator]\nprocessing_time_s = [5, 1]\n", "processing_time_s"),
+        ("[emulator\n", "not valid TOML"),
+        ('emulator = "flat"\n', "[emulator] must be a table"),
+    ],
+)
+async def test_a_bad_config_stops_at_start_naming_the_key(tmp_path: Path, content: str, message: str) -> None:
+    config = tmp_path / "batchd.toml"
+    config.write_text(content)
+    code, _, err = await run_batchd("emulator", "--config", str(config))
+    assert code == EX_CONFIG
+    assert "configuration error" in err
+    assert message in err
+
+
+async def test_a_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    code, _, err = await run_batchd("emulator", "--config", str(tmp_path / "absent.toml"))
+    assert code == EX_CONFIG
+    assert "no such configuration file" in err
+
+
+async def test_bad_options_are_refused_by_the_parser() -> None:
+    code, _, err = await run_batchd("emulator", "--processing-time", "soon")
+    assert code == 2
+    assert "SECONDS or LOW-HIGH" in err
+    code, _, err = await run_batchd("emulator", "--faults", "{nope")
+    assert code == 2
+    assert "--faults is not JSON" in err
+
+
+@pytest.mark.slow
+async def test_the_demo_tours_the_emulator() -> None:
+    code, out, err = await run_batchd("demo", timeout=120)
+    assert code == 0, err
+    assert "errored, invalid_request_error" in out
+    assert "then ended: {'canceled': 1" in out
+    assert 'custom_ids sent twice = {"once-only": 2}' in out
+    assert out.rstrip().endswith("every call above went through the official SDK over HTTP.")

@@ -1,0 +1,29 @@
+"""The database fixture later issues build on: a fresh, empty database per module, on the real server."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def test_each_module_gets_its_own_fresh_database(database_url: str, database_template: str) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        name = await connection.fetchval("SELECT current_database()")
+        assert name.startswith("batchd_test_")
+        assert name != database_template
+        tables = await connection.fetchval(
+            "SELECT count(*) FROM information_schema.tables"
+            " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+        )
+        assert tables == 0
+        await connection.execute("CREATE TABLE fixture_probe (id int)")
+    finally:
+        await connection.close()
+
+
+async def test_the_database_lives_for_the_whole_module(database_url: str) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await connection.fetchval("SELECT to_regclass('fixture_probe') IS NOT NULL")
+    finally:
+        await connection.close()
