@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 from aiohttp.log import access_logger
 from pydantic import ValidationError
 
 from . import __version__, log
 from .demo import run_tour
-from .emulator import EmulatorConfig, create_app
+from .emulator import EmulatorConfig, serve
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
 DEFAULT_CONFIG = Path("batchd.toml")
@@ -141,21 +140,14 @@ def run_emulator(args: argparse.Namespace) -> int:
 
 
 async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bool) -> int:
-    runner = web.AppRunner(create_app(config), access_log=access_logger if access_log else None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    logger.info("emulator.listening", url=f"http://{host}:{port}", time_scale=config.time_scale)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    try:
+    async with serve(config, access_log=access_logger if access_log else None) as emulator:
+        logger.info("emulator.listening", url=emulator.url, time_scale=config.time_scale)
         await stop.wait()
-    finally:
-        await runner.cleanup()
-        logger.info("emulator.stopped")
+    logger.info("emulator.stopped")
     return 0
 
 

@@ -16,7 +16,7 @@ import anthropic
 from aiohttp import web
 from anthropic.types.messages.batch_create_params import Request
 
-from .emulator import EMULATOR, EmulatorConfig, FaultPlan, create_app
+from .emulator import EMULATOR, EmulatorConfig, FaultPlan, serve
 
 MODEL = "claude-haiku-4-5"
 PROMPTS = {
@@ -108,15 +108,8 @@ class Tour:
 
 
 async def run_tour(say: Callable[[str], None] = print) -> None:
-    config = EmulatorConfig(processing_time_s=(1.5, 3.0), cancel_time_s=0.5)
-    runner = web.AppRunner(create_app(config), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        say(f"The Message Batches API emulator is listening on http://{host}:{port}\n")
-        async with anthropic.AsyncAnthropic(api_key="demo-key", base_url=f"http://{host}:{port}") as client:
-            await Tour(client, runner.app, say).run()
-    finally:
-        await runner.cleanup()
+    config = EmulatorConfig(port=0, processing_time_s=(1.5, 3.0), cancel_time_s=0.5)
+    async with serve(config) as emulator:
+        say(f"The Message Batches API emulator is listening on {emulator.url}\n")
+        async with anthropic.AsyncAnthropic(api_key="demo-key", base_url=emulator.url) as client:
+            await Tour(client, emulator.app, say).run()

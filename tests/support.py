@@ -6,27 +6,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from batchd.emulator import EMULATOR, Emulator, EmulatorConfig, create_app
+from batchd.emulator import EmulatorConfig, RunningEmulator, serve
 
 MODEL = "claude-haiku-4-5"
 
 
-@dataclass
-class EmulatorHandle:
-    """A running emulator: its URL, and its state for assertions (read it, do not poke it, in tests)."""
-
-    url: str
-    app: web.Application
-
-    @property
-    def state(self) -> Emulator:
-        return self.app[EMULATOR]
+class EmulatorHandle(RunningEmulator):
+    """A running emulator with the operator's side door at hand: its state is for assertions only."""
 
     async def admin(self, method: str, path: str, payload: Any = None) -> Any:
         """Call the /_emulator/ side door over HTTP, as an operator would."""
@@ -53,15 +43,8 @@ class EmulatorHandle:
 
 @asynccontextmanager
 async def start_emulator(config: EmulatorConfig) -> AsyncIterator[EmulatorHandle]:
-    runner = web.AppRunner(create_app(config), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield EmulatorHandle(url=f"http://{host}:{port}", app=runner.app)
-    finally:
-        await runner.cleanup()
+    async with serve(config.model_copy(update={"host": "127.0.0.1", "port": 0})) as running:
+        yield EmulatorHandle(url=running.url, app=running.app)
 
 
 def request(custom_id: str, text: str | None = None, **params: Any) -> dict[str, Any]:

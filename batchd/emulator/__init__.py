@@ -3,5 +3,15 @@
 from .app import EMULATOR, Emulator, create_app
 from .config import EmulatorConfig
 from .faults import FaultPlan, HttpFault
+from .server import RunningEmulator, serve
 
-__all__ = ["EMULATOR", "Emulator", "EmulatorConfig", "FaultPlan", "HttpFault", "create_app"]
+__all__ = [
+    "EMULATOR",
+    "Emulator",
+    "EmulatorConfig",
+    "FaultPlan",
+    "HttpFault",
+    "RunningEmulator",
+    "create_app",
+    "serve",
+]

@@ -12,7 +12,7 @@ import json
 import random
 import re
 from collections import deque
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,6 +31,7 @@ _RESULTS_CHUNK_BYTES = 64 * 1024
 _READ_CHUNK_BYTES = 1024 * 1024
 _WINDOW_S = 60.0
 _BATCH_ENDPOINTS = frozenset({"create", "retrieve", "list", "cancel", "delete", "results"})
+_Model = TypeVar("_Model", bound=BaseModel)
 _DEFAULT_LIST_LIMIT = 20
 _MAX_LIST_LIMIT = 1000
 
@@ -371,6 +372,13 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 # -- the operator's side door: /_emulator/ -------------------------------------------------------------------
 
 
+async def _parse_body(request: web.Request, model: type[_Model], what: str) -> _Model:
+    try:
+        return model.model_validate_json(await request.read())
+    except ValidationError as error:
+        raise invalid_request(f"Not {what}: {error}") from None
+
+
 async def get_stats(request: web.Request) -> web.StreamResponse:
     return json_response(request.app[EMULATOR].stats.summary())
 
@@ -385,11 +393,7 @@ async def get_faults(request: web.Request) -> web.StreamResponse:
 
 async def put_faults(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
-    try:
-        plan = FaultPlan.model_validate_json(await request.read())
-    except ValidationError as error:
-        raise invalid_request(f"Not a fault plan: {error}") from None
-    emulator.faults.plan = plan
+    emulator.faults.plan = await _parse_body(request, FaultPlan, "a fault plan")
     return json_response(emulator.faults.plan.model_dump(mode="json"))
 
 
@@ -411,10 +415,7 @@ class Settings(BaseModel):
 
 async def patch_settings(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
-    try:
-        settings = Settings.model_validate_json(await request.read())
-    except ValidationError as error:
-        raise invalid_request(f"Not emulator settings: {error}") from None
+    settings = await _parse_body(request, Settings, "emulator settings")
     if settings.processing_time_s is not None:
         low, high = settings.processing_time_s
         if not 0 <= low <= high:
