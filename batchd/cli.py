@@ -8,50 +8,26 @@ import json
 import os
 import signal
 import sys
-import tomllib
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp.log import access_logger
 from pydantic import ValidationError
 
-from . import __version__, log
+from . import __version__, enqueue, log, migrate, status
+from .config import ConfigError, Settings, config_path, describe, load_settings, read_toml
+from .daemon import Daemon
 from .demo import run_tour
 from .emulator import EmulatorConfig, serve
+from .store import init_connection, sql
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
-DEFAULT_CONFIG = Path("batchd.toml")
-
-
-class ConfigError(Exception):
-    """The configuration names a bad key or value; the message says which and why."""
-
-
-def _config_path(explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("BATCHD_CONFIG")
-    if env:
-        return Path(env)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
-
-
-def _read_table(path: Path | None, table: str) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with path.open("rb") as file:
-            document = tomllib.load(file)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    section = document.get(table, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [{table}] must be a table")
-    return section
+EX_DATAERR = 65  # sysexits: bad input data
+EX_UNAVAILABLE = 69  # sysexits: a service (the database) is not available
 
 
 def _processing_time(text: str) -> tuple[float, float]:
@@ -77,7 +53,9 @@ def _faults(text: str) -> dict[str, Any]:
 
 def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
     """[emulator] from the config file, then the command line's options over it."""
-    values = _read_table(_config_path(args.config), "emulator")
+    values = read_toml(config_path(args.config)).get("emulator", {})
+    if not isinstance(values, dict):
+        raise ConfigError("[emulator] must be a table")
     overrides = {
         "host": args.host,
         "port": args.port,
@@ -95,8 +73,7 @@ def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
     try:
         return EmulatorConfig.model_validate(values)
     except ValidationError as error:
-        problems = "; ".join(f"emulator.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ConfigError(problems) from None
+        raise ConfigError(describe(error, "emulator.")) from None
 
 
 def _add_emulator_parser(commands: Any) -> None:
@@ -161,11 +138,193 @@ def run_demo(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="configuration file (default: $BATCHD_CONFIG, else ./batchd.toml)")
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    asyncio.run(Daemon(settings).run())
+    return 0
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    try:
+        connection: asyncpg.Connection = await asyncpg.connect(settings.database.url)
+    except (OSError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailable(f"cannot connect to {_safe_url(settings.database.url)}: {error}") from None
+    await init_connection(connection)
+    return connection
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}@{host}"
+
+
+class DatabaseUnavailable(Exception):  # noqa: N818 - reads as the condition it reports
+    pass
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    async def go() -> list[migrate.Migration]:
+        connection = await _connect(_settings(args))
+        try:
+            return await migrate.migrate(connection)
+        finally:
+            await connection.close()
+
+    applied = asyncio.run(go())
+    if applied:
+        for migration in applied:
+            print(f"applied {migration.version:04d}_{migration.name}")
+    else:
+        print("the database is up to date")
+    return 0
+
+
+def run_enqueue(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        total = enqueue.count_lines(args.file) if args.file != "-" else None
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, PTH123
+        jobs = enqueue.read_jsonl(stream, args.tenant)
+    else:
+        job: dict[str, Any] = {"tenant_id": args.tenant}
+        for key in ("request", "input", "metadata"):
+            value = getattr(args, key)
+            if value is not None:
+                try:
+                    job[key] = json.loads(value)
+                except json.JSONDecodeError as error:
+                    print(f"batchd: --{key} is not JSON: {error}", file=sys.stderr)
+                    return EX_DATAERR
+        for key in ("job_type", "idempotency_key", "deadline"):
+            if getattr(args, key) is not None:
+                job[key] = getattr(args, key)
+        total, stream = 1, None
+        jobs = iter([enqueue.parse_job(job)])
+
+    async def go() -> tuple[int, int]:
+        connection = await _connect(_settings(args))
+        try:
+            return await enqueue.insert_jobs(connection, jobs, progress=sys.stderr, total=total)
+        finally:
+            await connection.close()
+
+    try:
+        inserted, skipped = asyncio.run(go())
+    except enqueue.BadJob as error:
+        print(f"batchd: nothing was enqueued: {error}", file=sys.stderr)
+        return EX_DATAERR
+    except asyncpg.PostgresError as error:
+        print(f"batchd: nothing was enqueued: the database refused a job: {error}", file=sys.stderr)
+        return EX_DATAERR
+    finally:
+        if stream is not None and stream is not sys.stdin:
+            stream.close()
+    print(
+        f"enqueued {inserted} job(s)"
+        + (f", skipped {skipped} already queued (same idempotency key)" if skipped else "")
+    )
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    async def go() -> dict[str, Any]:
+        connection = await _connect(_settings(args))
+        try:
+            return await status.collect(connection, args.window)
+        finally:
+            await connection.close()
+
+    report = asyncio.run(go())
+    print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
+    return 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    try:
+        job_id = uuid.UUID(args.job_id)
+    except ValueError:
+        print(f"batchd: {args.job_id!r} is not a job id (a UUID)", file=sys.stderr)
+        return EX_DATAERR
+
+    async def go() -> tuple[bool, str | None]:
+        connection = await _connect(_settings(args))
+        try:
+            canceled = await connection.fetchval(sql("cancel_job"), job_id)
+            job = await connection.fetchrow(sql("get_job"), job_id)
+            return bool(canceled), None if job is None else job["status"]
+        finally:
+            await connection.close()
+
+    canceled, current = asyncio.run(go())
+    if canceled:
+        print(f"canceled {job_id}")
+        return 0
+    if current is None:
+        print(f"batchd: no job {job_id}", file=sys.stderr)
+    else:
+        print(f"batchd: job {job_id} is {current}; only a queued job can be canceled", file=sys.stderr)
+    return 1
+
+
+def _add_daemon_parsers(commands: Any) -> None:
+    run = commands.add_parser("run", help="run the daemon", description="Run the batchd daemon.")
+    _add_config_option(run)
+    run.set_defaults(run=run_daemon)
+
+    migrate_parser = commands.add_parser("migrate", help="create or upgrade batchd's schema")
+    _add_config_option(migrate_parser)
+    migrate_parser.set_defaults(run=run_migrate)
+
+    enqueue_parser = commands.add_parser(
+        "enqueue",
+        help="queue one job, or a JSONL file of jobs",
+        description="Queue jobs as a producer would. One job from the options, or --file with one JSON job a "
+        'line: {"tenant_id", "request"} or {"tenant_id", "job_type", "input"}, with optional "metadata", '
+        '"idempotency_key", "deadline".',
+    )
+    _add_config_option(enqueue_parser)
+    enqueue_parser.add_argument("--tenant", help="the tenant (for a file: the default for lines without one)")
+    enqueue_parser.add_argument("--request", metavar="JSON", help="Messages API params")
+    enqueue_parser.add_argument("--job-type", metavar="NAME", help="a job type from batchd.toml")
+    enqueue_parser.add_argument("--input", metavar="JSON", help="the job type's input")
+    enqueue_parser.add_argument("--metadata", metavar="JSON", help="returned untouched with the result")
+    enqueue_parser.add_argument("--idempotency-key", metavar="KEY", help="unique per tenant")
+    enqueue_parser.add_argument("--deadline", metavar="ISO8601", help="by when the result is wanted")
+    enqueue_parser.add_argument("--file", metavar="PATH", help="a JSONL file of jobs (- for standard input)")
+    enqueue_parser.set_defaults(run=run_enqueue)
+
+    status_parser = commands.add_parser("status", help="queued jobs, open batches, recent outcomes")
+    _add_config_option(status_parser)
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    status_parser.add_argument(
+        "--window", type=float, default=3600.0, metavar="SECONDS", help="recent = this long"
+    )
+    status_parser.set_defaults(run=run_status)
+
+    cancel_parser = commands.add_parser("cancel", help="cancel a queued job")
+    _add_config_option(cancel_parser)
+    cancel_parser.add_argument("job_id", metavar="JOB_ID")
+    cancel_parser.set_defaults(run=run_cancel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_daemon_parsers(commands)
     _add_emulator_parser(commands)
     _add_demo_parser(commands)
     return parser
@@ -179,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"batchd: configuration error: {error}", file=sys.stderr)
         return EX_CONFIG
+    except DatabaseUnavailable as error:
+        print(f"batchd: {error}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 0
     return code

@@ -1,0 +1,215 @@
+"""batchd's configuration: `batchd.toml`, with environment overrides, checked whole at start.
+
+The file is found by `--config`, else `$BATCHD_CONFIG`, else `./batchd.toml`. Any key can be overridden by
+an environment variable `BATCHD_<SECTION>__<KEY>` (for example `BATCHD_BATCHING__MAX_WAIT_S=30`). The API
+key is never in the file: it comes from `ANTHROPIC_API_KEY`, from `[anthropic] api_key_file`, or from the
+credential `anthropic-api-key` that systemd's `LoadCredential=` puts in `$CREDENTIALS_DIRECTORY`.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path("batchd.toml")
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+API_MAX_REQUESTS = 100_000
+API_MAX_BYTES = 256_000_000
+CREDENTIAL_NAME = "anthropic-api-key"
+
+
+class ConfigError(Exception):
+    """The configuration names a bad key or value; the message says which and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseSettings(_Section):
+    url: str = DEFAULT_DATABASE_URL
+    pool_min_size: int = Field(default=1, ge=1)
+    pool_max_size: int = Field(default=10, ge=2)
+
+
+class AnthropicSettings(_Section):
+    base_url: str | None = Field(default=None, description="unset: the real API")
+    api_key_file: Path | None = None
+    requests_per_minute: int = Field(default=50, ge=1, description="every batch call counts, polls included")
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
+class BatchingSettings(_Section):
+    max_requests: int = Field(default=10_000, ge=1, le=API_MAX_REQUESTS)
+    max_bytes: int = Field(default=100_000_000, ge=1024, le=API_MAX_BYTES)
+    max_wait_s: float = Field(default=60.0, gt=0)
+    deadline_slack_s: float = Field(
+        default=900.0, ge=0, description="a job whose deadline is this close is flushed at once"
+    )
+    max_in_flight_requests: int = Field(default=100_000, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class PollingSettings(_Section):
+    min_interval_s: float = Field(default=5.0, gt=0)
+    max_interval_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PollingSettings:
+        if self.min_interval_s > self.max_interval_s:
+            raise ValueError("min_interval_s must not exceed max_interval_s")
+        return self
+
+
+class ResultsSettings(_Section):
+    delete_after_apply: bool = Field(default=False, description="delete the provider's copy once applied")
+    apply_chunk: int = Field(default=2_000, ge=1, description="results applied per transaction")
+
+
+class DaemonSettings(_Section):
+    lease_s: float = Field(default=60.0, ge=1, description="how long a batch stays with a silent owner")
+    sweep_interval_s: float = Field(default=30.0, gt=0, description="look for work even without a NOTIFY")
+    reconcile_grace_s: float = Field(
+        default=30.0, ge=0, description="wait this long after an unanswered create before listing batches"
+    )
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class JobType(_Section):
+    """A named kind of job: producers send `input`, the template makes the Messages API request."""
+
+    model: str
+    max_tokens: int = Field(ge=1)
+    prompt: str = Field(description="the user turn; {field} is replaced by input[field]")
+    system: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    fields: list[str] = Field(default_factory=list, description="input fields the templates need")
+
+    @model_validator(mode="after")
+    def _fields_cover_the_templates(self) -> JobType:
+        used = template_fields(self.prompt) | template_fields(self.system or "")
+        missing = used - set(self.fields)
+        if missing:
+            raise ValueError(f"the templates use {sorted(missing)} but `fields` does not list them")
+        return self
+
+
+def template_fields(template: str) -> set[str]:
+    fields = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            if not name.isidentifier():
+                raise ValueError(f"template field {{{name}}} must be a plain name")
+            fields.add(name)
+    return fields
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid")
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    polling: PollingSettings = Field(default_factory=PollingSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    job_types: dict[str, JobType] = Field(default_factory=dict)
+    emulator: dict[str, Any] = Field(default_factory=dict, description="read by `batchd emulator`")
+
+    @field_validator("job_types")
+    @classmethod
+    def _names(cls, value: dict[str, JobType]) -> dict[str, JobType]:
+        for name in value:
+            if not name.isidentifier():
+                raise ValueError(f"job type name {name!r} must be a plain name")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],  # noqa: ARG003
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them.
+        return env_settings, init_settings
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("BATCHD_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def describe(error: ValidationError, prefix: str = "") -> str:
+    """Every problem as `section.key: what is wrong`."""
+    return "; ".join(f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    data = read_toml(config_path(path))
+    try:
+        return Settings(**data)
+    except ValidationError as error:
+        raise ConfigError(describe(error)) from None
+
+
+def api_key(settings: Settings) -> SecretStr:
+    """The API key, from the first place that has one; never logged (a SecretStr prints as stars)."""
+    from_env = os.environ.get("ANTHROPIC_API_KEY")
+    if from_env:
+        return SecretStr(from_env.strip())
+    candidates = []
+    if settings.anthropic.api_key_file is not None:
+        candidates.append(settings.anthropic.api_key_file)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        candidates.append(Path(credentials) / CREDENTIAL_NAME)
+    for candidate in candidates:
+        try:
+            key = candidate.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"anthropic.api_key_file: cannot read {candidate}: {error.strerror}") from None
+        if key:
+            return SecretStr(key)
+        raise ConfigError(f"anthropic.api_key_file: {candidate} is empty")
+    raise ConfigError(
+        "anthropic: no API key; set ANTHROPIC_API_KEY, or [anthropic] api_key_file, "
+        f"or a systemd credential named {CREDENTIAL_NAME}"
+    )

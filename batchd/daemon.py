@@ -1,0 +1,131 @@
+"""`batchd run`: the daemon, put together.
+
+Named side tasks — the listener, the flusher, the supervisor — run until SIGTERM or SIGINT; if any of them
+dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
+stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
+state), hands its leases back so another instance can carry on at once, and exits within
+`shutdown_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import suppress
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from . import migrate, store
+from .config import ConfigError, Settings, api_key
+from .context import Context
+from .flusher import Flusher
+from .health import create_health_app
+from .listener import JOBS_CHANNEL, Listener
+from .provider import Provider
+from .ratelimit import RateLimiter
+from .supervisor import Supervisor
+
+log = structlog.get_logger("batchd.daemon")
+
+SHUTDOWN_TIMEOUT_S = 8.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, serve_http: bool = True) -> None:
+        self.settings = settings
+        self.serve_http = serve_http
+        self.ready = asyncio.Event()
+        self.ctx: Context | None = None
+        self.flusher: Flusher | None = None
+        self.supervisor: Supervisor | None = None
+        self.listener: Listener | None = None
+        self.http_url: str | None = None
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Runs until `stop` is set (or a signal arrives when `stop` is None)."""
+        settings = self.settings
+        key = api_key(settings)
+        stop = stop or _stop_on_signals()
+        pool = await store.create_pool(
+            settings.database.url,
+            min_size=settings.database.pool_min_size,
+            max_size=settings.database.pool_max_size,
+        )
+        provider = Provider(
+            key.get_secret_value(),
+            base_url=settings.anthropic.base_url,
+            limiter=RateLimiter(settings.anthropic.requests_per_minute),
+            timeout_s=settings.anthropic.timeout_s,
+        )
+        runner: web.AppRunner | None = None
+        try:
+            async with pool.acquire() as connection:
+                missing = await migrate.pending(connection)
+            if missing:
+                raise ConfigError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
+            ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider)
+            supervisor = self.supervisor = Supervisor(ctx)
+            flusher = self.flusher = Flusher(ctx, on_batch=supervisor.start)
+            # A batch that closes frees in-flight room: the flusher may have been waiting for it.
+            supervisor.on_batch_closed = flusher.wake
+
+            def on_connect() -> None:
+                flusher.wake()
+                supervisor.wake()
+
+            listener = self.listener = Listener(
+                settings.database.url, {JOBS_CHANNEL: flusher.wake}, on_connect=on_connect
+            )
+            if self.serve_http:
+                runner = await self._start_http(pool, listener)
+            tasks = {
+                asyncio.create_task(listener.run(ctx.stopping), name="listener"),
+                asyncio.create_task(flusher.run(), name="flusher"),
+                asyncio.create_task(supervisor.run(), name="supervisor"),
+            }
+            await listener.connected.wait()
+            self.ready.set()
+            log.info("daemon.ready", instance_id=ctx.instance_id, http=self.http_url)
+            stopper = asyncio.create_task(stop.wait(), name="stop")
+            done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            ctx.stopping.set()
+            log.info("daemon.stopping")
+            stopper.cancel()
+            await self._shutdown(tasks, supervisor)
+            for task in done - {stopper}:
+                if not task.cancelled() and task.exception() is not None:
+                    raise RuntimeError(f"the {task.get_name()} task died") from task.exception()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await provider.close()
+            await pool.close()
+            log.info("daemon.stopped")
+
+    async def _start_http(self, pool: asyncpg.Pool, listener: Listener) -> web.AppRunner:
+        runner = web.AppRunner(create_health_app(pool, listener.connected.is_set), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.settings.http.host, self.settings.http.port).start()
+        host, port = runner.addresses[0][:2]
+        self.http_url = f"http://{host}:{port}"
+        return runner
+
+    async def _shutdown(self, tasks: set[asyncio.Task[None]], supervisor: Supervisor) -> None:
+        async def wind_down() -> None:
+            await supervisor.stop()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with suppress(TimeoutError):
+            await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop

@@ -1,0 +1,164 @@
+"""The flusher: decides when queued jobs become a batch, and makes it — in the database first.
+
+A batch is flushed when the head of the queue reaches `max_requests` or `max_bytes`, when its oldest job has
+waited `max_wait_s`, or when a job's deadline is within `deadline_slack_s`; never past the API's limits nor
+past `max_in_flight_requests`. The flush claims jobs with FOR UPDATE SKIP LOCKED under a database-wide
+advisory lock, fails at once the jobs that can never be sent, and records the batch and its jobs
+(`pending`, `submitting`) in one transaction. Only then does anyone talk to the API (see submitter.py).
+
+Between flushes it tells producers' trigger when to wake it (see `batchd.wakeup` in the schema): armed when
+the queue is empty, else at the job count that would fill a batch. The clock covers the time threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from . import store
+from .config import API_MAX_BYTES
+from .context import Context, wait_for_event
+from .store import sql
+from .templates import BODY_OVERHEAD, Prepared, create_body, custom_id, new_tag, prepare
+
+log = structlog.get_logger("batchd.flusher")
+
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class Flushed:
+    batch_id: UUID | None  # None: the claimed jobs all failed, or none could be claimed
+    jobs: int
+    failed: int
+
+
+class Flusher:
+    def __init__(self, ctx: Context, on_batch: Callable[[UUID, bytes], None]) -> None:
+        self.ctx = ctx
+        self.on_batch = on_batch
+        self._wake = asyncio.Event()
+        self.batches_made = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        sweep = self.ctx.settings.daemon.sweep_interval_s
+        while not self.ctx.stopping.is_set():
+            self._wake.clear()
+            try:
+                delay = await self.flush_due()
+            except DB_ERRORS as error:
+                log.warning("flusher.database_error", error=str(error))
+                delay = 1.0
+            wait = sweep if delay is None else min(delay, sweep)
+            if wait > 0:
+                await wait_for_event(self._wake, wait)
+
+    async def flush_due(self) -> float | None:
+        """Flush while something is due. Returns seconds until the next flush is due, None when idle."""
+        batching = self.ctx.settings.batching
+        pool = self.ctx.pool
+        while not self.ctx.stopping.is_set():
+            head = await store.queue_head(pool, batching.max_requests)
+            now: datetime = await pool.fetchval(sql("db_now"))
+            if head.jobs == 0:
+                await self._set_wakeup(armed=True, wake_seq=0)
+                # A producer may have inserted between the look and the arming, unheard: look again.
+                if (await store.queue_head(pool, 1)).jobs == 0:
+                    return None
+                continue
+            due_at = await self._due_at(head.oldest, now)
+            full = head.jobs >= batching.max_requests or head.bytes >= batching.max_bytes
+            if not full and due_at > now:
+                await self._set_wakeup(armed=False, wake_seq=self._wake_seq(head))
+                return (due_at - now).total_seconds()
+            flushed = await self.flush_one()
+            if flushed.batch_id is None and flushed.failed == 0:
+                # Nothing could be claimed: another daemon holds the jobs, or the in-flight cap is reached.
+                return 1.0
+        return None
+
+    async def _set_wakeup(self, *, armed: bool, wake_seq: int) -> None:
+        await self.ctx.pool.execute(sql("set_wakeup"), armed, wake_seq)
+
+    async def _due_at(self, oldest: datetime | None, now: datetime) -> datetime:
+        batching = self.ctx.settings.batching
+        due = (oldest or now) + timedelta(seconds=batching.max_wait_s)
+        deadline = await self.ctx.pool.fetchval(sql("earliest_deadline"))
+        if deadline is not None:
+            due = min(due, deadline - timedelta(seconds=batching.deadline_slack_s))
+        return due
+
+    def _wake_seq(self, head: store.QueueHead) -> int:
+        """The job number at which the queue will hold a full batch, by count or (at the head's average
+        size) by bytes: the trigger notifies when a job at or past it arrives."""
+        batching = self.ctx.settings.batching
+        by_count = batching.max_requests - head.jobs
+        average = max(1.0, head.bytes / head.jobs)
+        by_bytes = math.ceil((batching.max_bytes - head.bytes) / average)
+        return (head.last_seq or 0) + max(1, min(by_count, by_bytes))
+
+    async def flush_one(self) -> Flushed:
+        """Claim one batch's worth of jobs and record the batch, in one transaction."""
+        settings = self.ctx.settings
+        batching = settings.batching
+        max_bytes = min(batching.max_bytes, API_MAX_BYTES)
+        async with self.ctx.pool.acquire() as connection, connection.transaction():
+            await connection.execute(sql("lock_flush"))
+            in_flight = await connection.fetchval(sql("in_flight_requests"))
+            budget = min(batching.max_requests, batching.max_in_flight_requests - in_flight)
+            if budget <= 0:
+                log.info("flusher.in_flight_cap", in_flight=in_flight, cap=batching.max_in_flight_requests)
+                return Flushed(None, 0, 0)
+            now = await connection.fetchval(sql("db_now"))
+            claimed = await store.claim(
+                connection, budget, now + timedelta(seconds=batching.deadline_slack_s)
+            )
+            chosen: list[Prepared] = []
+            failed: list[tuple[UUID, str]] = []
+            size = BODY_OVERHEAD
+            for job in claimed:
+                prepared = prepare(job, settings.job_types, max_bytes - BODY_OVERHEAD)
+                if isinstance(prepared, str):
+                    failed.append((job.id, prepared))
+                    continue
+                if size + prepared.size > max_bytes:
+                    break  # the rest stay queued, unlocked at commit, for the next batch
+                chosen.append(prepared)
+                size += prepared.size
+            if failed:
+                await connection.execute(sql("fail_jobs"), [i for i, _ in failed], [m for _, m in failed])
+                await connection.execute(sql("notify_events"))
+                for job_id, reason in failed:
+                    log.info("job.failed", job_id=str(job_id), reason=reason)
+            if not chosen:
+                return Flushed(None, 0, len(failed))
+            tag = new_tag()
+            batch_id: UUID = await connection.fetchval(
+                sql("insert_batch"), tag, len(chosen), size, self.ctx.instance_id, settings.daemon.lease_s
+            )
+            raw = [p.job_id for p in chosen if not p.rendered]
+            rendered = [p for p in chosen if p.rendered]
+            if raw:
+                await connection.execute(sql("assign_raw_jobs"), batch_id, raw)
+            if rendered:
+                await connection.execute(
+                    sql("assign_rendered_jobs"),
+                    batch_id,
+                    [p.job_id for p in rendered],
+                    [p.params for p in rendered],
+                )
+        body = create_body([(custom_id(tag, p.job_id), p.params) for p in chosen])
+        self.batches_made += 1
+        log.info("batch.recorded", batch_id=str(batch_id), jobs=len(chosen), bytes=size, failed=len(failed))
+        self.on_batch(batch_id, body)
+        return Flushed(batch_id, len(chosen), len(failed))

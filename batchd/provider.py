@@ -1,0 +1,109 @@
+"""Every call batchd makes to Anthropic, through the official SDK, each one through the shared limiter.
+
+The SDK's own retries are off: a retried create after a lost response makes a second batch (the SDK sends
+no idempotency key), and a retry the limiter does not see spends the per-minute budget twice. The callers
+decide what to retry and when.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anthropic
+from anthropic.types.messages import DeletedMessageBatch, MessageBatch
+
+from .ratelimit import RateLimiter
+
+DEFAULT_RETRY_AFTER_S = 5.0
+
+
+class Provider:
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str | None,
+        limiter: RateLimiter,
+        timeout_s: float,
+    ) -> None:
+        self.limiter = limiter
+        self.client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _call(self, request: Any) -> Any:
+        await self.limiter.acquire()
+        try:
+            return await request
+        except anthropic.RateLimitError as error:
+            self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            raise
+
+    async def create_batch(self, body: bytes) -> MessageBatch:
+        """Create from a body already encoded (see templates.create_body)."""
+        result: MessageBatch = await self._call(
+            self.client.post(
+                "/v1/messages/batches",
+                cast_to=MessageBatch,
+                content=body,
+                options={"headers": {"content-type": "application/json"}},
+            )
+        )
+        return result
+
+    async def retrieve(self, provider_batch_id: str) -> MessageBatch:
+        result: MessageBatch = await self._call(self.client.messages.batches.retrieve(provider_batch_id))
+        return result
+
+    async def list_page(self, after_id: str | None, limit: int = 100) -> tuple[list[MessageBatch], bool]:
+        """One page of the workspace's batches, newest first."""
+        if after_id is None:
+            page = await self._call(self.client.messages.batches.list(limit=limit))
+        else:
+            page = await self._call(self.client.messages.batches.list(limit=limit, after_id=after_id))
+        return list(page.data), bool(page.has_more)
+
+    async def delete(self, provider_batch_id: str) -> DeletedMessageBatch:
+        result: DeletedMessageBatch = await self._call(self.client.messages.batches.delete(provider_batch_id))
+        return result
+
+    @asynccontextmanager
+    async def results(self, provider_batch_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """The results file as parsed lines, streamed; the response is closed however the reading ends.
+
+        Two API calls (the SDK retrieves the batch for its results_url first), so two tokens. Lines are
+        parsed here rather than built into SDK models: the message goes to the database as JSON anyway.
+        """
+        await self.limiter.acquire()
+        await self.limiter.acquire()
+        try:
+            streaming = self.client.messages.batches.with_streaming_response.results(provider_batch_id)
+            async with streaming as response:
+                yield _lines(response.iter_lines())
+        except anthropic.RateLimitError as error:
+            self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            raise
+
+
+async def _lines(raw: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    async for line in raw:
+        if line:
+            yield json.loads(line)
+
+
+def retry_after(error: anthropic.APIStatusError) -> float | None:
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None

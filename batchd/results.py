@@ -1,0 +1,100 @@
+"""Results: a batch's results file, streamed, applied to its jobs in bulk, once.
+
+Lines are read as they arrive (the file is never held whole) and applied a chunk at a time: COPY into a
+temporary table, then one UPDATE for the chunk. Only jobs still `submitted` in this batch change, so a
+chunk applied again after a crash changes nothing. Jobs with no line in the file are retried.
+
+    succeeded                                   -> succeeded, with the message, its usage
+    errored: invalid_request_error              -> failed (the request itself is wrong)
+    errored: anything else, expired, canceled   -> queued again with attempts + 1, failed at max_attempts
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+import structlog
+
+from .context import Context
+from .store import Batch, sql
+from .templates import job_id_from
+
+log = structlog.get_logger("batchd.results")
+
+RESULT_COLUMNS = ["job_id", "outcome", "result", "error", "usage"]
+Row = tuple[UUID, str, str | None, str | None, str | None]
+
+
+class NotOurBatch(Exception):  # noqa: N818 - a verdict, not a malfunction
+    """An adopted batch's results name none of this batch's jobs: it belongs to someone else."""
+
+
+def classify(line: dict[str, Any], tag: str) -> Row | None:
+    """One results line as a row to apply, or None when it is not one of this batch's requests."""
+    job_id = job_id_from(str(line.get("custom_id", "")), tag)
+    if job_id is None:
+        return None
+    result = line.get("result") or {}
+    kind = result.get("type")
+    if kind == "succeeded":
+        message = result.get("message") or {}
+        return (job_id, "succeeded", _text(message), None, _text(message.get("usage")))
+    if kind == "errored":
+        inner = (result.get("error") or {}).get("error") or {}
+        error = {"type": inner.get("type", "api_error"), "message": inner.get("message", "")}
+        outcome = "failed" if error["type"] == "invalid_request_error" else "retry"
+        return (job_id, outcome, None, _text(error), None)
+    # expired, canceled, and any type this code does not know: the request was not done; do it again.
+    reason = {"type": str(kind), "message": f"the provider reported the request {kind}"}
+    return (job_id, "retry", None, _text(reason), None)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+async def apply_results(ctx: Context, batch: Batch) -> None:
+    assert batch.provider_batch_id is not None  # noqa: S101 - ended batches always have one
+    bound = log.bind(batch_id=str(batch.id), provider_batch_id=batch.provider_batch_id)
+    chunk_size = ctx.settings.results.apply_chunk
+    applied = foreign = 0
+    vanished = await ctx.pool.fetchval(sql("batch_vanished"), batch.id)
+    if not vanished:
+        async with ctx.provider.results(batch.provider_batch_id) as lines:
+            chunk: list[Row] = []
+            async for line in lines:
+                row = classify(line, batch.tag)
+                if row is None:
+                    foreign += 1
+                    continue
+                chunk.append(row)
+                if len(chunk) >= chunk_size:
+                    await _apply_chunk(ctx, batch, chunk)
+                    applied += len(chunk)
+                    chunk = []
+            if chunk:
+                await _apply_chunk(ctx, batch, chunk)
+                applied += len(chunk)
+    if applied == 0 and foreign > 0:
+        raise NotOurBatch(f"{batch.provider_batch_id} holds {foreign} requests, none of batch {batch.tag}")
+    missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]
+    if missing:
+        reason = _text({"type": "missing", "message": "the batch's results had no line for this request"})
+        await _apply_chunk(ctx, batch, [(job_id, "retry", None, reason, None) for job_id in missing])
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        await connection.execute(sql("finish_batch"), batch.id)
+        await connection.execute(sql("notify_events"))
+    bound.info("batch.applied", applied=applied, missing=len(missing), foreign=foreign)
+    if ctx.settings.results.delete_after_apply and not vanished:
+        await ctx.provider.delete(batch.provider_batch_id)
+        await ctx.pool.execute(sql("provider_copy_deleted"), batch.id)
+
+
+async def _apply_chunk(ctx: Context, batch: Batch, rows: list[Row]) -> None:
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        await connection.execute(sql("create_results_table"))
+        await connection.copy_records_to_table("batchd_results", records=rows, columns=RESULT_COLUMNS)
+        await connection.execute(sql("apply_results"), batch.id, ctx.settings.batching.max_attempts)
+        await connection.execute(sql("notify_events"))

@@ -1,0 +1,316 @@
+-- Every query batchd runs, each under a name that store.py calls it by. Parameters are $1, $2, ...
+
+-- name: create_migrations_table
+CREATE SCHEMA IF NOT EXISTS batchd;
+CREATE TABLE IF NOT EXISTS batchd.migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: lock_migrations
+-- Two `batchd migrate` at once: the second waits, then finds nothing left to do.
+SELECT pg_advisory_xact_lock(hashtext('batchd.migrate'));
+
+-- name: migrations_table_exists
+SELECT to_regclass('batchd.migrations') IS NOT NULL;
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM batchd.migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO batchd.migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: queue_head
+-- What the flusher decides on: the head of the queue, up to the most one batch may take. Bounded, so the
+-- cost stays flat however deep the queue is.
+SELECT count(*) AS jobs,
+       coalesce(sum(size), 0) AS bytes,
+       min(created_at) AS oldest,
+       max(seq) AS last_seq
+  FROM (SELECT seq, created_at, pg_column_size(coalesce(request, input)) AS size
+          FROM batchd.jobs
+         WHERE status = 'queued'
+         ORDER BY seq
+         LIMIT $1) AS head;
+
+-- name: earliest_deadline
+SELECT min(deadline) FROM batchd.jobs WHERE status = 'queued' AND deadline IS NOT NULL;
+
+-- name: db_now
+SELECT now();
+
+-- name: max_job_seq
+SELECT coalesce(max(seq), 0) FROM batchd.jobs;
+
+-- name: set_wakeup
+UPDATE batchd.wakeup SET armed = $1, wake_seq = $2 WHERE armed IS DISTINCT FROM $1 OR wake_seq IS DISTINCT FROM $2;
+
+-- name: lock_flush
+-- One flush at a time across every daemon on the database: the in-flight budget is read and spent whole.
+SELECT pg_advisory_xact_lock(hashtext('batchd.flush'));
+
+-- name: in_flight_requests
+SELECT coalesce(sum(request_count), 0) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended');
+
+-- name: claim_urgent
+-- Jobs whose deadline is near go first, whatever their place in the queue.
+SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, attempts,
+       batchd.request_problem(request) AS problem
+  FROM batchd.jobs
+ WHERE status = 'queued' AND deadline IS NOT NULL AND deadline <= $2
+ ORDER BY deadline
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED;
+
+-- name: claim_queued
+SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, attempts,
+       batchd.request_problem(request) AS problem
+  FROM batchd.jobs
+ WHERE status = 'queued' AND id <> ALL($2::uuid[])
+ ORDER BY seq
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED;
+
+-- name: fail_jobs
+-- Jobs that can never be sent: failed at once, with the reason, and an event each.
+WITH failed AS (
+    UPDATE batchd.jobs AS j
+       SET status = 'failed', completed_at = now(),
+           error = jsonb_build_object('type', 'invalid_request', 'message', f.message)
+      FROM unnest($1::uuid[], $2::text[]) AS f (id, message)
+     WHERE j.id = f.id
+    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts
+)
+INSERT INTO batchd.events (type, tenant_id, job_id, data)
+SELECT 'job.failed', tenant_id, id,
+       jsonb_build_object('status', 'failed', 'error', error, 'metadata', metadata, 'attempts', attempts)
+  FROM failed;
+
+-- name: insert_batch
+INSERT INTO batchd.batches (tag, request_count, bytes, owner, lease_until)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+RETURNING id;
+
+-- name: assign_raw_jobs
+UPDATE batchd.jobs SET status = 'submitting', batch_id = $1, params = NULL WHERE id = ANY($2::uuid[]);
+
+-- name: assign_rendered_jobs
+UPDATE batchd.jobs AS j
+   SET status = 'submitting', batch_id = $1, params = r.params::jsonb
+  FROM unnest($2::uuid[], $3::text[]) AS r (id, params)
+ WHERE j.id = r.id;
+
+-- name: batch_payload
+-- What to send again when a batch must be rebuilt after a restart: the params exactly as first claimed.
+SELECT id, coalesce(params, request)::text AS params
+  FROM batchd.jobs
+ WHERE batch_id = $1 AND status = 'submitting'
+ ORDER BY seq;
+
+-- name: take_batches
+-- This process's share of the open batches: those it holds, and those whose owner's lease ran out.
+UPDATE batchd.batches
+   SET owner = $1, lease_until = now() + make_interval(secs => $2)
+ WHERE status IN ('pending', 'in_progress', 'ended')
+   AND (owner = $1 OR owner IS NULL OR lease_until < now())
+RETURNING id;
+
+-- name: release_batches
+UPDATE batchd.batches SET lease_until = now() WHERE owner = $1 AND status IN ('pending', 'in_progress', 'ended');
+
+-- name: get_batch
+SELECT * FROM batchd.batches WHERE id = $1;
+
+-- name: begin_create
+-- Committed before the create call: from here on, a crash leaves "maybe created" on disk, and nothing
+-- more happens to the batch until the provider has surely finished with the request ($3 seconds).
+UPDATE batchd.batches
+   SET create_attempted_at = now(), create_attempts = create_attempts + 1,
+       next_attempt_at = now() + make_interval(secs => $3)
+ WHERE id = $1 AND owner = $2 AND status = 'pending'
+RETURNING create_attempted_at;
+
+-- name: retry_later
+UPDATE batchd.batches SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 WHERE id = $1;
+
+-- name: shrink_batch
+-- A job was taken out of a pending batch: count again, and send what is left afresh.
+UPDATE batchd.batches
+   SET request_count = (SELECT count(*) FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitting'),
+       create_attempted_at = NULL, next_attempt_at = now()
+ WHERE id = $1;
+
+-- name: create_refused
+-- The provider answered with an error: no batch was made. Try again later with the same jobs.
+UPDATE batchd.batches
+   SET create_attempted_at = NULL, next_attempt_at = now() + make_interval(secs => $2), last_error = $3
+ WHERE id = $1;
+
+-- name: batch_submitted
+WITH batch AS (
+    UPDATE batchd.batches
+       SET provider_batch_id = $2, status = 'in_progress', submitted_at = now(), last_error = NULL,
+           next_attempt_at = now()
+     WHERE id = $1 AND status = 'pending'
+    RETURNING id, provider_batch_id, request_count
+), jobs AS (
+    UPDATE batchd.jobs AS j
+       SET status = 'submitted', submitted_at = now()
+      FROM batch
+     WHERE j.batch_id = batch.id AND j.status = 'submitting'
+    RETURNING j.id, j.tenant_id, j.metadata, j.batch_id
+), job_events AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
+    SELECT 'job.submitted', tenant_id, id, batch_id, jsonb_build_object('status', 'submitted', 'metadata', metadata)
+      FROM jobs
+)
+INSERT INTO batchd.events (type, batch_id, data)
+SELECT 'batch.submitted', id,
+       jsonb_build_object('provider_batch_id', provider_batch_id, 'request_count', request_count,
+                          'adopted', $3::boolean)
+  FROM batch
+RETURNING batch_id;
+
+-- name: split_batch
+-- A 413: half the jobs move to a new pending batch; each half is tried on its own.
+WITH moved AS (
+    UPDATE batchd.jobs SET batch_id = $2 WHERE id = ANY($3::uuid[]) AND batch_id = $1 RETURNING 1
+)
+UPDATE batchd.batches
+   SET request_count = request_count - (SELECT count(*) FROM moved), bytes = $4,
+       create_attempted_at = NULL, next_attempt_at = now(), last_error = $5
+ WHERE id = $1;
+
+-- name: abandon_batch
+-- The provider provably never made this batch: its jobs go back to the queue, untouched.
+WITH requeued AS (
+    UPDATE batchd.jobs SET status = 'queued', batch_id = NULL, params = NULL
+     WHERE batch_id = $1 AND status = 'submitting'
+    RETURNING 1
+)
+UPDATE batchd.batches SET status = 'abandoned', last_error = $2, lease_until = NULL
+ WHERE id = $1
+RETURNING (SELECT count(*) FROM requeued) AS requeued;
+
+-- name: known_provider_ids
+SELECT provider_batch_id FROM batchd.batches WHERE provider_batch_id = ANY($1::text[]);
+
+-- name: batch_polled
+UPDATE batchd.batches
+   SET request_counts = $2::jsonb, next_attempt_at = now() + make_interval(secs => $3), last_error = NULL
+ WHERE id = $1;
+
+-- name: batch_ended
+UPDATE batchd.batches
+   SET status = 'ended', request_counts = $2::jsonb, provider_ended_at = $3, ended_at = now()
+ WHERE id = $1 AND status = 'in_progress';
+
+-- name: create_results_table
+-- JSON arrives as text (COPY's fastest path) and is cast once, in the UPDATE.
+CREATE TEMPORARY TABLE batchd_results (
+    job_id   uuid NOT NULL,
+    outcome  text NOT NULL,
+    result   text,
+    error    text,
+    usage    text
+) ON COMMIT DROP;
+
+-- name: apply_results
+-- One statement for a whole chunk of results. Only jobs still `submitted` in this batch change, so a
+-- chunk applied twice (a crash between chunks, a restart) changes nothing the second time.
+WITH applied AS (
+    UPDATE batchd.jobs AS j
+       SET status = CASE
+               WHEN r.outcome = 'succeeded' THEN 'succeeded'
+               WHEN r.outcome = 'failed' OR j.attempts + 1 >= $2 THEN 'failed'
+               ELSE 'queued'
+           END,
+           attempts = CASE WHEN r.outcome = 'retry' THEN j.attempts + 1 ELSE j.attempts END,
+           batch_id = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.batch_id END,
+           params = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.params END,
+           result = r.result::jsonb,
+           error = r.error::jsonb,
+           usage = r.usage::jsonb,
+           completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END
+      FROM batchd_results AS r
+     WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
+    RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts
+)
+INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
+SELECT CASE status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || status END,
+       tenant_id, id, $1,
+       jsonb_strip_nulls(jsonb_build_object('status', status, 'metadata', metadata, 'usage', usage,
+                                            'error', error, 'attempts', attempts))
+  FROM applied;
+
+-- name: batch_vanished
+SELECT coalesce((request_counts ->> 'vanished')::boolean, false) FROM batchd.batches WHERE id = $1;
+
+-- name: disown_batch
+-- An adopted provider batch proved to be someone else's: forget it, and reconcile again without it.
+WITH jobs AS (
+    UPDATE batchd.jobs SET status = 'submitting', submitted_at = NULL WHERE batch_id = $1 AND status = 'submitted'
+)
+UPDATE batchd.batches
+   SET status = 'pending', provider_batch_id = NULL, submitted_at = NULL, ended_at = NULL,
+       request_counts = NULL, rejected_provider_ids = array_append(rejected_provider_ids, provider_batch_id),
+       next_attempt_at = now(), last_error = $2
+ WHERE id = $1;
+
+-- name: unreported_jobs
+SELECT id FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitted';
+
+-- name: finish_batch
+WITH batch AS (
+    UPDATE batchd.batches SET status = 'applied', applied_at = now(), lease_until = NULL
+     WHERE id = $1 AND status = 'ended'
+    RETURNING id, provider_batch_id, request_counts
+)
+INSERT INTO batchd.events (type, batch_id, data)
+SELECT 'batch.ended', id, jsonb_build_object('provider_batch_id', provider_batch_id, 'request_counts', request_counts)
+  FROM batch;
+
+-- name: provider_copy_deleted
+UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1;
+
+-- name: probe_listener
+-- The listener's proof of life: it must hear its own notification.
+NOTIFY batchd_probe;
+
+-- name: notify_events
+SELECT pg_notify('batchd_events', '');
+
+-- name: insert_jobs
+-- Bulk enqueue from the command line; a row whose idempotency key is taken is skipped.
+INSERT INTO batchd.jobs (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
+SELECT tenant_id, request::jsonb, job_type, input::jsonb, metadata::jsonb, idempotency_key, deadline
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+       AS r (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
+ON CONFLICT DO NOTHING
+RETURNING id;
+
+-- name: cancel_job
+SELECT batchd.cancel_job($1);
+
+-- name: get_job
+SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata, error, usage, result, created_at,
+       submitted_at, completed_at
+  FROM batchd.jobs WHERE id = $1;
+
+-- name: queued_by_tenant
+SELECT tenant_id, count(*) AS queued, min(created_at) AS oldest
+  FROM batchd.jobs WHERE status IN ('queued', 'submitting', 'submitted')
+ GROUP BY tenant_id ORDER BY tenant_id;
+
+-- name: status_by_tenant
+SELECT tenant_id, status, count(*) AS jobs FROM batchd.jobs GROUP BY tenant_id, status ORDER BY tenant_id, status;
+
+-- name: open_batches
+SELECT id, provider_batch_id, status, request_count, request_counts, created_at, submitted_at, owner, last_error
+  FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') ORDER BY created_at;
+
+-- name: recent_outcomes
+SELECT type, count(*) AS events FROM batchd.events
+ WHERE created_at > now() - make_interval(secs => $1) GROUP BY type ORDER BY type;

@@ -1,0 +1,63 @@
+"""`batchd status`: what is queued, what is in flight, what happened lately."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from .store import Connection, sql
+
+
+async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str, Any]:
+    by_tenant: dict[str, dict[str, int]] = {}
+    for row in await connection.fetch(sql("status_by_tenant")):
+        by_tenant.setdefault(row["tenant_id"], {})[row["status"]] = row["jobs"]
+    now = datetime.now(UTC)
+    batches = [
+        {
+            "id": str(row["id"]),
+            "provider_batch_id": row["provider_batch_id"],
+            "status": row["status"],
+            "requests": row["request_count"],
+            "request_counts": row["request_counts"],
+            "age_s": round((now - row["created_at"]).total_seconds()),
+            "owner": row["owner"],
+            "last_error": row["last_error"],
+        }
+        for row in await connection.fetch(sql("open_batches"))
+    ]
+    recent = {row["type"]: row["events"] for row in await connection.fetch(sql("recent_outcomes"), window_s)}
+    return {"tenants": by_tenant, "open_batches": batches, "recent_events": recent, "window_s": window_s}
+
+
+STATES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["Jobs by tenant:"]
+    header = f"  {'tenant':<20}" + "".join(f"{state:>12}" for state in STATES)
+    lines.append(header)
+    for tenant, counts in sorted(report["tenants"].items()):
+        lines.append(f"  {tenant:<20}" + "".join(f"{counts.get(state, 0):>12}" for state in STATES))
+    if not report["tenants"]:
+        lines.append("  (no jobs)")
+    lines.append("")
+    lines.append("Open batches:")
+    for batch in report["open_batches"]:
+        counts = json.dumps(batch["request_counts"]) if batch["request_counts"] else "-"
+        lines.append(
+            f"  {batch['id']}  {batch['status']:<11} {batch['requests']:>7} requests  "
+            f"age {batch['age_s']:>6} s  provider {batch['provider_batch_id'] or '-'}  counts {counts}"
+        )
+        if batch["last_error"]:
+            lines.append(f"      last error: {batch['last_error']}")
+    if not report["open_batches"]:
+        lines.append("  (none)")
+    lines.append("")
+    lines.append(f"Events in the last {int(report['window_s'])} s:")
+    for kind, count in sorted(report["recent_events"].items()):
+        lines.append(f"  {kind:<20}{count:>10}")
+    if not report["recent_events"]:
+        lines.append("  (none)")
+    return "\n".join(lines)

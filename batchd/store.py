@@ -1,0 +1,118 @@
+"""All of batchd's SQL, by name, and the few typed helpers that run it.
+
+The SQL itself lives in `sql/queries.sql` (each query under a `-- name:` line) and the schema in
+`sql/migrations/`; this module only loads and runs them, so that what batchd does to the database can be
+read in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeAlias
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# A connection of one's own or one borrowed from the pool: queries run the same on both.
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(text: str) -> dict[str, str]:
+    """`-- name: x` starts query x, which runs to the next name; comments inside are kept."""
+    parts = _NAME.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        queries[name] = body.strip()
+    return queries
+
+
+QUERIES = load_queries(resources.files("batchd.sql").joinpath("queries.sql").read_text())
+
+
+def sql(name: str) -> str:
+    return QUERIES[name]
+
+
+async def init_connection(connection: asyncpg.Connection) -> None:
+    """jsonb comes back as Python values, except where a query casts it to text on purpose."""
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init_connection)
+    if pool is None:  # pragma: no cover - only when asyncpg is given a custom connection class
+        raise RuntimeError("asyncpg returned no pool")
+    return pool
+
+
+@dataclass(frozen=True)
+class QueueHead:
+    jobs: int
+    bytes: int
+    oldest: datetime | None
+    last_seq: int | None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: UUID
+    tenant_id: str
+    request: str | None  # the raw request's JSON text, untouched
+    job_type: str | None
+    input: str | None
+    attempts: int
+    problem: str | None  # why the raw request cannot be sent, as the database sees it
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: UUID
+    tag: str
+    provider_batch_id: str | None
+    status: str
+    request_count: int
+    bytes: int
+    owner: str | None
+    created_at: datetime
+    create_attempted_at: datetime | None
+    create_attempts: int
+    next_attempt_at: datetime
+    rejected_provider_ids: list[str]
+    provider_deleted_at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Batch:
+        return cls(**{field: record[field] for field in cls.__dataclass_fields__})
+
+
+async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int) -> QueueHead:
+    row = await db.fetchrow(sql("queue_head"), limit)
+    assert row is not None  # noqa: S101 - an aggregate always returns a row
+    return QueueHead(jobs=row["jobs"], bytes=row["bytes"], oldest=row["oldest"], last_seq=row["last_seq"])
+
+
+async def claim(connection: Connection, limit: int, urgent_before: datetime) -> list[ClaimedJob]:
+    """Lock up to `limit` queued jobs, near deadlines first, skipping what another daemon holds."""
+    rows = list(await connection.fetch(sql("claim_urgent"), limit, urgent_before))
+    if len(rows) < limit:
+        taken = [row["id"] for row in rows]
+        rows += await connection.fetch(sql("claim_queued"), limit - len(rows), taken)
+    return [ClaimedJob(**dict(row)) for row in rows]
+
+
+async def get_batch(db: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> Batch | None:
+    row = await db.fetchrow(sql("get_batch"), batch_id)
+    return None if row is None else Batch.from_record(row)
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

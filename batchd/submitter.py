@@ -1,0 +1,207 @@
+"""The submitter: sends a recorded batch to the provider, exactly once, whatever fails in between.
+
+Before the create call, `create_attempted_at` is committed. From then on, until the provider's answer is
+recorded, the database says "maybe created". So:
+
+- an answer with the batch: recorded, the jobs become `submitted`;
+- a refusal the provider surely did not act on (429, 4xx): the attempt is cleared and retried later with
+  the same jobs and custom_ids (a 413 splits the batch in two first; a 400 that names a request fails it);
+- no answer (connection lost, timeout, a crash, or a 5xx, which a gateway may send after the work was
+  done): the batch is *reconciled* before anything is sent again. batchd lists the provider's batches made
+  around the attempt. One whose size matches is adopted (and proven ours when its results name our batch
+  tag); when none does, the provider never made the batch and it is safe to send again. A batch that is
+  not ours is never adopted for good, canceled or deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import anthropic
+import asyncpg
+import structlog
+from anthropic.types.messages import MessageBatch
+
+from .context import Context
+from .provider import retry_after
+from .store import Batch, sql
+from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, new_tag
+
+log = structlog.get_logger("batchd.submitter")
+
+# How far the provider's clock and ours may disagree when matching a batch to an attempt.
+CLOCK_SKEW = timedelta(seconds=60)
+_REQUEST_INDEX = re.compile(r"requests\.(\d+)")
+
+
+async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
+    bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
+    rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
+    if not rows:
+        await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send")
+        return
+    if body is None or len(rows) != batch.request_count:
+        body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
+    grace = ctx.settings.daemon.reconcile_grace_s
+    started = await ctx.pool.fetchval(sql("begin_create"), batch.id, ctx.instance_id, grace)
+    if started is None:
+        return  # no longer ours, or no longer pending
+    try:
+        created = await ctx.provider.create_batch(body)
+    except anthropic.APIStatusError as error:
+        await _refused(ctx, batch, rows, error)
+        return
+    except (anthropic.APIConnectionError, anthropic.APITimeoutError) as error:
+        # Unknown: it may exist. begin_create already put off the next step until the provider has surely
+        # finished with the request; then the batch is reconciled.
+        bound.warning("batch.create_unanswered", error=str(error))
+        return
+    await record_submitted(ctx, batch, created, adopted=False)
+
+
+async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *, adopted: bool) -> None:
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        await connection.execute(sql("batch_submitted"), batch.id, created.id, adopted)
+        await connection.execute(sql("notify_events"))
+    log.info(
+        "batch.submitted",
+        batch_id=str(batch.id),
+        provider_batch_id=created.id,
+        requests=batch.request_count,
+        adopted=adopted,
+    )
+
+
+async def _refused(
+    ctx: Context, batch: Batch, rows: list[asyncpg.Record], error: anthropic.APIStatusError
+) -> None:
+    bound = log.bind(batch_id=str(batch.id), status=error.status_code)
+    message = f"{error.status_code}: {_message(error)}"
+    if error.status_code >= 500:
+        # A gateway may answer 5xx after the work was done: treat it as unanswered, and reconcile.
+        bound.warning("batch.create_failed_maybe_made", error=message)
+        return
+    if error.status_code == 413:
+        await _split(ctx, batch, rows, message)
+        return
+    if error.status_code == 400:
+        index = _request_index(message)
+        if index is not None and index < len(rows):
+            await _fail_one(ctx, batch, rows[index]["id"], message)
+            return
+    delay = retry_after(error) or _backoff(batch.create_attempts, error.status_code)
+    await ctx.pool.execute(sql("create_refused"), batch.id, delay, message)
+    bound.warning("batch.create_refused", error=message, retry_in_s=delay)
+
+
+def _backoff(attempts: int, status: int) -> float:
+    if status in (401, 403):
+        return 300.0  # a key or permission problem: an operator must act; do not hammer the API meanwhile
+    return min(300.0, 2.0 ** min(attempts, 8))
+
+
+def _message(error: anthropic.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(error.message)
+
+
+def _request_index(message: str) -> int | None:
+    match = _REQUEST_INDEX.search(message)
+    return int(match[1]) if match else None
+
+
+async def _fail_one(ctx: Context, batch: Batch, job_id: object, message: str) -> None:
+    """The provider named one request as the problem: fail it, send the rest."""
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        await connection.execute(sql("fail_jobs"), [job_id], [f"refused by the API: {message}"])
+        await connection.execute(sql("shrink_batch"), batch.id)
+        await connection.execute(sql("notify_events"))
+    log.warning("job.failed", job_id=str(job_id), batch_id=str(batch.id), reason=message)
+
+
+async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message: str) -> None:
+    """413: the body is too large for the provider. Halve the batch; a single request fails."""
+    if len(rows) == 1:
+        await _fail_one(ctx, batch, rows[0]["id"], message)
+        return
+    half = len(rows) // 2
+    moved = rows[half:]
+    moved_bytes = sum(len(row["params"].encode()) + ITEM_OVERHEAD for row in moved) + BODY_OVERHEAD
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        new_id = await connection.fetchval(
+            sql("insert_batch"),
+            new_tag(),
+            len(moved),
+            moved_bytes,
+            ctx.instance_id,
+            ctx.settings.daemon.lease_s,
+        )
+        await connection.execute(
+            sql("split_batch"),
+            batch.id,
+            new_id,
+            [row["id"] for row in moved],
+            batch.bytes - moved_bytes,
+            message,
+        )
+    log.warning("batch.split", batch_id=str(batch.id), new_batch_id=str(new_id), moved=len(moved))
+
+
+async def reconcile(ctx: Context, batch: Batch) -> None:
+    """Find out whether an unanswered create made a batch, and act on the answer."""
+    assert batch.create_attempted_at is not None  # noqa: S101 - only called for attempted batches
+    bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
+    earliest = batch.create_attempted_at - CLOCK_SKEW
+    latest = batch.create_attempted_at + timedelta(seconds=ctx.settings.anthropic.timeout_s) + CLOCK_SKEW
+    candidates = await _candidates(ctx, batch, earliest, latest)
+    if not candidates:
+        # Listed back past the attempt and found nothing of its size: it was never made. Send it again.
+        await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, "reconciled: the provider made no batch")
+        bound.info("batch.reconciled_not_made")
+        return
+    if len(candidates) > 1:
+        wait = ctx.settings.daemon.reconcile_grace_s or 1.0
+        await ctx.pool.execute(sql("retry_later"), batch.id, wait, "reconciling: several candidates")
+        bound.warning("batch.reconcile_ambiguous", candidates=[c.id for c in candidates])
+        return
+    await record_submitted(ctx, batch, candidates[0], adopted=True)
+    bound.info("batch.adopted", provider_batch_id=candidates[0].id)
+
+
+async def _candidates(ctx: Context, batch: Batch, earliest: datetime, latest: datetime) -> list[MessageBatch]:
+    """The provider's batches made in the attempt's window with this batch's request count, not yet
+    claimed by any local batch and not already proven foreign."""
+    found: list[MessageBatch] = []
+    after: str | None = None
+    while True:
+        page, more = await ctx.provider.list_page(after)
+        found.extend(
+            remote
+            for remote in page
+            if earliest <= _utc(remote.created_at) <= latest and _total(remote) == batch.request_count
+        )
+        if not more or not page or _utc(page[-1].created_at) < earliest:
+            break
+        after = page[-1].id
+    if not found:
+        return []
+    known = {
+        row["provider_batch_id"]
+        for row in await ctx.pool.fetch(sql("known_provider_ids"), [f.id for f in found])
+    }
+    rejected = set(batch.rejected_provider_ids)
+    return [f for f in found if f.id not in known and f.id not in rejected]
+
+
+def _total(remote: MessageBatch) -> int:
+    counts = remote.request_counts
+    return counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -1,0 +1,117 @@
+"""The supervisor: one task per open batch, driving it from wherever it stands to the end.
+
+    pending (not attempted) --submit--> in_progress --poll--> ended --apply results--> applied
+    pending (attempted: maybe made) --reconcile--> in_progress (adopted) | pending (send again)
+    pending with no jobs left --> abandoned
+
+Which batches this process drives is decided by leases in the database: it takes those it owns, and those
+whose owner's lease ran out (a daemon that died), and renews its leases while it lives. Every step starts
+from what the database says, so a task can be cancelled at any await and started again anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from uuid import UUID
+
+import anthropic
+import structlog
+
+from . import store
+from .context import Context, wait_for_event
+from .flusher import DB_ERRORS
+from .poller import poll_until_ended
+from .results import NotOurBatch, apply_results
+from .store import sql
+from .submitter import reconcile, submit
+
+log = structlog.get_logger("batchd.supervisor")
+
+STEP_ERRORS = (*DB_ERRORS, anthropic.APIStatusError, anthropic.APIConnectionError)
+RETRY_AFTER_ERROR_S = 2.0
+
+
+class Supervisor:
+    def __init__(self, ctx: Context, on_batch_closed: Callable[[], None] | None = None) -> None:
+        self.ctx = ctx
+        self.on_batch_closed: Callable[[], None] = on_batch_closed or (lambda: None)
+        self.workers: dict[UUID, asyncio.Task[None]] = {}
+        self._bodies: dict[UUID, bytes] = {}
+        self._wake = asyncio.Event()
+
+    def start(self, batch_id: UUID, body: bytes | None = None) -> None:
+        """Drive this batch now (the flusher just made it: its body is at hand, no need to rebuild it)."""
+        if body is not None:
+            self._bodies[batch_id] = body
+        if batch_id not in self.workers:
+            self.workers[batch_id] = asyncio.create_task(self._drive(batch_id), name=f"batch-{batch_id}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Take and renew leases; start a task for every batch this process holds."""
+        period = self.ctx.settings.daemon.lease_s / 3
+        while not self.ctx.stopping.is_set():
+            self._wake.clear()
+            try:
+                rows = await self.ctx.pool.fetch(
+                    sql("take_batches"), self.ctx.instance_id, self.ctx.settings.daemon.lease_s
+                )
+            except DB_ERRORS as error:
+                log.warning("supervisor.database_error", error=str(error))
+            else:
+                for row in rows:
+                    self.start(row["id"])
+            await wait_for_event(self._wake, period)
+
+    async def stop(self) -> None:
+        """Cancel every batch task (each is safe to stop at any await) and hand the leases back."""
+        for task in self.workers.values():
+            task.cancel()
+        await asyncio.gather(*self.workers.values(), return_exceptions=True)
+        try:
+            await self.ctx.pool.execute(sql("release_batches"), self.ctx.instance_id)
+        except DB_ERRORS as error:
+            log.warning("supervisor.release_failed", error=str(error))
+
+    async def _drive(self, batch_id: UUID) -> None:
+        try:
+            while not self.ctx.stopping.is_set():
+                try:
+                    if not await self._step(batch_id):
+                        return
+                except STEP_ERRORS as error:
+                    log.warning("batch.step_failed", batch_id=str(batch_id), error=str(error))
+                    if await self.ctx.sleep(RETRY_AFTER_ERROR_S):
+                        return
+        finally:
+            self.workers.pop(batch_id, None)
+            self._bodies.pop(batch_id, None)
+            self.on_batch_closed()
+
+    async def _step(self, batch_id: UUID) -> bool:
+        """One step of the batch's life; False when there is nothing more for this process to do."""
+        ctx = self.ctx
+        batch = await store.get_batch(ctx.pool, batch_id)
+        if batch is None or batch.status in ("applied", "abandoned") or batch.owner != ctx.instance_id:
+            return False
+        wait = (batch.next_attempt_at - datetime.now(UTC)).total_seconds()
+        if wait > 0 and batch.status == "pending":
+            return not await ctx.sleep(wait)
+        if batch.status == "pending":
+            if batch.create_attempted_at is None:
+                await submit(ctx, batch, self._bodies.pop(batch_id, None))
+            else:
+                await reconcile(ctx, batch)
+        elif batch.status == "in_progress":
+            return await poll_until_ended(ctx, batch)
+        elif batch.status == "ended":
+            try:
+                await apply_results(ctx, batch)
+            except NotOurBatch as verdict:
+                log.error("batch.not_ours", batch_id=str(batch_id), reason=str(verdict))  # noqa: TRY400
+                await ctx.pool.execute(sql("disown_batch"), batch_id, str(verdict))
+        return True

@@ -1,0 +1,113 @@
+"""Turning a claimed job into the request that goes into a batch, or into the reason it never can.
+
+A raw request is sent as the producer wrote it (the database already checked its shape); a job type's
+input is rendered through the template in `batchd.toml`. Every refusal here saves the producer the hours
+it would take the API to say the same when the whole batch ends.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from .config import JobType
+from .store import ClaimedJob
+
+CUSTOM_ID_PREFIX = "bd"
+_TAG_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_tag() -> str:
+    """A batch's tag: 12 characters, part of each of its custom_ids."""
+    return "".join(secrets.choice(_TAG_ALPHABET) for _ in range(12))
+
+
+def custom_id(tag: str, job_id: UUID) -> str:
+    """`bd-<batch tag>-<job id>`: recognisably batchd's, names its batch, and maps back to the job."""
+    return f"{CUSTOM_ID_PREFIX}-{tag}-{job_id.hex}"
+
+
+def job_id_from(custom: str, tag: str) -> UUID | None:
+    """The job a result belongs to, or None when the custom_id is not one of this batch's."""
+    prefix, _, rest = custom.partition("-")
+    batch_tag, _, hex_id = rest.partition("-")
+    if prefix != CUSTOM_ID_PREFIX or batch_tag != tag or len(hex_id) != 32:
+        return None
+    try:
+        return UUID(hex=hex_id)
+    except ValueError:
+        return None
+
+
+# The envelope each request adds around its params in the create body: {"custom_id":"bd-…","params":…},
+ITEM_OVERHEAD = len('{"custom_id":"","params":},') + len(custom_id("x" * 12, UUID(int=0)))
+BODY_OVERHEAD = len('{"requests":[]}')
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    job_id: UUID
+    params: str  # JSON text of the Messages API params
+    rendered: bool  # made from a template: stored with the job so a rebuilt batch sends the same
+    size: int  # bytes this request adds to the create body
+
+
+def prepare(job: ClaimedJob, job_types: dict[str, JobType], max_request_bytes: int) -> Prepared | str:
+    """The request to send for `job`, or why it cannot be sent."""
+    if job.request is not None:
+        if job.problem is not None:
+            return job.problem
+        params, rendered = job.request, False
+    else:
+        outcome = render(job.job_type or "", job.input, job_types)
+        if not isinstance(outcome, dict):
+            return outcome
+        params, rendered = json.dumps(outcome, ensure_ascii=False, separators=(",", ":")), True
+    size = len(params.encode()) + ITEM_OVERHEAD
+    if size > max_request_bytes:
+        return f"the request is {size} bytes, more than a batch may hold ({max_request_bytes} bytes)"
+    return Prepared(job.id, params, rendered, size)
+
+
+def render(name: str, input_text: str | None, job_types: dict[str, JobType]) -> dict[str, Any] | str:
+    """A job type's request with the input filled in, or what is wrong with the job."""
+    job_type = job_types.get(name)
+    if job_type is None:
+        known = ", ".join(sorted(job_types)) or "none are configured"
+        return f"unknown job type {name!r} (known: {known})"
+    values = json.loads(input_text) if input_text is not None else {}
+    if not isinstance(values, dict):
+        return f"input of a {name} job must be a JSON object"
+    missing = [field for field in job_type.fields if field not in values]
+    if missing:
+        return f"input lacks {', '.join(missing)}, required by job type {name!r}"
+    text = {field: _as_text(values[field]) for field in job_type.fields}
+    params: dict[str, Any] = {
+        "model": job_type.model,
+        "max_tokens": job_type.max_tokens,
+        "messages": [{"role": "user", "content": job_type.prompt.format_map(text)}],
+    }
+    if job_type.system is not None:
+        params["system"] = job_type.system.format_map(text)
+    if job_type.temperature is not None:
+        params["temperature"] = job_type.temperature
+    return params
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ", ".join(_as_text(item) for item in value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def create_body(items: list[tuple[str, str]]) -> bytes:
+    """The create request's JSON, built from params already encoded: 100,000 requests are not parsed and
+    re-serialized on the way out."""
+    parts = [f'{{"custom_id":"{cid}","params":{params}}}' for cid, params in items]
+    return ('{"requests":[' + ",".join(parts) + "]}").encode()
