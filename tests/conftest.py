@@ -1,10 +1,12 @@
 """Fixtures every batchd test may use: real PostgreSQL databases, a running emulator, an SDK client.
 
-- `database_url`: a fresh database per test module, cloned from a session template (fast: a file copy),
-  dropped when the module ends.
+- `database_url`: a fresh database per test module with batchd's schema, cloned from a session template
+  (fast: a file copy), dropped when the module ends; `db`, a connection to it emptied for each test;
+  `blank_database_url`, an empty database for one test.
 - `emulator`: the Message Batches API emulator served on a free loopback port for one test.
-- `anthropic_client`: the official `AsyncAnthropic` pointed at it, with strict response validation so a
-  missing field fails instead of becoming None.
+- `anthropic_client` / `make_client`: the official `AsyncAnthropic` pointed at it, with strict response
+  validation so a missing field fails instead of becoming None.
+- `daemon_settings` and `start_daemon`: a real daemon, in this process, against both.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anthropic
 import asyncpg
 import pytest
-from support import EmulatorHandle, start_emulator
+from support import EmulatorHandle, make_settings, running_daemon, start_emulator
 
+from batchd import migrate
+from batchd.config import Settings
 from batchd.emulator import EmulatorConfig
+from batchd.store import init_connection
 
 SERVER_URL = os.environ.get("BATCHD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -39,9 +45,17 @@ async def _admin(*statements: str) -> None:
         await connection.close()
 
 
+async def _migrate(url: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await migrate.migrate(connection)
+    finally:
+        await connection.close()
+
+
 @pytest.fixture(scope="session")
 def database_template() -> Iterator[str]:
-    """A template database for the session; later issues install batchd's schema into it here."""
+    """A template database for the session with batchd's schema installed (`batchd migrate`)."""
     name = f"batchd_template_{os.getpid()}"
     try:
         asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
@@ -49,6 +63,7 @@ def database_template() -> Iterator[str]:
         pytest.fail(
             f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster"
         )
+    asyncio.run(_migrate(_database_url(name)))
     yield name
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
@@ -60,6 +75,56 @@ def database_url(database_template: str) -> Iterator[str]:
     asyncio.run(_admin(f"CREATE DATABASE {name} TEMPLATE {database_template}"))
     yield _database_url(name)
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def blank_database_url() -> Iterator[str]:
+    """An empty database (no batchd schema) for one test, dropped afterwards."""
+    name = f"batchd_blank_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    yield _database_url(name)
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module's database, emptied of jobs, batches and events first."""
+    connection = await asyncpg.connect(database_url)
+    await init_connection(connection)
+    await connection.execute(
+        "TRUNCATE batchd.jobs, batchd.batches, batchd.events RESTART IDENTITY;"
+        "UPDATE batchd.wakeup SET armed = true, wake_seq = 0"
+    )
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def daemon_settings(
+    database_url: str, emulator: EmulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Settings]:
+    """Builds daemon settings pointed at this module's database and the test's emulator; keyword
+    arguments are sections to merge, e.g. batching={"max_requests": 10}."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+
+    def make(**sections: dict[str, Any]) -> Settings:
+        return make_settings(database_url, emulator.url, **sections)
+
+    return make
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[Callable[[Settings], Any]]:
+    """`async with start_daemon(settings) as daemon:` runs a daemon in this process until the block ends.
+    Daemons still running when the test ends (a failing test) are stopped too."""
+    async with AsyncExitStack() as stack:
+
+        def start(settings: Settings) -> Any:
+            return running_daemon(settings, stack)
+
+        yield start
 
 
 @pytest.fixture

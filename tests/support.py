@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
 
+from batchd.config import Settings
+from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, RunningEmulator, serve
 
 MODEL = "claude-haiku-4-5"
+# For tests of the daemon, which polls in real time: batches end within a fraction of a second.
+QUICK = EmulatorConfig(processing_time_s=(0.1, 0.3), cancel_time_s=0.1, seed=99)
 
 
 class EmulatorHandle(RunningEmulator):
@@ -69,3 +74,117 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def make_settings(database_url: str, emulator_url: str, **sections: dict[str, Any]) -> Settings:
+    """Daemon settings for tests: fast polling and sweeps, small batches; sections override."""
+    values: dict[str, dict[str, Any]] = {
+        "database": {"url": database_url, "pool_max_size": 5},
+        "anthropic": {"base_url": emulator_url, "requests_per_minute": 6000, "timeout_s": 30},
+        "batching": {"max_requests": 100, "max_wait_s": 0.2, "deadline_slack_s": 60},
+        "polling": {"min_interval_s": 0.05, "max_interval_s": 0.2},
+        "daemon": {"lease_s": 30, "sweep_interval_s": 5, "reconcile_grace_s": 0.2},
+        "http": {"host": "127.0.0.1", "port": 0},
+        "job_types": {
+            "summarize": {
+                "model": MODEL,
+                "max_tokens": 512,
+                "fields": ["document_text", "max_length"],
+                "system": "You summarise.",
+                "prompt": "Summarise in at most {max_length} words: {document_text}",
+            },
+            "classify": {
+                "model": MODEL,
+                "max_tokens": 128,
+                "fields": ["text", "categories"],
+                "prompt": "Categories: {categories}. Text: {text}. Category:",
+            },
+        },
+    }
+    for section, overrides in sections.items():
+        if isinstance(values.get(section), dict) and section != "job_types":
+            values[section] = {**values[section], **overrides}
+        else:
+            values[section] = overrides
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def _daemon(settings: Settings) -> AsyncIterator[Daemon]:
+    daemon = Daemon(settings, serve_http=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop), name="daemon-under-test")
+    ready = asyncio.create_task(daemon.ready.wait())
+    try:
+        await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped it
+            raise AssertionError("the daemon stopped before it was ready")
+        if not daemon.ready.is_set():
+            raise AssertionError("the daemon was not ready within 20 s")
+        yield daemon
+    finally:
+        ready.cancel()
+        stop.set()
+        await asyncio.wait_for(task, timeout=20)
+
+
+def running_daemon(settings: Settings, stack: AsyncExitStack) -> Any:
+    """Starts a daemon whose stop is also registered on `stack` (so a failing test still stops it)."""
+
+    @asynccontextmanager
+    async def managed() -> AsyncIterator[Daemon]:
+        context = _daemon(settings)
+        daemon = await context.__aenter__()
+        closed = False
+
+        async def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                await context.__aexit__(None, None, None)
+
+        stack.push_async_callback(close)
+        try:
+            yield daemon
+        finally:
+            await close()
+
+    return managed()
+
+
+async def job_counts(db: Any) -> dict[str, int]:
+    rows = await db.fetch("SELECT status, count(*) AS n FROM batchd.jobs GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}
+
+
+async def wait_for_jobs(db: Any, *, done: int, timeout: float = 60.0) -> dict[str, int]:
+    """Waits until `done` jobs are in a final state (succeeded, failed, canceled); returns the counts."""
+
+    async def finished() -> bool:
+        counts = await job_counts(db)
+        return sum(counts.get(state, 0) for state in ("succeeded", "failed", "canceled")) >= done
+
+    await wait_until(finished, timeout=timeout, interval=0.05)
+    return await job_counts(db)
+
+
+def raw_request(text: str, **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": text}],
+    }
+    body.update(params)
+    return body
+
+
+async def insert_raw(db: Any, tenant: str, texts: list[str], **columns: Any) -> list[Any]:
+    """Inserts one raw-request job per text, as a producer would (one statement); returns their ids."""
+    rows = await db.fetch(
+        "INSERT INTO batchd.jobs (tenant_id, request)"
+        " SELECT $1, r::jsonb FROM unnest($2::text[]) AS r RETURNING id",
+        tenant,
+        [json.dumps(raw_request(text, **columns)) for text in texts],
+    )
+    return [row["id"] for row in rows]

@@ -1,4 +1,4 @@
-"""The database fixture later issues build on: a fresh, empty database per module, on the real server."""
+"""The database fixtures: a fresh database per module with batchd's schema, on the real server."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ async def test_each_module_gets_its_own_fresh_database(database_url: str, databa
         name = await connection.fetchval("SELECT current_database()")
         assert name.startswith("batchd_test_")
         assert name != database_template
-        tables = await connection.fetchval(
-            "SELECT count(*) FROM information_schema.tables"
+        schemas = await connection.fetch(
+            "SELECT DISTINCT table_schema FROM information_schema.tables"
             " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
         )
-        assert tables == 0
+        assert [row["table_schema"] for row in schemas] == ["batchd"], "batchd's schema and nothing else"
+        assert await connection.fetchval("SELECT count(*) FROM batchd.jobs") == 0
         await connection.execute("CREATE TABLE fixture_probe (id int)")
     finally:
         await connection.close()
@@ -25,5 +26,13 @@ async def test_the_database_lives_for_the_whole_module(database_url: str) -> Non
     connection = await asyncpg.connect(database_url)
     try:
         assert await connection.fetchval("SELECT to_regclass('fixture_probe') IS NOT NULL")
+    finally:
+        await connection.close()
+
+
+async def test_a_blank_database_has_no_schema(blank_database_url: str) -> None:
+    connection = await asyncpg.connect(blank_database_url)
+    try:
+        assert await connection.fetchval("SELECT to_regnamespace('batchd') IS NULL")
     finally:
         await connection.close()
