@@ -21,8 +21,9 @@ from pydantic import ValidationError
 from . import __version__, enqueue, log, migrate, status
 from .config import ConfigError, Settings, config_path, describe, load_settings, read_toml
 from .daemon import Daemon
-from .demo import run_tour
+from .demo import run_demo
 from .emulator import EmulatorConfig, serve
+from .emulator.tour import run_tour
 from .store import init_connection, sql
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
@@ -129,13 +130,27 @@ async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bo
 
 
 def _add_demo_parser(commands: Any) -> None:
-    parser = commands.add_parser("demo", help="a scripted tour of the emulator with the official SDK")
-    parser.set_defaults(run=run_demo)
+    parser = commands.add_parser(
+        "demo",
+        help="run everything on this machine: emulator, daemon, a producer",
+        description="Start the emulator and the daemon against a demo database (on the configured "
+        "PostgreSQL, or an embedded one when none answers), insert jobs for three tenants and show them "
+        "finishing.",
+    )
+    _add_config_option(parser)
+    parser.add_argument("--keep", action="store_true", help="keep the demo database afterwards")
+    parser.add_argument(
+        "--emulator-only", action="store_true", help="only a scripted tour of the emulator with the SDK"
+    )
+    parser.set_defaults(run=run_demo_command)
 
 
-def run_demo(_args: argparse.Namespace) -> int:
-    asyncio.run(run_tour())
-    return 0
+def run_demo_command(args: argparse.Namespace) -> int:
+    if args.emulator_only:
+        asyncio.run(run_tour())
+        return 0
+    log.configure("warning")  # the demo narrates; the daemon's own log would drown it
+    return asyncio.run(run_demo(_settings(args), keep=args.keep))
 
 
 def _settings(args: argparse.Namespace) -> Settings:

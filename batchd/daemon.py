@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 
 import asyncpg
 import structlog
@@ -33,9 +34,10 @@ SHUTDOWN_TIMEOUT_S = 8.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, serve_http: bool = True) -> None:
+    def __init__(self, settings: Settings, *, serve_http: bool = True, api_key: str | None = None) -> None:
         self.settings = settings
         self.serve_http = serve_http
+        self._api_key = api_key
         self.ready = asyncio.Event()
         self.ctx: Context | None = None
         self.flusher: Flusher | None = None
@@ -46,7 +48,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""
         settings = self.settings
-        key = api_key(settings)
+        key = self._api_key or api_key(settings).get_secret_value()
         stop = stop or _stop_on_signals()
         pool = await store.create_pool(
             settings.database.url,
@@ -54,7 +56,7 @@ class Daemon:
             max_size=settings.database.pool_max_size,
         )
         provider = Provider(
-            key.get_secret_value(),
+            key,
             base_url=settings.anthropic.base_url,
             limiter=RateLimiter(settings.anthropic.requests_per_minute),
             timeout_s=settings.anthropic.timeout_s,
@@ -103,6 +105,26 @@ class Daemon:
             await provider.close()
             await pool.close()
             log.info("daemon.stopped")
+
+    @asynccontextmanager
+    async def running(self, ready_timeout_s: float = 30.0) -> AsyncIterator[Daemon]:
+        """Runs the daemon in this event loop for the block: ready on entry, stopped cleanly on exit.
+        A daemon that fails to start raises here, with its own error."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.run(stop), name="daemon")
+        ready = asyncio.create_task(self.ready.wait(), name="daemon-ready")
+        try:
+            await asyncio.wait({task, ready}, timeout=ready_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("the daemon stopped before it was ready")
+            if not self.ready.is_set():
+                raise TimeoutError(f"the daemon was not ready within {ready_timeout_s} s")
+            yield self
+        finally:
+            ready.cancel()
+            stop.set()
+            await asyncio.wait_for(task, timeout=SHUTDOWN_TIMEOUT_S + 5)
 
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener) -> web.AppRunner:
         runner = web.AppRunner(create_health_app(pool, listener.connected.is_set), access_log=None)

@@ -1,8 +1,9 @@
-"""`batchd demo`: a short, scripted tour of the emulator, driven by the official SDK over real HTTP.
+"""`batchd demo`: everything at once on one machine — the emulator, the daemon, and a producer.
 
-It starts the emulator on a free loopback port, then walks a batch through its life (create, poll, results),
-cancels another, shows a bad request coming back `errored`, and finally injects the nastiest fault, a create
-whose response is lost, to show why batchd never trusts the SDK's retries for create.
+It finds PostgreSQL (the configured server, or an embedded one it starts in a data directory it names),
+makes a database of its own there, starts the emulator and the daemon, and plays a producer inserting
+summarize and classify jobs for three tenants — one of them wrong on purpose. It shows the jobs moving
+through their states, a few results, and what it all cost in tokens, then stops what it started.
 """
 
 from __future__ import annotations
@@ -10,106 +11,194 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
-import anthropic
-from aiohttp import web
-from anthropic.types.messages.batch_create_params import Request
+import asyncpg
 
-from .emulator import EMULATOR, EmulatorConfig, FaultPlan, serve
+from . import embedded_pg, migrate
+from .config import Settings
+from .daemon import Daemon
+from .emulator import EmulatorConfig, serve
+from .store import init_connection, sql
 
-MODEL = "claude-haiku-4-5"
-PROMPTS = {
-    "summary-1": "Summarise: the lighthouse keeper logged every ship that passed in the night.",
-    "summary-2": "Summarise: bees communicate the direction of flowers with a waggle dance.",
-    "classify-1": "Classify as praise, complaint or question: 'Why is my invoice late again?'",
-}
+TENANTS = ("acme", "globex", "initech")
+DOCUMENTS = [
+    "The lighthouse keeper logged every ship that passed in the night, and the log outlived him.",
+    "Bees tell each other where the flowers are with a dance whose angle points at the sun.",
+    "The town council voted to turn the old railway line into a cycle path along the river.",
+    "A bakery in the harbour sells bread made with seawater instead of salt.",
+]
+MESSAGES = [
+    "Why is my invoice late again?",
+    "Your support team fixed my problem in five minutes, thank you!",
+    "Can I change the delivery address of an order?",
+]
+CATEGORIES = ["complaint", "praise", "question"]
+SHOWN_EVENTS = ["job.succeeded", "job.failed", "batch.submitted"]
+SHOWN_RESULTS = 6
+Say = Callable[[str], None]
 
 
-def _request(custom_id: str, text: str, model: str = MODEL) -> Request:
-    return {
-        "custom_id": custom_id,
-        "params": {"model": model, "max_tokens": 200, "messages": [{"role": "user", "content": text}]},
-    }
+@asynccontextmanager
+async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterator[str]:
+    """A database of the demo's own on the configured server, or on an embedded one when none answers."""
+    if not await embedded_pg.reachable(server_url):
+        say(f"No PostgreSQL answers at {embedded_pg.redact(server_url)}: starting an embedded one.")
+        server_url = await embedded_pg.ensure_database(server_url)
+    name = f"batchd_demo_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(sql("create_database").format(database=f'"{name}"'))
+    finally:
+        await admin.close()
+    base, _, _ = server_url.rpartition("/")
+    url = f"{base}/{name}"
+    say(f"Demo database: {embedded_pg.redact(url)}")
+    try:
+        yield url
+    finally:
+        if keep:
+            say(f"Kept the demo database: {embedded_pg.redact(url)}")
+        else:
+            admin = await asyncpg.connect(server_url)
+            try:
+                await admin.execute(sql("drop_database").format(database=f'"{name}"'))
+            finally:
+                await admin.close()
 
 
-class Tour:
-    def __init__(
-        self, client: anthropic.AsyncAnthropic, app: web.Application, say: Callable[[str], None]
-    ) -> None:
-        self.client = client
-        self.app = app
-        self.say = say
+def demo_settings(base: Settings, database_url: str, emulator_url: str) -> Settings:
+    values = base.model_dump()
+    values["database"]["url"] = database_url
+    values["anthropic"].update(base_url=emulator_url, requests_per_minute=600)
+    values["batching"].update(max_requests=25, max_wait_s=2.0)
+    values["polling"].update(min_interval_s=0.5, max_interval_s=2.0)
+    values["http"].update(host="127.0.0.1", port=0)
+    return Settings(**values)
 
-    async def run(self) -> None:
-        await self.batch_lifecycle()
-        await self.cancel()
-        await self.lost_response()
-        self.say("\nThe tour is over: every call above went through the official SDK over HTTP.")
 
-    async def batch_lifecycle(self) -> None:
-        batches = self.client.messages.batches
-        self.say("1. Create a batch of four requests (one names a model that does not exist).")
-        requests = [_request(cid, text) for cid, text in PROMPTS.items()]
-        requests.append(_request("bad-model", "Hello?", model="claude-does-not-exist"))
-        batch = await batches.create(requests=requests)
-        self.say(f"   {batch.id}: {batch.processing_status}, counts {batch.request_counts.model_dump()}")
-        self.say("2. Poll until it ends (the emulator takes a couple of seconds here).")
-        started = time.monotonic()
-        while batch.processing_status != "ended":
-            await asyncio.sleep(0.5)
-            batch = await batches.retrieve(batch.id)
-        self.say(f"   ended after {time.monotonic() - started:.1f} s: {batch.request_counts.model_dump()}")
-        self.say(f"3. Stream the results from {batch.results_url}")
-        decoder = await batches.results(batch.id)
+async def produce(connection: asyncpg.Connection, say: Say) -> int:
+    """What a producer does: plain INSERTs. Returns how many jobs it queued."""
+    jobs = 0
+    for wave in range(3):
+        for t, tenant in enumerate(TENANTS):
+            for i, document in enumerate(DOCUMENTS):
+                await connection.execute(
+                    sql("demo_insert_job"),
+                    tenant,
+                    "summarize",
+                    {"document_text": document, "max_length": 25 + 5 * i},
+                    {"user_id": f"{tenant}-user-{wave}{i}"},
+                )
+                jobs += 1
+            for message in MESSAGES[t:] + MESSAGES[:t]:
+                await connection.execute(
+                    sql("demo_insert_job"),
+                    tenant,
+                    "classify",
+                    {"text": message, "categories": CATEGORIES},
+                    None,
+                )
+                jobs += 1
+        say(f"  producer: wave {wave + 1} queued ({jobs} jobs so far)")
+        await asyncio.sleep(1.0)
+    # One mistake on purpose: a classify job without its categories fails at once, with the reason.
+    await connection.execute(
+        sql("demo_insert_job"), "globex", "classify", {"text": "This one forgot its categories."}, None
+    )
+    return jobs + 1
+
+
+async def progress(connection: asyncpg.Connection) -> dict[str, dict[str, int]]:
+    table: dict[str, dict[str, int]] = {}
+    for row in await connection.fetch(sql("status_by_tenant")):
+        table.setdefault(row["tenant_id"], {})[row["status"]] = row["jobs"]
+    return table
+
+
+def progress_line(table: dict[str, dict[str, int]]) -> str:
+    parts = []
+    for tenant in TENANTS:
+        counts = table.get(tenant, {})
+        in_flight = counts.get("queued", 0) + counts.get("submitting", 0) + counts.get("submitted", 0)
+        done, failed = counts.get("succeeded", 0), counts.get("failed", 0)
+        parts.append(f"{tenant}: {in_flight} waiting, {done} done, {failed} failed")
+    return "  " + " | ".join(parts)
+
+
+async def run_demo(base: Settings, say: Say = print, *, keep: bool = False, timeout_s: float = 120.0) -> int:
+    """Returns 0 when every job reached the state it should, 1 otherwise."""
+    started = time.monotonic()
+    async with demo_database(base.database.url, say, keep=keep) as url:
+        connection = await asyncpg.connect(url)
+        await init_connection(connection)
         try:
-            async for line in decoder:
-                result = line.result
-                if result.type == "succeeded":
-                    text = result.message.content[0].text  # type: ignore[union-attr]
-                    usage = result.message.usage
-                    self.say(
-                        f"   {line.custom_id}: {text}  ({usage.input_tokens} in, {usage.output_tokens} out)"
-                    )
-                elif result.type == "errored":
-                    error = result.error.error
-                    self.say(f"   {line.custom_id}: errored, {error.type}: {error.message}")
-                else:
-                    self.say(f"   {line.custom_id}: {result.type}")
+            applied = await migrate.migrate(connection)
+            say(f"Schema installed ({', '.join(f'{m.version:04d}_{m.name}' for m in applied)}).")
+            emulator_config = EmulatorConfig(port=0, processing_time_s=(2.0, 5.0), seed=7)
+            async with serve(emulator_config) as emulator:
+                say(f"Emulator of the Message Batches API: {emulator.url} (batches take 2-5 s here)")
+                # The emulator takes any key; a real one is never needed for the demo.
+                daemon = Daemon(demo_settings(base, url, emulator.url), api_key="demo-key")
+                async with daemon.running():
+                    say(f"Daemon ready (health: {daemon.http_url}/healthz). Producing jobs:")
+                    total = await produce(connection, say)
+                    outcome = await _watch(connection, total, say, timeout_s)
+                stats = emulator.state.stats.summary()
+            await _summarise(connection, stats, say)
         finally:
-            await decoder.close()
-        deleted = await batches.delete(batch.id)
-        self.say(f"4. Delete the provider's copy once the results are safe: {deleted.type}")
-
-    async def cancel(self) -> None:
-        batches = self.client.messages.batches
-        batch = await batches.create(requests=[_request("to-cancel", "This one will be canceled.")])
-        batch = await batches.cancel(batch.id)
-        self.say(
-            f"5. Cancel a fresh batch: {batch.processing_status} at {batch.cancel_initiated_at:%H:%M:%S}"
-        )
-        while batch.processing_status != "ended":
-            await asyncio.sleep(0.2)
-            batch = await batches.retrieve(batch.id)
-        self.say(f"   then ended: {batch.request_counts.model_dump()}")
-
-    async def lost_response(self) -> None:
-        emulator = self.app[EMULATOR]
-        emulator.faults.plan = FaultPlan(lose_create_responses=1)
-        self.say("6. Fault: the next create succeeds on the server, but its response is lost.")
-        batch = await self.client.messages.batches.create(requests=[_request("once-only", "Send me once.")])
-        stats = emulator.stats.summary()
-        made = stats["batches_created"] - 2  # less the batches of steps 1 and 5
-        self.say(f"   The SDK retried and got {batch.id}; the emulator created {made} batches")
-        self.say(f"   for that one call: custom_ids sent twice = {json.dumps(stats['duplicate_custom_ids'])}")
-        self.say(
-            "   (the SDK sends no idempotency key; the batchd daemon reconciles instead of retrying blindly)"
-        )
+            await connection.close()
+    say(f"Demo finished in {time.monotonic() - started:.0f} s.")
+    return outcome
 
 
-async def run_tour(say: Callable[[str], None] = print) -> None:
-    config = EmulatorConfig(port=0, processing_time_s=(1.5, 3.0), cancel_time_s=0.5)
-    async with serve(config) as emulator:
-        say(f"The Message Batches API emulator is listening on {emulator.url}\n")
-        async with anthropic.AsyncAnthropic(api_key="demo-key", base_url=emulator.url) as client:
-            await Tour(client, emulator.app, say).run()
+async def _watch(connection: asyncpg.Connection, total: int, say: Say, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    seen_events = 0
+    shown = 0
+    while time.monotonic() < deadline:
+        table = await progress(connection)
+        line = progress_line(table)
+        if line != last:
+            say(line)
+            last = line
+        for event in await connection.fetch(sql("events_since"), seen_events, SHOWN_EVENTS):
+            seen_events = event["id"]
+            if event["type"] == "job.succeeded":
+                shown += 1
+                if shown > SHOWN_RESULTS:
+                    continue  # a few results say enough; the progress line counts the rest
+            say("  " + _describe(event))
+        finished = sum(counts.get("succeeded", 0) + counts.get("failed", 0) for counts in table.values())
+        if finished >= total:
+            failed = sum(counts.get("failed", 0) for counts in table.values())
+            return 0 if failed == 1 else 1  # exactly the one mistake made on purpose
+        await asyncio.sleep(0.5)
+    say("The demo timed out before every job finished.")
+    return 1
+
+
+def _describe(event: Any) -> str:
+    if event["type"] == "batch.submitted":
+        return "batch submitted to the provider"
+    if event["type"] == "job.failed":
+        return f"{event['tenant_id']}: a {event['job_type']} job failed: {event['error']['message']}"
+    text = event["result"]["content"][0]["text"]
+    return f"{event['tenant_id']}: {event['job_type']} done: {text[:90]}{'…' if len(text) > 90 else ''}"
+
+
+async def _summarise(connection: asyncpg.Connection, stats: dict[str, Any], say: Say) -> None:
+    row = await connection.fetchrow(sql("usage_totals"))
+    assert row is not None  # noqa: S101 - an aggregate always returns a row
+    batches = row["batches"]
+    say("")
+    say(
+        f"{row['succeeded']} jobs succeeded and {row['failed']} failed (on purpose) in {batches} batches;"
+        f" {row['input_tokens']} input and {row['output_tokens']} output tokens, all at the batch price."
+    )
+    twice = json.dumps(stats["duplicate_custom_ids"])
+    say(f"The emulator received {stats['requests_received']} requests; sent twice: {twice}.")

@@ -3,7 +3,7 @@
 The server binaries come from a wheel (`pgserver`, installed by `pip install 'batchd[embedded]'`), so the
 fallback needs nothing but Python and pip. This module uses only the binaries, not pgserver's Python layer,
 because that layer listens on a unix socket only, stops the server when the Python process exits, and as root
-adds a login user and opens every parent directory to everyone. Here the server:
+adds a user with a login shell and makes every parent directory readable by everyone. Here the server:
 
 - listens on 127.0.0.1 only, on a free port (the same one again on the next start when it is still free), so
   the URL is an ordinary `postgresql://postgres@127.0.0.1:PORT/postgres` that asyncpg and the test fixtures'
@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -187,12 +188,20 @@ def _is_postgres(pid: int) -> bool:
     return state not in {"Z", "X"} and command == "postgres"
 
 
-def _accepts(port: int) -> bool:
+def _answers(port: int) -> bool:
+    """Whether a postmaster answers on `port`, as pg_isready would ask, but without logging in.
+
+    A TCP connect alone is not enough: a postmaster just killed with SIGKILL still has its listening socket
+    for a moment, and the kernel completes connections to it. It never answers, though.
+    """
     try:
-        socket.create_connection((HOST, port), timeout=1.0).close()
+        with socket.create_connection((HOST, port), timeout=2.0) as connection:
+            connection.settimeout(2.0)
+            # SSLRequest: a live server replies with one byte, S or N, and logs nothing when we hang up.
+            connection.sendall(struct.pack("!ii", 8, 80877103))
+            return connection.recv(1) in {b"S", b"N"}
     except OSError:
         return False
-    return True
 
 
 def _port_is_free(port: int) -> bool:
@@ -360,8 +369,15 @@ class EmbeddedPostgres:
             pid = running.pid
             # Fast shutdown: disconnect clients, checkpoint, exit. Then immediate, then no more asking.
             for signum, grace in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass  # gone by itself meanwhile
+                except PermissionError:
+                    raise EmbeddedPostgresError(
+                        f"PostgreSQL (pid {pid}) in {self.data_dir} runs as another user: "
+                        "stop it as that user or as root"
+                    ) from None
                 if self._wait_gone(pid, grace):
                     break
                 logger.warning("embedded_pg.stop_escalated", pid=pid, signal=signal.Signals(signum).name)
@@ -376,7 +392,12 @@ class EmbeddedPostgres:
     def _locked(self) -> Iterator[None]:
         # One start or stop at a time per data directory, across processes (make test and batchd demo may
         # race); the lock is on the directory itself, since initdb wants it otherwise empty.
-        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:
+            raise EmbeddedPostgresError(
+                f"{self.data_dir} belongs to another user: run as that user or as root"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -414,7 +435,7 @@ class EmbeddedPostgres:
         """
         deadline = time.monotonic() + self.start_timeout
         while (pid_file := self._live()) is not None:
-            if pid_file.status == "ready" and pid_file.port is not None and _accepts(pid_file.port):
+            if pid_file.status == "ready" and pid_file.port is not None and _answers(pid_file.port):
                 return pid_file
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(

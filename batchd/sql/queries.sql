@@ -299,6 +299,32 @@ SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata, error, usa
        submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
+-- name: create_database
+-- For the demo, which makes a database of its own; {database} is a generated, quoted name.
+CREATE DATABASE {database};
+
+-- name: drop_database
+DROP DATABASE IF EXISTS {database} WITH (FORCE);
+
+-- name: demo_insert_job
+-- What any producer does: a plain INSERT.
+INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata) VALUES ($1, $2, $3, $4);
+
+-- name: events_since
+SELECT e.id, e.type, e.tenant_id, j.job_type, j.result, j.error
+  FROM batchd.events AS e
+  LEFT JOIN batchd.jobs AS j ON j.id = e.job_id
+ WHERE e.id > $1 AND e.type = ANY($2::text[])
+ ORDER BY e.id;
+
+-- name: usage_totals
+SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       coalesce(sum((usage ->> 'input_tokens')::bigint), 0) AS input_tokens,
+       coalesce(sum((usage ->> 'output_tokens')::bigint), 0) AS output_tokens,
+       (SELECT count(*) FROM batchd.batches WHERE status = 'applied') AS batches
+  FROM batchd.jobs;
+
 -- name: queued_by_tenant
 SELECT tenant_id, count(*) AS queued, min(created_at) AS oldest
   FROM batchd.jobs WHERE status IN ('queued', 'submitting', 'submitted')
