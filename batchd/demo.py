@@ -71,13 +71,19 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
 
 
 def demo_settings(base: Settings, database_url: str, emulator_url: str) -> Settings:
-    values = base.model_dump()
-    values["database"]["url"] = database_url
-    values["anthropic"].update(base_url=emulator_url, requests_per_minute=600)
-    values["batching"].update(max_requests=25, max_wait_s=2.0)
-    values["polling"].update(min_interval_s=0.5, max_interval_s=2.0)
-    values["http"].update(host="127.0.0.1", port=0)
-    return Settings(**values)
+    """The configured settings (job types included) with the demo's own database, emulator and pace.
+    Copied, not rebuilt: the environment's overrides must not point the daemon elsewhere."""
+    return base.model_copy(
+        update={
+            "database": base.database.model_copy(update={"url": database_url}),
+            "anthropic": base.anthropic.model_copy(
+                update={"base_url": emulator_url, "requests_per_minute": 600}
+            ),
+            "batching": base.batching.model_copy(update={"max_requests": 25, "max_wait_s": 2.0}),
+            "polling": base.polling.model_copy(update={"min_interval_s": 0.5, "max_interval_s": 2.0}),
+            "http": base.http.model_copy(update={"host": "127.0.0.1", "port": 0}),
+        }
+    )
 
 
 async def produce(connection: asyncpg.Connection, say: Say) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -11,10 +13,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anthropic
+import asyncpg
 import pytest
+from conftest import SERVER_URL
 from support import request
 
 EX_CONFIG = 78
+REPOSITORY_CONFIG = Path(__file__).resolve().parent.parent / "batchd.toml"
 
 
 @asynccontextmanager
@@ -39,9 +44,17 @@ async def running_emulator(*args: str) -> AsyncIterator[str]:
             await process.wait()
 
 
-async def run_batchd(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+async def run_batchd(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "batchd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
@@ -127,10 +140,29 @@ async def test_bad_options_are_refused_by_the_parser() -> None:
 
 
 @pytest.mark.slow
-async def test_the_demo_tours_the_emulator() -> None:
-    code, out, err = await run_batchd("demo", timeout=120)
+async def test_the_emulator_tour() -> None:
+    code, out, err = await run_batchd("demo", "--emulator-only", timeout=120)
     assert code == 0, err
     assert "errored, invalid_request_error" in out
     assert "then ended: {'canceled': 1" in out
     assert 'custom_ids sent twice = {"once-only": 2}' in out
     assert out.rstrip().endswith("every call above went through the official SDK over HTTP.")
+
+
+@pytest.mark.slow
+async def test_the_demo_runs_everything_and_cleans_up() -> None:
+    # The repository's own batchd.toml, for its job types, pointed at the test server.
+    code, out, err = await run_batchd(
+        "demo", "--config", str(REPOSITORY_CONFIG), timeout=180, env={"BATCHD_DATABASE__URL": SERVER_URL}
+    )
+    assert code == 0, out + err
+    assert "63 jobs succeeded and 1 failed (on purpose)" in out
+    assert "input lacks categories, required by job type 'classify'" in out
+    assert "sent twice: {}" in out
+    name = re.search(r"Demo database: \S+/(batchd_demo_\w+)", out)
+    assert name is not None, out
+    connection = await asyncpg.connect(SERVER_URL)
+    try:
+        assert not await connection.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name[1])
+    finally:
+        await connection.close()
