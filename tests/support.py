@@ -109,32 +109,12 @@ def make_settings(database_url: str, emulator_url: str, **sections: dict[str, An
     return Settings(**values)
 
 
-@asynccontextmanager
-async def _daemon(settings: Settings) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings, serve_http=False)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop), name="daemon-under-test")
-    ready = asyncio.create_task(daemon.ready.wait())
-    try:
-        await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # raises what stopped it
-            raise AssertionError("the daemon stopped before it was ready")
-        if not daemon.ready.is_set():
-            raise AssertionError("the daemon was not ready within 20 s")
-        yield daemon
-    finally:
-        ready.cancel()
-        stop.set()
-        await asyncio.wait_for(task, timeout=20)
-
-
 def running_daemon(settings: Settings, stack: AsyncExitStack) -> Any:
     """Starts a daemon whose stop is also registered on `stack` (so a failing test still stops it)."""
 
     @asynccontextmanager
     async def managed() -> AsyncIterator[Daemon]:
-        context = _daemon(settings)
+        context = Daemon(settings, serve_http=False).running()
         daemon = await context.__aenter__()
         closed = False
 
