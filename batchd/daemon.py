@@ -30,7 +30,8 @@ from .supervisor import Supervisor
 
 log = structlog.get_logger("batchd.daemon")
 
-SHUTDOWN_TIMEOUT_S = 8.0
+SHUTDOWN_TIMEOUT_S = 7.0
+POOL_CLOSE_TIMEOUT_S = 1.0
 
 
 class Daemon:
@@ -103,7 +104,10 @@ class Daemon:
             if runner is not None:
                 await runner.cleanup()
             await provider.close()
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                pool.terminate()  # a connection still held by a cancelled step: the database rolls it back
             log.info("daemon.stopped")
 
     @asynccontextmanager

@@ -38,6 +38,7 @@ class Flushed:
     batch_id: UUID | None  # None: the claimed jobs all failed, or none could be claimed
     jobs: int
     failed: int
+    capped: bool = False  # max_in_flight_requests is reached: nothing may be claimed until a batch closes
 
 
 class Flusher:
@@ -82,9 +83,11 @@ class Flusher:
                 await self._set_wakeup(armed=False, wake_seq=self._wake_seq(head))
                 return (due_at - now).total_seconds()
             flushed = await self.flush_one()
+            if flushed.capped:
+                # Woken when one of this daemon's batches closes; the sweep covers other daemons' batches.
+                return None
             if flushed.batch_id is None and flushed.failed == 0:
-                # Nothing could be claimed: another daemon holds the jobs, or the in-flight cap is reached.
-                return 1.0
+                return 1.0  # another daemon holds these jobs right now
         return None
 
     async def _set_wakeup(self, *, armed: bool, wake_seq: int) -> None:
@@ -118,7 +121,7 @@ class Flusher:
             budget = min(batching.max_requests, batching.max_in_flight_requests - in_flight)
             if budget <= 0:
                 log.info("flusher.in_flight_cap", in_flight=in_flight, cap=batching.max_in_flight_requests)
-                return Flushed(None, 0, 0)
+                return Flushed(None, 0, 0, capped=True)
             now = await connection.fetchval(sql("db_now"))
             claimed = await store.claim(
                 connection, budget, now + timedelta(seconds=batching.deadline_slack_s)
