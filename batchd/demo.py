@@ -46,8 +46,14 @@ Say = Callable[[str], None]
 async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterator[str]:
     """A database of the demo's own on the configured server, or on an embedded one when none answers."""
     if not await embedded_pg.reachable(server_url):
-        say(f"No PostgreSQL answers at {embedded_pg.redact(server_url)}: starting an embedded one.")
-        server_url = await embedded_pg.ensure_database(server_url)
+        data_dir = embedded_pg.DEFAULT_DATA_DIR.resolve()
+        nobody = embedded_pg.redact(server_url)
+        say(f"No PostgreSQL answers at {nobody}: starting an embedded one in {data_dir}")
+        server_url = await embedded_pg.ensure_database(server_url, data_dir)
+        say(
+            f"Embedded PostgreSQL: {embedded_pg.redact(server_url)} (it keeps running; stop it with "
+            f"`python -m batchd.embedded_pg stop --data-dir {data_dir}`)"
+        )
     name = f"batchd_demo_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)
     try:

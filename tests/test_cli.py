@@ -45,16 +45,21 @@ async def running_emulator(*args: str) -> AsyncIterator[str]:
 
 
 async def run_batchd(
-    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    module: bool = True,
 ) -> tuple[int, str, str]:
+    """Runs `python -m batchd ARGS` (or `python ARGS` when module is False) and waits for it."""
+    command = ["-m", "batchd", *args] if module else list(args)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "batchd",
-        *args,
+        *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
@@ -166,3 +171,30 @@ async def test_the_demo_runs_everything_and_cleans_up() -> None:
         assert not await connection.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name[1])
     finally:
         await connection.close()
+
+
+@pytest.mark.slow
+async def test_the_demo_starts_an_embedded_postgresql_when_none_answers(tmp_path: Path) -> None:
+    # Nothing listens on port 1: the demo must fall back to the embedded server, in the directory it names.
+    try:
+        code, out, err = await run_batchd(
+            "demo",
+            "--config",
+            str(REPOSITORY_CONFIG),
+            timeout=240,
+            env={"BATCHD_DATABASE__URL": "postgresql://postgres@127.0.0.1:1/postgres"},
+            cwd=tmp_path,
+        )
+        assert code == 0, out + err
+        assert f"starting an embedded one in {tmp_path / '.batchd' / 'pgdata'}" in out
+        assert "63 jobs succeeded and 1 failed (on purpose)" in out
+    finally:
+        stopped, _, stop_err = await run_batchd(
+            "-m",
+            "batchd.embedded_pg",
+            "stop",
+            "--data-dir",
+            str(tmp_path / ".batchd" / "pgdata"),
+            module=False,
+        )
+        assert stopped == 0, stop_err
