@@ -77,6 +77,10 @@ class Listener:
             self.reconnects += 1
 
     async def _serve(self, connection: asyncpg.Connection, stopping: asyncio.Event) -> None:
+        # A connection the server closes (a restart, pg_terminate_backend) is noticed at once; a half-open
+        # one, which closes nothing, by the probe below.
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
         for channel, callback in self.channels.items():
             await connection.add_listener(channel, _ignore_payload(callback))
         await connection.add_listener(PROBE_CHANNEL, lambda *_: self._probe_answered.set())
@@ -85,11 +89,23 @@ class Listener:
         # Anything queued while no one listened is found now.
         self.on_connect()
         while not stopping.is_set():
-            if await wait_for_event(stopping, self.probe_interval_s):
+            await _first_of(stopping, lost, seconds=self.probe_interval_s)
+            if stopping.is_set():
                 return
+            if lost.is_set():
+                raise ConnectionResetError("the server closed the listener's connection")
             self._probe_answered.clear()
             await connection.execute(sql("probe_listener"))
             await asyncio.wait_for(self._probe_answered.wait(), timeout=self.probe_timeout_s)
+
+
+async def _first_of(*events: asyncio.Event, seconds: float) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _ignore_payload(callback: Callable[[], None]) -> Callable[..., None]:
