@@ -226,7 +226,11 @@ def run_enqueue(args: argparse.Namespace) -> int:
             if getattr(args, key) is not None:
                 job[key] = getattr(args, key)
         total, stream = 1, None
-        jobs = iter([enqueue.parse_job(job)])
+        try:
+            jobs = iter([enqueue.parse_job(job)])
+        except enqueue.BadJob as error:
+            print(f"batchd: nothing was enqueued: {error}", file=sys.stderr)
+            return EX_DATAERR
 
     async def go() -> tuple[int, int]:
         connection = await _connect(_settings(args))

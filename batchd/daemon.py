@@ -140,10 +140,12 @@ class Daemon:
 
     async def _shutdown(self, tasks: set[asyncio.Task[None]], supervisor: Supervisor) -> None:
         async def wind_down() -> None:
-            await supervisor.stop()
+            # The flusher and the supervisor's lease loop first: a batch recorded (or a lease taken) after
+            # the leases are handed back would stay leased to this dead instance for lease_s.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await supervisor.stop()
 
         with suppress(TimeoutError):
             await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)

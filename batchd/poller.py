@@ -12,7 +12,7 @@ import anthropic
 import structlog
 
 from .context import Context
-from .store import Batch, as_json, sql
+from .store import Batch, sql
 
 log = structlog.get_logger("batchd.poller")
 
@@ -43,12 +43,13 @@ async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
             remote = await ctx.provider.retrieve(batch.provider_batch_id)
         except anthropic.NotFoundError:
             bound.error("batch.vanished")
-            await ctx.pool.execute(sql("batch_ended"), batch.id, as_json({"vanished": True}), None)
+            # A dict, not JSON text: the pool's jsonb codec encodes it (text would become a JSON string).
+            await ctx.pool.execute(sql("batch_ended"), batch.id, {"vanished": True}, None)
             return True
         except (anthropic.APIStatusError, anthropic.APIConnectionError) as error:
             bound.warning("batch.poll_failed", error=str(error))
         else:
-            counts = as_json(remote.request_counts.model_dump())
+            counts = remote.request_counts.model_dump()
             if remote.processing_status == "ended":
                 await ctx.pool.execute(sql("batch_ended"), batch.id, counts, remote.ended_at)
                 bound.info("batch.ended", request_counts=remote.request_counts.model_dump())

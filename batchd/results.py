@@ -1,8 +1,10 @@
 """Results: a batch's results file, streamed, applied to its jobs in bulk, once.
 
 Lines are read as they arrive (the file is never held whole) and applied a chunk at a time: COPY into a
-temporary table, then one UPDATE for the chunk. Only jobs still `submitted` in this batch change, so a
-chunk applied again after a crash changes nothing. Jobs with no line in the file are retried.
+temporary table, then one UPDATE for the chunk. While the database applies one chunk, the next is read and
+parsed (one chunk in the database at a time, in order, so memory stays at two chunks). Only jobs still
+`submitted` in this batch change, so a chunk applied again after a crash changes nothing. Jobs with no line
+in the file are retried.
 
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
@@ -11,6 +13,8 @@ chunk applied again after a crash changes nothing. Jobs with no line in the file
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 from uuid import UUID
@@ -24,6 +28,9 @@ from .templates import job_id_from
 log = structlog.get_logger("batchd.results")
 
 RESULT_COLUMNS = ["job_id", "outcome", "result", "error", "usage"]
+# json.dumps(value, separators=(",", ":")), without building an encoder for each of the two calls per result
+# line, nor looking for cycles in values fresh from json.loads (which has none): the same text, sooner.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 Row = tuple[UUID, str, str | None, str | None, str | None]
 
 
@@ -52,7 +59,7 @@ def classify(line: dict[str, Any], tag: str) -> Row | None:
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else _ENCODE(value)
 
 
 async def apply_results(ctx: Context, batch: Batch) -> None:
@@ -62,21 +69,37 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
     applied = foreign = 0
     vanished = await ctx.pool.fetchval(sql("batch_vanished"), batch.id)
     if not vanished:
-        async with ctx.provider.results(batch.provider_batch_id) as lines:
-            chunk: list[Row] = []
-            async for line in lines:
-                row = classify(line, batch.tag)
-                if row is None:
-                    foreign += 1
-                    continue
-                chunk.append(row)
-                if len(chunk) >= chunk_size:
+        # The chunk being applied while the next is read: reading and parsing (here) and applying (in the
+        # database) overlap instead of taking turns.
+        applying: asyncio.Task[None] | None = None
+        try:
+            async with ctx.provider.results(batch.provider_batch_id) as lines:
+                chunk: list[Row] = []
+                async for line in lines:
+                    row = classify(line, batch.tag)
+                    if row is None:
+                        foreign += 1
+                        continue
+                    chunk.append(row)
+                    if len(chunk) >= chunk_size:
+                        if applying is not None:
+                            await applying  # one chunk in the database at a time, in order
+                        applying = asyncio.create_task(_apply_chunk(ctx, batch, chunk))
+                        applied += len(chunk)
+                        chunk = []
+                if applying is not None:
+                    await applying
+                    applying = None
+                if chunk:
                     await _apply_chunk(ctx, batch, chunk)
                     applied += len(chunk)
-                    chunk = []
-            if chunk:
-                await _apply_chunk(ctx, batch, chunk)
-                applied += len(chunk)
+        finally:
+            if applying is not None:
+                # Stopped or failed while a chunk was in the database: its transaction rolls back, and the
+                # chunk is applied again next time (applying twice changes nothing).
+                applying.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await applying
     if applied == 0 and foreign > 0:
         raise NotOurBatch(f"{batch.provider_batch_id} holds {foreign} requests, none of batch {batch.tag}")
     missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]

@@ -165,10 +165,21 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
         bound.info("batch.reconciled_not_made")
         return
     if len(candidates) > 1:
-        wait = ctx.settings.daemon.reconcile_grace_s or 1.0
-        await ctx.pool.execute(sql("retry_later"), batch.id, wait, "reconciling: several candidates")
-        bound.warning("batch.reconcile_ambiguous", candidates=[c.id for c in candidates])
-        return
+        # Several batches of this size were made around the attempt (a crash or a timeout with more than one
+        # create in flight, batches of the same size): waiting would never rule any out. Adopt the one made
+        # nearest after the attempt; if it proves not ours, its results say so, it is disowned and rejected,
+        # and the next is tried. (Two batches choosing the same one: the unique provider_batch_id refuses
+        # the second, whose next step sees it taken.)
+        attempted = batch.create_attempted_at
+        candidates.sort(
+            key=lambda c: (
+                _utc(c.created_at) < attempted,
+                abs((_utc(c.created_at) - attempted).total_seconds()),
+            )
+        )
+        bound.warning(
+            "batch.reconcile_ambiguous", candidates=[c.id for c in candidates], chosen=candidates[0].id
+        )
     await record_submitted(ctx, batch, candidates[0], adopted=True)
     bound.info("batch.adopted", provider_batch_id=candidates[0].id)
 

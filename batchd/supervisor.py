@@ -104,6 +104,8 @@ class Supervisor:
         if batch.status == "pending":
             if batch.create_attempted_at is None:
                 await submit(ctx, batch, self._bodies.pop(batch_id, None))
+                # A 413 may have split off a new pending batch: take it now, not at the next lease renewal.
+                self.wake()
             else:
                 await reconcile(ctx, batch)
         elif batch.status == "in_progress":
