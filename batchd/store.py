@@ -112,7 +112,3 @@ async def claim(connection: Connection, limit: int, urgent_before: datetime) -> 
 async def get_batch(db: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> Batch | None:
     row = await db.fetchrow(sql("get_batch"), batch_id)
     return None if row is None else Batch.from_record(row)
-
-
-def as_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))

@@ -8,9 +8,11 @@ recorded, the database says "maybe created". So:
   the same jobs and custom_ids (a 413 splits the batch in two first; a 400 that names a request fails it);
 - no answer (connection lost, timeout, a crash, or a 5xx, which a gateway may send after the work was
   done): the batch is *reconciled* before anything is sent again. batchd lists the provider's batches made
-  around the attempt. One whose size matches is adopted (and proven ours when its results name our batch
-  tag); when none does, the provider never made the batch and it is safe to send again. A batch that is
-  not ours is never adopted for good, canceled or deleted.
+  around the attempt, of the batch's size and not already ours. None: the provider never made the batch,
+  and it is safe to send again. Otherwise a candidate is adopted only once it has ended and its results
+  name our batch tag (until then the batch waits: its results would not come sooner); when every
+  candidate has ended and none is ours, it was never made. A batch that is not ours is never adopted,
+  canceled or deleted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from anthropic.types.messages import MessageBatch
 from .context import Context
 from .provider import retry_after
 from .store import Batch, sql
-from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, new_tag
+from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, job_id_from, new_tag
 
 log = structlog.get_logger("batchd.submitter")
 
@@ -164,24 +166,34 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
         await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, "reconciled: the provider made no batch")
         bound.info("batch.reconciled_not_made")
         return
-    if len(candidates) > 1:
-        # Several batches of this size were made around the attempt (a crash or a timeout with more than one
-        # create in flight, batches of the same size): waiting would never rule any out. Adopt the one made
-        # nearest after the attempt; if it proves not ours, its results say so, it is disowned and rejected,
-        # and the next is tried. (Two batches choosing the same one: the unique provider_batch_id refuses
-        # the second, whose next step sees it taken.)
-        attempted = batch.create_attempted_at
-        candidates.sort(
-            key=lambda c: (
-                _utc(c.created_at) < attempted,
-                abs((_utc(c.created_at) - attempted).total_seconds()),
-            )
-        )
-        bound.warning(
-            "batch.reconcile_ambiguous", candidates=[c.id for c in candidates], chosen=candidates[0].id
-        )
-    await record_submitted(ctx, batch, candidates[0], adopted=True)
-    bound.info("batch.adopted", provider_batch_id=candidates[0].id)
+    # Only a batch's results prove whose it is, and they come when it ends. Adopting a candidate before then
+    # would gain nothing (the jobs' results come no sooner) and, with several creates unanswered at once (a
+    # crash, a stop mid-create), could take another batch's: which, left without a candidate, would conclude
+    # "never made" and send its jobs twice.
+    ours = await _ours_among(ctx, batch, candidates)
+    if ours is not None:
+        await record_submitted(ctx, batch, ours, adopted=True)
+        bound.info("batch.adopted", provider_batch_id=ours.id)
+        return
+    if all(c.processing_status == "ended" for c in candidates):
+        await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, "reconciled: no batch made was ours")
+        bound.info("batch.reconciled_not_made", not_ours=[c.id for c in candidates])
+        return
+    wait = max(ctx.settings.polling.min_interval_s, ctx.settings.daemon.reconcile_grace_s, 1.0)
+    await ctx.pool.execute(sql("retry_later"), batch.id, wait, "reconciling: waiting for candidates to end")
+    bound.info("batch.reconcile_waiting", candidates=[c.id for c in candidates], retry_in_s=wait)
+
+
+async def _ours_among(ctx: Context, batch: Batch, candidates: list[MessageBatch]) -> MessageBatch | None:
+    """The ended candidate whose results name this batch's tag; None while none can say so."""
+    for candidate in candidates:
+        if candidate.processing_status != "ended":
+            continue
+        async with ctx.provider.results(candidate.id) as lines:
+            first = await anext(lines, None)
+        if first is not None and job_id_from(str(first.get("custom_id", "")), batch.tag) is not None:
+            return candidate
+    return None
 
 
 async def _candidates(ctx: Context, batch: Batch, earliest: datetime, latest: datetime) -> list[MessageBatch]:

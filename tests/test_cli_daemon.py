@@ -1,0 +1,364 @@
+"""`batchd migrate | run | enqueue | status | cancel` as an operator runs them: real processes, real exit
+statuses (78 a configuration error, 65 bad input data, 1 a refusal), against a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from support import insert_raw, raw_request
+
+from batchd.store import init_connection
+
+EX_CONFIG = 78
+EX_DATAERR = 65
+
+
+def write_config(path: Path, database_url: str, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[database]
+url = "{database_url}"
+
+[anthropic]
+base_url = "http://127.0.0.1:1"
+
+[http]
+host = "127.0.0.1"
+port = 0
+
+[job_types.summarize]
+model = "claude-haiku-4-5"
+max_tokens = 256
+fields = ["document_text"]
+prompt = "Summarise: {{document_text}}"
+{extra}
+"""
+    )
+    return path
+
+
+async def run_batchd(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """`python -m batchd ARGS` in `cwd` (no stray ./batchd.toml), with no BATCHD_* nor API key from the
+    test's own environment unless `env` gives them; killed if it outlives `timeout`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
+    clean.pop("CREDENTIALS_DIRECTORY", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchd",
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout=timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def config(tmp_path: Path, database_url: str) -> Path:
+    """A config file for the module's (migrated) database."""
+    return write_config(tmp_path / "batchd.toml", database_url)
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    connection = await asyncpg.connect(url)
+    await init_connection(connection)
+    return connection
+
+
+# -- migrate -------------------------------------------------------------------------------------------------
+
+
+async def schema_state(url: str) -> tuple[int, int]:
+    """(rows in batchd.migrations, batchd's tables)."""
+    connection = await connect(url)
+    try:
+        migrations = await connection.fetchval("SELECT count(*) FROM batchd.migrations")
+        tables = await connection.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'batchd' AND tablename <> 'migrations'"
+        )
+    finally:
+        await connection.close()
+    return migrations, tables
+
+
+async def test_migrate_installs_the_schema_then_says_it_is_up_to_date(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "batchd.toml", blank_database_url)
+    code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert out.strip() == "applied 0001_initial"
+    code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert out.strip() == "the database is up to date"
+    assert await schema_state(blank_database_url) == (1, 4)  # batches, jobs, events, wakeup
+
+
+async def test_two_migrates_at_once_on_a_blank_database_both_succeed_and_apply_once(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "batchd.toml", blank_database_url)
+    results = await asyncio.gather(
+        run_batchd("migrate", "--config", str(config), cwd=tmp_path),
+        run_batchd("migrate", "--config", str(config), cwd=tmp_path),
+    )
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    assert sorted(out.strip() for _, out, _ in results) == [
+        "applied 0001_initial",
+        "the database is up to date",
+    ]
+    assert await schema_state(blank_database_url) == (1, 4)
+
+
+# -- run: refusing to start ----------------------------------------------------------------------------------
+
+
+async def test_run_refuses_bad_configuration_with_exit_78_naming_the_key(
+    tmp_path: Path, database_url: str
+) -> None:
+    cases: list[tuple[str, dict[str, str], str]] = [
+        ("[batching]\nmax_requests = 0\n", {}, "batching.max_requests"),
+        ("[daemon]\nleese_s = 5\n", {}, "daemon.leese_s"),
+        ("", {"BATCHD_BATCHING__MAX_WAIT_S": "-1"}, "batching.max_wait_s"),
+    ]
+    runs = []
+    for i, (extra, env, _) in enumerate(cases):
+        path = tmp_path / f"bad{i}.toml"
+        write_config(path, database_url, extra)
+        runs.append(
+            run_batchd("run", "--config", str(path), cwd=tmp_path, env={"ANTHROPIC_API_KEY": "k", **env})
+        )
+    for (code, out, err), (_, _, message) in zip(await asyncio.gather(*runs), cases, strict=True):
+        assert code == EX_CONFIG, (message, out, err)
+        assert "configuration error" in err
+        assert message in err, (message, err)
+
+
+async def test_run_without_an_api_key_exits_78(config: Path, tmp_path: Path) -> None:
+    code, _, err = await run_batchd("run", "--config", str(config), cwd=tmp_path)
+    assert code == EX_CONFIG
+    assert "no API key" in err
+    assert "ANTHROPIC_API_KEY" in err
+
+
+async def test_run_against_a_database_without_the_schema_exits_78_saying_to_migrate(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "batchd.toml", blank_database_url)
+    code, _, err = await run_batchd(
+        "run", "--config", str(config), cwd=tmp_path, env={"ANTHROPIC_API_KEY": "k"}
+    )
+    assert code == EX_CONFIG, err
+    assert "run `batchd migrate`" in err
+
+
+# -- enqueue -------------------------------------------------------------------------------------------------
+
+
+async def test_enqueue_one_raw_request_and_one_job_type_job(db: Any, config: Path, tmp_path: Path) -> None:
+    request = raw_request("What is a batch?")
+    raw_run = run_batchd(
+        "enqueue",
+        "--config",
+        str(config),
+        "--tenant",
+        "acme",
+        "--request",
+        json.dumps(request),
+        "--metadata",
+        '{"ticket": 7}',
+        "--deadline",
+        "2030-01-01T12:00:00Z",
+        cwd=tmp_path,
+    )
+    typed_args = ["enqueue", "--config", str(config), "--tenant", "globex", "--job-type", "summarize"]
+    typed_args += ["--input", '{"document_text": "a long report"}', "--idempotency-key", "report-1"]
+    (code, out, err), (typed_code, typed_out, typed_err) = await asyncio.gather(
+        raw_run, run_batchd(*typed_args, cwd=tmp_path)
+    )
+    assert (code, out.strip()) == (0, "enqueued 1 job(s)"), err
+    assert (typed_code, typed_out.strip()) == (0, "enqueued 1 job(s)"), typed_err
+
+    rows = {row["tenant_id"]: row for row in await db.fetch("SELECT * FROM batchd.jobs")}
+    assert set(rows) == {"acme", "globex"}
+    assert rows["acme"]["request"] == request
+    assert rows["acme"]["metadata"] == {"ticket": 7}
+    assert rows["acme"]["deadline"].isoformat() == "2030-01-01T12:00:00+00:00"
+    assert rows["acme"]["status"] == "queued"
+    assert rows["globex"]["job_type"] == "summarize"
+    assert rows["globex"]["input"] == {"document_text": "a long report"}
+    assert rows["globex"]["idempotency_key"] == "report-1"
+
+    # The same idempotency key again: skipped, not queued twice.
+    code, out, err = await run_batchd(*typed_args, cwd=tmp_path)
+    assert code == 0, err
+    assert out.strip() == "enqueued 0 job(s), skipped 1 already queued (same idempotency key)"
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 2
+
+
+async def test_enqueue_refuses_bad_options(db: Any, config: Path, tmp_path: Path) -> None:
+    base = ["enqueue", "--config", str(config), "--tenant", "acme"]
+    results = await asyncio.gather(
+        run_batchd(*base, cwd=tmp_path),  # neither a request nor a job type
+        run_batchd(*base, "--request", "{}", "--deadline", "2030-01-01T12:00:00", cwd=tmp_path),
+    )
+    messages = ["either `request`", "time zone"]
+    for (code, _, err), message in zip(results, messages, strict=True):
+        assert code == EX_DATAERR, err
+        assert message in err, err
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 0
+
+
+def jsonl(jobs: list[Any]) -> str:
+    return "".join((job if isinstance(job, str) else json.dumps(job)) + "\n" for job in jobs)
+
+
+@pytest.mark.slow
+async def test_enqueue_a_file_is_all_or_nothing_and_names_the_bad_line(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    good = [{"request": raw_request(f"question {i}"), "idempotency_key": f"q{i}"} for i in range(1500)]
+    # Past the first 1,000-job chunk, which was already inserted when the bad line is read.
+    cases = {
+        "missing.jsonl": ([*good, {"tenant_id": "acme"}], "line 1501: a job has either `request`"),
+        "broken.jsonl": ([*good[:3], "{oops", *good[3:5]], "line 4: not JSON"),
+    }
+    for name, (jobs, _) in cases.items():
+        (tmp_path / name).write_text(jsonl(jobs))
+    results = await asyncio.gather(
+        *(
+            run_batchd("enqueue", "--config", str(config), "--tenant", "acme", "--file", name, cwd=tmp_path)
+            for name in cases
+        )
+    )
+    for (code, out, err), (name, (_, message)) in zip(results, cases.items(), strict=True):
+        assert code == EX_DATAERR, (name, out, err)
+        assert "nothing was enqueued" in err, (name, err)
+        assert message in err, (name, err)
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 0
+
+    # The file fixed: every line goes in (blank lines skipped, a line's own tenant wins over --tenant).
+    lines = [jsonl(good), "\n", jsonl([{"tenant_id": "globex", "job_type": "summarize", "input": {"x": 1}}])]
+    (tmp_path / "good.jsonl").write_text("".join(lines))
+    args = ["enqueue", "--config", str(config), "--tenant", "acme", "--file", "good.jsonl"]
+    code, out, err = await run_batchd(*args, cwd=tmp_path)
+    assert code == 0, err
+    assert out.strip() == "enqueued 1501 job(s)"
+    counts = dict(await db.fetch("SELECT tenant_id, count(*) FROM batchd.jobs GROUP BY tenant_id"))
+    assert counts == {"acme": 1500, "globex": 1}
+    # Run again, as a retried import would be: the keyed lines are skipped, the unkeyed one goes in again.
+    code, out, err = await run_batchd(*args, cwd=tmp_path)
+    assert code == 0, err
+    assert out.strip() == "enqueued 1 job(s), skipped 1500 already queued (same idempotency key)"
+    # From standard input, too.
+    code, out, err = await run_batchd(
+        "enqueue", "--config", str(config), "--tenant", "initech", "--file", "-", cwd=tmp_path,
+        stdin=jsonl(good[:3]).encode(),
+    )  # fmt: skip
+    assert (code, out.strip()) == (0, "enqueued 3 job(s)"), err
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE tenant_id = 'initech'") == 3
+
+
+# -- status --------------------------------------------------------------------------------------------------
+
+
+async def test_status_shows_tenants_and_open_batches_as_text_and_json(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    await insert_raw(db, "acme", ["a", "b", "c"])
+    globex = await insert_raw(db, "globex", ["d", "e"])
+    await db.execute("UPDATE batchd.jobs SET status = 'failed' WHERE id = $1", globex[0])
+    batch = await db.fetchval(
+        "INSERT INTO batchd.batches (tag, request_count, bytes, provider_batch_id, status, request_counts,"
+        " last_error) VALUES ('abcdefghijkl', 2, 300, 'msgbatch_x', 'in_progress', $1, 'poll failed: 500')"
+        " RETURNING id",
+        {"processing": 2, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+    )
+    await db.execute(
+        "INSERT INTO batchd.batches (tag, request_count, bytes, status)"
+        " VALUES ('zzzzzzzzzzzz', 1, 1, 'applied')"
+    )
+    (code, out, err), (json_code, json_out, json_err) = await asyncio.gather(
+        run_batchd("status", "--config", str(config), cwd=tmp_path),
+        run_batchd("status", "--config", str(config), "--json", cwd=tmp_path),
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    acme = next(line for line in lines if line.strip().startswith("acme"))
+    assert acme.split()[1:] == ["3", "0", "0", "0", "0", "0"]
+    globex_line = next(line for line in lines if line.strip().startswith("globex"))
+    assert globex_line.split()[1:] == ["1", "0", "0", "0", "1", "0"]
+    assert "Open batches:" in out
+    assert str(batch) in out
+    assert "msgbatch_x" in out
+    assert "last error: poll failed: 500" in out
+    assert "zzzzzzzzzzzz" not in out
+
+    assert json_code == 0, json_err
+    report = json.loads(json_out)
+    assert report["tenants"] == {"acme": {"queued": 3}, "globex": {"queued": 1, "failed": 1}}
+    assert [b["id"] for b in report["open_batches"]] == [str(batch)]
+    assert report["open_batches"][0]["status"] == "in_progress"
+    assert report["open_batches"][0]["request_counts"]["processing"] == 2
+
+
+async def test_status_of_an_empty_database(db: Any, config: Path, tmp_path: Path) -> None:
+    code, out, err = await run_batchd("status", "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    assert "(no jobs)" in out
+    assert "(none)" in out
+
+
+# -- cancel --------------------------------------------------------------------------------------------------
+
+
+async def test_cancel_a_queued_job_and_refuse_the_rest(db: Any, config: Path, tmp_path: Path) -> None:
+    queued, done = await insert_raw(db, "acme", ["cancel me", "already done"])
+    await db.execute("UPDATE batchd.jobs SET status = 'succeeded' WHERE id = $1", done)
+    unknown = uuid.uuid4()
+    base = ["cancel", "--config", str(config)]
+    results = await asyncio.gather(
+        run_batchd(*base, str(queued), cwd=tmp_path),
+        run_batchd(*base, str(unknown), cwd=tmp_path),
+        run_batchd(*base, str(done), cwd=tmp_path),
+        run_batchd(*base, "job-42", cwd=tmp_path),
+    )
+    (code, out, err), (unknown_code, _, unknown_err), (done_code, _, done_err), (bad_code, _, bad_err) = (
+        results
+    )
+    assert (code, out.strip()) == (0, f"canceled {queued}"), err
+    assert unknown_code == 1
+    assert f"no job {unknown}" in unknown_err
+    assert done_code == 1
+    assert f"job {done} is succeeded; only a queued job can be canceled" in done_err
+    assert bad_code == EX_DATAERR
+    assert "'job-42' is not a job id" in bad_err
+
+    statuses = dict(await db.fetch("SELECT id, status FROM batchd.jobs"))
+    assert statuses == {queued: "canceled", done: "succeeded"}
+    events = await db.fetch("SELECT type, job_id FROM batchd.events")
+    assert [(row["type"], row["job_id"]) for row in events] == [("job.canceled", queued)]
+    # Canceled once; a second cancel is refused: the job is no longer queued.
+    code, _, err = await run_batchd(*base, str(queued), cwd=tmp_path)
+    assert code == 1
+    assert "is canceled; only a queued job can be canceled" in err
