@@ -39,11 +39,14 @@ _REQUEST_INDEX = re.compile(r"requests\.(\d+)")
 
 async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
     bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
-    rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
-    if not rows:
-        await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send")
-        return
-    if body is None or len(rows) != batch.request_count:
+    rows: list[asyncpg.Record] | None = None
+    # The body the flusher built is sent as is while the batch still holds exactly its jobs; otherwise (a
+    # restart, a split) it is rebuilt from the params stored with each job, exactly as first claimed.
+    if body is None or await ctx.pool.fetchval(sql("submitting_count"), batch.id) != batch.request_count:
+        rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
+        if not rows:
+            await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send")
+            return
         body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
     grace = ctx.settings.daemon.reconcile_grace_s
     started = await ctx.pool.fetchval(sql("begin_create"), batch.id, ctx.instance_id, grace)
@@ -52,6 +55,8 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
     try:
         created = await ctx.provider.create_batch(body)
     except anthropic.APIStatusError as error:
+        if rows is None:
+            rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
         await _refused(ctx, batch, rows, error)
         return
     except (anthropic.APIConnectionError, anthropic.APITimeoutError) as error:
@@ -81,8 +86,11 @@ async def _refused(
     bound = log.bind(batch_id=str(batch.id), status=error.status_code)
     message = f"{error.status_code}: {_message(error)}"
     if error.status_code >= 500:
-        # A gateway may answer 5xx after the work was done: treat it as unanswered, and reconcile.
-        bound.warning("batch.create_failed_maybe_made", error=message)
+        # A gateway may answer 5xx after the work was done: treat it as unanswered, and reconcile, no sooner
+        # than the provider asked (529 overloaded carries a retry-after).
+        wait = max(ctx.settings.daemon.reconcile_grace_s, retry_after(error) or 0.0)
+        await ctx.pool.execute(sql("retry_later"), batch.id, wait, message)
+        bound.warning("batch.create_failed_maybe_made", error=message, retry_in_s=wait)
         return
     if error.status_code == 413:
         await _split(ctx, batch, rows, message)
