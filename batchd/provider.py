@@ -7,7 +7,6 @@ decide what to retry and when.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -74,11 +73,11 @@ class Provider:
         return result
 
     @asynccontextmanager
-    async def results(self, provider_batch_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """The results file as parsed lines, streamed; the response is closed however the reading ends.
+    async def results(self, provider_batch_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The results file's lines, raw, streamed; the response is closed however the reading ends.
 
         Two API calls (the SDK retrieves the batch for its results_url first), so two tokens. Lines are
-        parsed here rather than built into SDK models: the message goes to the database as JSON anyway.
+        not built into SDK models: the message goes to the database as JSON anyway (see results.py).
         """
         await self.limiter.acquire()
         await self.limiter.acquire()
@@ -91,20 +90,22 @@ class Provider:
             raise
 
 
-async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """JSON Lines from the body's bytes, split as the SDK's own JSONL decoder splits them: on \\n, \\r\\n
-    or \\r; blank lines skipped. (httpx's iter_lines decodes to text and splits in Python first: at 100,000
-    results of about 1 KB, that took a second of CPU.)"""
+    or \\r; blank lines skipped; line ends removed. (httpx's iter_lines decodes to text and splits in Python
+    first: at 100,000 results of about 1 KB, that took most of a second of CPU.)"""
     pending = b""
     async for chunk in chunks:
         for piece in chunk.splitlines(keepends=True):
             pending += piece
             if pending.endswith((b"\n", b"\r")):
-                if pending.strip(b"\r\n"):
-                    yield json.loads(pending)
+                line = pending.strip(b"\r\n")
+                if line:
+                    yield line
                 pending = b""
-    if pending.strip(b"\r\n"):
-        yield json.loads(pending)
+    line = pending.strip(b"\r\n")
+    if line:
+        yield line
 
 
 def retry_after(error: anthropic.APIStatusError) -> float | None:

@@ -19,6 +19,7 @@ import json
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import structlog
 
 from .context import Context
@@ -27,35 +28,68 @@ from .templates import job_id_from
 
 log = structlog.get_logger("batchd.results")
 
-RESULT_COLUMNS = ["job_id", "outcome", "result", "error", "usage"]
+RESULT_COLUMNS = ["job_id", "outcome", "result", "error"]
 # json.dumps(value, separators=(",", ":")), without building an encoder for each of the two calls per result
 # line, nor looking for cycles in values fresh from json.loads (which has none): the same text, sooner.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-Row = tuple[UUID, str, str | None, str | None, str | None]
+Row = tuple[UUID, str, str | None, str | None]
 
 
 class NotOurBatch(Exception):  # noqa: N818 - a verdict, not a malfunction
     """An adopted batch's results name none of this batch's jobs: it belongs to someone else."""
 
 
-def classify(line: dict[str, Any], tag: str) -> Row | None:
-    """One results line as a row to apply, or None when it is not one of this batch's requests."""
+# A succeeded line as the provider writes it: {"custom_id":"…","result":{"type":"succeeded","message":{…}}}
+_HEAD = b'{"custom_id":"'
+_SUCCEEDED = b'","result":{"type":"succeeded","message":'
+
+
+def classify(raw: bytes, tag: str) -> Row | None:
+    """One results line as a row to apply, or None when it is not one of this batch's requests.
+
+    Most lines are successes in the provider's compact form: their message is cut out of the line as
+    text, not parsed and written again, and the database checks it when it casts it to jsonb (a line that
+    only looked like the form fails that cast, and its chunk is then parsed line by line: `reparse`).
+    """
+    compact, row = _succeeded_as_text(raw, tag)
+    return row if compact else classify_parsed(json.loads(raw), tag)
+
+
+def _succeeded_as_text(raw: bytes, tag: str) -> tuple[bool, Row | None]:
+    """(True, its row — None when not ours) for a line in the compact succeeded form; (False, None) else."""
+    if not raw.startswith(_HEAD):
+        return False, None
+    end = raw.find(b'"', len(_HEAD))
+    if end < 0 or not raw.startswith(_SUCCEEDED, end) or not raw.endswith(b"}}"):
+        return False, None
+    job_id = job_id_from(raw[len(_HEAD) : end].decode(), tag)
+    if job_id is None:
+        return True, None
+    return True, (job_id, "succeeded", raw[end + len(_SUCCEEDED) : -2].decode(), None)
+
+
+def reparse(lines: list[bytes], tag: str) -> list[Row]:
+    """The slow, sure way: every line parsed as JSON."""
+    rows = (classify_parsed(json.loads(raw), tag) for raw in lines)
+    return [row for row in rows if row is not None]
+
+
+def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:
     job_id = job_id_from(str(line.get("custom_id", "")), tag)
     if job_id is None:
         return None
     result = line.get("result") or {}
     kind = result.get("type")
     if kind == "succeeded":
-        message = result.get("message") or {}
-        return (job_id, "succeeded", _text(message), None, _text(message.get("usage")))
+        return (job_id, "succeeded", _text(result.get("message") or {}), None)
     if kind == "errored":
         inner = (result.get("error") or {}).get("error") or {}
         error = {"type": inner.get("type", "api_error"), "message": inner.get("message", "")}
         outcome = "failed" if error["type"] == "invalid_request_error" else "retry"
-        return (job_id, outcome, None, _text(error), None)
+        return (job_id, outcome, None, _text(error))
     # expired, canceled, and any type this code does not know: the request was not done; do it again.
     reason = {"type": str(kind), "message": f"the provider reported the request {kind}"}
-    return (job_id, "retry", None, _text(reason), None)
+    return (job_id, "retry", None, _text(reason))
 
 
 def _text(value: Any) -> str | None:
@@ -75,23 +109,25 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
         try:
             async with ctx.provider.results(batch.provider_batch_id) as lines:
                 chunk: list[Row] = []
+                raw: list[bytes] = []
                 async for line in lines:
                     row = classify(line, batch.tag)
                     if row is None:
                         foreign += 1
                         continue
                     chunk.append(row)
+                    raw.append(line)
                     if len(chunk) >= chunk_size:
                         if applying is not None:
                             await applying  # one chunk in the database at a time, in order
-                        applying = asyncio.create_task(_apply_chunk(ctx, batch, chunk))
+                        applying = asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw))
                         applied += len(chunk)
-                        chunk = []
+                        chunk, raw = [], []
                 if applying is not None:
                     await applying
                     applying = None
                 if chunk:
-                    await _apply_chunk(ctx, batch, chunk)
+                    await _apply_chunk(ctx, batch, chunk, raw)
                     applied += len(chunk)
         finally:
             if applying is not None:
@@ -105,7 +141,7 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
     missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]
     if missing:
         reason = _text({"type": "missing", "message": "the batch's results had no line for this request"})
-        await _apply_chunk(ctx, batch, [(job_id, "retry", None, reason, None) for job_id in missing])
+        await _apply_chunk(ctx, batch, [(job_id, "retry", None, reason) for job_id in missing])
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("finish_batch"), batch.id)
         await connection.execute(sql("notify_events"))
@@ -115,7 +151,19 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
         await ctx.pool.execute(sql("provider_copy_deleted"), batch.id)
 
 
-async def _apply_chunk(ctx: Context, batch: Batch, rows: list[Row]) -> None:
+async def _apply_chunk(ctx: Context, batch: Batch, rows: list[Row], raw: list[bytes] | None = None) -> None:
+    try:
+        await _apply_rows(ctx, batch, rows)
+    except asyncpg.DataError:
+        if raw is None:
+            raise
+        # A line cut out as a message was not one (the provider wrote something this code did not expect):
+        # parse the chunk properly and apply that.
+        log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
+        await _apply_rows(ctx, batch, reparse(raw, batch.tag))
+
+
+async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> None:
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
         await connection.copy_records_to_table("batchd_results", records=rows, columns=RESULT_COLUMNS)

@@ -17,6 +17,7 @@ recorded, the database says "maybe created". So:
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -199,7 +200,10 @@ async def _ours_among(ctx: Context, batch: Batch, candidates: list[MessageBatch]
             continue
         async with ctx.provider.results(candidate.id) as lines:
             first = await anext(lines, None)
-        if first is not None and job_id_from(str(first.get("custom_id", "")), batch.tag) is not None:
+        if (
+            first is not None
+            and job_id_from(str(json.loads(first).get("custom_id", "")), batch.tag) is not None
+        ):
             return candidate
     return None
 

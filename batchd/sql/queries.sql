@@ -216,8 +216,7 @@ CREATE TEMPORARY TABLE batchd_results (
     job_id   uuid NOT NULL,
     outcome  text NOT NULL,
     result   text,
-    error    text,
-    usage    text
+    error    text
 ) ON COMMIT DROP;
 
 -- name: apply_results
@@ -233,11 +232,11 @@ WITH applied AS (
            attempts = CASE WHEN r.outcome = 'retry' THEN j.attempts + 1 ELSE j.attempts END,
            batch_id = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.batch_id END,
            params = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.params END,
-           result = r.result::jsonb,
-           error = r.error::jsonb,
-           usage = r.usage::jsonb,
+           result = r.result,
+           error = r.error,
+           usage = r.result -> 'usage',
            completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END
-      FROM batchd_results AS r
+      FROM (SELECT job_id, outcome, result::jsonb AS result, error::jsonb AS error FROM batchd_results) AS r
      WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts
 )
