@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -168,3 +170,33 @@ async def insert_raw(db: Any, tenant: str, texts: list[str], **columns: Any) -> 
         [json.dumps(raw_request(text, **columns)) for text in texts],
     )
     return [row["id"] for row in rows]
+
+
+async def run_python(
+    *argv: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+) -> tuple[int, str, str]:
+    """Runs `python ARGV` to the end and returns (exit status, stdout, stderr); `env` is the whole
+    environment when given. communicate() returns only once nothing holds the pipes, so a child that left a
+    server holding our stdout would hang here (as it would hang `$(...)` in a Makefile): it is killed when it
+    outlives `timeout`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout=timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -16,7 +16,7 @@ import anthropic
 import asyncpg
 import pytest
 from conftest import SERVER_URL
-from support import request
+from support import request, run_python
 
 EX_CONFIG = 78
 REPOSITORY_CONFIG = Path(__file__).resolve().parent.parent / "batchd.toml"
@@ -53,22 +53,7 @@ async def run_batchd(
 ) -> tuple[int, str, str]:
     """Runs `python -m batchd ARGS` (or `python ARGS` when module is False) and waits for it."""
     command = ["-m", "batchd", *args] if module else list(args)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *command,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_python(*command, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 async def test_the_emulator_command_serves_the_sdk_and_stops_on_sigterm() -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from support import insert_raw, raw_request
+from support import insert_raw, raw_request, run_python
 
 from batchd.store import init_connection
 
@@ -52,25 +51,9 @@ async def run_batchd(
     test's own environment unless `env` gives them; killed if it outlives `timeout`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
     clean.pop("CREDENTIALS_DIRECTORY", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchd",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**clean, **(env or {})},
-        cwd=cwd,
+    return await run_python(
+        "-m", "batchd", *args, timeout=timeout, env={**clean, **(env or {})}, cwd=cwd, stdin=stdin
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(stdin), timeout=timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from support import run_python
 
 from batchd import embedded_pg
 from batchd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresMissingError, reachable
@@ -63,24 +63,7 @@ async def _fetchval(url: str, query: str) -> object:
 
 
 async def _embedded_pg(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchd.embedded_pg",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        # communicate() returns only once nothing holds the pipes: a server that kept our stdout open would
-        # hang here, as it would hang `$(python -m batchd.embedded_pg ensure)` in a Makefile.
-        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_python("-m", "batchd.embedded_pg", *args, timeout=timeout)
 
 
 async def test_reachable_is_false_where_nothing_listens_and_a_bad_url_raises() -> None:
