@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import random
 import shlex
-import socket
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,19 +26,16 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import anthropic
 import httpx2
 from anthropic.types.messages.batch_create_params import Request
+from benchlib import EmulatorProcess, free_port
 
 MODEL = "claude-sonnet-4-5"
 PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
 EXCERPT_CHARS = 120  # how much of the prompt the emulator echoes back
 PROCESSING_TIME_S = 5
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 SAMPLE_EVERY_LINES = 5_000
 MIB = 1024 * 1024
 
@@ -62,90 +57,6 @@ def read_memory(pid: int | str) -> Memory:
         if key in {"VmRSS", "VmHWM"}:
             values[key] = int(value.split()[0]) * 1024 / MIB  # the kernel reports kB
     return Memory(rss_mib=values["VmRSS"], hwm_mib=values["VmHWM"])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class EmulatorProcess:
-    """`batchd emulator` in a subprocess, its output kept in a log file for when something goes wrong."""
-
-    def __init__(self, port: int, log_dir: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "batchd",
-            "emulator",
-            "--port",
-            str(port),
-            "--processing-time",
-            str(PROCESSING_TIME_S),
-        ]
-        self.log_path = log_dir / f"emulator-{port}.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("the emulator is not running")
-        return self._process.pid
-
-    def memory(self) -> Memory:
-        return read_memory(self.pid)
-
-    async def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220, S603
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"the emulator exited with {self._process.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    async with session.get(f"{self.url}/_emulator/stats") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the emulator did not answer within {STARTUP_TIMEOUT_S:.0f} s")
-                await asyncio.sleep(0.1)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no output)"
-
-    async def admin(self, method: str, path: str, payload: Any = None) -> Any:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(method, f"{self.url}/_emulator/{path}", json=payload) as response,
-        ):
-            response.raise_for_status()
-            return await response.json()
-
-
-# -- the requests ------------------------------------------------------------------------------------------
 
 
 def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
@@ -256,12 +167,14 @@ class Received:
 async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
     """One batch of n requests against a fresh emulator."""
     run = Run(n)
-    emulator = EmulatorProcess(port, log_dir)
+    emulator = EmulatorProcess(
+        log_dir / f"emulator-{port}.log", processing_time_s=PROCESSING_TIME_S, port=port
+    )
     print(f"\n== N = {n:,}: {shlex.join(emulator.command)}", flush=True)
     try:
         await emulator.start()
         await asyncio.sleep(0.5)  # let start-up settle before the idle reading
-        run.idle = emulator.memory()
+        run.idle = read_memory(emulator.pid)
         watcher = CreateWatcher()
         http_client = anthropic.DefaultAsyncHttpxClient(
             event_hooks={"request": [watcher.on_request], "response": [watcher.on_response]}
@@ -293,7 +206,7 @@ async def create(
     built = time.perf_counter()
     batch = await client.messages.batches.create(requests=requests)
     run.create_s = time.perf_counter() - started
-    run.after_create = emulator.memory()
+    run.after_create = read_memory(emulator.pid)
     run.build_s = built - started
     run.sdk_prepare_s = watcher.sent_at - built
     run.upload_accept_s = watcher.answered_at - watcher.sent_at
@@ -326,7 +239,7 @@ async def download(
 ) -> Received:
     """Stream every result through the SDK, checking each as it arrives and sampling the emulator's RSS."""
     received = Received()
-    run.results_max_rss_mib = emulator.memory().rss_mib
+    run.results_max_rss_mib = read_memory(emulator.pid).rss_mib
     started = time.perf_counter()
     decoder = await client.messages.batches.results(batch_id)
     try:
@@ -341,11 +254,11 @@ async def download(
             else:
                 received.not_succeeded += 1
             if received.lines % SAMPLE_EVERY_LINES == 0:
-                run.results_max_rss_mib = max(run.results_max_rss_mib, emulator.memory().rss_mib)
+                run.results_max_rss_mib = max(run.results_max_rss_mib, read_memory(emulator.pid).rss_mib)
     finally:
         await decoder.close()
     run.results_s = time.perf_counter() - started
-    run.after_results = emulator.memory()
+    run.after_results = read_memory(emulator.pid)
     run.results_max_rss_mib = max(run.results_max_rss_mib, run.after_results.rss_mib)
     print(f"results: {received.lines:,} lines in {run.results_s:.2f} s", flush=True)
     return received

@@ -41,10 +41,8 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +55,7 @@ from uuid import UUID
 
 import aiohttp
 import asyncpg
+from benchlib import EmulatorProcess
 
 from batchd import log as batchd_log
 from batchd import migrate, store
@@ -79,8 +78,6 @@ CHUNK_ROWS = 1_000  # rows per bulk INSERT statement
 PRODUCERS = 8
 MAX_BYTES = 256_000_000
 EMULATOR_PROCESSING_S = 3_600  # batches end only when the clock is pushed
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 CHILD_TIMEOUT_S = 300.0
 BURST_TIMEOUT_S = 120.0
 PGQUEUER_CONSUMERS = 5
@@ -129,13 +126,6 @@ RESET = (
 
 def per_s(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def read_status_mib(pid: int | str, key: str) -> float:
@@ -209,75 +199,6 @@ def new_provider(emulator_url: str) -> Provider:
 
 
 # -- processes ---------------------------------------------------------------------------------------------
-
-
-class EmulatorProcess:
-    """`batchd emulator` in a subprocess, its output kept in a log file for when something goes wrong."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "batchd",
-            "emulator",
-            "--port",
-            str(self.port),
-            "--processing-time",
-            str(EMULATOR_PROCESSING_S),
-        ]
-        self.log_path = log_dir / "emulator.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        with self.log_path.open("wb") as log:
-            return subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
-
-    async def start(self) -> None:
-        self._process = self._spawn()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"the emulator exited with {self._process.returncode}:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"{self.url}/_emulator/stats") as response:
-                        if response.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the emulator did not answer within {STARTUP_TIMEOUT_S:.0f} s")
-                await asyncio.sleep(0.1)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no output)"
-
-    async def admin(self, method: str, path: str, payload: Any = None) -> Any:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.request(method, f"{self.url}/_emulator/{path}", json=payload) as response,
-        ):
-            response.raise_for_status()
-            return await response.json()
-
-    async def end_all_batches(self) -> None:
-        await self.admin("POST", "clock/advance", {"seconds": EMULATOR_PROCESSING_S * 10})
 
 
 async def run_child(args: list[str]) -> dict[str, Any]:
@@ -1063,7 +984,7 @@ async def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     requests = build_requests(n)
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
-        emulator = EmulatorProcess(Path(log_dir))
+        emulator = EmulatorProcess(Path(log_dir) / "emulator.log", processing_time_s=EMULATOR_PROCESSING_S)
         try:
             async with scratch_database(args.database_url) as url:
                 print(await describe_server(url), flush=True)
