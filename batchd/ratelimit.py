@@ -12,13 +12,14 @@ import time
 
 
 class RateLimiter:
-    """A token bucket refilled at `per_minute / 60` tokens a second, holding at most ten seconds' worth."""
+    """A token bucket holding up to ten seconds' worth of calls, refilled so that no 60-second window ever
+    sees more than `per_minute` calls: a full bucket spent at once plus a minute of refill is the limit."""
 
     def __init__(self, per_minute: int) -> None:
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, per_minute / 6.0)
+        self.capacity = float(max(1, per_minute // 6))
+        self.rate = max(per_minute - self.capacity, 1.0) / 60.0
         self._tokens = self.capacity
         self._stamp = time.monotonic()
         self._paused_until = 0.0

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs
+from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
 
 from batchd.emulator import EmulatorConfig
 
@@ -91,3 +91,22 @@ async def test_a_rendered_job_stores_the_params_it_was_sent_with(
     )
     assert row["params"]["model"] == "claude-haiku-4-5"
     assert json.dumps(row["params"]["messages"][0]["content"])[1:20] in json.dumps(row["result"])
+
+
+async def test_the_providers_copy_is_deleted_once_results_are_applied(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    settings = daemon_settings(results={"delete_after_apply": True}, batching={"max_requests": 10})
+    async with start_daemon(settings):
+        await insert_raw(db, "t", [f"question {i}" for i in range(30)])
+        await wait_for_jobs(db, done=30)
+
+        async def all_deleted() -> bool:
+            return await db.fetchval(
+                "SELECT count(*) = 0 FROM batchd.batches WHERE provider_deleted_at IS NULL"
+            )
+
+        await wait_until(all_deleted, timeout=30)
+    assert await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'applied'") == 3
+    assert emulator.state.store.page(limit=10, before_id=None, after_id=None, now=0)[0] == []
+    assert (await emulator.stats())["calls"]["delete"] == 3
