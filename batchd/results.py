@@ -29,6 +29,7 @@ from .templates import job_id_from
 log = structlog.get_logger("batchd.results")
 
 RESULT_COLUMNS = ["job_id", "outcome", "result", "error"]
+IN_FLIGHT_CHUNKS = 2
 # json.dumps(value, separators=(",", ":")), without building an encoder for each of the two calls per result
 # line, nor looking for cycles in values fresh from json.loads (which has none): the same text, sooner.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
@@ -103,9 +104,10 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
     applied = foreign = 0
     vanished = await ctx.pool.fetchval(sql("batch_vanished"), batch.id)
     if not vanished:
-        # The chunk being applied while the next is read: reading and parsing (here) and applying (in the
-        # database) overlap instead of taking turns.
-        applying: asyncio.Task[None] | None = None
+        # Chunks are applied while the next are read, up to IN_FLIGHT_CHUNKS at once on their own
+        # connections, so that reading and parsing (here) and applying (in the database, on every core)
+        # overlap instead of taking turns. Chunks touch disjoint jobs; each is one transaction.
+        applying: set[asyncio.Task[None]] = set()
         try:
             async with ctx.provider.results(batch.provider_batch_id) as lines:
                 chunk: list[Row] = []
@@ -118,24 +120,28 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
                     chunk.append(row)
                     raw.append(line)
                     if len(chunk) >= chunk_size:
-                        if applying is not None:
-                            await applying  # one chunk in the database at a time, in order
-                        applying = asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw))
+                        if len(applying) >= IN_FLIGHT_CHUNKS:
+                            done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                            for task in done:
+                                task.result()  # a failed chunk stops the apply; it is retried whole
+                        applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw)))
                         applied += len(chunk)
                         chunk, raw = [], []
-                if applying is not None:
-                    await applying
-                    applying = None
                 if chunk:
-                    await _apply_chunk(ctx, batch, chunk, raw)
+                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw)))
                     applied += len(chunk)
+                while applying:
+                    done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
         finally:
-            if applying is not None:
-                # Stopped or failed while a chunk was in the database: its transaction rolls back, and the
-                # chunk is applied again next time (applying twice changes nothing).
-                applying.cancel()
+            # Stopped or failed with chunks in the database: their transactions roll back, and they are
+            # applied again next time (applying twice changes nothing).
+            for task in applying:
+                task.cancel()
+            for task in applying:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await applying
+                    await task
     if applied == 0 and foreign > 0:
         raise NotOurBatch(f"{batch.provider_batch_id} holds {foreign} requests, none of batch {batch.tag}")
     missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]
