@@ -1,10 +1,10 @@
 """Results: a batch's results file, streamed, applied to its jobs in bulk, once.
 
 Lines are read as they arrive (the file is never held whole) and applied a chunk at a time: COPY into a
-temporary table, then one UPDATE for the chunk. While the database applies one chunk, the next is read and
-parsed (one chunk in the database at a time, in order, so memory stays at two chunks). Only jobs still
-`submitted` in this batch change, so a chunk applied again after a crash changes nothing. Jobs with no line
-in the file are retried.
+temporary table, then one UPDATE for the chunk, in one transaction. While the database applies up to two
+chunks, the next is read and parsed, so memory stays at three chunks however large the batch. Only jobs
+still `submitted` in this batch change, so a chunk applied again after a crash changes nothing. Jobs with no
+line in the file are retried.
 
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
