@@ -174,7 +174,7 @@ def _is_postgres(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, but another user's: /proc tells whose
+        ...  # alive, but another user's: /proc tells whose
     proc = Path("/proc") / str(pid)
     if not Path("/proc/self").exists():
         return True  # no procfs (macOS): signal 0 is all we can know
@@ -372,7 +372,7 @@ class EmbeddedPostgres:
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
-                    pass  # gone by itself meanwhile
+                    ...  # gone by itself meanwhile
                 except PermissionError:
                     raise EmbeddedPostgresError(
                         f"PostgreSQL (pid {pid}) in {self.data_dir} runs as another user: "

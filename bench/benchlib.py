@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -22,6 +24,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
+    """Random lowercase words: prompts are slices of it, so no two requests are (or compress) alike."""
+    words: list[str] = []
+    length = 0
+    while length < size:
+        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10)))
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)
 
 
 class EmulatorProcess:

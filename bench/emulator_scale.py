@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import random
 import shlex
-import string
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import anthropic
 import httpx2
 from anthropic.types.messages.batch_create_params import Request
-from benchlib import EmulatorProcess, free_port
+from benchlib import EmulatorProcess, free_port, text_pool
 
 MODEL = "claude-sonnet-4-5"
 PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
@@ -57,17 +56,6 @@ def read_memory(pid: int | str) -> Memory:
         if key in {"VmRSS", "VmHWM"}:
             values[key] = int(value.split()[0]) * 1024 / MIB  # the kernel reports kB
     return Memory(rss_mib=values["VmRSS"], hwm_mib=values["VmHWM"])
-
-
-def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
-    """Random lowercase words: prompts are slices of it, so no two requests compress alike."""
-    words: list[str] = []
-    length = 0
-    while length < size:
-        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10)))
-        words.append(word)
-        length += len(word) + 1
-    return " ".join(words)
 
 
 def prompt_for(custom_id: str, index: int, pool: str) -> str:

@@ -42,7 +42,6 @@ import random
 import shlex
 import signal
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from uuid import UUID
 
 import aiohttp
 import asyncpg
-from benchlib import EmulatorProcess
+from benchlib import EmulatorProcess, text_pool
 
 from batchd import log as batchd_log
 from batchd import migrate, store
@@ -145,17 +144,6 @@ def reset_peak_rss() -> None:
 def database_url(server_url: str, name: str) -> str:
     base, _, _ = server_url.rpartition("/")
     return f"{base}/{name}"
-
-
-def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
-    """Random lowercase words: requests are slices of it, so no two are alike."""
-    words: list[str] = []
-    length = 0
-    while length < size:
-        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10)))
-        words.append(word)
-        length += len(word) + 1
-    return " ".join(words)
 
 
 def build_requests(n: int) -> list[str]:
