@@ -18,7 +18,7 @@ import structlog
 from aiohttp.log import access_logger
 from pydantic import ValidationError
 
-from . import __version__, enqueue, log, migrate, status
+from . import __version__, enqueue, log, migrate, status, tenants
 from .config import ConfigError, Settings, config_path, describe, load_settings, read_toml
 from .daemon import Daemon
 from .demo import run_demo
@@ -297,6 +297,34 @@ def run_cancel(args: argparse.Namespace) -> int:
     return 1
 
 
+def run_tenant(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        connection = await _connect(_settings(args))
+        try:
+            if args.action == "add":
+                try:
+                    token = await tenants.add_tenant(connection, args.name)
+                except ValueError as error:
+                    print(f"batchd: {error}", file=sys.stderr)
+                    return EX_DATAERR
+                print(token)
+                print(f"a new token for tenant {args.name!r}: it is shown this once", file=sys.stderr)
+            elif args.action == "list":
+                for row in await tenants.list_tenants(connection):
+                    print(f"{row['name']}\t{row['active_tokens']} active\t{row['revoked_tokens']} revoked")
+            else:
+                revoked = await tenants.revoke(connection, args.name)
+                if revoked == 0:
+                    print(f"batchd: tenant {args.name!r} has no active token", file=sys.stderr)
+                    return 1
+                print(f"revoked {revoked} token(s) of {args.name!r}")
+            return 0
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
 def _add_daemon_parsers(commands: Any) -> None:
     run = commands.add_parser("run", help="run the daemon", description="Run the batchd daemon.")
     _add_config_option(run)
@@ -331,6 +359,18 @@ def _add_daemon_parsers(commands: Any) -> None:
         "--window", type=float, default=3600.0, metavar="SECONDS", help="recent = this long"
     )
     status_parser.set_defaults(run=run_status)
+
+    tenant_parser = commands.add_parser("tenant", help="tenants' tokens for batchd's HTTP API")
+    tenant_actions = tenant_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("add", "add a tenant (or another token for it); prints the token once"),
+        ("revoke", "revoke every token of a tenant"),
+    ):
+        action_parser = tenant_actions.add_parser(action, help=text)
+        _add_config_option(action_parser)
+        action_parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
+    _add_config_option(tenant_actions.add_parser("list", help="tenants and how many tokens each has"))
+    tenant_parser.set_defaults(run=run_tenant)
 
     cancel_parser = commands.add_parser("cancel", help="cancel a queued job")
     _add_config_option(cancel_parser)

@@ -91,6 +91,9 @@ class DaemonSettings(_Section):
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    admin_token_file: Path | None = Field(
+        default=None, description="a file holding the admin token (or $BATCHD_ADMIN_TOKEN); unset: no admin"
+    )
 
 
 class JobType(_Section):
@@ -188,6 +191,23 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as error:
         raise ConfigError(describe(error)) from None
+
+
+def admin_token(settings: Settings) -> SecretStr | None:
+    """The admin token, which sees every tenant: $BATCHD_ADMIN_TOKEN, or [http] admin_token_file."""
+    from_env = os.environ.get("BATCHD_ADMIN_TOKEN")
+    if from_env:
+        return SecretStr(from_env.strip())
+    path = settings.http.admin_token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"http.admin_token_file: cannot read {path}: {error.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"http.admin_token_file: {path} holds a token shorter than 16 characters")
+    return SecretStr(token)
 
 
 def api_key(settings: Settings) -> SecretStr:

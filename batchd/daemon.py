@@ -19,13 +19,13 @@ import structlog
 from aiohttp import web
 
 from . import migrate, store
-from .config import ConfigError, Settings, api_key
+from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
 from .flusher import Flusher
-from .health import create_health_app
 from .listener import JOBS_CHANNEL, Listener
 from .provider import Provider
 from .ratelimit import RateLimiter
+from .server import create_app
 from .supervisor import Supervisor
 
 log = structlog.get_logger("batchd.daemon")
@@ -131,7 +131,9 @@ class Daemon:
             await asyncio.wait_for(task, timeout=SHUTDOWN_TIMEOUT_S + 5)
 
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener) -> web.AppRunner:
-        runner = web.AppRunner(create_health_app(pool, listener.connected.is_set), access_log=None)
+        admin = admin_token(self.settings)
+        app = create_app(pool, listener.connected.is_set, admin.get_secret_value() if admin else None)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.http.host, self.settings.http.port).start()
         host, port = runner.addresses[0][:2]

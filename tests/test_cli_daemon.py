@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from support import insert_raw, raw_request, run_python
 
+from batchd.migrate import shipped_migrations
 from batchd.store import init_connection
 
 EX_CONFIG = 78
@@ -84,17 +85,23 @@ async def schema_state(url: str) -> tuple[int, int]:
     return migrations, tables
 
 
+MIGRATIONS = shipped_migrations()
+APPLIED_ALL = "\n".join(f"applied {m.version:04d}_{m.name}" for m in MIGRATIONS)
+# batches, jobs, events, wakeup; tenants, tokens
+SCHEMA = (len(MIGRATIONS), 6)
+
+
 async def test_migrate_installs_the_schema_then_says_it_is_up_to_date(
     blank_database_url: str, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "batchd.toml", blank_database_url)
     code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
     assert code == 0, err
-    assert out.strip() == "applied 0001_initial"
+    assert out.strip() == APPLIED_ALL
     code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
     assert code == 0, err
     assert out.strip() == "the database is up to date"
-    assert await schema_state(blank_database_url) == (1, 4)  # batches, jobs, events, wakeup
+    assert await schema_state(blank_database_url) == SCHEMA
 
 
 async def test_two_migrates_at_once_on_a_blank_database_both_succeed_and_apply_once(
@@ -106,11 +113,8 @@ async def test_two_migrates_at_once_on_a_blank_database_both_succeed_and_apply_o
         run_batchd("migrate", "--config", str(config), cwd=tmp_path),
     )
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
-    assert sorted(out.strip() for _, out, _ in results) == [
-        "applied 0001_initial",
-        "the database is up to date",
-    ]
-    assert await schema_state(blank_database_url) == (1, 4)
+    assert sorted(out.strip() for _, out, _ in results) == [APPLIED_ALL, "the database is up to date"]
+    assert await schema_state(blank_database_url) == SCHEMA
 
 
 # -- run: refusing to start ----------------------------------------------------------------------------------

@@ -342,3 +342,25 @@ SELECT id, provider_batch_id, status, request_count, request_counts, created_at,
 -- name: recent_outcomes
 SELECT type, count(*) AS events FROM batchd.events
  WHERE created_at > now() - make_interval(secs => $1) GROUP BY type ORDER BY type;
+
+-- name: add_tenant
+-- A tenant may be added again: it gets one more token.
+INSERT INTO batchd.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;
+
+-- name: add_token
+INSERT INTO batchd.tokens (tenant_id, token_sha256) VALUES ($1, $2) RETURNING id;
+
+-- name: list_tenants
+SELECT t.name, t.created_at,
+       count(k.id) FILTER (WHERE k.revoked_at IS NULL) AS active_tokens,
+       count(k.id) FILTER (WHERE k.revoked_at IS NOT NULL) AS revoked_tokens
+  FROM batchd.tenants AS t
+  LEFT JOIN batchd.tokens AS k ON k.tenant_id = t.name
+ GROUP BY t.name, t.created_at
+ ORDER BY t.name;
+
+-- name: revoke_tokens
+UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id;
+
+-- name: token_tenant
+SELECT tenant_id FROM batchd.tokens WHERE token_sha256 = $1 AND revoked_at IS NULL;

@@ -1,0 +1,77 @@
+"""Tenants and their tokens: who may read what through batchd's HTTP API.
+
+`batchd tenant add NAME` prints a new token once; only its SHA-256 is stored. A token sees the jobs whose
+`tenant_id` is its tenant's name. The admin token (from the environment or a file, never the database)
+sees every tenant's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .store import Connection, sql
+
+TOKEN_PREFIX = "bdt_"  # noqa: S105 - marks a string as a batchd token; not a secret
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a tenant, or the admin (tenant None), who sees every tenant."""
+
+    tenant_id: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant_id is None
+
+    def may_see(self, tenant_id: str) -> bool:
+        return self.tenant_id is None or self.tenant_id == tenant_id
+
+
+ADMIN = Principal(None)
+
+
+async def add_tenant(connection: Connection, name: str) -> str:
+    """Adds the tenant (if new) and returns a new token for it, the only time it is ever shown."""
+    if not name or not name.strip() or name != name.strip():
+        raise ValueError("a tenant name must be non-empty, without surrounding spaces")
+    token = new_token()
+    async with connection.transaction():
+        await connection.execute(sql("add_tenant"), name)
+        await connection.execute(sql("add_token"), name, token_hash(token))
+    return token
+
+
+async def list_tenants(connection: Connection) -> list[dict[str, Any]]:
+    return [dict(row) for row in await connection.fetch(sql("list_tenants"))]
+
+
+async def revoke(connection: Connection, name: str) -> int:
+    """Revokes every token of the tenant; returns how many."""
+    return len(await connection.fetch(sql("revoke_tokens"), name))
+
+
+async def authenticate(
+    db: asyncpg.Pool | Connection, token: str | None, admin_token: str | None
+) -> Principal | None:
+    """The principal a token stands for, or None when it stands for nobody."""
+    if not token:
+        return None
+    if admin_token and hmac.compare_digest(token_hash(token), token_hash(admin_token)):
+        return ADMIN
+    tenant_id = await db.fetchval(sql("token_tenant"), token_hash(token))
+    return None if tenant_id is None else Principal(tenant_id)

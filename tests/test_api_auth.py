@@ -1,0 +1,126 @@
+"""Tenants' tokens and the tenant-scoped job API: each tenant sees only its own jobs; the admin sees all."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support import EmulatorHandle, run_python
+
+from batchd import tenants
+from batchd.daemon import Daemon
+
+ADMIN_TOKEN = "admin-" + "x" * 32
+
+
+@pytest.fixture
+async def api(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+    daemon = Daemon(daemon_settings())
+    async with daemon.running():
+        assert daemon.http_url is not None
+        yield daemon.http_url
+
+
+async def insert_job(db: Any, tenant: str) -> uuid.UUID:
+    job_id: uuid.UUID = await db.fetchval(
+        "INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata)"
+        " VALUES ($1, 'nope', '{}', $2) RETURNING id",
+        tenant,
+        {"user": 7},
+    )
+    return job_id
+
+
+async def get(url: str, *, token: str | None = None, **options: Any) -> tuple[int, Any, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(**options) as http, http.get(url, headers=headers) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body, response.headers
+
+
+async def test_a_tenant_sees_its_own_job_and_not_another_tenants(db: Any, api: str) -> None:
+    acme = await tenants.add_tenant(db, "acme")
+    await tenants.add_tenant(db, "globex")
+    own, other = await insert_job(db, "acme"), await insert_job(db, "globex")
+
+    status, body, _ = await get(f"{api}/v1/jobs/{own}", token=acme)
+    assert status == 200
+    assert body["id"] == str(own)
+    assert body["tenant_id"] == "acme"
+    assert body["metadata"] == {"user": 7}
+    assert body["status"] in {"queued", "failed"}
+
+    for missing in (other, uuid.uuid4(), "not-a-uuid"):
+        status, body, _ = await get(f"{api}/v1/jobs/{missing}", token=acme)
+        assert status == 404, "another tenant's job looks exactly like one that does not exist"
+        assert body["error"]["message"] == "no such job"
+
+
+async def test_no_token_a_bad_one_or_a_revoked_one_is_401(db: Any, api: str) -> None:
+    token = await tenants.add_tenant(db, "acme")
+    job = await insert_job(db, "acme")
+    for bad in (None, "bdt_wrong", token + "x"):
+        status, _, headers = await get(f"{api}/v1/jobs/{job}", token=bad)
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert await tenants.revoke(db, "acme") == 1
+    status, _, _ = await get(f"{api}/v1/jobs/{job}", token=token)
+    assert status == 401
+    status, _, _ = await get(f"{api}/healthz")
+    assert status == 200, "health needs no token"
+
+
+async def test_the_admin_sees_every_tenant(db: Any, api: str) -> None:
+    jobs = [await insert_job(db, "acme"), await insert_job(db, "globex")]
+    for job in jobs:
+        status, body, _ = await get(f"{api}/v1/jobs/{job}", token=ADMIN_TOKEN)
+        assert status == 200
+        assert body["id"] == str(job)
+
+
+async def test_a_token_in_the_query_or_a_cookie_for_browsers(db: Any, api: str) -> None:
+    token = await tenants.add_tenant(db, "acme")
+    job = await insert_job(db, "acme")
+    status, _, _ = await get(f"{api}/v1/jobs/{job}?access_token={token}")
+    assert status == 200
+    status, _, _ = await get(f"{api}/v1/jobs/{job}", cookies={"batchd_token": token})
+    assert status == 200
+
+
+async def test_the_tenant_commands(db: Any, database_url: str, tmp_path: Path) -> None:
+    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    config = tmp_path / "batchd.toml"
+    config.write_text(f'[database]\nurl = "{database_url}"\n')
+    env = {"PATH": "/usr/bin:/bin"}  # nothing of the test's own environment: the file says it all
+
+    async def batchd(*args: str) -> tuple[int, str, str]:
+        return await run_python("-m", "batchd", *args, "--config", str(config), env=env, cwd=tmp_path)
+
+    code, out, err = await batchd("tenant", "add", "acme")
+    assert code == 0, err
+    token = out.strip()
+    assert token.startswith("bdt_")
+    assert "shown this once" in err
+    assert await db.fetchval(
+        "SELECT count(*) FROM batchd.tokens WHERE token_sha256 = $1", tenants.token_hash(token)
+    )
+    assert token not in str(await db.fetch("SELECT * FROM batchd.tokens")), "only the hash is stored"
+    code, out, _ = await batchd("tenant", "add", "acme")
+    assert code == 0
+    code, out, _ = await batchd("tenant", "list")
+    assert out.strip() == "acme\t2 active\t0 revoked"
+    code, out, _ = await batchd("tenant", "revoke", "acme")
+    assert (code, out.strip()) == (0, "revoked 2 token(s) of 'acme'")
+    code, _, err = await batchd("tenant", "revoke", "acme")
+    assert code == 1
+    assert "no active token" in err
+    code, _, err = await batchd("tenant", "add", " spaced ")
+    assert code == 65
