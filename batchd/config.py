@@ -88,6 +88,12 @@ class DaemonSettings(_Section):
     )
 
 
+class EventsSettings(_Section):
+    retention_s: float = Field(default=7 * 86_400.0, gt=0, description="events older than this are pruned")
+    prune_interval_s: float = Field(default=600.0, gt=0)
+    prune_chunk: int = Field(default=10_000, ge=1, description="events deleted per statement")
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -134,6 +140,7 @@ class Settings(BaseSettings):
     polling: PollingSettings = Field(default_factory=PollingSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     job_types: dict[str, JobType] = Field(default_factory=dict)
     emulator: dict[str, Any] = Field(default_factory=dict, description="read by `batchd emulator`")

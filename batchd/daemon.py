@@ -1,6 +1,6 @@
 """`batchd run`: the daemon, put together.
 
-Named side tasks — the listener, the flusher, the supervisor — run until SIGTERM or SIGINT; if any of them
+Named side tasks — the listener, the flusher, the supervisor, the pruner — run until SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
 state), hands its leases back so another instance can carry on at once, and exits within
@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import migrate, store
+from . import migrate, pruner, store
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
 from .flusher import Flusher
@@ -87,6 +87,7 @@ class Daemon:
                 asyncio.create_task(listener.run(ctx.stopping), name="listener"),
                 asyncio.create_task(flusher.run(), name="flusher"),
                 asyncio.create_task(supervisor.run(), name="supervisor"),
+                asyncio.create_task(pruner.run(ctx), name="pruner"),
             }
             await listener.connected.wait()
             self.ready.set()

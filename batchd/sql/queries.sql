@@ -281,6 +281,17 @@ UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1;
 -- The listener's proof of life: it must hear its own notification.
 NOTIFY batchd_probe;
 
+-- name: prune_events
+-- One bounded chunk of expired events, oldest first; SKIP LOCKED lets two daemons prune side by side.
+WITH expired AS (
+    SELECT id FROM batchd.events
+     WHERE created_at < now() - make_interval(secs => $1)
+     ORDER BY id
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM batchd.events AS e USING expired WHERE e.id = expired.id;
+
 -- name: notify_events
 SELECT pg_notify('batchd_events', '');
 

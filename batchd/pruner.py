@@ -1,0 +1,40 @@
+"""The pruner: deletes events past their retention, a bounded chunk per statement.
+
+One giant DELETE would hold locks and bloat the WAL for as long as it runs; a chunk at a time keeps each
+transaction short, and the loop stops at the first chunk that was not full.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from .context import Context
+from .flusher import DB_ERRORS
+from .store import Connection, sql
+
+log = structlog.get_logger("batchd.pruner")
+
+
+async def prune_events(db: Connection, retention_s: float, chunk: int) -> int:
+    """Deletes every event older than `retention_s`; returns how many."""
+    deleted = 0
+    while True:
+        status = await db.execute(sql("prune_events"), retention_s, chunk)
+        count = int(status.split()[-1])  # "DELETE n"
+        deleted += count
+        if count < chunk:
+            return deleted
+
+
+async def run(ctx: Context) -> None:
+    events = ctx.settings.events
+    while not ctx.stopping.is_set():
+        try:
+            async with ctx.pool.acquire() as connection:
+                deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
+            if deleted:
+                log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
+        except DB_ERRORS as error:
+            log.warning("pruner.database_error", error=str(error))
+        if await ctx.sleep(events.prune_interval_s):
+            return
