@@ -86,6 +86,7 @@ class Batch:
     create_attempted_at: datetime | None
     create_attempts: int
     next_attempt_at: datetime
+    wait_s: float  # until next_attempt_at, by the database's clock
     rejected_provider_ids: list[str]
     provider_deleted_at: datetime | None
 

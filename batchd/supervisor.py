@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime
 from uuid import UUID
 
 import anthropic
@@ -98,9 +97,8 @@ class Supervisor:
         batch = await store.get_batch(ctx.pool, batch_id)
         if batch is None or batch.status in ("applied", "abandoned") or batch.owner != ctx.instance_id:
             return False
-        wait = (batch.next_attempt_at - datetime.now(UTC)).total_seconds()
-        if wait > 0 and batch.status == "pending":
-            return not await ctx.sleep(wait)
+        if batch.wait_s > 0 and batch.status == "pending":
+            return not await ctx.sleep(batch.wait_s)
         if batch.status == "pending":
             if batch.create_attempted_at is None:
                 await submit(ctx, batch, self._bodies.pop(batch_id, None))

@@ -124,7 +124,9 @@ RETURNING id;
 UPDATE batchd.batches SET lease_until = now() WHERE owner = $1 AND status IN ('pending', 'in_progress', 'ended');
 
 -- name: get_batch
-SELECT * FROM batchd.batches WHERE id = $1;
+-- With how long until its next step, by the database's clock (the one that set next_attempt_at).
+SELECT *, greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS wait_s
+  FROM batchd.batches WHERE id = $1;
 
 -- name: begin_create
 -- Committed before the create call: from here on, a crash leaves "maybe created" on disk, and nothing
