@@ -70,7 +70,7 @@ class Flusher:
         pool = self.ctx.pool
         while not self.ctx.stopping.is_set():
             head = await store.queue_head(pool, batching.max_requests)
-            now: datetime = await pool.fetchval(sql("db_now"))
+            now = head.now
             if head.jobs == 0:
                 await self._set_wakeup(armed=True, wake_seq=0)
                 # A producer may have inserted between the look and the arming, unheard: look again.

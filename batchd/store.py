@@ -60,6 +60,7 @@ class QueueHead:
     bytes: int
     oldest: datetime | None
     last_seq: int | None
+    now: datetime  # the database's clock, which stamped created_at
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class Batch:
 async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int) -> QueueHead:
     row = await db.fetchrow(sql("queue_head"), limit)
     assert row is not None  # noqa: S101 - an aggregate always returns a row
-    return QueueHead(jobs=row["jobs"], bytes=row["bytes"], oldest=row["oldest"], last_seq=row["last_seq"])
+    return QueueHead(
+        jobs=row["jobs"], bytes=row["bytes"], oldest=row["oldest"], last_seq=row["last_seq"], now=row["now"]
+    )
 
 
 async def claim(connection: Connection, limit: int, urgent_before: datetime) -> list[ClaimedJob]:

@@ -28,7 +28,8 @@ INSERT INTO batchd.migrations (version, name, checksum) VALUES ($1, $2, $3);
 SELECT count(*) AS jobs,
        coalesce(sum(size), 0) AS bytes,
        min(created_at) AS oldest,
-       max(seq) AS last_seq
+       max(seq) AS last_seq,
+       now() AS now
   FROM (SELECT seq, created_at, pg_column_size(coalesce(request, input)) AS size
           FROM batchd.jobs
          WHERE status = 'queued'
@@ -40,9 +41,6 @@ SELECT min(deadline) FROM batchd.jobs WHERE status = 'queued' AND deadline IS NO
 
 -- name: db_now
 SELECT now();
-
--- name: max_job_seq
-SELECT coalesce(max(seq), 0) FROM batchd.jobs;
 
 -- name: set_wakeup
 UPDATE batchd.wakeup SET armed = $1, wake_seq = $2 WHERE armed IS DISTINCT FROM $1 OR wake_seq IS DISTINCT FROM $2;
@@ -339,11 +337,6 @@ SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        coalesce(sum((usage ->> 'output_tokens')::bigint), 0) AS output_tokens,
        (SELECT count(*) FROM batchd.batches WHERE status = 'applied') AS batches
   FROM batchd.jobs;
-
--- name: queued_by_tenant
-SELECT tenant_id, count(*) AS queued, min(created_at) AS oldest
-  FROM batchd.jobs WHERE status IN ('queued', 'submitting', 'submitted')
- GROUP BY tenant_id ORDER BY tenant_id;
 
 -- name: status_by_tenant
 SELECT tenant_id, status, count(*) AS jobs FROM batchd.jobs GROUP BY tenant_id, status ORDER BY tenant_id, status;
