@@ -6,7 +6,7 @@ PG_HOST ?= 127.0.0.1
 PG_PORT ?= 5432
 DATABASE_URL ?= postgresql://postgres@$(PG_HOST):$(PG_PORT)/postgres
 
-.PHONY: test demo lint typecheck pytest postgres bench clean
+.PHONY: test demo lint typecheck pytest postgres chromium bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 # The tests use $(DATABASE_URL) when it answers, else an embedded PostgreSQL in .batchd/pgdata.
-pytest: $(VENV)/.installed postgres
+pytest: $(VENV)/.installed postgres chromium
 	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.embedded_pg ensure --url $(DATABASE_URL)) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -40,6 +40,16 @@ postgres:
 		for i in $$(seq 1 30); do pg_isready -q -h $(PG_HOST) -p $(PG_PORT) && exit 0; sleep 1; done; \
 	fi; \
 	echo "No PostgreSQL on $(PG_HOST):$(PG_PORT): the tests will use an embedded one"
+
+# Headless Chromium for the browser tests (tests/browser.py), from Debian's packages; a no-op once installed.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "chromium is missing and installing it needs root (or sudo): run apt-get install chromium as root" >&2; exit 1; fi; \
+	echo "Installing Debian's chromium for the browser tests"; \
+	$$SUDO apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
 demo: $(VENV)/.installed
 	$(BIN)/batchd demo
