@@ -92,6 +92,18 @@ class EventsSettings(_Section):
     retention_s: float = Field(default=7 * 86_400.0, gt=0, description="events older than this are pruned")
     prune_interval_s: float = Field(default=600.0, gt=0)
     prune_chunk: int = Field(default=10_000, ge=1, description="events deleted per statement")
+    publish_chunk: int = Field(default=5_000, ge=1, description="events numbered per publishing statement")
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, description="publish and fan out even without a NOTIFY (a fallback)"
+    )
+    heartbeat_s: float = Field(default=15.0, gt=0, description="a comment line on an idle stream")
+    retry_ms: int = Field(default=2_000, ge=0, description="the reconnection delay advised to clients")
+    client_buffer_bytes: int = Field(
+        default=1_048_576, ge=1024, description="events queued for one slow client before it is cut off"
+    )
+    send_timeout_s: float = Field(default=30.0, gt=0, description="a write stalled this long cuts the client")
+    max_streams_per_tenant: int = Field(default=100, ge=1, description="open streams per tenant (and admin)")
+    replay_page: int = Field(default=1_000, ge=1, description="events read per query when a client resumes")
 
 
 class HttpSettings(_Section):

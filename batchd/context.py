@@ -38,3 +38,15 @@ async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def wait_for_any(*events: asyncio.Event, seconds: float) -> None:
+    """Waits up to `seconds` for the first of `events` to be set."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,6 +1,7 @@
 """`batchd run`: the daemon, put together.
 
-Named side tasks — the listener, the flusher, the supervisor, the pruner — run until SIGTERM or SIGINT; if any
+Named side tasks — the listener, the flusher, the supervisor, the publisher, the event hub (with HTTP), the
+pruner — run until SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
 state), hands its leases back so another instance can carry on at once, and exits within
@@ -21,9 +22,11 @@ from aiohttp import web
 from . import migrate, pruner, store
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
+from .events import EventHub
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
 from .provider import Provider
+from .publisher import EVENTS_CHANNEL, PUBLISHED_CHANNEL, Publisher
 from .ratelimit import RateLimiter
 from .server import create_app
 from .supervisor import Supervisor
@@ -44,6 +47,7 @@ class Daemon:
         self.flusher: Flusher | None = None
         self.supervisor: Supervisor | None = None
         self.listener: Listener | None = None
+        self.hub: EventHub | None = None
         self.http_url: str | None = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -63,32 +67,19 @@ class Daemon:
             timeout_s=settings.anthropic.timeout_s,
         )
         runner: web.AppRunner | None = None
+        tasks: set[asyncio.Task[None]] = set()
         try:
             async with pool.acquire() as connection:
                 missing = await migrate.pending(connection)
             if missing:
                 raise ConfigError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
             ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider)
-            supervisor = self.supervisor = Supervisor(ctx)
-            flusher = self.flusher = Flusher(ctx, on_batch=supervisor.start)
-            # A batch that closes frees in-flight room: the flusher may have been waiting for it.
-            supervisor.on_batch_closed = flusher.wake
-
-            def on_connect() -> None:
-                flusher.wake()
-                supervisor.wake()
-
-            listener = self.listener = Listener(
-                settings.database.url, {JOBS_CHANNEL: flusher.wake}, on_connect=on_connect
-            )
-            if self.serve_http:
-                runner = await self._start_http(pool, listener)
-            tasks = {
-                asyncio.create_task(listener.run(ctx.stopping), name="listener"),
-                asyncio.create_task(flusher.run(), name="flusher"),
-                asyncio.create_task(supervisor.run(), name="supervisor"),
-                asyncio.create_task(pruner.run(ctx), name="pruner"),
-            }
+            hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None
+            if hub is not None:
+                await hub.start()
+            tasks, listener, supervisor = self._start_parts(ctx, hub)
+            if hub is not None:
+                runner = await self._start_http(pool, listener, hub)
             await listener.connected.wait()
             self.ready.set()
             log.info("daemon.ready", instance_id=ctx.instance_id, http=self.http_url)
@@ -97,11 +88,15 @@ class Daemon:
             ctx.stopping.set()
             log.info("daemon.stopping")
             stopper.cancel()
-            await self._shutdown(tasks, supervisor)
+            # Streams end at once (clients reconnect elsewhere) while the daemon winds down.
+            closing = hub.close_all(SHUTDOWN_TIMEOUT_S) if hub else asyncio.sleep(0)
+            await asyncio.gather(self._shutdown(tasks, supervisor), closing)
             for task in done - {stopper}:
                 if not task.cancelled() and task.exception() is not None:
                     raise RuntimeError(f"the {task.get_name()} task died") from task.exception()
         finally:
+            for task in tasks:
+                task.cancel()  # only those a failed start left running
             if runner is not None:
                 await runner.cleanup()
             await provider.close()
@@ -110,6 +105,38 @@ class Daemon:
             except TimeoutError:
                 pool.terminate()  # a connection still held by a cancelled step: the database rolls it back
             log.info("daemon.stopped")
+
+    def _start_parts(
+        self, ctx: Context, hub: EventHub | None
+    ) -> tuple[set[asyncio.Task[None]], Listener, Supervisor]:
+        """Wires the parts together and starts each as a named task."""
+        supervisor = self.supervisor = Supervisor(ctx)
+        flusher = self.flusher = Flusher(ctx, on_batch=supervisor.start)
+        # A batch that closes frees in-flight room: the flusher may have been waiting for it.
+        supervisor.on_batch_closed = flusher.wake
+        publisher = Publisher(ctx, on_published=hub.wake if hub else lambda: None)
+        channels = {JOBS_CHANNEL: flusher.wake, EVENTS_CHANNEL: publisher.wake}
+        if hub is not None:
+            channels[PUBLISHED_CHANNEL] = hub.wake
+
+        def on_connect() -> None:
+            flusher.wake()
+            supervisor.wake()
+            publisher.wake()
+            if hub is not None:
+                hub.wake()
+
+        listener = self.listener = Listener(ctx.settings.database.url, channels, on_connect=on_connect)
+        tasks = {
+            asyncio.create_task(listener.run(ctx.stopping), name="listener"),
+            asyncio.create_task(flusher.run(), name="flusher"),
+            asyncio.create_task(supervisor.run(), name="supervisor"),
+            asyncio.create_task(publisher.run(), name="publisher"),
+            asyncio.create_task(pruner.run(ctx), name="pruner"),
+        }
+        if hub is not None:
+            tasks.add(asyncio.create_task(hub.run(ctx.stopping), name="events"))
+        return tasks, listener, supervisor
 
     @asynccontextmanager
     async def running(self, ready_timeout_s: float = 30.0) -> AsyncIterator[Daemon]:
@@ -131,9 +158,9 @@ class Daemon:
             stop.set()
             await asyncio.wait_for(task, timeout=SHUTDOWN_TIMEOUT_S + 5)
 
-    async def _start_http(self, pool: asyncpg.Pool, listener: Listener) -> web.AppRunner:
+    async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
         admin = admin_token(self.settings)
-        app = create_app(pool, listener.connected.is_set, admin.get_secret_value() if admin else None)
+        app = create_app(pool, listener.connected.is_set, admin.get_secret_value() if admin else None, hub)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.http.host, self.settings.http.port).start()

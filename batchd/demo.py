@@ -179,7 +179,7 @@ async def _watch(connection: asyncpg.Connection, total: int, say: Say, timeout_s
             say(line)
             last = line
         for event in await connection.fetch(sql("events_since"), seen_events, SHOWN_EVENTS):
-            seen_events = event["id"]
+            seen_events = event["seq"]
             if event["type"] == "job.succeeded":
                 shown += 1
                 if shown > SHOWN_RESULTS:
@@ -196,7 +196,7 @@ async def _watch(connection: asyncpg.Connection, total: int, say: Say, timeout_s
 
 def _describe(event: Any) -> str:
     if event["type"] == "batch.submitted":
-        return "batch submitted to the provider"
+        return f"{event['tenant_id']}: its jobs went out in a batch to the provider"
     if event["type"] == "job.failed":
         return f"{event['tenant_id']}: a {event['job_type']} job failed: {event['error']['message']}"
     text = event["result"]["content"][0]["text"]

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .context import wait_for_event
+from .context import wait_for_any, wait_for_event
 from .store import sql
 
 log = structlog.get_logger("batchd.listener")
@@ -89,7 +89,7 @@ class Listener:
         # Anything queued while no one listened is found now.
         self.on_connect()
         while not stopping.is_set():
-            await _first_of(stopping, lost, seconds=self.probe_interval_s)
+            await wait_for_any(stopping, lost, seconds=self.probe_interval_s)
             if stopping.is_set():
                 return
             if lost.is_set():
@@ -97,15 +97,6 @@ class Listener:
             self._probe_answered.clear()
             await connection.execute(sql("probe_listener"))
             await asyncio.wait_for(self._probe_answered.wait(), timeout=self.probe_timeout_s)
-
-
-async def _first_of(*events: asyncio.Event, seconds: float) -> None:
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _ignore_payload(callback: Callable[[], None]) -> Callable[..., None]:

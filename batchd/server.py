@@ -1,5 +1,6 @@
-"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up), and the
-tenant-scoped API under `/v1/`.
+"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up), the
+tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py) and the dashboard
+itself at `/` (static files from batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -12,11 +13,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .events import EventHub
+from .sse import HUB, stream_events
 from .store import sql
 from .tenants import Principal, authenticate
 
@@ -25,6 +29,8 @@ POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
+DASHBOARD = Path(__file__).parent / "dashboard"
+STREAMS_CLOSE_TIMEOUT_S = 3.0
 JOB_FIELDS = (
     "id",
     "tenant_id",
@@ -55,8 +61,8 @@ def _token(request: web.Request) -> str | None:
 
 @web.middleware
 async def authenticate_api(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
+    if not request.path.startswith("/v1/") or (request.method == "DELETE" and request.path == "/v1/session"):
+        return await handler(request)  # signing out must work with a revoked token too
     principal = await authenticate(request.app[POOL], _token(request), request.app[ADMIN_TOKEN])
     if principal is None:
         response = _error(401, "a valid token is required (Authorization: Bearer, access_token or cookie)")
@@ -98,8 +104,72 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def events(request: web.Request) -> web.StreamResponse:
+    return await stream_events(request, request[PRINCIPAL])
+
+
+async def overview(request: web.Request) -> web.Response:
+    """What the dashboard shows when it opens: queued jobs, open batches, totals, all of one snapshot, and
+    the event id it was taken at (the page then asks for the events after it)."""
+    principal = request[PRINCIPAL]
+    async with (
+        request.app[POOL].acquire() as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        head = await connection.fetchval(sql("overview_head"))
+        queued = await connection.fetch(sql("overview_queued"), principal.tenant_id)
+        batches = await connection.fetch(sql("overview_batches"), principal.tenant_id)
+        totals = await connection.fetch(sql("overview_totals"), principal.tenant_id)
+    open_batches = [dict(row) for row in batches]
+    if not principal.is_admin:
+        for batch in open_batches:
+            del batch["request_count"]  # other tenants' share of the batch is not this tenant's business
+    body = {
+        "tenant": principal.tenant_id,
+        "admin": principal.is_admin,
+        "last_event_id": head,
+        "queued": [dict(row) for row in queued],
+        "open_batches": open_batches,
+        "totals": [dict(row) for row in totals],
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
+async def who_am_i(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    return web.json_response({"tenant": principal.tenant_id, "admin": principal.is_admin})
+
+
+async def start_session(request: web.Request) -> web.Response:
+    """Turns the token the request authenticated with into an HttpOnly cookie, so that the dashboard's
+    EventSource (which cannot send headers) is authenticated without a token in its URL."""
+    response = await who_am_i(request)
+    response.set_cookie(
+        TOKEN_COOKIE,
+        _token(request) or "",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/",
+    )
+    return response
+
+
+async def end_session(_request: web.Request) -> web.Response:
+    response = web.json_response({"signed_out": True})
+    response.del_cookie(TOKEN_COOKIE, path="/")
+    return response
+
+
+async def dashboard(_request: web.Request) -> web.FileResponse:
+    return web.FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 def create_app(
-    pool: asyncpg.Pool, ready: Callable[[], bool], admin_token: str | None = None
+    pool: asyncpg.Pool,
+    ready: Callable[[], bool],
+    admin_token: str | None = None,
+    hub: EventHub | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
@@ -108,4 +178,18 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_get("/v1/overview", overview)
+    app.router.add_get("/v1/session", who_am_i)
+    app.router.add_post("/v1/session", start_session)
+    app.router.add_delete("/v1/session", end_session)
+    app.router.add_get("/", dashboard)
+    app.router.add_static("/static/", DASHBOARD)
+    if hub is not None:
+        app[HUB] = hub
+        app.router.add_get("/v1/events", events)
+
+        async def close_streams(_app: web.Application) -> None:
+            await hub.close_all(STREAMS_CLOSE_TIMEOUT_S)
+
+        app.on_shutdown.append(close_streams)
     return app

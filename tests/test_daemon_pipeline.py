@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -66,11 +67,17 @@ async def test_2000_jobs_from_three_tenants_each_get_their_own_result(
         for row in await db.fetch("SELECT type, count(*) AS n FROM batchd.events GROUP BY type")
     }
     batches = await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'applied'")
+    # A batch event per tenant with jobs in the batch: each tenant hears only of its own share.
+    shares = await db.fetch(
+        "SELECT tenant_id, sum(requests) AS n FROM batchd.batch_tenants GROUP BY tenant_id"
+    )
+    assert {row["tenant_id"]: row["n"] for row in shares} == dict(Counter(row["tenant_id"] for row in rows))
+    share_count = await db.fetchval("SELECT count(*) FROM batchd.batch_tenants")
     assert events == {
         "job.submitted": 2000,
         "job.succeeded": 2000,
-        "batch.submitted": batches,
-        "batch.ended": batches,
+        "batch.submitted": share_count,
+        "batch.ended": share_count,
     }
     assert batches >= 2000 // 300
 

@@ -8,13 +8,19 @@ from typing import Any
 from support import EmulatorHandle, wait_until
 
 from batchd.pruner import prune_events
+from batchd.publisher import publish
 
 
 async def add_events(db: Any, count: int, age: timedelta) -> None:
+    """Publishes `count` events as if `age` ago."""
     await db.execute(
-        "INSERT INTO batchd.events (type, tenant_id, created_at)"
-        " SELECT 'job.succeeded', 't', now() - $2::interval FROM generate_series(1, $1)",
+        "INSERT INTO batchd.events (type, tenant_id) SELECT 'job.succeeded', 't' FROM generate_series(1, $1)",
         count,
+    )
+    await publish(db, chunk=10_000)
+    await db.execute(
+        "UPDATE batchd.events SET published_at = now() - $1::interval"
+        " WHERE published_at > now() - interval '1 s'",
         age,
     )
 
@@ -39,3 +45,21 @@ async def test_the_daemon_prunes_on_its_own(
             return await db.fetchval("SELECT count(*) FROM batchd.events") == 5
 
         await wait_until(pruned, timeout=20)
+
+
+async def test_only_a_prefix_of_the_log_goes_so_a_resuming_client_never_meets_a_hole(db: Any) -> None:
+    await add_events(db, 5, timedelta(days=8))
+    await add_events(db, 1, timedelta(hours=1))
+    await add_events(db, 5, timedelta(days=9))  # old again (a clock step): kept, behind a young event
+    assert await prune_events(db, retention_s=7 * 86_400, chunk=100) == 5
+    seqs = [row["seq"] for row in await db.fetch("SELECT seq FROM batchd.events ORDER BY seq")]
+    assert seqs == list(range(6, 12))
+
+
+async def test_unpublished_events_are_never_pruned(db: Any) -> None:
+    await db.execute(
+        "INSERT INTO batchd.events (type, tenant_id, created_at)"
+        " VALUES ('job.failed', 't', now() - interval '30 days')"
+    )
+    assert await prune_events(db, retention_s=60, chunk=100) == 0
+    assert await db.fetchval("SELECT count(*) FROM batchd.events") == 1

@@ -152,6 +152,7 @@ UPDATE batchd.batches
  WHERE id = $1;
 
 -- name: batch_submitted
+-- The batch, its jobs, and the events saying so, at once; each tenant hears of its own share of the batch.
 WITH batch AS (
     UPDATE batchd.batches
        SET provider_batch_id = $2, status = 'in_progress', submitted_at = now(), last_error = NULL,
@@ -168,13 +169,17 @@ WITH batch AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
     SELECT 'job.submitted', tenant_id, id, batch_id, jsonb_build_object('status', 'submitted', 'metadata', metadata)
       FROM jobs
+), shares AS (
+    INSERT INTO batchd.batch_tenants (batch_id, tenant_id, requests)
+    SELECT batch_id, tenant_id, count(*) FROM jobs GROUP BY batch_id, tenant_id
+    ON CONFLICT (batch_id, tenant_id) DO UPDATE SET requests = excluded.requests
+    RETURNING batch_id, tenant_id, requests
 )
-INSERT INTO batchd.events (type, batch_id, data)
-SELECT 'batch.submitted', id,
-       jsonb_build_object('provider_batch_id', provider_batch_id, 'request_count', request_count,
-                          'adopted', $3::boolean)
-  FROM batch
-RETURNING batch_id;
+INSERT INTO batchd.events (type, tenant_id, batch_id, data)
+SELECT 'batch.submitted', shares.tenant_id, batch.id,
+       jsonb_build_object('status', 'in_progress', 'provider_batch_id', batch.provider_batch_id,
+                          'requests', shares.requests, 'adopted', $3::boolean)
+  FROM shares JOIN batch ON batch.id = shares.batch_id;
 
 -- name: split_batch
 -- A 413: half the jobs move to a new pending batch; each half is tried on its own.
@@ -268,11 +273,13 @@ SELECT id FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitted';
 WITH batch AS (
     UPDATE batchd.batches SET status = 'applied', applied_at = now(), lease_until = NULL
      WHERE id = $1 AND status = 'ended'
-    RETURNING id, provider_batch_id, request_counts
+    RETURNING id, provider_batch_id
 )
-INSERT INTO batchd.events (type, batch_id, data)
-SELECT 'batch.ended', id, jsonb_build_object('provider_batch_id', provider_batch_id, 'request_counts', request_counts)
-  FROM batch;
+INSERT INTO batchd.events (type, tenant_id, batch_id, data)
+SELECT 'batch.ended', shares.tenant_id, batch.id,
+       jsonb_build_object('status', 'ended', 'provider_batch_id', batch.provider_batch_id,
+                          'requests', shares.requests)
+  FROM batch JOIN batchd.batch_tenants AS shares ON shares.batch_id = batch.id;
 
 -- name: provider_copy_deleted
 UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1;
@@ -282,15 +289,49 @@ UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1;
 NOTIFY batchd_probe;
 
 -- name: prune_events
--- One bounded chunk of expired events, oldest first; SKIP LOCKED lets two daemons prune side by side.
-WITH expired AS (
-    SELECT id FROM batchd.events
-     WHERE created_at < now() - make_interval(secs => $1)
-     ORDER BY id
-     LIMIT $2
-       FOR UPDATE SKIP LOCKED
+-- One bounded chunk of the oldest published events past retention. It deletes a prefix of seq only (it
+-- stops at the first young event), so a resuming client is served in full or told to reset, never a hole.
+WITH oldest AS (
+    SELECT id, seq, published_at FROM batchd.events WHERE seq IS NOT NULL ORDER BY seq LIMIT $2
+), young AS (
+    SELECT min(seq) AS seq FROM oldest WHERE published_at >= now() - make_interval(secs => $1)
 )
-DELETE FROM batchd.events AS e USING expired WHERE e.id = expired.id;
+DELETE FROM batchd.events AS e
+ USING oldest
+ WHERE e.id = oldest.id AND oldest.seq < coalesce((SELECT seq FROM young), 9223372036854775807);
+
+-- name: publish_events
+SELECT batchd.publish_events($1);
+
+-- name: event_log_head
+SELECT published_seq FROM batchd.event_log;
+
+-- name: oldest_event_seq
+SELECT min(seq) FROM batchd.events;
+
+-- name: published_events
+-- What the SSE hub fans out: every tenant's events after the last it has, in seq order, as each is sent.
+SELECT seq, type, tenant_id, job_id, batch_id,
+       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
+                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
+  FROM batchd.events
+ WHERE seq > $1
+ ORDER BY seq
+ LIMIT $2;
+
+-- name: replay_events
+-- What a resuming client missed, up to where the hub has got ($2), with its filters (null: any).
+SELECT seq, type, tenant_id, job_id, batch_id,
+       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
+                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
+  FROM batchd.events
+ WHERE seq > $1 AND seq <= $2
+   AND ($3::text IS NULL OR tenant_id = $3)
+   AND ($4::uuid IS NULL OR job_id = $4)
+   AND ($5::uuid IS NULL OR batch_id = $5)
+   AND ($6::text[] IS NULL OR type = ANY ($6))
+ ORDER BY seq
+ LIMIT $7;
 
 -- name: notify_events
 SELECT pg_notify('batchd_events', '');
@@ -312,6 +353,9 @@ SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata, error, usa
        submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
+-- name: job_tenant
+SELECT tenant_id FROM batchd.jobs WHERE id = $1;
+
 -- name: create_database
 -- For the demo, which makes a database of its own; {database} is a generated, quoted name.
 CREATE DATABASE {database};
@@ -324,11 +368,11 @@ DROP DATABASE IF EXISTS {database} WITH (FORCE);
 INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata) VALUES ($1, $2, $3, $4);
 
 -- name: events_since
-SELECT e.id, e.type, e.tenant_id, j.job_type, j.result, j.error
+SELECT e.seq, e.type, e.tenant_id, j.job_type, j.result, j.error
   FROM batchd.events AS e
   LEFT JOIN batchd.jobs AS j ON j.id = e.job_id
- WHERE e.id > $1 AND e.type = ANY($2::text[])
- ORDER BY e.id;
+ WHERE e.seq > $1 AND e.type = ANY($2::text[])
+ ORDER BY e.seq;
 
 -- name: usage_totals
 SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
@@ -347,7 +391,7 @@ SELECT id, provider_batch_id, status, request_count, request_counts, created_at,
 
 -- name: recent_outcomes
 SELECT type, count(*) AS events FROM batchd.events
- WHERE created_at > now() - make_interval(secs => $1) GROUP BY type ORDER BY type;
+ WHERE published_at > now() - make_interval(secs => $1) GROUP BY type ORDER BY type;
 
 -- name: add_tenant
 -- A tenant may be added again: it gets one more token.
@@ -370,3 +414,40 @@ UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at 
 
 -- name: token_tenant
 SELECT tenant_id FROM batchd.tokens WHERE token_sha256 = $1 AND revoked_at IS NULL;
+
+-- name: overview_head
+-- The dashboard's snapshot starts here (read first, in the same REPEATABLE READ transaction as the rest).
+SELECT published_seq FROM batchd.event_log;
+
+-- name: overview_queued
+SELECT tenant_id, count(*) AS jobs, extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
+  FROM batchd.jobs
+ WHERE status = 'queued' AND ($1::text IS NULL OR tenant_id = $1)
+ GROUP BY tenant_id
+ ORDER BY tenant_id;
+
+-- name: overview_batches
+-- Open batches with the asker's requests still in them (every tenant's for the admin).
+SELECT b.id, b.provider_batch_id, b.status, count(*) AS in_flight, b.request_count,
+       extract(epoch FROM now() - b.created_at)::float8 AS age_s
+  FROM batchd.batches AS b
+  JOIN batchd.jobs AS j ON j.batch_id = b.id AND j.status IN ('submitting', 'submitted')
+ WHERE b.status IN ('pending', 'in_progress', 'ended') AND ($1::text IS NULL OR j.tenant_id = $1)
+ GROUP BY b.id
+ ORDER BY b.created_at;
+
+-- name: overview_totals
+-- Finished jobs and the tokens they used, per tenant. A scan of the tenant's jobs: the dashboard asks
+-- for it when it opens and every half minute, not per event.
+SELECT tenant_id,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'canceled') AS canceled,
+       coalesce(sum((usage ->> 'input_tokens')::bigint), 0) AS input_tokens,
+       coalesce(sum((usage ->> 'output_tokens')::bigint), 0) AS output_tokens,
+       coalesce(sum((usage ->> 'cache_read_input_tokens')::bigint), 0) AS cache_read_input_tokens,
+       coalesce(sum((usage ->> 'cache_creation_input_tokens')::bigint), 0) AS cache_creation_input_tokens
+  FROM batchd.jobs
+ WHERE status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR tenant_id = $1)
+ GROUP BY tenant_id
+ ORDER BY tenant_id;

@@ -1,0 +1,220 @@
+"""The event hub: one per process, it reads published events once and fans them out to every SSE stream.
+
+The hub follows the event log (`seq`, see publisher.py) with one query per wake-up, whoever is listening,
+and frames each event once; a stream only holds references to frames. Each subscriber has a bounded buffer:
+a client that reads too slowly is cut off (its stream ends with a final event) instead of growing it.
+
+The hub's `head` is the last seq it has fanned out. Subscribing is synchronous and takes effect at `head`:
+a stream that has replayed everything up to `head` from the table and subscribes without yielding in
+between misses nothing and gets nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from .config import EventsSettings
+from .context import wait_for_any
+from .flusher import DB_ERRORS
+from .store import sql
+
+log = structlog.get_logger("batchd.events")
+
+FETCH_PAGE = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    type: str
+    tenant_id: str | None
+    job_id: uuid.UUID | None
+    batch_id: uuid.UUID | None
+    frame: bytes
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Event:
+        # jsonb's text form is one line (newlines in strings are escaped), as a data: field needs.
+        frame = f"id: {row['seq']}\nevent: {row['type']}\ndata: {row['data']}\n\n".encode()
+        return cls(row["seq"], row["type"], row["tenant_id"], row["job_id"], row["batch_id"], frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a stream wants. `tenant_id` None is the admin's: every tenant."""
+
+    tenant_id: str | None
+    job_id: uuid.UUID | None = None
+    batch_id: uuid.UUID | None = None
+    types: frozenset[str] | None = None
+
+    def matches(self, event: Event) -> bool:
+        return (
+            (self.job_id is None or event.job_id == self.job_id)
+            and (self.batch_id is None or event.batch_id == self.batch_id)
+            and (self.types is None or event.type in self.types)
+        )
+
+
+class Subscriber:
+    """One stream's live feed: frames waiting to be written, at most `limit_bytes` of them."""
+
+    def __init__(self, event_filter: Filter, limit_bytes: int, start_seq: int) -> None:
+        self.filter = event_filter
+        self.limit_bytes = limit_bytes
+        self.start_seq = start_seq
+        self.ready = asyncio.Event()
+        self.cut_reason: str | None = None
+        self.peak_bytes = 0
+        self._frames: list[bytes] = []
+        self._bytes = 0
+
+    def offer(self, event: Event) -> None:
+        if self.cut_reason is not None:
+            return
+        size = self._bytes + len(event.frame)
+        if size > self.limit_bytes:
+            self.cut("slow_consumer")
+            return
+        self._frames.append(event.frame)
+        self._bytes = size
+        self.peak_bytes = max(self.peak_bytes, size)
+        self.ready.set()
+
+    def cut(self, reason: str) -> None:
+        """Ends the stream: what is buffered is dropped (the client resumes from its last id)."""
+        if self.cut_reason is None:
+            self.cut_reason = reason
+        self._frames.clear()
+        self._bytes = 0
+        self.ready.set()
+
+    def take(self) -> bytes:
+        data = b"".join(self._frames)
+        self._frames.clear()
+        self._bytes = 0
+        self.ready.clear()
+        return data
+
+
+class EventHub:
+    def __init__(self, pool: asyncpg.Pool, settings: EventsSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.head = 0
+        self.closing = False
+        self.fanned_out = 0
+        self.cut_off = 0
+        self._tenants: dict[str | None, set[Subscriber]] = {}
+        self._streams: Counter[str | None] = Counter()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._wake = asyncio.Event()
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(group) for group in self._tenants.values())
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self._streams.values())
+
+    async def start(self) -> None:
+        """Starts at the log's current end: a new stream without a last id is live from here."""
+        self.head = await self.pool.fetchval(sql("event_log_head"))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def subscribe(self, event_filter: Filter) -> Subscriber:
+        subscriber = Subscriber(event_filter, self.settings.client_buffer_bytes, self.head)
+        self._tenants.setdefault(event_filter.tenant_id, set()).add(subscriber)
+        if self.closing:
+            subscriber.cut("shutdown")
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        group = self._tenants.get(subscriber.filter.tenant_id)
+        if group is not None:
+            group.discard(subscriber)
+            if not group:
+                del self._tenants[subscriber.filter.tenant_id]
+
+    @contextmanager
+    def stream_slot(self, tenant_id: str | None) -> Iterator[bool]:
+        """Counts an open stream against its tenant's limit (the admin has one of its own); yields False
+        when the limit is reached."""
+        if self._streams[tenant_id] >= self.settings.max_streams_per_tenant:
+            yield False
+            return
+        self._streams[tenant_id] += 1
+        self._idle.clear()
+        try:
+            yield True
+        finally:
+            self._streams[tenant_id] -= 1
+            if self._streams[tenant_id] <= 0:
+                del self._streams[tenant_id]
+            if not self._streams:
+                self._idle.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self._wake.clear()
+            try:
+                await self._catch_up()
+            except DB_ERRORS as error:
+                log.warning("events.database_error", error=str(error))
+                if await _sleep_unless(stopping, 1.0):
+                    return
+                continue
+            await wait_for_any(self._wake, stopping, seconds=self.settings.poll_interval_s)
+
+    async def _catch_up(self) -> None:
+        async with self.pool.acquire() as connection:
+            while True:
+                if not self._tenants:
+                    # Nobody listens: skip the events rather than read them, unless a stream subscribed
+                    # (at the old head) while the query ran.
+                    latest = await connection.fetchval(sql("event_log_head"))
+                    if not self._tenants:
+                        self.head = max(self.head, latest)
+                        return
+                rows = await connection.fetch(sql("published_events"), self.head, FETCH_PAGE)
+                self._fan_out([Event.from_row(row) for row in rows])
+                if len(rows) < FETCH_PAGE:
+                    return
+
+    def _fan_out(self, events: list[Event]) -> None:
+        admins = self._tenants.get(None, ())
+        for event in events:
+            for group in (self._tenants.get(event.tenant_id, ()), admins) if event.tenant_id else (admins,):
+                for subscriber in group:
+                    if subscriber.filter.matches(event):
+                        subscriber.offer(event)
+            self.head = event.seq
+        self.fanned_out += len(events)
+
+    async def close_all(self, timeout_s: float) -> None:
+        """Ends every stream (each gets a final event) and waits up to `timeout_s` for them to finish."""
+        self.closing = True
+        for group in self._tenants.values():
+            for subscriber in group:
+                subscriber.cut("shutdown")
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        except TimeoutError:
+            log.warning("events.streams_still_open", streams=self.open_streams)
+
+
+async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> bool:
+    await wait_for_any(stopping, seconds=seconds)
+    return stopping.is_set()

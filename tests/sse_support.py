@@ -1,0 +1,119 @@
+"""A test client of `GET /v1/events`, and what the event log says a stream should have carried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from support import wait_until
+
+from batchd.sse_client import Message, messages
+
+
+class Collector:
+    """Reads a stream in the background; `messages` grows as blocks arrive (heartbeats included)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.messages: list[Message] = []
+        self.ended = asyncio.Event()
+        self.arrivals: list[float] = []
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in messages(self.response.content.iter_any()):
+                self.messages.append(message)
+                self.arrivals.append(time.monotonic())
+        except (aiohttp.ClientError, ConnectionError):
+            pass
+        finally:
+            self.ended.set()
+
+    @property
+    def events(self) -> list[Message]:
+        return [message for message in self.messages if message.is_event]
+
+    @property
+    def ids(self) -> list[int]:
+        return [int(message.id) for message in self.events if message.id is not None]
+
+    @property
+    def last_id(self) -> int | None:
+        ids = self.ids
+        return ids[-1] if ids else None
+
+    def data(self) -> list[dict[str, Any]]:
+        return [json.loads(message.data) for message in self.events if message.id is not None]
+
+    async def until(self, condition: Callable[[Collector], bool], timeout: float = 20.0) -> None:
+        async def met() -> bool:
+            if condition(self):
+                return True
+            if self.ended.is_set():
+                raise AssertionError(f"the stream ended first; it carried {self.messages[-3:]}")
+            return False
+
+        await wait_until(met, timeout=timeout, interval=0.01)
+
+    async def close(self) -> None:
+        """Drops the connection without ceremony, as a killed client would."""
+        self._task.cancel()
+        self.response.close()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@asynccontextmanager
+async def sse_stream(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    token: str | None,
+    *,
+    last_event_id: int | None = None,
+    in_query: bool = False,
+    expect_status: int = 200,
+    **params: str,
+) -> AsyncIterator[Collector]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if last_event_id is not None:
+        if in_query:
+            params["last_event_id"] = str(last_event_id)
+        else:
+            headers["Last-Event-ID"] = str(last_event_id)
+    response = await session.get(f"{base_url}/v1/events", headers=headers, params=params)
+    if response.status != expect_status:
+        body = await response.text()
+        response.close()
+        raise AssertionError(f"GET /v1/events answered {response.status}: {body}")
+    collector = Collector(response)
+    try:
+        yield collector
+    finally:
+        await collector.close()
+
+
+async def all_published(db: Any) -> bool:
+    return bool(await db.fetchval("SELECT count(*) = 0 FROM batchd.events WHERE seq IS NULL"))
+
+
+async def logged(db: Any, tenant: str | None = None) -> list[tuple[int, str, str | None]]:
+    """The published events a stream of `tenant` (None: the admin) must carry: (seq, type, job id)."""
+    await wait_until(lambda: all_published(db), timeout=20)
+    rows = await db.fetch(
+        "SELECT seq, type, job_id FROM batchd.events WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY seq",
+        tenant,
+    )
+    return [(row["seq"], row["type"], str(row["job_id"]) if row["job_id"] else None) for row in rows]
+
+
+def carried(collector: Collector) -> list[tuple[int, str, str | None]]:
+    return [
+        (int(message.id), message.event, json.loads(message.data).get("job_id"))
+        for message in collector.events
+        if message.id is not None and message.event != "reset"
+    ]
