@@ -161,7 +161,9 @@ class Daemon:
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
         admin = admin_token(self.settings)
         app = create_app(pool, listener.connected.is_set, admin.get_secret_value() if admin else None, hub)
-        runner = web.AppRunner(app, access_log=None)
+        # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
+        # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, self.settings.http.host, self.settings.http.port).start()
         host, port = runner.addresses[0][:2]

@@ -65,44 +65,57 @@ class Filter:
 
 
 class Subscriber:
-    """One stream's live feed: frames waiting to be written, at most `limit_bytes` of them."""
+    """One stream's live feed: frames waiting to be written, at most `limit_bytes` of them.
+
+    When an event would overflow the buffer, the buffer is dropped and the subscriber marked `behind`: its
+    stream goes back to reading the table from the last event it wrote, at the client's pace, and
+    subscribes again once caught up. A burst never costs more than `limit_bytes` per stream.
+    """
 
     def __init__(self, event_filter: Filter, limit_bytes: int, start_seq: int) -> None:
         self.filter = event_filter
         self.limit_bytes = limit_bytes
         self.start_seq = start_seq
         self.ready = asyncio.Event()
+        self.behind = False
         self.cut_reason: str | None = None
         self.peak_bytes = 0
         self._frames: list[bytes] = []
         self._bytes = 0
+        self._last_seq = start_seq
 
     def offer(self, event: Event) -> None:
-        if self.cut_reason is not None:
+        if self.behind or self.cut_reason is not None:
             return
         size = self._bytes + len(event.frame)
         if size > self.limit_bytes:
-            self.cut("slow_consumer")
+            self.behind = True
+            self._drop()
             return
         self._frames.append(event.frame)
         self._bytes = size
+        self._last_seq = event.seq
         self.peak_bytes = max(self.peak_bytes, size)
         self.ready.set()
 
     def cut(self, reason: str) -> None:
-        """Ends the stream: what is buffered is dropped (the client resumes from its last id)."""
+        """Ends the stream (what is buffered is dropped: the client resumes from its last id)."""
         if self.cut_reason is None:
             self.cut_reason = reason
-        self._frames.clear()
-        self._bytes = 0
-        self.ready.set()
+        self._drop()
 
-    def take(self) -> bytes:
+    def take(self) -> tuple[bytes, int]:
+        """The frames waiting, and the seq of the last of them."""
         data = b"".join(self._frames)
         self._frames.clear()
         self._bytes = 0
         self.ready.clear()
-        return data
+        return data, self._last_seq
+
+    def _drop(self) -> None:
+        self._frames.clear()
+        self._bytes = 0
+        self.ready.set()
 
 
 class EventHub:
@@ -113,6 +126,9 @@ class EventHub:
         self.closing = False
         self.fanned_out = 0
         self.cut_off = 0
+        self.fell_behind = 0
+        # The most any one stream has had waiting in its buffer (bounded by client_buffer_bytes).
+        self.peak_buffered_bytes = 0
         self._tenants: dict[str | None, set[Subscriber]] = {}
         self._streams: Counter[str | None] = Counter()
         self._idle = asyncio.Event()
@@ -142,6 +158,7 @@ class EventHub:
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, subscriber.peak_bytes)
         group = self._tenants.get(subscriber.filter.tenant_id)
         if group is not None:
             group.discard(subscriber)

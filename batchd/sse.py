@@ -6,9 +6,12 @@ head, then subscribes to the hub at that very head without yielding in between: 
 once. An id older than the retained log (or from another database) gets `event: reset` with the current
 head as its id, then live events: the client should reload its state.
 
-A stream ends with `event: disconnect` (no id, so the client's last id stands) when the client reads too
-slowly for its bounded buffer (`slow_consumer`) or the server stops (`shutdown`); EventSource then
-reconnects with its last id and misses nothing.
+Memory per stream is bounded: live events wait in a buffer of at most `client_buffer_bytes`; a burst
+that would overflow it drops the buffer and the stream goes on from the table, from the last event it
+wrote, at the client's pace (then live again). A client that does not read for `send_timeout_s` is cut
+off. A stream ends with `event: disconnect` (no id, so the client's last id stands) for such a client
+(`slow_consumer`) or when the server stops (`shutdown`); EventSource then reconnects with its last id and
+misses nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Mapping
+from contextlib import suppress
 
 import structlog
 from aiohttp import web
@@ -51,6 +55,10 @@ HEADERS = {
 
 class BadRequestError(ValueError):
     pass
+
+
+class SlowClientError(Exception):
+    """A write waited `send_timeout_s` for the client to read."""
 
 
 def parse_filter(query: Mapping[str, str], principal: Principal) -> Filter:
@@ -90,34 +98,60 @@ def _frame(event: str, data: Mapping[str, object], event_id: int | None = None) 
 
 
 class Stream:
-    """One client's open response and the steps of serving it."""
+    """One client's open response and the steps of serving it. `position` is the seq of the last event the
+    client has been sent (or the point it was subscribed at): where it goes on from after falling behind."""
 
     def __init__(self, request: web.Request, response: web.StreamResponse, hub: EventHub) -> None:
         self.request = request
         self.response = response
         self.hub = hub
         self.settings = hub.settings
+        self.subscriber: Subscriber | None = None
+        self.position = 0
+
+    async def serve(self, event_filter: Filter, last: int | None) -> None:
+        retry = f"retry: {self.settings.retry_ms}\n\n".encode()
+        if last is None:
+            # Subscribed before the first byte goes out: a client that has read `retry:` will see
+            # every event published from then on.
+            subscriber = self.subscribe(event_filter)
+            await self.write(retry)
+        else:
+            await self.write(retry)
+            subscriber = await self.catch_up(event_filter, last)
+        while await self.live(subscriber):
+            # It fell behind: its buffer was dropped. Go on from the table, from what it was last sent.
+            self.hub.fell_behind += 1
+            self.unsubscribe()
+            subscriber = await self.catch_up(event_filter, self.position)
+
+    def subscribe(self, event_filter: Filter) -> Subscriber:
+        self.subscriber = self.hub.subscribe(event_filter)
+        self.position = self.subscriber.start_seq
+        return self.subscriber
+
+    def unsubscribe(self) -> None:
+        if self.subscriber is not None:
+            self.hub.unsubscribe(self.subscriber)
+            self.subscriber = None
 
     async def write(self, data: bytes, timeout_s: float | None = None) -> None:
-        """Writes, or raises ConnectionError when the client is gone or has not read for too long."""
+        """Writes; raises ConnectionError when the client is gone, SlowClientError when it has not read
+        for `send_timeout_s` (the data is then in the transport's buffer, still to be sent)."""
+        timeout_s = timeout_s or self.settings.send_timeout_s
         try:
-            timeout_s = timeout_s or self.settings.send_timeout_s
             await asyncio.wait_for(self.response.write(data), timeout=timeout_s)
         except TimeoutError:
-            if self.request.transport is not None:
-                self.request.transport.abort()
-            raise ConnectionAbortedError("the client stopped reading") from None
+            raise SlowClientError from None
 
-    async def catch_up(self, event_filter: Filter, last: int | None) -> Subscriber:
+    async def catch_up(self, event_filter: Filter, last: int) -> Subscriber:
         """Replays what the client missed, then subscribes at the hub's head (see the module's doc)."""
-        if last is None:
-            return self.hub.subscribe(event_filter)
         problem = await self._resume_problem(last)
         cursor = last
         while problem is None:
             upto = self.hub.head
             if cursor >= upto or self.hub.closing:
-                return self.hub.subscribe(event_filter)  # no await since reading hub.head
+                return self.subscribe(event_filter)  # no await since reading hub.head
             async with self.hub.pool.acquire() as connection:
                 rows = await connection.fetch(
                     sql("replay_events"),
@@ -138,7 +172,8 @@ class Stream:
             if rows:
                 await self.write(b"".join(Event.from_row(row).frame for row in rows))
             cursor = rows[-1]["seq"] if len(rows) == self.settings.replay_page else upto
-        subscriber = self.hub.subscribe(event_filter)
+            self.position = cursor
+        subscriber = self.subscribe(event_filter)
         await self.write(
             _frame(
                 "reset",
@@ -158,7 +193,8 @@ class Stream:
             return f"events after {last} are past the retention of {self.settings.retention_s:g} s"
         return None
 
-    async def live(self, subscriber: Subscriber) -> None:
+    async def live(self, subscriber: Subscriber) -> bool:
+        """Writes live events until the stream ends (False) or falls behind (True)."""
         heartbeat = self.settings.heartbeat_s
         while True:
             try:
@@ -168,10 +204,15 @@ class Stream:
                 continue
             if subscriber.cut_reason is not None:
                 await self.finish(subscriber.cut_reason)
-                return
-            await self.write(subscriber.take())
+                return False
+            if subscriber.behind:
+                return True
+            data, last_seq = subscriber.take()
+            await self.write(data)
+            self.position = last_seq
 
     async def finish(self, reason: str) -> None:
+        """The stream's last event, then the end of the response."""
         if reason == "slow_consumer":
             self.hub.cut_off += 1
             log.info("sse.slow_consumer_cut_off", peer=self.request.remote)
@@ -180,7 +221,16 @@ class Stream:
             "shutdown": "the server is stopping",
         }.get(reason, reason)
         data = {"reason": reason, "detail": f"{detail}; reconnect with Last-Event-ID"}
-        await self.write(_frame("disconnect", data), FINAL_WRITE_TIMEOUT_S)
+        try:
+            await self.write(_frame("disconnect", data), FINAL_WRITE_TIMEOUT_S)
+        except SlowClientError:
+            # The event waits in the transport's buffer: close after it is sent, or for good if the
+            # client never reads it.
+            transport = self.request.transport
+            if transport is not None:
+                transport.close()
+                asyncio.get_running_loop().call_later(self.settings.send_timeout_s, transport.abort)
+            raise ConnectionAbortedError("closed on a client that does not read") from None
 
 
 async def stream_events(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -205,14 +255,13 @@ async def stream_events(request: web.Request, principal: Principal) -> web.Strea
         response = web.StreamResponse(headers=HEADERS)
         await response.prepare(request)
         stream = Stream(request, response, hub)
-        subscriber: Subscriber | None = None
         try:
-            await stream.write(f"retry: {hub.settings.retry_ms}\n\n".encode())
-            subscriber = await stream.catch_up(event_filter, last)
-            await stream.live(subscriber)
+            await stream.serve(event_filter, last)
+        except SlowClientError:
+            with suppress(ConnectionError):
+                await stream.finish("slow_consumer")
         except ConnectionError:
             pass  # the client left (or was cut off): nothing more to say to it
         finally:
-            if subscriber is not None:
-                hub.unsubscribe(subscriber)
+            stream.unsubscribe()
         return response

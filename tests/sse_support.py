@@ -92,6 +92,9 @@ async def sse_stream(
         raise AssertionError(f"GET /v1/events answered {response.status}: {body}")
     collector = Collector(response)
     try:
+        # The server subscribes a stream before its first block (`retry:`) goes out: once it is here,
+        # every event published from now on will come.
+        await collector.until(lambda c: bool(c.messages), timeout=10)
         yield collector
     finally:
         await collector.close()

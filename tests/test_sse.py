@@ -7,19 +7,24 @@ stream must carry is read back from the event log and compared event for event.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from sse_support import Collector, carried, logged, sse_stream
-from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs
+from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
 
 from batchd import tenants
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
+from batchd.pruner import prune_events
 
 ADMIN_TOKEN = "admin-" + "y" * 32
 
@@ -174,3 +179,216 @@ async def test_a_client_cut_mid_stream_resumes_with_every_event_once_while_jobs_
     assert [e[0] for e in received] == [e[0] for e in expected], "events missed or out of order"
     assert received == expected
     assert sum(1 for e in received if e[1] == "job.succeeded") == 360
+
+
+@pytest.mark.slow
+async def test_500_concurrent_clients_each_receive_every_event_of_theirs_once(
+    db: Any, serve: Any, session: aiohttp.ClientSession
+) -> None:
+    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    names = [f"tenant{n}" for n in range(5)]
+    tokens = {name: await tenants.add_tenant(db, name) for name in names}
+    async with serve() as (daemon, url), AsyncExitStack() as streams:
+        clients = {
+            name: [
+                await streams.enter_async_context(sse_stream(session, url, tokens[name])) for _ in range(100)
+            ]
+            for name in names
+        }
+        assert daemon.hub is not None
+        assert daemon.hub.subscribers == 500
+        for name in names:
+            await insert_raw(db, name, [f"{name} job {n}" for n in range(20)])
+        await wait_for_jobs(db, done=100)
+        for name in names:
+            expected = await logged(db, name)
+            for client in clients[name]:
+                await client.until(lambda c, last=expected[-1][0]: (c.last_id or 0) >= last)
+                assert carried(client) == expected
+
+
+async def add_published_events(db: Any, tenant: str, count: int, padding: int = 0) -> None:
+    """Events as the daemon writes them, without running jobs: the stream's side is what is tested."""
+    await db.execute(
+        "INSERT INTO batchd.events (type, tenant_id, job_id, data)"
+        " SELECT 'job.canceled', $1, gen_random_uuid(),"
+        "        jsonb_build_object('status', 'canceled',"
+        "                           'metadata', jsonb_build_object('pad', repeat('x', $3)))"
+        "   FROM generate_series(1, $2)",
+        tenant,
+        count,
+        padding,
+    )
+    await db.execute("NOTIFY batchd_events")
+
+
+async def open_raw_stream(url: str, token: str, receive_buffer: int) -> tuple[Any, Any]:
+    """A client with a tiny receive buffer that sends its request and then does not read."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    # asyncio reads ahead into the reader's buffer until it holds twice `limit`: keep that small.
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(f"GET /v1/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.slow
+async def test_a_client_that_reads_too_slowly_is_cut_off_and_memory_stays_bounded(
+    db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    buffer = 64 * 1024
+    async with serve(client_buffer_bytes=buffer, send_timeout_s=1.0) as (daemon, url):
+        hub = daemon.hub
+        assert hub is not None
+        reader, writer = await open_raw_stream(url, tokens["acme"], receive_buffer=4096)
+        try:
+            async with sse_stream(session, url, tokens["acme"]) as fast:
+                await wait_until(holds(lambda: hub.subscribers == 2))
+                rss_before = _rss_bytes()
+                for _ in range(10):  # 40 MB of events: far more than any socket buffer holds
+                    await add_published_events(db, "acme", 1000, padding=4000)
+                expected = await logged(db, "acme")
+                await fast.until(lambda c: c.last_id == expected[-1][0], timeout=60)
+                await wait_until(holds(lambda: hub.cut_off == 1), timeout=30)
+                rss_growth = _rss_bytes() - rss_before
+            body = await asyncio.wait_for(reader.read(), timeout=30)  # the rest, up to the server's close
+        finally:
+            writer.close()
+    assert carried(fast) == expected, "a fast client beside the slow one gets everything"
+    head, _, stream = body.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    blocks = [b for b in _unchunk(stream).split(b"\n\n") if b.strip()]
+    final = blocks[-1].decode()
+    assert final.startswith("event: disconnect\ndata: ")
+    assert json.loads(final.partition("data: ")[2])["reason"] == "slow_consumer"
+    ids = [int(b.split(b"\n")[0].removeprefix(b"id: ")) for b in blocks if b.startswith(b"id: ")]
+    assert ids == [e[0] for e in expected[: len(ids)]], "what it got before the cut is a prefix, in order"
+    assert len(ids) < len(expected) / 2
+    assert hub.peak_buffered_bytes <= buffer
+    assert hub.fell_behind >= 1, "bursts larger than the buffer sent the fast client back to the table"
+    assert rss_growth < 100 * 2**20, f"the server grew by {rss_growth / 2**20:.0f} MiB"
+
+
+def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return check()
+
+    return condition
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _unchunk(body: bytes) -> bytes:
+    """Decodes HTTP/1.1 chunked transfer encoding (a truncated last chunk is kept as it is)."""
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
+async def test_bad_tokens_wrong_tenants_bad_input_and_too_many_streams_are_refused(
+    db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    (globex_job,) = await insert_raw(db, "globex", ["theirs"])
+    async with serve(max_streams_per_tenant=2) as (_, url):
+
+        async def status(token: str | None, headers: dict[str, str] | None = None, **params: str) -> int:
+            sent = {"Authorization": f"Bearer {token}"} if token else {}
+            async with session.get(
+                f"{url}/v1/events", headers={**sent, **(headers or {})}, params=params
+            ) as r:
+                return r.status
+
+        assert await status(None) == 401
+        assert await status("bdt_not-a-token") == 401
+        assert await status(None, access_token="bdt_not-a-token") == 401
+        assert await status(tokens["acme"], job_id=str(globex_job)) == 404, "another tenant's job"
+        assert await status(tokens["acme"], job_id=str(uuid.uuid4())) == 404
+        assert await status(tokens["acme"], job_id="42") == 400
+        assert await status(tokens["acme"], types="job.exploded") == 400
+        assert await status(tokens["acme"], headers={"Last-Event-ID": "-1"}) == 400
+        assert await status(tokens["acme"], headers={"Last-Event-ID": "9" * 30}) == 400
+        assert await status(tokens["acme"], last_event_id="abc") == 400
+        await db.execute("UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = 'globex'")
+        assert await status(tokens["globex"]) == 401, "a revoked token"
+        async with (
+            sse_stream(session, url, tokens["acme"]),
+            sse_stream(session, url, tokens["acme"]),
+            sse_stream(session, url, ADMIN_TOKEN),
+        ):
+            assert await status(tokens["acme"]) == 429
+            assert await status(None, access_token=tokens["acme"]) == 429
+            async with sse_stream(session, url, ADMIN_TOKEN):
+                pass  # the admin's streams count apart from any tenant's
+        # Streams closed by their clients give their places back.
+        async with sse_stream(session, url, tokens["acme"]), sse_stream(session, url, tokens["acme"]):
+            pass
+
+
+async def test_a_resume_from_before_the_retained_log_gets_reset_then_live_events(
+    db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    async with serve() as (daemon, url):
+        await add_published_events(db, "acme", 30)
+        await wait_until(holds(lambda: daemon.hub is not None and daemon.hub.head == 30))
+        await db.execute("UPDATE batchd.events SET published_at = now() - interval '30 days' WHERE seq <= 20")
+        assert await prune_events(db, retention_s=86_400, chunk=100) == 20
+        # Event 25 is still there: resuming after it is served in full.
+        async with sse_stream(session, url, tokens["acme"], last_event_id=25) as fine:
+            await fine.until(lambda c: c.last_id == 30)
+        assert fine.ids == [26, 27, 28, 29, 30]
+        # Events 6..20 are gone: a client that last saw 5 is told so, given the head as its new id, and
+        # then carries on live.
+        async with sse_stream(session, url, tokens["acme"], last_event_id=5) as stale:
+            await stale.until(lambda c: bool(c.events))
+            reset = stale.events[0]
+            assert reset.event == "reset"
+            assert reset.id == "30"
+            assert json.loads(reset.data)["last_event_id"] == 5
+            await add_published_events(db, "acme", 1)
+            await stale.until(lambda c: c.last_id == 31)
+        assert [m.event for m in stale.events] == ["reset", "job.canceled"]
+        async with sse_stream(session, url, tokens["acme"], last_event_id=10**12) as future:
+            await future.until(lambda c: bool(c.events))
+        assert future.events[0].event == "reset", "an id this database never sent"
+
+
+async def test_headers_retry_advice_and_heartbeats(
+    tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    async with (
+        serve(heartbeat_s=0.2, retry_ms=1500) as (_, url),
+        sse_stream(session, url, tokens["acme"]) as stream,
+    ):
+        headers = stream.response.headers
+        assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert headers["Cache-Control"] == "no-cache"
+        assert headers["X-Accel-Buffering"] == "no"
+        assert "Content-Encoding" not in headers, "aiohttp asks for gzip by default; none is applied"
+        await stream.until(lambda c: sum(1 for m in c.messages if m.comments == ["heartbeat"]) >= 2)
+        assert stream.messages[0].retry == 1500
+
+
+async def test_shutdown_closes_every_stream_with_a_final_event(
+    tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    async with AsyncExitStack() as streams:
+        async with serve() as (_, url):
+            acme = await streams.enter_async_context(sse_stream(session, url, tokens["acme"]))
+            admin = await streams.enter_async_context(sse_stream(session, url, ADMIN_TOKEN))
+        # The daemon has stopped: each stream got its final event, then the end of the response.
+        for stream in (acme, admin):
+            await asyncio.wait_for(stream.ended.wait(), timeout=10)
+            assert stream.messages[-1].event == "disconnect"
+            assert json.loads(stream.messages[-1].data)["reason"] == "shutdown"
