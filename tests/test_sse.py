@@ -392,3 +392,34 @@ async def test_shutdown_closes_every_stream_with_a_final_event(
             await asyncio.wait_for(stream.ended.wait(), timeout=10)
             assert stream.messages[-1].event == "disconnect"
             assert json.loads(stream.messages[-1].data)["reason"] == "shutdown"
+
+
+async def test_curl_as_the_readme_shows_it(db: Any, tokens: dict[str, str], serve: Any) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("curl -N ")]
+    assert "$BATCHD_TOKEN" in command
+    assert "http://127.0.0.1:8080/v1/events" in command
+    async with serve() as (_, url):
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            command.replace("http://127.0.0.1:8080", url),
+            env={**os.environ, "BATCHD_TOKEN": tokens["acme"]},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            assert await asyncio.wait_for(process.stdout.readline(), timeout=10) == b"retry: 2000\n"
+            (job_id,) = await insert_raw(db, "acme", ["through curl"])
+            lines: list[bytes] = []
+            while b"event: job.succeeded\n" not in lines:
+                lines.append(await asyncio.wait_for(process.stdout.readline(), timeout=20))
+            data = await asyncio.wait_for(process.stdout.readline(), timeout=5)
+        finally:
+            process.kill()
+            await process.wait()
+    assert data.startswith(b"data: ")
+    event = json.loads(data.removeprefix(b"data: "))
+    assert event["job_id"] == str(job_id)
+    assert event["usage"]["output_tokens"] > 0
