@@ -197,6 +197,15 @@ async def test_500_concurrent_clients_each_receive_every_event_of_theirs_once(
         }
         assert daemon.hub is not None
         assert daemon.hub.subscribers == 500
+        listening = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'batchd-listener'"
+        )
+        assert listening == 1, "one LISTEN connection feeds every stream"
+        connections = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        )
+        assert connections <= 1 + 1 + 5, "the test's, the listener's and the pool's: none per stream"
         for name in names:
             await insert_raw(db, name, [f"{name} job {n}" for n in range(20)])
         await wait_for_jobs(db, done=100)
