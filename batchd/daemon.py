@@ -38,10 +38,19 @@ POOL_CLOSE_TIMEOUT_S = 1.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, serve_http: bool = True, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        serve_http: bool = True,
+        api_key: str | None = None,
+        admin_token: str | None = None,
+    ) -> None:
+        """`api_key` and `admin_token`, when given, take the place of the configured ones (the demo's)."""
         self.settings = settings
         self.serve_http = serve_http
         self._api_key = api_key
+        self._admin_token = admin_token
         self.ready = asyncio.Event()
         self.ctx: Context | None = None
         self.flusher: Flusher | None = None
@@ -159,8 +168,9 @@ class Daemon:
             await asyncio.wait_for(task, timeout=SHUTDOWN_TIMEOUT_S + 5)
 
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
-        admin = admin_token(self.settings)
-        app = create_app(pool, listener.connected.is_set, admin.get_secret_value() if admin else None, hub)
+        configured = admin_token(self.settings)
+        admin = self._admin_token or (configured.get_secret_value() if configured else None)
+        app = create_app(pool, listener.connected.is_set, admin, hub)
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

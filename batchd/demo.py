@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from . import embedded_pg, migrate
 from .config import Settings
 from .daemon import Daemon
 from .emulator import EmulatorConfig, serve
+from .sse_client import messages
 from .store import init_connection, sql
 
 TENANTS = ("acme", "globex", "initech")
@@ -154,11 +157,14 @@ async def run_demo(base: Settings, say: Say = print, *, keep: bool = False, time
             async with serve(emulator_config) as emulator:
                 say(f"Emulator of the Message Batches API: {emulator.url} (batches take 2-5 s here)")
                 # The emulator takes any key; a real one is never needed for the demo.
-                daemon = Daemon(demo_settings(base, url, emulator.url), api_key="demo-key")
+                admin = secrets.token_urlsafe(24)
+                daemon = Daemon(demo_settings(base, url, emulator.url), api_key="demo-key", admin_token=admin)
                 async with daemon.running():
-                    say(f"Daemon ready (health: {daemon.http_url}/healthz). Producing jobs:")
+                    dashboard = f"{daemon.http_url}/#token={admin}"
+                    say(f"Daemon ready. Its dashboard, live while the demo runs: {dashboard}")
+                    say("Producing jobs:")
                     total = await produce(connection, say)
-                    outcome = await _watch(connection, total, say, timeout_s)
+                    outcome = await _watch(connection, daemon, admin, total, say, timeout_s=timeout_s)
                 stats = emulator.state.stats.summary()
             await _summarise(connection, stats, say)
         finally:
@@ -167,24 +173,39 @@ async def run_demo(base: Settings, say: Say = print, *, keep: bool = False, time
     return outcome
 
 
-async def _watch(connection: asyncpg.Connection, total: int, say: Say, timeout_s: float) -> int:
+async def _watch(
+    connection: asyncpg.Connection, daemon: Daemon, admin: str, total: int, say: Say, *, timeout_s: float
+) -> int:
+    """Narrates the run from the daemon's event stream (as any client would), beside a progress line read
+    from the jobs table."""
+    assert daemon.http_url is not None  # noqa: S101 - the demo's daemon serves HTTP
+    async with aiohttp.ClientSession(
+        base_url=daemon.http_url, headers={"Authorization": f"Bearer {admin}"}
+    ) as http:
+        finished: list[str] = []
+        narrator = asyncio.create_task(_narrate(http, say, finished))
+        try:
+            outcome = await _follow_progress(connection, total, say, timeout_s)
+            # The stream trails the table by a moment: let it tell the last of them.
+            for _ in range(100):
+                if len(finished) >= total or narrator.done():
+                    break
+                await asyncio.sleep(0.05)
+            return outcome
+        finally:
+            narrator.cancel()
+            await asyncio.gather(narrator, return_exceptions=True)
+
+
+async def _follow_progress(connection: asyncpg.Connection, total: int, say: Say, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     last = ""
-    seen_events = 0
-    shown = 0
     while time.monotonic() < deadline:
         table = await progress(connection)
         line = progress_line(table)
         if line != last:
             say(line)
             last = line
-        for event in await connection.fetch(sql("events_since"), seen_events, SHOWN_EVENTS):
-            seen_events = event["seq"]
-            if event["type"] == "job.succeeded":
-                shown += 1
-                if shown > SHOWN_RESULTS:
-                    continue  # a few results say enough; the progress line counts the rest
-            say("  " + _describe(event))
         finished = sum(counts.get("succeeded", 0) + counts.get("failed", 0) for counts in table.values())
         if finished >= total:
             failed = sum(counts.get("failed", 0) for counts in table.values())
@@ -194,13 +215,34 @@ async def _watch(connection: asyncpg.Connection, total: int, say: Say, timeout_s
     return 1
 
 
-def _describe(event: Any) -> str:
+async def _narrate(http: aiohttp.ClientSession, say: Say, finished: list[str]) -> None:
+    params = {"last_event_id": "0", "types": ",".join(SHOWN_EVENTS)}
+    shown = 0
+    async with http.get("/v1/events", params=params) as response:
+        async for message in messages(response.content.iter_any()):
+            if not message.is_event or message.event not in SHOWN_EVENTS:
+                continue
+            event = json.loads(message.data)
+            if event["type"] != "batch.submitted":
+                finished.append(event["job_id"])
+            if event["type"] == "job.succeeded":
+                shown += 1
+                if shown > SHOWN_RESULTS:
+                    continue  # a few results say enough; the progress line counts the rest
+                async with http.get(f"/v1/jobs/{event['job_id']}") as job:
+                    event["job"] = await job.json()
+            say("  " + _describe(event))
+
+
+def _describe(event: dict[str, Any]) -> str:
+    tenant = event["tenant"]
     if event["type"] == "batch.submitted":
-        return f"{event['tenant_id']}: its jobs went out in a batch to the provider"
+        return f"{tenant}: {event['requests']} requests went out in batch {event['provider_batch_id']}"
     if event["type"] == "job.failed":
-        return f"{event['tenant_id']}: a {event['job_type']} job failed: {event['error']['message']}"
-    text = event["result"]["content"][0]["text"]
-    return f"{event['tenant_id']}: {event['job_type']} done: {text[:90]}{'…' if len(text) > 90 else ''}"
+        return f"{tenant}: a job failed: {event['error']['message']}"
+    job = event["job"]
+    text = job["result"]["content"][0]["text"]
+    return f"{tenant}: {job['job_type']} done: {text[:90]}{'…' if len(text) > 90 else ''}"
 
 
 async def _summarise(connection: asyncpg.Connection, stats: dict[str, Any], say: Say) -> None:

@@ -367,13 +367,6 @@ DROP DATABASE IF EXISTS {database} WITH (FORCE);
 -- What any producer does: a plain INSERT.
 INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata) VALUES ($1, $2, $3, $4);
 
--- name: events_since
-SELECT e.seq, e.type, e.tenant_id, j.job_type, j.result, j.error
-  FROM batchd.events AS e
-  LEFT JOIN batchd.jobs AS j ON j.id = e.job_id
- WHERE e.seq > $1 AND e.type = ANY($2::text[])
- ORDER BY e.seq;
-
 -- name: usage_totals
 SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
