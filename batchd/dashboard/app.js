@@ -1,0 +1,894 @@
+// batchd's live dashboard: an overview snapshot (GET /v1/overview), then every event after it
+// (GET /v1/events, Server-Sent Events). No framework, no build step, nothing loaded from elsewhere.
+//
+// Totals are the snapshot's plus what each job.succeeded / job.failed / job.canceled after the snapshot's
+// event id adds; a fresh snapshot (every 30 s, and soon after batch events) replaces the base and keeps only
+// the events after its own id, so nothing is counted twice. Every piece of text from the server goes into
+// the page through textContent or attributes, never as HTML.
+(() => {
+  "use strict";
+
+  const FEED_LIMIT = 200; // rows kept in the completions feed
+  const BACKFILL_EVENTS = 200; // events before the snapshot replayed into the feed (not the totals) on open
+  const REFRESH_MS = 30_000;
+  const BATCH_REFRESH_MS = 1_000; // after batch.submitted / batch.ended, at most once per this
+  const RETRY_MIN_MS = 2_000;
+  const RETRY_MAX_MS = 30_000;
+  const JOB_EVENTS = ["job.succeeded", "job.failed", "job.canceled", "job.retrying"];
+  const OTHER_EVENTS = ["job.submitted", "batch.submitted", "batch.ended"];
+  const TOTAL_FIELDS = [
+    "succeeded",
+    "failed",
+    "canceled",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+  ];
+  const BATCH_STATUS = { pending: "Pending", in_progress: "In progress", ended: "Applying" };
+  const BATCH_HINT = {
+    pending: "Not sent to the provider yet",
+    in_progress: "The provider is working on it",
+    ended: "The provider finished; its results are being applied",
+  };
+  const JOB_STATUS = {
+    succeeded: "Succeeded",
+    failed: "Failed",
+    canceled: "Canceled",
+    retrying: "Retrying",
+    queued: "Queued",
+    submitting: "Submitting",
+    submitted: "Submitted",
+  };
+
+  const $ = (selector, root = document) => root.querySelector(selector);
+  const byTestId = (id) => $(`[data-testid="${id}"]`);
+
+  // ---- state ---------------------------------------------------------------------------------------
+
+  const state = {
+    session: null, // {tenant, admin} once signed in
+    generation: 0, // bumped on every sign-in / sign-out: late answers of an older session are dropped
+    snapshot: null, // the last overview
+    snapshotAt: 0, // performance.now() when it arrived (ages tick from there)
+    snapshotWallClock: null,
+    baseId: 0, // the snapshot's last_event_id: events up to it are in the snapshot's numbers
+    deltas: [], // [{id, tenant, counts}] of events after baseId, to re-base on the next snapshot
+    totals: new Map(), // tenant -> {succeeded, failed, ...}: snapshot + deltas
+    cursor: 0, // the last event id received (where a reopened stream resumes)
+    source: null,
+    connection: "connecting",
+    retryMs: RETRY_MIN_MS,
+    retryTimer: null,
+    refreshTimer: null,
+    refreshing: false,
+    refreshAgain: false,
+    needStream: false, // open the stream after the next snapshot
+    backfill: false, // …from a little before it, to fill the feed
+    intervals: [],
+    pendingRows: [], // events waiting to become feed rows at the next render
+    renderTimer: null,
+  };
+
+  // ---- small helpers -------------------------------------------------------------------------------
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    if (props) {
+      for (const [key, value] of Object.entries(props)) {
+        if (value === undefined || value === null || value === false) continue;
+        if (key === "className") node.className = value;
+        else if (key === "text") node.textContent = String(value);
+        else if (key === "dataset") Object.assign(node.dataset, value);
+        else node.setAttribute(key, value === true ? "" : String(value));
+      }
+    }
+    for (const child of children) {
+      if (child === undefined || child === null || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+  const percent = new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 1 });
+
+  const num = (value) => integer.format(Number(value) || 0);
+  const big = (value) => ((Number(value) || 0) >= 100_000 ? compact.format(value) : num(value));
+  const shortId = (id) => (id ? String(id).slice(0, 8) : "—");
+
+  function duration(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+    return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
+  function clockTime(value) {
+    const date = value instanceof Date ? value : new Date(value);
+    if (Number.isNaN(date.getTime())) return "—";
+    const time = date.toLocaleTimeString(undefined, { hour12: false });
+    const today = new Date();
+    if (date.toDateString() === today.toDateString()) return time;
+    return `${date.toLocaleDateString(undefined, { month: "short", day: "numeric" })} ${time}`;
+  }
+
+  function clip(text, limit) {
+    return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
+  }
+
+  function metadataSummary(metadata) {
+    if (metadata === undefined || metadata === null) return "";
+    if (typeof metadata !== "object") return String(metadata);
+    if (Array.isArray(metadata)) return JSON.stringify(metadata);
+    return Object.entries(metadata)
+      .map(([key, value]) => `${key}=${typeof value === "string" ? value : JSON.stringify(value)}`)
+      .join("  ·  ");
+  }
+
+  function emptyTotals() {
+    return Object.fromEntries(TOTAL_FIELDS.map((field) => [field, 0]));
+  }
+
+  async function api(method, path, token) {
+    const headers = { Accept: "application/json" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(path, { method, headers, credentials: "same-origin", cache: "no-store" });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    return { status: response.status, ok: response.ok, body };
+  }
+
+  // ---- connection indicator ------------------------------------------------------------------------
+
+  const CONNECTION_TEXT = {
+    connecting: "Connecting…",
+    live: "Live",
+    reconnecting: "Reconnecting…",
+    offline: "Offline",
+    "signed-out": "Signed out",
+  };
+
+  function setConnection(kind, detail) {
+    state.connection = kind;
+    const node = byTestId("connection");
+    node.dataset.state = kind;
+    $(".conn-text", node).textContent = CONNECTION_TEXT[kind] || kind;
+    node.title = detail || "";
+  }
+
+  // ---- sign-in -------------------------------------------------------------------------------------
+
+  function showSignIn(message) {
+    teardown();
+    state.session = null;
+    setConnection("signed-out");
+    $("#dashboard-view").hidden = true;
+    $("#signin-view").hidden = false;
+    byTestId("identity").hidden = true;
+    $("#sign-out").hidden = true;
+    const error = $("#signin-error");
+    error.textContent = message || "";
+    error.hidden = !message;
+    $("#token-input").focus();
+  }
+
+  async function signIn(token) {
+    const answer = await api("POST", "/v1/session", token);
+    if (answer.status === 200 && answer.body) return answer.body;
+    if (answer.status === 401) return null;
+    throw new Error(`the server answered ${answer.status}`);
+  }
+
+  async function onSignInSubmit(event) {
+    event.preventDefault();
+    const input = $("#token-input");
+    const token = input.value.trim();
+    if (!token) return;
+    const button = $('button[type="submit"]', event.currentTarget);
+    button.disabled = true;
+    try {
+      const session = await signIn(token);
+      if (session) {
+        input.value = "";
+        start(session);
+      } else {
+        showSignIn("That token was not accepted.");
+      }
+    } catch (error) {
+      showSignIn(`Could not sign in: ${error.message}`);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function onSignOut() {
+    teardown();
+    try {
+      await api("DELETE", "/v1/session");
+    } catch {
+      // the cookie stays until the server answers; the page is signed out all the same
+    }
+    showSignIn();
+  }
+
+  // ---- the dashboard's life ------------------------------------------------------------------------
+
+  function start(session) {
+    teardown();
+    state.session = session;
+    document.body.classList.toggle("is-admin", Boolean(session.admin));
+    const identity = byTestId("identity");
+    identity.replaceChildren(
+      el("span", { className: "who-label", text: session.admin ? "signed in as" : "tenant" }),
+      el("strong", { text: session.admin ? "admin" : session.tenant }),
+    );
+    identity.hidden = false;
+    $("#sign-out").hidden = false;
+    $("#signin-view").hidden = true;
+    $("#dashboard-view").hidden = false;
+    clearView();
+    setConnection("connecting");
+    state.intervals.push(setInterval(tick, 1000));
+    state.intervals.push(setInterval(refresh, REFRESH_MS));
+    state.needStream = state.backfill = true;
+    refresh();
+  }
+
+  function teardown() {
+    state.generation += 1;
+    closeStream();
+    for (const id of state.intervals) clearInterval(id);
+    state.intervals = [];
+    clearTimeout(state.retryTimer);
+    clearTimeout(state.refreshTimer);
+    clearTimeout(state.renderTimer);
+    state.retryTimer = state.refreshTimer = state.renderTimer = null;
+    state.refreshing = state.refreshAgain = state.needStream = state.backfill = false;
+    state.snapshot = null;
+    state.deltas = [];
+    state.totals = new Map();
+    state.pendingRows = [];
+    state.cursor = state.baseId = 0;
+    state.retryMs = RETRY_MIN_MS;
+  }
+
+  /** Loads a fresh overview and re-bases the totals on it. When the page has no stream yet (it just
+   * started, or the server said `reset`), opens one right after the snapshot, or with backfill a little
+   * before it: the events up to the snapshot then only fill the feed. */
+  async function refresh() {
+    const generation = state.generation;
+    if (state.refreshing) {
+      state.refreshAgain = true;
+      return;
+    }
+    state.refreshing = true;
+    clearTimeout(state.refreshTimer);
+    state.refreshTimer = null;
+    try {
+      let answer;
+      try {
+        answer = await api("GET", "/v1/overview");
+      } catch (error) {
+        answer = {
+          status: 0,
+          ok: false,
+          body: null,
+          problem: `the server cannot be reached (${error.message})`,
+        };
+      }
+      if (generation !== state.generation) return;
+      if (answer.status === 401) {
+        showSignIn("Your session ended: sign in again.");
+        return;
+      }
+      if (!answer.ok || !answer.body) {
+        // Try again soon; a stream already open carries on meanwhile.
+        const problem = answer.problem || `the overview failed (${answer.status})`;
+        if (!state.source) setConnection("offline", `${problem}; retrying`);
+        scheduleRefresh(RETRY_MIN_MS * 2);
+        return;
+      }
+      applySnapshot(answer.body);
+      if (state.needStream) {
+        const head = answer.body.last_event_id;
+        openStream(state.backfill ? Math.max(0, head - BACKFILL_EVENTS) : head);
+        state.needStream = state.backfill = false;
+      }
+    } finally {
+      if (generation === state.generation) {
+        state.refreshing = false;
+        if (state.refreshAgain) {
+          state.refreshAgain = false;
+          refresh();
+        }
+      }
+    }
+  }
+
+  function scheduleRefresh(delay = BATCH_REFRESH_MS) {
+    if (state.refreshTimer !== null || !state.session) return;
+    state.refreshTimer = setTimeout(() => {
+      state.refreshTimer = null;
+      refresh();
+    }, delay);
+  }
+
+  function applySnapshot(overview) {
+    state.snapshot = overview;
+    state.snapshotAt = performance.now();
+    state.snapshotWallClock = new Date();
+    state.baseId = overview.last_event_id;
+    state.deltas = state.deltas.filter((delta) => delta.id > state.baseId);
+    const totals = new Map();
+    for (const row of overview.totals) {
+      const entry = emptyTotals();
+      for (const field of TOTAL_FIELDS) entry[field] = Number(row[field]) || 0;
+      totals.set(row.tenant_id, entry);
+    }
+    state.totals = totals;
+    for (const delta of state.deltas) addToTotals(delta);
+    renderOverview();
+    renderTotals();
+  }
+
+  function addToTotals(delta) {
+    let entry = state.totals.get(delta.tenant);
+    if (!entry) {
+      entry = emptyTotals();
+      state.totals.set(delta.tenant, entry);
+    }
+    for (const [field, value] of Object.entries(delta.counts)) entry[field] += value;
+  }
+
+  // ---- the event stream ----------------------------------------------------------------------------
+
+  function openStream(fromId) {
+    closeStream();
+    state.cursor = fromId;
+    const source = new EventSource(`/v1/events?last_event_id=${encodeURIComponent(fromId)}`);
+    state.source = source;
+    const generation = state.generation;
+    const guard = (handler) => (event) => {
+      if (state.source === source && generation === state.generation) handler(event);
+    };
+    let opened = false;
+    source.onopen = guard(() => {
+      state.retryMs = RETRY_MIN_MS;
+      setConnection("live", `Streaming events since #${state.cursor}`);
+      // Reconnected (the browser resumes after the last event it got): queues and batches may have
+      // moved meanwhile, so take a fresh snapshot too.
+      if (opened) scheduleRefresh(0);
+      opened = true;
+    });
+    source.onerror = guard(() => {
+      if (source.readyState === EventSource.CLOSED) {
+        // Refused outright (401, 429, …): EventSource gives up; find out why, then try again.
+        closeStream();
+        setConnection("reconnecting", "The event stream was refused; retrying");
+        retryLater();
+      } else if (state.connection !== "reconnecting") {
+        setConnection("reconnecting", "The connection dropped; reconnecting");
+      }
+    });
+    for (const type of [...JOB_EVENTS, ...OTHER_EVENTS]) {
+      source.addEventListener(
+        type,
+        guard((event) => onEvent(type, event)),
+      );
+    }
+    source.addEventListener(
+      "reset",
+      guard(() => {
+        // Our position is gone (pruned, or another database): start over from a fresh snapshot.
+        closeStream();
+        setConnection("reconnecting", "Catching up from a fresh snapshot");
+        state.needStream = true;
+        refresh();
+      }),
+    );
+    source.addEventListener(
+      "disconnect",
+      guard((event) => {
+        let data = {};
+        try {
+          data = JSON.parse(event.data);
+        } catch {
+          data = {};
+        }
+        // The server ends the stream; EventSource reconnects by itself and resumes after the last event.
+        const reason =
+          {
+            shutdown: "The server is restarting",
+            slow_consumer: "This page fell behind the event stream",
+          }[data.reason] || `The server closed the stream (${data.reason || "no reason given"})`;
+        setConnection("reconnecting", `${reason}; reconnecting…`);
+      }),
+    );
+  }
+
+  function closeStream() {
+    if (state.source) {
+      state.source.close();
+      state.source = null;
+    }
+  }
+
+  function retryLater() {
+    clearTimeout(state.retryTimer);
+    const generation = state.generation;
+    const delay = state.retryMs;
+    state.retryMs = Math.min(RETRY_MAX_MS, state.retryMs * 2);
+    state.retryTimer = setTimeout(async () => {
+      if (generation !== state.generation) return;
+      try {
+        const answer = await api("GET", "/v1/session");
+        if (generation !== state.generation) return;
+        if (answer.status === 401) {
+          showSignIn("Your session ended: sign in again.");
+          return;
+        }
+        openStream(state.cursor || state.baseId);
+        scheduleRefresh(0);
+      } catch (error) {
+        if (generation !== state.generation) return;
+        setConnection("offline", `The server cannot be reached (${error.message}); retrying`);
+        retryLater();
+      }
+    }, delay);
+  }
+
+  function onEvent(type, event) {
+    const id = Number(event.lastEventId) || 0;
+    if (id && id <= state.cursor) return; // already seen (a resumed stream never repeats, but be sure)
+    if (id) state.cursor = id;
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    const live = id > state.baseId; // older ones are already in the snapshot: feed only
+    if (type.startsWith("batch.")) {
+      if (live) scheduleRefresh();
+      return;
+    }
+    if (!JOB_EVENTS.includes(type)) return;
+    if (live && type !== "job.retrying") {
+      const usage = data.usage || {};
+      const counts = {
+        input_tokens: Number(usage.input_tokens) || 0,
+        output_tokens: Number(usage.output_tokens) || 0,
+        cache_read_input_tokens: Number(usage.cache_read_input_tokens) || 0,
+        cache_creation_input_tokens: Number(usage.cache_creation_input_tokens) || 0,
+      };
+      counts[type.slice(4)] = 1;
+      const delta = { id, tenant: data.tenant, counts };
+      state.deltas.push(delta);
+      addToTotals(delta);
+    }
+    state.pendingRows.push({ id, type, data, live });
+    if (state.pendingRows.length > FEED_LIMIT)
+      state.pendingRows.splice(0, state.pendingRows.length - FEED_LIMIT);
+    scheduleRender();
+  }
+
+  function scheduleRender() {
+    if (state.renderTimer !== null) return;
+    state.renderTimer = setTimeout(() => {
+      state.renderTimer = null;
+      renderTotals();
+      renderFeed();
+    }, 30);
+  }
+
+  // ---- rendering -----------------------------------------------------------------------------------
+
+  function setCard(testId, value, sub, exact) {
+    const card = byTestId(testId);
+    const valueNode = $(".card-value", card);
+    valueNode.textContent = big(value);
+    valueNode.dataset.value = String(value);
+    valueNode.title = exact === false ? "" : num(value);
+    $(".card-sub", card).textContent = sub || "\u00a0";
+  }
+
+  function sumTotals() {
+    const sum = emptyTotals();
+    for (const entry of state.totals.values()) {
+      for (const field of TOTAL_FIELDS) sum[field] += entry[field];
+    }
+    return sum;
+  }
+
+  function elapsed() {
+    return (performance.now() - state.snapshotAt) / 1000;
+  }
+
+  function renderTotals() {
+    if (!state.snapshot) return;
+    const sum = sumTotals();
+    const finished = sum.succeeded + sum.failed;
+    setCard(
+      "card-succeeded",
+      sum.succeeded,
+      sum.canceled ? `jobs succeeded · ${num(sum.canceled)} canceled` : "jobs succeeded",
+    );
+    setCard(
+      "card-failed",
+      sum.failed,
+      finished ? `${percent.format(sum.failed / finished)} of finished jobs` : "no finished jobs yet",
+    );
+    const cache = sum.cache_read_input_tokens + sum.cache_creation_input_tokens;
+    setCard(
+      "card-input-tokens",
+      sum.input_tokens,
+      cache
+        ? `cache read ${big(sum.cache_read_input_tokens)} · write ${big(sum.cache_creation_input_tokens)}`
+        : "no cache use",
+    );
+    setCard(
+      "card-output-tokens",
+      sum.output_tokens,
+      sum.succeeded
+        ? `≈ ${num(sum.output_tokens / sum.succeeded)} per completed job`
+        : "no completed jobs yet",
+    );
+    renderTenants();
+  }
+
+  function renderOverview() {
+    const overview = state.snapshot;
+    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const tenantsQueued = overview.queued.length;
+    setCard("card-queued", queued, queued ? "" : "queue is empty");
+    updateQueuedSub();
+    const inFlight = overview.open_batches.reduce((total, row) => total + (Number(row.in_flight) || 0), 0);
+    setCard(
+      "card-batches",
+      overview.open_batches.length,
+      overview.open_batches.length
+        ? `${num(inFlight)} ${state.session.admin ? "requests" : "of your requests"} in flight`
+        : "nothing in flight",
+    );
+    renderBatches();
+    $("#tenants-note").textContent = tenantsQueued > 1 ? `${tenantsQueued} tenants waiting` : "";
+    const taken = clockTime(state.snapshotWallClock);
+    byTestId("snapshot-note").textContent =
+      `Snapshot at event #${overview.last_event_id}, ${taken} · refreshed every ${REFRESH_MS / 1000} s`;
+  }
+
+  function updateQueuedSub() {
+    const overview = state.snapshot;
+    if (!overview || !overview.queued.length) return;
+    const oldest = Math.max(...overview.queued.map((row) => Number(row.oldest_s) || 0));
+    $(".card-sub", byTestId("card-queued")).textContent = `oldest waiting ${duration(oldest + elapsed())}`;
+  }
+
+  function ageCell(seconds) {
+    const cell = el("td", { className: "num age", dataset: { ageBase: String(seconds) } });
+    cell.textContent = duration(seconds + elapsed());
+    return cell;
+  }
+
+  function renderTenants() {
+    const overview = state.snapshot;
+    const queued = new Map(overview.queued.map((row) => [row.tenant_id, row]));
+    const names = [...new Set([...queued.keys(), ...state.totals.keys()])].sort();
+    const rows = names.map((name) => {
+      const waiting = queued.get(name);
+      const totals = state.totals.get(name) || emptyTotals();
+      return el(
+        "tr",
+        { dataset: { tenant: name } },
+        el("td", { className: "tenant", text: name, title: name }),
+        el("td", { className: "num strong", text: num(waiting ? waiting.jobs : 0) }),
+        waiting ? ageCell(Number(waiting.oldest_s) || 0) : el("td", { className: "num muted", text: "—" }),
+        el("td", { className: "num", text: num(totals.succeeded) }),
+        el("td", { className: totals.failed ? "num bad" : "num", text: num(totals.failed) }),
+        el("td", { className: "num", text: `${big(totals.input_tokens)} / ${big(totals.output_tokens)}` }),
+      );
+    });
+    $("tbody", byTestId("table-tenants")).replaceChildren(...rows);
+    byTestId("tenants-empty").hidden = rows.length > 0;
+  }
+
+  function renderBatches() {
+    const batches = state.snapshot.open_batches;
+    const rows = batches.map((batch) =>
+      el(
+        "tr",
+        { dataset: { batchId: batch.id, status: batch.status } },
+        el(
+          "td",
+          { className: "batch-cell" },
+          el("span", { className: "mono strong", text: shortId(batch.id), title: batch.id }),
+          el("span", {
+            className: "mono provider-id",
+            text: batch.provider_batch_id || "not created yet",
+            title: batch.provider_batch_id || "",
+          }),
+        ),
+        el(
+          "td",
+          {},
+          el("span", {
+            className: `badge badge-${batch.status}`,
+            text: BATCH_STATUS[batch.status] || batch.status,
+            title: BATCH_HINT[batch.status] || "",
+          }),
+        ),
+        el("td", { className: "num strong", text: num(batch.in_flight) }),
+        el("td", {
+          className: "num admin-only",
+          text: batch.request_count === undefined ? "" : num(batch.request_count),
+        }),
+        ageCell(Number(batch.age_s) || 0),
+      ),
+    );
+    $("tbody", byTestId("table-batches")).replaceChildren(...rows);
+    byTestId("batches-empty").hidden = rows.length > 0;
+    $("#batches-note").textContent = rows.length ? `${rows.length} open` : "";
+  }
+
+  function tick() {
+    if (!state.snapshot) return;
+    const since = elapsed();
+    for (const cell of document.querySelectorAll("td[data-age-base]")) {
+      cell.textContent = duration(Number(cell.dataset.ageBase) + since);
+    }
+    updateQueuedSub();
+  }
+
+  /** Blank numbers and tables until the first snapshot: nothing of a previous session stays on screen. */
+  function clearView() {
+    for (const valueNode of document.querySelectorAll(".card-value")) {
+      valueNode.textContent = "—";
+      valueNode.dataset.value = "";
+      valueNode.title = "";
+    }
+    for (const sub of document.querySelectorAll(".card-sub")) sub.textContent = "\u00a0";
+    for (const id of ["table-tenants", "table-batches", "feed"]) $("tbody", byTestId(id)).replaceChildren();
+    for (const id of ["tenants-empty", "batches-empty", "feed-empty"]) byTestId(id).hidden = false;
+    for (const id of ["#tenants-note", "#batches-note"]) $(id).textContent = "";
+    $("#feed-note").textContent = "newest first";
+    byTestId("snapshot-note").textContent = "";
+  }
+
+  function feedRow(item) {
+    const { data, type } = item;
+    const status = type.slice(4);
+    const usage = data.usage;
+    const tokens = usage ? `${num(usage.input_tokens)} / ${num(usage.output_tokens)}` : "—";
+    const detail = el("td", { className: "col-detail" });
+    const summary = metadataSummary(data.metadata);
+    if (data.error && (data.error.message || data.error.type)) {
+      const message = [data.error.type, data.error.message].filter(Boolean).join(": ");
+      detail.append(
+        el("span", { className: "error-text", text: clip(message, 400), title: clip(message, 4000) }),
+      );
+    }
+    if (summary) {
+      detail.append(
+        el("span", { className: "meta-text", text: clip(summary, 400), title: clip(summary, 4000) }),
+      );
+    }
+    if (!detail.childNodes.length) detail.append(el("span", { className: "muted", text: "—" }));
+    const attempts = data.attempts ? ` (attempt ${data.attempts + (status === "retrying" ? 0 : 1)})` : "";
+    return el(
+      "tr",
+      {
+        className: item.live ? "feed-row is-new" : "feed-row",
+        tabindex: "0",
+        "aria-expanded": "false",
+        title: "Show the job",
+        dataset: {
+          testid: "feed-row",
+          jobId: data.job_id,
+          status,
+          tenant: data.tenant,
+          eventId: String(item.id),
+        },
+      },
+      el("td", { className: "col-time mono", text: clockTime(data.at), title: data.at }),
+      el("td", { className: "col-tenant tenant", text: data.tenant, title: data.tenant }),
+      el("td", { className: "col-job mono", text: shortId(data.job_id), title: data.job_id }),
+      el(
+        "td",
+        { className: "col-status" },
+        el("span", {
+          className: `badge badge-${status}`,
+          text: JOB_STATUS[status] || status,
+          title: `${status}${attempts}`,
+        }),
+      ),
+      el("td", { className: "num col-tokens", text: tokens }),
+      detail,
+    );
+  }
+
+  function renderFeed() {
+    const items = state.pendingRows;
+    state.pendingRows = [];
+    if (!items.length) return;
+    const body = $("tbody", byTestId("feed"));
+    const fragment = document.createDocumentFragment();
+    for (let i = items.length - 1; i >= 0; i -= 1) fragment.append(feedRow(items[i]));
+    body.prepend(fragment);
+    // Keep FEED_LIMIT job rows (an expanded row's details go with it).
+    const rows = body.querySelectorAll("tr.feed-row");
+    for (let i = FEED_LIMIT; i < rows.length; i += 1) {
+      const next = rows[i].nextElementSibling;
+      if (next && next.classList.contains("detail-row")) next.remove();
+      rows[i].remove();
+    }
+    byTestId("feed-empty").hidden = true;
+    $("#feed-note").textContent = `newest first · last ${Math.min(rows.length, FEED_LIMIT)}`;
+  }
+
+  // ---- a job's details, on click -------------------------------------------------------------------
+
+  async function toggleJob(row) {
+    const next = row.nextElementSibling;
+    if (next && next.classList.contains("detail-row")) {
+      next.remove();
+      row.setAttribute("aria-expanded", "false");
+      return;
+    }
+    row.setAttribute("aria-expanded", "true");
+    const cell = el(
+      "td",
+      { colspan: String(row.cells.length) },
+      el("p", { className: "muted", text: "Loading…" }),
+    );
+    const detailRow = el(
+      "tr",
+      { className: "detail-row", dataset: { testid: "job-detail", jobId: row.dataset.jobId } },
+      cell,
+    );
+    row.after(detailRow);
+    const jobId = row.dataset.jobId;
+    try {
+      const answer = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+      if (answer.status === 401) {
+        showSignIn("Your session ended: sign in again.");
+        return;
+      }
+      if (!answer.ok || !answer.body) {
+        cell.replaceChildren(
+          el("p", { className: "error-text", text: `Could not load the job (${answer.status}).` }),
+        );
+        return;
+      }
+      cell.replaceChildren(jobDetails(answer.body));
+    } catch (error) {
+      cell.replaceChildren(
+        el("p", { className: "error-text", text: `Could not load the job: ${error.message}` }),
+      );
+    }
+  }
+
+  function resultText(result) {
+    if (!result || !Array.isArray(result.content)) return null;
+    const texts = result.content.filter((block) => block && block.type === "text").map((block) => block.text);
+    return texts.length ? texts.join("\n\n") : null;
+  }
+
+  function usageText(usage) {
+    const parts = [`${num(usage.input_tokens)} in`, `${num(usage.output_tokens)} out`];
+    if (usage.cache_read_input_tokens) parts.push(`${num(usage.cache_read_input_tokens)} cache read`);
+    if (usage.cache_creation_input_tokens)
+      parts.push(`${num(usage.cache_creation_input_tokens)} cache write`);
+    return parts.join(" · ");
+  }
+
+  function jobDetails(job) {
+    const facts = [
+      ["Job", job.id],
+      ["Tenant", job.tenant_id],
+      ["Status", `${job.status} (attempts: ${job.attempts})`],
+      ["Batch", job.batch_id || "—"],
+      ["Type", job.job_type || "raw request"],
+      ["Created", job.created_at ? new Date(job.created_at).toLocaleString() : "—"],
+      ["Completed", job.completed_at ? new Date(job.completed_at).toLocaleString() : "—"],
+    ];
+    if (job.usage) facts.push(["Tokens", usageText(job.usage)]);
+    const list = el("dl", { className: "facts" });
+    for (const [term, value] of facts)
+      list.append(el("div", {}, el("dt", { text: term }), el("dd", { text: value })));
+    const parts = [list];
+    if (job.error)
+      parts.push(
+        el("h3", { text: "Error" }),
+        el("pre", { className: "error-text", text: JSON.stringify(job.error, null, 2) }),
+      );
+    if (job.metadata !== null && job.metadata !== undefined) {
+      parts.push(el("h3", { text: "Metadata" }), el("pre", { text: JSON.stringify(job.metadata, null, 2) }));
+    }
+    const text = resultText(job.result);
+    if (text !== null)
+      parts.push(el("h3", { text: "Result" }), el("pre", { className: "result-text", text }));
+    else if (job.result)
+      parts.push(el("h3", { text: "Result" }), el("pre", { text: JSON.stringify(job.result, null, 2) }));
+    parts.push(
+      el(
+        "p",
+        { className: "raw-link" },
+        el("a", {
+          href: `/v1/jobs/${encodeURIComponent(job.id)}`,
+          target: "_blank",
+          rel: "noopener",
+          text: "Raw JSON ↗",
+        }),
+      ),
+    );
+    return el("div", { className: "job-detail" }, ...parts);
+  }
+
+  function onFeedClick(event) {
+    if (event.target.closest("a")) return;
+    const row = event.target.closest("tr.feed-row");
+    if (row) toggleJob(row);
+  }
+
+  function onFeedKey(event) {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    const row = event.target.closest("tr.feed-row");
+    if (!row || event.target !== row) return;
+    event.preventDefault();
+    toggleJob(row);
+  }
+
+  // ---- start ---------------------------------------------------------------------------------------
+
+  /** A token in the address's fragment (`#token=…`, from a link batchd printed) is used once: it becomes
+   * the session cookie and leaves the address bar (and the history) at once. */
+  function takeFragmentToken() {
+    if (!location.hash) return null;
+    const params = new URLSearchParams(location.hash.slice(1));
+    const token = params.get("token");
+    if (token === null) return null;
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", `${location.pathname}${location.search}${rest ? `#${rest}` : ""}`);
+    return token.trim() || null;
+  }
+
+  async function boot() {
+    $("#signin-form").addEventListener("submit", onSignInSubmit);
+    $("#sign-out").addEventListener("click", onSignOut);
+    const feed = byTestId("feed");
+    feed.addEventListener("click", onFeedClick);
+    feed.addEventListener("keydown", onFeedKey);
+    // A new row's highlight plays once (not again when a resize shows a hidden column).
+    feed.addEventListener("animationend", (event) => {
+      const row = event.target.closest("tr.is-new");
+      if (row) row.classList.remove("is-new");
+    });
+    try {
+      const token = takeFragmentToken();
+      if (token) {
+        const session = await signIn(token);
+        if (session) {
+          start(session);
+          return;
+        }
+        showSignIn("The token in the link was not accepted.");
+        return;
+      }
+      const answer = await api("GET", "/v1/session");
+      if (answer.status === 200 && answer.body) start(answer.body);
+      else showSignIn();
+    } catch (error) {
+      showSignIn(`The server cannot be reached (${error.message}).`);
+    }
+  }
+
+  boot();
+})();

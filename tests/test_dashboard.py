@@ -1,0 +1,291 @@
+"""The live dashboard at `/`, end to end: a real daemon with its HTTP server, the emulator, a real database
+and a headless Chromium (tests/browser.py) that signs in, watches jobs complete, and must never see
+another tenant's work. Screenshots land in test-artifacts/ (git-ignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import Browser, headless_chromium
+from support import QUICK, EmulatorHandle, insert_raw, raw_request, wait_for_jobs
+
+from batchd import tenants
+from batchd.daemon import Daemon
+from batchd.emulator import EmulatorConfig
+
+ADMIN_TOKEN = "admin-" + "d" * 32
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+FEED_LIMIT = 200  # rows the page keeps in its feed (app.js)
+
+pytestmark = pytest.mark.slow
+
+# Page probes: the dashboard's data-testid hooks; feed rows carry data-job-id, data-status, data-tenant.
+FEED_ROWS = (
+    "[...document.querySelectorAll('[data-testid=feed-row]')]"
+    ".map((row) => ({job: row.dataset.jobId, status: row.dataset.status, tenant: row.dataset.tenant}))"
+)
+TENANT_ROWS = (
+    "[...document.querySelectorAll('[data-testid=table-tenants] tbody tr')].map((row) => row.dataset.tenant)"
+)
+NO_OPEN_BATCHES = "document.querySelectorAll('[data-testid=table-batches] tbody tr').length === 0"
+CONNECTION = "document.querySelector('[data-testid=connection]').dataset.state"
+SIGN_IN_SHOWN = "!document.getElementById('signin-view').hidden"
+SIGN_IN_ERROR = "document.querySelector('[data-testid=signin-error]')"
+
+
+def card(name: str) -> str:
+    """The exact number a card shows (its data-value), as a JavaScript expression."""
+    return f"Number(document.querySelector('[data-testid=card-{name}] .card-value').dataset.value)"
+
+
+def feed_has(job_ids: list[str], status: str = "succeeded") -> str:
+    """True once every job has a feed row with that status."""
+    return (
+        f"(() => {{ const rows = {FEED_ROWS}; const status = {json.dumps(status)};"
+        f" return {json.dumps(job_ids)}.every((id) => rows.some((r) => r.job === id && r.status === status));"
+        " })()"
+    )
+
+
+def feed_row(job_id: str) -> str:
+    return f"document.querySelector('[data-testid=feed-row][data-job-id=\"{job_id}\"]')"
+
+
+@pytest.fixture
+def emulator_config() -> EmulatorConfig:
+    return QUICK
+
+
+@pytest.fixture
+async def tokens(db: Any) -> dict[str, str]:
+    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    return {name: await tenants.add_tenant(db, name) for name in ("acme", "globex")}
+
+
+@pytest.fixture
+def serve(
+    emulator: EmulatorHandle, daemon_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], Any]:
+    """`async with serve() as url:` runs a daemon with its HTTP server (and the admin token set)."""
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+
+    @asynccontextmanager
+    async def run() -> AsyncIterator[str]:
+        daemon = Daemon(daemon_settings(events={"poll_interval_s": 1.0}))
+        async with daemon.running():
+            assert daemon.http_url is not None
+            yield daemon.http_url
+
+    return run
+
+
+@asynccontextmanager
+async def dashboard() -> AsyncIterator[Browser]:
+    """A headless Chromium whose console must hold no page errors when the block ends."""
+    async with headless_chromium(ARTIFACTS) as browser:
+        yield browser
+        assert_clean_console(browser)
+
+
+def assert_clean_console(browser: Browser, allowed: tuple[str, ...] = ()) -> None:
+    """No uncaught exception and no console.error from the page; of the browser's own warnings and errors,
+    only the 401s by which the page learns it is signed out (GET /v1/session, a refused token) and what
+    `allowed` names."""
+    allowed = ("status of 401", *allowed)
+    problems = [
+        str(message)
+        for message in browser.console
+        if message.kind in ("exception", "error", "assert")
+        or (
+            message.kind in ("browser.warning", "browser.error")
+            and not any(text in message.text for text in allowed)
+        )
+    ]
+    assert not problems, "the page logged problems:\n" + "\n".join(problems)
+
+
+async def sign_in_with_form(browser: Browser, token: str) -> None:
+    await browser.wait_for(SIGN_IN_SHOWN)
+    assert await browser.evaluate(CONNECTION) == "signed-out"
+    await browser.evaluate(
+        "(() => { const input = document.querySelector('[data-testid=token-input]');"
+        f" input.focus(); input.value = {json.dumps(token)};"
+        " input.dispatchEvent(new Event('input', {bubbles: true}));"
+        " document.querySelector('[data-testid=sign-in]').click(); })()"
+    )
+
+
+async def insert_job(db: Any, tenant: str, request: Any, metadata: dict[str, Any] | None = None) -> str:
+    """One job with metadata (insert_raw has none), or with a request the daemon must refuse."""
+    job_id = await db.fetchval(
+        "INSERT INTO batchd.jobs (tenant_id, request, metadata)"
+        " VALUES ($1, $2::text::jsonb, $3::text::jsonb) RETURNING id",
+        tenant,
+        json.dumps(request),
+        None if metadata is None else json.dumps(metadata),
+    )
+    return str(job_id)
+
+
+async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
+    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+) -> None:
+    async with serve() as url, dashboard() as browser:
+        await browser.navigate(f"{url}/")
+        await sign_in_with_form(browser, tokens["acme"])
+        await browser.wait_for(f"{CONNECTION} === 'live'")
+        identity = await browser.evaluate("document.querySelector('[data-testid=identity]').textContent")
+        assert "acme" in identity
+        assert await browser.evaluate("document.cookie") == "", "the token cookie must be HttpOnly"
+        assert await browser.evaluate("document.querySelector('[data-testid=token-input]').value") == ""
+
+        # Another tenant's job first: its events come before acme's in the log, so had the stream leaked
+        # it, the page would hold it by the time acme's completions show.
+        globex_job = str((await insert_raw(db, "globex", ["globex secret"]))[0])
+        await wait_for_jobs(db, done=1)
+        acme_jobs = [str(job) for job in await insert_raw(db, "acme", ["acme one", "acme two"])]
+
+        await browser.wait_for(feed_has(acme_jobs))
+        await browser.wait_for(f"{card('input-tokens')} > 0 && {card('output-tokens')} > 0")
+        await browser.wait_for(f"{card('succeeded')} === 2")
+        rows = await browser.evaluate(FEED_ROWS)
+        assert {row["job"] for row in rows} == set(acme_jobs)
+        assert {row["tenant"] for row in rows} == {"acme"}
+        assert globex_job not in await browser.evaluate("document.body.innerHTML")
+        assert await browser.evaluate(TENANT_ROWS) == ["acme"]
+        assert await browser.evaluate(card("failed")) == 0
+
+        # The totals agree with the database, also once the page has re-based them on a fresh snapshot
+        # (after batch.ended): nothing is counted twice.
+        usage = await db.fetchrow(
+            "SELECT sum((usage->>'input_tokens')::bigint) AS input,"
+            " sum((usage->>'output_tokens')::bigint) AS output FROM batchd.jobs WHERE tenant_id = 'acme'"
+        )
+        await browser.wait_for(
+            f"{NO_OPEN_BATCHES} && {card('input-tokens')} === {usage['input']}"
+            f" && {card('output-tokens')} === {usage['output']}"
+        )
+        assert await browser.evaluate(card("queued")) == 0
+        assert await browser.evaluate(card("batches")) == 0
+        await browser.screenshot(ARTIFACTS / "dashboard-tenant.png")
+
+        # A completion row opens the job with its result.
+        await browser.evaluate(f"{feed_row(acme_jobs[0])}.click()")
+        detail = await browser.wait_for(
+            "(() => { const d = document.querySelector('[data-testid=job-detail] .job-detail');"
+            " return d && d.textContent; })()"
+        )
+        assert acme_jobs[0] in detail
+        assert "Result" in detail
+
+        # Signing out drops the cookie: a reload shows the form again.
+        await browser.evaluate("document.querySelector('[data-testid=sign-out]').click()")
+        await browser.wait_for(f"{CONNECTION} === 'signed-out'")
+        await browser.navigate(f"{url}/")
+        await browser.wait_for(SIGN_IN_SHOWN)
+
+
+async def test_the_admin_sees_every_tenant(db: Any, tokens: dict[str, str], serve: Callable[[], Any]) -> None:
+    hostile_metadata = {
+        "customer": "Initech <script>document.body.dataset.pwned = 1</script>",
+        "note": '<img src=x onerror="document.body.dataset.pwned = 1">' + " and a very long note" * 40,
+        "tags": ["quarterly", "report", "finance"],
+    }
+    async with serve() as url, dashboard() as browser:
+        # batchd can print a link with the token in its fragment: the page signs in with it and drops it.
+        await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+        await browser.wait_for(f"{CONNECTION} === 'live'")
+        assert await browser.evaluate("location.href") == f"{url}/"
+        identity = await browser.evaluate("document.querySelector('[data-testid=identity]').textContent")
+        assert "admin" in identity
+
+        acme_jobs = [str(job) for job in await insert_raw(db, "acme", [f"acme {n}" for n in range(12)])]
+        globex_jobs = [str(job) for job in await insert_raw(db, "globex", [f"globex {n}" for n in range(6)])]
+        await browser.wait_for(feed_has(acme_jobs + globex_jobs))
+        # Then one with long (and hostile) metadata and one the daemon refuses: the newest rows.
+        globex_jobs.append(await insert_job(db, "globex", raw_request("with metadata"), hostile_metadata))
+        refused = await insert_job(db, "acme", "not a request object", {"source": "nightly import"})
+        await browser.wait_for(feed_has(globex_jobs[-1:]))
+        await browser.wait_for(feed_has([refused], "failed"))
+
+        await browser.wait_for(f'JSON.stringify({TENANT_ROWS}) === \'["acme","globex"]\'')
+        assert {row["tenant"] for row in await browser.evaluate(FEED_ROWS)} == {"acme", "globex"}
+        await browser.wait_for(f"{card('succeeded')} === {len(acme_jobs) + len(globex_jobs)}")
+        await browser.wait_for(f"{card('failed')} === 1")
+        assert await browser.evaluate(card("output-tokens")) > 0
+        assert "JSON object" in await browser.evaluate(f"{feed_row(refused)}.textContent")
+
+        # Text from the server is text, never markup; long metadata is cut to the row, not wrapped.
+        row = feed_row(globex_jobs[-1])
+        assert "<img src=x" in await browser.evaluate(f"{row}.textContent")
+        assert await browser.evaluate(f"{row}.querySelectorAll('img, script').length") == 0
+        assert await browser.evaluate("document.body.dataset.pwned") is None
+        assert await browser.evaluate(f"{row}.getBoundingClientRect().height") < 60
+        assert await browser.evaluate("document.documentElement.scrollWidth") <= 1280
+
+        await browser.wait_for(NO_OPEN_BATCHES)
+        await browser.screenshot(ARTIFACTS / "dashboard-admin.png")
+
+
+async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(
+    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+) -> None:
+    many = FEED_LIMIT + 40
+    async with serve() as url, dashboard() as browser:
+        await browser.navigate(f"{url}/#token={tokens['acme']}")
+        await browser.wait_for(f"{CONNECTION} === 'live'")
+        await insert_raw(db, "acme", [f"acme {n}" for n in range(many)])
+        await browser.wait_for(f"{card('succeeded')} === {many}")
+        await browser.wait_for(f"{FEED_ROWS}.length === {FEED_LIMIT}")
+        assert await browser.evaluate(f"{FEED_ROWS}.every((row) => row.status === 'succeeded')")
+        output_tokens = await db.fetchval(
+            "SELECT sum((usage->>'output_tokens')::bigint) FROM batchd.jobs WHERE tenant_id = 'acme'"
+        )
+        await browser.wait_for(f"{card('output-tokens')} === {output_tokens}")
+
+        # A page opened now gets the totals from the snapshot and the latest completions replayed from
+        # the event log into its feed: those must not be counted a second time.
+        await browser.navigate(f"{url}/")
+        await browser.wait_for(f"{CONNECTION} === 'live' && {FEED_ROWS}.length > 0")
+        await browser.wait_for(NO_OPEN_BATCHES)
+        assert await browser.evaluate(card("succeeded")) == many
+        assert await browser.evaluate(card("output-tokens")) == output_tokens
+        jobs = [row["job"] for row in await browser.evaluate(FEED_ROWS)]
+        assert len(jobs) == len(set(jobs)), "a completion shown twice"
+
+
+async def test_the_status_shows_the_server_going_away(
+    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+) -> None:
+    async with headless_chromium(ARTIFACTS) as browser:
+        async with serve() as url:
+            await browser.navigate(f"{url}/#token={tokens['acme']}")
+            await browser.wait_for(f"{CONNECTION} === 'live'")
+        # The daemon stopped: its streams end (event `disconnect`) and EventSource keeps trying.
+        await browser.wait_for(f"{CONNECTION} === 'reconnecting'")
+        title = await browser.evaluate("document.querySelector('[data-testid=connection]').title")
+        assert title.startswith("The server is restarting"), title
+        assert await browser.evaluate("document.getElementById('dashboard-view').hidden") is False
+        assert_clean_console(browser, allowed=("ERR_CONNECTION_REFUSED",))
+
+
+async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(
+    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+) -> None:
+    async with serve() as url, dashboard() as browser:
+        await browser.navigate(f"{url}/#token=not-a-token")
+        error = await browser.wait_for(f"!{SIGN_IN_ERROR}.hidden && {SIGN_IN_ERROR}.textContent")
+        assert "not accepted" in error
+        assert await browser.evaluate("location.href") == f"{url}/", "the token must leave the address bar"
+
+        await sign_in_with_form(browser, "also-not-a-token")
+        await browser.wait_for(f"{SIGN_IN_ERROR}.textContent === 'That token was not accepted.'")
+        assert await browser.evaluate(CONNECTION) == "signed-out"
+        assert await browser.evaluate("document.getElementById('dashboard-view').hidden") is True
+        await browser.screenshot(ARTIFACTS / "dashboard-signin.png")
