@@ -851,12 +851,19 @@
    * the session cookie and leaves the address bar (and the history) at once. */
   function takeFragmentToken() {
     if (!location.hash) return null;
-    const params = new URLSearchParams(location.hash.slice(1));
-    const token = params.get("token");
-    if (token === null) return null;
-    params.delete("token");
-    const rest = params.toString();
+    // Split by hand rather than with URLSearchParams, which would read a "+" in a token as a space.
+    const parts = location.hash.slice(1).split("&");
+    const index = parts.findIndex((part) => part.startsWith("token="));
+    if (index < 0) return null;
+    const [part] = parts.splice(index, 1);
+    const rest = parts.join("&");
     history.replaceState(null, "", `${location.pathname}${location.search}${rest ? `#${rest}` : ""}`);
+    let token = part.slice("token=".length);
+    try {
+      token = decodeURIComponent(token);
+    } catch {
+      // not percent-encoded after all: use it as it is
+    }
     return token.trim() || null;
   }
 
