@@ -112,6 +112,11 @@ class HttpSettings(_Section):
     admin_token_file: Path | None = Field(
         default=None, description="a file holding the admin token (or $BATCHD_ADMIN_TOKEN); unset: no admin"
     )
+    secure_cookie: bool | None = Field(
+        default=None,
+        description="mark the dashboard's cookie Secure; unset: when the request came over HTTPS (set true "
+        "behind a proxy that terminates TLS)",
+    )
 
 
 class JobType(_Section):

@@ -170,7 +170,7 @@ class Daemon:
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
         configured = admin_token(self.settings)
         admin = self._admin_token or (configured.get_secret_value() if configured else None)
-        app = create_app(pool, listener.connected.is_set, admin, hub)
+        app = create_app(pool, listener.connected.is_set, admin, hub, self.settings.http.secure_cookie)
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

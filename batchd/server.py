@@ -27,6 +27,7 @@ from .tenants import Principal, authenticate
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
+SECURE_COOKIE: web.AppKey[bool | None] = web.AppKey("secure_cookie")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -140,6 +141,11 @@ async def who_am_i(request: web.Request) -> web.Response:
     return web.json_response({"tenant": principal.tenant_id, "admin": principal.is_admin})
 
 
+async def no_cache_by_default(_request: web.Request, response: web.StreamResponse) -> None:
+    # The page and its scripts must change together after an upgrade: browsers revalidate, never guess.
+    response.headers.setdefault("Cache-Control", "no-cache")
+
+
 async def start_session(request: web.Request) -> web.Response:
     """Turns the token the request authenticated with into an HttpOnly cookie, so that the dashboard's
     EventSource (which cannot send headers) is authenticated without a token in its URL."""
@@ -149,7 +155,7 @@ async def start_session(request: web.Request) -> web.Response:
         _token(request) or "",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=request.secure if request.app[SECURE_COOKIE] is None else request.app[SECURE_COOKIE],
         path="/",
     )
     return response
@@ -170,11 +176,13 @@ def create_app(
     ready: Callable[[], bool],
     admin_token: str | None = None,
     hub: EventHub | None = None,
+    secure_cookie: bool | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
     app[READY_CHECK] = ready
     app[ADMIN_TOKEN] = admin_token
+    app[SECURE_COOKIE] = secure_cookie
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
@@ -184,6 +192,7 @@ def create_app(
     app.router.add_delete("/v1/session", end_session)
     app.router.add_get("/", dashboard)
     app.router.add_static("/static/", DASHBOARD)
+    app.on_response_prepare.append(no_cache_by_default)
     if hub is not None:
         app[HUB] = hub
         app.router.add_get("/v1/events", events)

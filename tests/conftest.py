@@ -15,16 +15,17 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anthropic
 import asyncpg
 import pytest
-from support import EmulatorHandle, make_settings, running_daemon, start_emulator
+from support import ADMIN_TOKEN, EmulatorHandle, make_settings, running_daemon, start_emulator
 
-from batchd import migrate
+from batchd import migrate, tenants
 from batchd.config import Settings
+from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 from batchd.store import init_connection
 
@@ -126,6 +127,31 @@ async def start_daemon() -> AsyncIterator[Callable[[Settings], Any]]:
             return running_daemon(settings, stack)
 
         yield start
+
+
+@pytest.fixture
+async def tokens(db: asyncpg.Connection) -> dict[str, str]:
+    """Two tenants, acme and globex, and a token for each (the tenants table emptied first)."""
+    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    return {name: await tenants.add_tenant(db, name) for name in ("acme", "globex")}
+
+
+@pytest.fixture
+def serve(
+    emulator: EmulatorHandle, daemon_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Any]:
+    """`async with serve(**events_settings) as (daemon, url):` runs a daemon with its HTTP server and
+    support.ADMIN_TOKEN as the admin token."""
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+
+    @asynccontextmanager
+    async def run(**events: Any) -> AsyncIterator[tuple[Daemon, str]]:
+        daemon = Daemon(daemon_settings(events={"poll_interval_s": 1.0, **events}))
+        async with daemon.running():
+            assert daemon.http_url is not None
+            yield daemon, daemon.http_url
+
+    return run
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, RunningEmulator, serve
 
 MODEL = "claude-haiku-4-5"
+ADMIN_TOKEN = "admin-" + "a" * 32  # the `serve` fixture's admin token
 # For tests of the daemon, which polls in real time: batches end within a fraction of a second.
 QUICK = EmulatorConfig(processing_time_s=(0.1, 0.3), cancel_time_s=0.1, seed=99)
 

@@ -13,13 +13,10 @@ from typing import Any
 
 import pytest
 from browser import Browser, headless_chromium
-from support import QUICK, EmulatorHandle, insert_raw, raw_request, wait_for_jobs
+from support import ADMIN_TOKEN, QUICK, insert_raw, raw_request, wait_for_jobs
 
-from batchd import tenants
-from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
-ADMIN_TOKEN = "admin-" + "d" * 32
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 FEED_LIMIT = 200  # rows the page keeps in its feed (app.js)
 
@@ -60,29 +57,6 @@ def feed_row(job_id: str) -> str:
 @pytest.fixture
 def emulator_config() -> EmulatorConfig:
     return QUICK
-
-
-@pytest.fixture
-async def tokens(db: Any) -> dict[str, str]:
-    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
-    return {name: await tenants.add_tenant(db, name) for name in ("acme", "globex")}
-
-
-@pytest.fixture
-def serve(
-    emulator: EmulatorHandle, daemon_settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[], Any]:
-    """`async with serve() as url:` runs a daemon with its HTTP server (and the admin token set)."""
-    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
-
-    @asynccontextmanager
-    async def run() -> AsyncIterator[str]:
-        daemon = Daemon(daemon_settings(events={"poll_interval_s": 1.0}))
-        async with daemon.running():
-            assert daemon.http_url is not None
-            yield daemon.http_url
-
-    return run
 
 
 @asynccontextmanager
@@ -136,7 +110,7 @@ async def insert_job(db: Any, tenant: str, request: Any, metadata: dict[str, Any
 async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
     db: Any, tokens: dict[str, str], serve: Callable[[], Any]
 ) -> None:
-    async with serve() as url, dashboard() as browser:
+    async with serve() as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/")
         await sign_in_with_form(browser, tokens["acme"])
         await browser.wait_for(f"{CONNECTION} === 'live'")
@@ -197,7 +171,7 @@ async def test_the_admin_sees_every_tenant(db: Any, tokens: dict[str, str], serv
         "note": '<img src=x onerror="document.body.dataset.pwned = 1">' + " and a very long note" * 40,
         "tags": ["quarterly", "report", "finance"],
     }
-    async with serve() as url, dashboard() as browser:
+    async with serve() as (_, url), dashboard() as browser:
         # batchd can print a link with the token in its fragment: the page signs in with it and drops it.
         await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
         await browser.wait_for(f"{CONNECTION} === 'live'")
@@ -237,7 +211,7 @@ async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(
     db: Any, tokens: dict[str, str], serve: Callable[[], Any]
 ) -> None:
     many = FEED_LIMIT + 40
-    async with serve() as url, dashboard() as browser:
+    async with serve() as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/#token={tokens['acme']}")
         await browser.wait_for(f"{CONNECTION} === 'live'")
         await insert_raw(db, "acme", [f"acme {n}" for n in range(many)])
@@ -264,7 +238,7 @@ async def test_the_status_shows_the_server_going_away(
     db: Any, tokens: dict[str, str], serve: Callable[[], Any]
 ) -> None:
     async with headless_chromium(ARTIFACTS) as browser:
-        async with serve() as url:
+        async with serve() as (_, url):
             await browser.navigate(f"{url}/#token={tokens['acme']}")
             await browser.wait_for(f"{CONNECTION} === 'live'")
         # The daemon stopped: its streams end (event `disconnect`) and EventSource keeps trying.
@@ -278,7 +252,7 @@ async def test_the_status_shows_the_server_going_away(
 async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(
     db: Any, tokens: dict[str, str], serve: Callable[[], Any]
 ) -> None:
-    async with serve() as url, dashboard() as browser:
+    async with serve() as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/#token=not-a-token")
         error = await browser.wait_for(f"!{SIGN_IN_ERROR}.hidden && {SIGN_IN_ERROR}.textContent")
         assert "not accepted" in error

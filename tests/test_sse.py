@@ -12,49 +12,23 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from sse_support import Collector, carried, logged, sse_stream
-from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
+from support import ADMIN_TOKEN, QUICK, insert_raw, wait_for_jobs, wait_until
 
 from batchd import tenants
-from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 from batchd.pruner import prune_events
-
-ADMIN_TOKEN = "admin-" + "y" * 32
 
 
 @pytest.fixture
 def emulator_config() -> EmulatorConfig:
     return QUICK
-
-
-@pytest.fixture
-async def tokens(db: Any) -> dict[str, str]:
-    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
-    return {name: await tenants.add_tenant(db, name) for name in ("acme", "globex")}
-
-
-@pytest.fixture
-def serve(
-    emulator: EmulatorHandle, daemon_settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., Any]:
-    """`async with serve(**events_settings) as (daemon, url):` runs a daemon with its HTTP server."""
-    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
-
-    @asynccontextmanager
-    async def run(**events: Any) -> AsyncIterator[tuple[Daemon, str]]:
-        daemon = Daemon(daemon_settings(events={"poll_interval_s": 1.0, **events}))
-        async with daemon.running():
-            assert daemon.http_url is not None
-            yield daemon, daemon.http_url
-
-    return run
 
 
 @pytest.fixture
