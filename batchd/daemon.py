@@ -11,6 +11,7 @@ state), hands its leases back so another instance can carry on at once, and exit
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -90,6 +91,7 @@ class Daemon:
             if hub is not None:
                 runner = await self._start_http(pool, listener, hub)
             await listener.connected.wait()
+            _freeze_startup_objects()
             self.ready.set()
             log.info("daemon.ready", instance_id=ctx.instance_id, http=self.http_url)
             stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -191,6 +193,14 @@ class Daemon:
 
         with suppress(TimeoutError):
             await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def _freeze_startup_objects() -> None:
+    """Moves what start-up made (imports, the SDK, settings: ~180k objects) out of the collector's sight.
+    Every full collection walked them all, ~120 ms with the event loop stopped, the whole p99 of SSE
+    delivery under load (docs/benchmarks.md); frozen, a full collection takes ~20 ms."""
+    gc.collect()
+    gc.freeze()
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -139,8 +139,11 @@ class Stream:
         """Writes; raises ConnectionError when the client is gone, SlowClientError when it has not read
         for `send_timeout_s` (the data is then in the transport's buffer, still to be sent)."""
         timeout_s = timeout_s or self.settings.send_timeout_s
+        # asyncio.timeout, not wait_for: on 3.11 wait_for makes a task per call, a fifth of the daemon's
+        # CPU with 1,000 streams (docs/benchmarks.md).
         try:
-            await asyncio.wait_for(self.response.write(data), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.response.write(data)
         except TimeoutError:
             raise SlowClientError from None
 
@@ -198,7 +201,8 @@ class Stream:
         heartbeat = self.settings.heartbeat_s
         while True:
             try:
-                await asyncio.wait_for(subscriber.ready.wait(), timeout=heartbeat)
+                async with asyncio.timeout(heartbeat):
+                    await subscriber.ready.wait()
             except TimeoutError:
                 await self.write(b": heartbeat\n\n")
                 continue
