@@ -86,6 +86,7 @@ class DaemonSettings(_Section):
     reconcile_grace_s: float = Field(
         default=30.0, ge=0, description="wait this long after an unanswered create before listing batches"
     )
+    status_interval_s: float = Field(default=5.0, gt=0, description="how often STATUS= is sent to systemd")
 
 
 class EventsSettings(_Section):

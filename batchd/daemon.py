@@ -1,7 +1,8 @@
 """`batchd run`: the daemon, put together.
 
 Named side tasks — the listener, the flusher, the supervisor, the publisher, the event hub (with HTTP), the
-pruner — run until SIGTERM or SIGINT; if any
+pruner, and under systemd the notifier (systemd.py: READY=1, STATUS=, WATCHDOG=1, STOPPING=1) — run until
+SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
 state), hands its leases back so another instance can carry on at once, and exits within
@@ -13,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from . import migrate, pruner, store
+from . import migrate, pruner, status, store, systemd
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
 from .events import EventHub
@@ -36,6 +37,7 @@ log = structlog.get_logger("batchd.daemon")
 
 SHUTDOWN_TIMEOUT_S = 7.0
 POOL_CLOSE_TIMEOUT_S = 1.0
+STATUS_TIMEOUT_S = 5.0  # systemd's STATUS= says "database unreachable" when its query takes longer
 
 
 class Daemon:
@@ -78,6 +80,7 @@ class Daemon:
         )
         runner: web.AppRunner | None = None
         tasks: set[asyncio.Task[None]] = set()
+        notifier = systemd.Notifier.from_environment()
         try:
             async with pool.acquire() as connection:
                 missing = await migrate.pending(connection)
@@ -87,16 +90,18 @@ class Daemon:
             hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None
             if hub is not None:
                 await hub.start()
-            tasks, listener, supervisor = self._start_parts(ctx, hub)
+            tasks, listener, supervisor = self._start_parts(ctx, hub, notifier)
             if hub is not None:
                 runner = await self._start_http(pool, listener, hub)
             await listener.connected.wait()
             _freeze_startup_objects()
             self.ready.set()
+            notifier.ready()
             log.info("daemon.ready", instance_id=ctx.instance_id, http=self.http_url)
             stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
             ctx.stopping.set()
+            notifier.stopping()
             log.info("daemon.stopping")
             stopper.cancel()
             # Streams end at once (clients reconnect elsewhere) while the daemon winds down.
@@ -111,6 +116,7 @@ class Daemon:
             if runner is not None:
                 await runner.cleanup()
             await provider.close()
+            notifier.close()
             try:
                 await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
             except TimeoutError:
@@ -118,7 +124,7 @@ class Daemon:
             log.info("daemon.stopped")
 
     def _start_parts(
-        self, ctx: Context, hub: EventHub | None
+        self, ctx: Context, hub: EventHub | None, notifier: systemd.Notifier
     ) -> tuple[set[asyncio.Task[None]], Listener, Supervisor]:
         """Wires the parts together and starts each as a named task."""
         supervisor = self.supervisor = Supervisor(ctx)
@@ -147,6 +153,13 @@ class Daemon:
         }
         if hub is not None:
             tasks.add(asyncio.create_task(hub.run(ctx.stopping), name="events"))
+        if notifier.enabled:
+
+            def status_line() -> Awaitable[str]:
+                return status.summary_line(ctx.pool, hub.open_streams if hub else 0, STATUS_TIMEOUT_S)
+
+            notifying = notifier.run(status_line, ctx.settings.daemon.status_interval_s)
+            tasks.add(asyncio.create_task(notifying, name="systemd"))
         return tasks, listener, supervisor
 
     @asynccontextmanager

@@ -1,11 +1,15 @@
-"""`batchd status`: what is queued, what is in flight, what happened lately."""
+"""`batchd status`: what is queued, what is in flight, what happened lately; and the daemon's one line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+
+from .flusher import DB_ERRORS
 from .store import Connection, sql
 
 
@@ -29,6 +33,17 @@ async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str,
     ]
     recent = {row["type"]: row["events"] for row in await connection.fetch(sql("recent_outcomes"), window_s)}
     return {"tenants": by_tenant, "open_batches": batches, "recent_events": recent, "window_s": window_s}
+
+
+async def summary_line(pool: asyncpg.Pool, streams: int, timeout_s: float) -> str:
+    """One line for systemd's STATUS= (`systemctl status` shows it): queued jobs, open batches, this
+    process's event streams. A database that does not answer within `timeout_s` is said instead."""
+    try:
+        async with asyncio.timeout(timeout_s), pool.acquire() as connection:
+            ((queued, open_batches),) = await connection.fetch(sql("status_summary"))
+    except DB_ERRORS as error:
+        return f"database unreachable: {error or type(error).__name__}; streams {streams}"
+    return f"queued {queued}, open batches {open_batches}, streams {streams}"
 
 
 STATES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")

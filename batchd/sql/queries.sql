@@ -447,3 +447,9 @@ SELECT tenant_id,
    AND NOT EXISTS (SELECT 1 FROM batchd.events AS e WHERE e.seq IS NULL AND e.job_id = j.id)
  GROUP BY tenant_id
  ORDER BY tenant_id;
+
+-- name: status_summary
+-- The daemon's one-line status for systemd (STATUS=), every few seconds: two counts on partial indexes
+-- (jobs_queued, batches_open), every daemon's work on this database.
+SELECT (SELECT count(*) FROM batchd.jobs WHERE status = 'queued') AS queued,
+       (SELECT count(*) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended')) AS open_batches;
