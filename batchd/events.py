@@ -23,8 +23,7 @@ import structlog
 
 from .config import EventsSettings
 from .context import wait_for_any
-from .flusher import DB_ERRORS
-from .store import sql
+from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.events")
 

@@ -19,18 +19,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
 
-import asyncpg
 import structlog
 
 from . import store
 from .config import API_MAX_BYTES
 from .context import Context, wait_for_event
-from .store import sql
+from .store import DB_ERRORS, sql
 from .templates import BODY_OVERHEAD, Prepared, create_body, custom_id, new_tag, prepare
 
 log = structlog.get_logger("batchd.flusher")
-
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 
 from .context import wait_for_any, wait_for_event
-from .store import sql
+from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.listener")
 
@@ -68,7 +68,7 @@ class Listener:
             backoff = 0.2
             try:
                 await self._serve(connection, stopping)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            except DB_ERRORS as error:
                 log.warning("listener.disconnected", error=str(error))
             finally:
                 self.connected.clear()

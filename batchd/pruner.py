@@ -9,8 +9,7 @@ from __future__ import annotations
 import structlog
 
 from .context import Context
-from .flusher import DB_ERRORS
-from .store import Connection, sql
+from .store import DB_ERRORS, Connection, sql
 
 log = structlog.get_logger("batchd.pruner")
 

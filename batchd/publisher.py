@@ -18,8 +18,7 @@ from collections.abc import Callable
 import structlog
 
 from .context import Context, wait_for_any
-from .flusher import DB_ERRORS
-from .store import Connection, sql
+from .store import DB_ERRORS, Connection, sql
 
 log = structlog.get_logger("batchd.publisher")
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from .flusher import DB_ERRORS
-from .store import Connection, sql
+from .store import DB_ERRORS, Connection, sql
 
 
 async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str, Any]:

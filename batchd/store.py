@@ -21,6 +21,16 @@ from asyncpg.pool import PoolConnectionProxy
 # A connection of one's own or one borrowed from the pool: queries run the same on both.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
+# What a lost or cut connection can raise. InternalClientError too: a connection cut mid-query makes the
+# pool's reset on release fail with it (found by tests/test_chaos.py); the pool drops that connection.
+DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    TimeoutError,
+)
+
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 

@@ -20,10 +20,9 @@ import structlog
 
 from . import store
 from .context import Context, wait_for_event
-from .flusher import DB_ERRORS
 from .poller import poll_until_ended
 from .results import NotOurBatch, apply_results
-from .store import sql
+from .store import DB_ERRORS, sql
 from .submitter import reconcile, submit
 
 log = structlog.get_logger("batchd.supervisor")
@@ -72,9 +71,11 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self.workers.values(), return_exceptions=True)
         try:
-            await self.ctx.pool.execute(sql("release_batches"), self.ctx.instance_id)
+            status = await self.ctx.pool.execute(sql("release_batches"), self.ctx.instance_id)
         except DB_ERRORS as error:
             log.warning("supervisor.release_failed", error=str(error))
+        else:
+            log.info("supervisor.leases_released", batches=int(status.split()[-1]))  # "UPDATE n"
 
     async def _drive(self, batch_id: UUID) -> None:
         try:

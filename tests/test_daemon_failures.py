@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import QUICK, EmulatorHandle, insert_raw, job_counts, raw_request, wait_for_jobs, wait_until
+from support import (
+    QUICK,
+    EmulatorHandle,
+    daemon_config,
+    daemon_process,
+    insert_raw,
+    job_counts,
+    log_events,
+    raw_request,
+    wait_for_jobs,
+    wait_until,
+)
 
 from batchd.emulator import EmulatorConfig
 
@@ -384,79 +391,6 @@ async def test_batches_the_provider_forgot_are_retried_and_succeed(
 
 
 # -- the real daemon, as a process, stopped and killed ----------------------------------------------------
-
-
-def daemon_config(path: Path, database_url: str, emulator_url: str, **daemon: float) -> Path:
-    values = {"lease_s": 2, "sweep_interval_s": 1, "reconcile_grace_s": 0.3, **daemon}
-    path.write_text(
-        f"""
-[database]
-url = "{database_url}"
-pool_max_size = 5
-
-[anthropic]
-base_url = "{emulator_url}"
-requests_per_minute = 6000
-timeout_s = 30
-
-[batching]
-max_requests = 50
-max_wait_s = 0.2
-deadline_slack_s = 60
-
-[polling]
-min_interval_s = 0.05
-max_interval_s = 0.2
-
-[daemon]
-{chr(10).join(f"{key} = {value}" for key, value in values.items())}
-
-[http]
-host = "127.0.0.1"
-port = 0
-"""
-    )
-    return path
-
-
-def daemon_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("BATCHD_")}
-    env["ANTHROPIC_API_KEY"] = "test-key"
-    return env
-
-
-@asynccontextmanager
-async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`batchd run` as a process, its log in a file (a pipe nobody reads would fill and stall it);
-    killed if still running when the block ends."""
-    with log.open("ab") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
-            "run",
-            "--config",
-            str(config),
-            env=daemon_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-def log_events(log: Path) -> Counter[str]:
-    events: Counter[str] = Counter()
-    for line in log.read_text().splitlines():
-        try:
-            events[json.loads(line)["event"]] += 1
-        except (ValueError, KeyError, TypeError):
-            continue
-    return events
 
 
 async def in_progress_batches(db: Any) -> int:
