@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .config import Settings
+from .metrics import Metrics
 from .provider import Provider
 
 
@@ -23,6 +24,7 @@ class Context:
     settings: Settings
     provider: Provider
     instance_id: str = field(default_factory=new_instance_id)
+    metrics: Metrics = field(default_factory=Metrics)  # the daemon's: the same as its provider's
     # Set when the daemon is stopping: loops finish the step they are in and do not start another.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -27,6 +27,7 @@ from .context import Context
 from .events import EventHub
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
+from .metrics import Metrics
 from .provider import Provider
 from .publisher import EVENTS_CHANNEL, PUBLISHED_CHANNEL, Publisher
 from .ratelimit import RateLimiter
@@ -61,6 +62,7 @@ class Daemon:
         self.listener: Listener | None = None
         self.hub: EventHub | None = None
         self.http_url: str | None = None
+        self.metrics = Metrics()  # this daemon's own registry, served at GET /metrics
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""
@@ -77,6 +79,7 @@ class Daemon:
             base_url=settings.anthropic.base_url,
             limiter=RateLimiter(settings.anthropic.requests_per_minute),
             timeout_s=settings.anthropic.timeout_s,
+            metrics=self.metrics,
         )
         runner: web.AppRunner | None = None
         tasks: set[asyncio.Task[None]] = set()
@@ -86,7 +89,8 @@ class Daemon:
                 missing = await migrate.pending(connection)
             if missing:
                 raise ConfigError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
-            ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider)
+            ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider, metrics=self.metrics)
+            self.metrics.identify(ctx.instance_id)
             hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None
             if hub is not None:
                 await hub.start()
@@ -150,6 +154,7 @@ class Daemon:
             asyncio.create_task(supervisor.run(), name="supervisor"),
             asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(pruner.run(ctx), name="pruner"),
+            asyncio.create_task(ctx.metrics.watch_loop_lag(ctx.stopping), name="loop-lag"),
         }
         if hub is not None:
             tasks.add(asyncio.create_task(hub.run(ctx.stopping), name="events"))
@@ -185,7 +190,15 @@ class Daemon:
     async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
         configured = admin_token(self.settings)
         admin = self._admin_token or (configured.get_secret_value() if configured else None)
-        app = create_app(pool, listener.connected.is_set, admin, hub, self.settings.http.secure_cookie)
+        self.metrics.hub = hub
+        app = create_app(
+            pool,
+            listener.connected.is_set,
+            admin,
+            hub,
+            self.settings.http.secure_cookie,
+            metrics=self.metrics,
+        )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

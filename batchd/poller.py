@@ -51,8 +51,13 @@ async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
         else:
             counts = remote.request_counts.model_dump()
             if remote.processing_status == "ended":
-                await ctx.pool.execute(sql("batch_ended"), batch.id, counts, remote.ended_at)
-                bound.info("batch.ended", request_counts=remote.request_counts.model_dump())
+                lag = await ctx.pool.fetchval(sql("batch_ended"), batch.id, counts, remote.ended_at)
+                if lag is not None:  # None: the provider gave no ended_at, or another daemon was first
+                    lag = max(0.0, lag)  # the provider's clock may be ahead of the database's
+                    ctx.metrics.poll_lag.observe(lag)
+                bound.info(
+                    "batch.ended", request_counts=counts, poll_lag_s=None if lag is None else round(lag, 3)
+                )
                 return True
             await ctx.pool.execute(sql("batch_polled"), batch.id, counts, interval)
         if await ctx.sleep(jittered(interval)):

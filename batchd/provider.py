@@ -3,17 +3,24 @@
 The SDK's own retries are off: a retried create after a lost response makes a second batch (the SDK sends
 no idempotency key), and a retry the limiter does not see spends the per-minute budget twice. The callers
 decide what to retry and when.
+
+Every call is counted in the daemon's metrics (`batchd_api_calls_total` by endpoint and status, see
+metrics.py): a success as 200 (every batch endpoint answers 200), a failure by its HTTP status, or as
+`connection_error` / `timeout` when none came back.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anthropic
+import httpx2
 from anthropic.types.messages import DeletedMessageBatch, MessageBatch
 
+from .metrics import Metrics
 from .ratelimit import RateLimiter
 
 DEFAULT_RETRY_AFTER_S = 5.0
@@ -27,8 +34,10 @@ class Provider:
         base_url: str | None,
         limiter: RateLimiter,
         timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.limiter = limiter
+        self.metrics = metrics or Metrics()
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
         )
@@ -36,58 +45,102 @@ class Provider:
     async def close(self) -> None:
         await self.client.close()
 
-    async def _call(self, request: Any) -> Any:
+    async def _call(self, endpoint: str, request: Any) -> Any:
         await self.limiter.acquire()
+        started = time.monotonic()
         try:
-            return await request
-        except anthropic.RateLimitError as error:
-            self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            result = await request
+        except Exception as error:
+            if isinstance(error, anthropic.RateLimitError):
+                self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            self.metrics.api_call(endpoint, call_status(error), time.monotonic() - started)
             raise
+        self.metrics.api_call(endpoint, "200", time.monotonic() - started)
+        return result
 
     async def create_batch(self, body: bytes) -> MessageBatch:
         """Create from a body already encoded (see templates.create_body)."""
         result: MessageBatch = await self._call(
+            "create",
             self.client.post(
                 "/v1/messages/batches",
                 cast_to=MessageBatch,
                 content=body,
                 options={"headers": {"content-type": "application/json"}},
-            )
+            ),
         )
         return result
 
     async def retrieve(self, provider_batch_id: str) -> MessageBatch:
-        result: MessageBatch = await self._call(self.client.messages.batches.retrieve(provider_batch_id))
+        result: MessageBatch = await self._call(
+            "retrieve", self.client.messages.batches.retrieve(provider_batch_id)
+        )
         return result
 
     async def list_page(self, after_id: str | None, limit: int = 100) -> tuple[list[MessageBatch], bool]:
         """One page of the workspace's batches, newest first."""
         if after_id is None:
-            page = await self._call(self.client.messages.batches.list(limit=limit))
+            page = await self._call("list", self.client.messages.batches.list(limit=limit))
         else:
-            page = await self._call(self.client.messages.batches.list(limit=limit, after_id=after_id))
+            page = await self._call("list", self.client.messages.batches.list(limit=limit, after_id=after_id))
         return list(page.data), bool(page.has_more)
 
     async def delete(self, provider_batch_id: str) -> DeletedMessageBatch:
-        result: DeletedMessageBatch = await self._call(self.client.messages.batches.delete(provider_batch_id))
+        result: DeletedMessageBatch = await self._call(
+            "delete", self.client.messages.batches.delete(provider_batch_id)
+        )
         return result
 
     @asynccontextmanager
     async def results(self, provider_batch_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
         """The results file's lines, raw, streamed; the response is closed however the reading ends.
 
-        Two API calls (the SDK retrieves the batch for its results_url first), so two tokens. Lines are
-        not built into SDK models: the message goes to the database as JSON anyway (see results.py).
+        Two API calls (the SDK retrieves the batch for its results_url first), so two tokens, but one
+        `results` in the metrics: its status is the response's, or what broke the body's stream (an error
+        raised by the reader of the lines is the reader's, not the call's). Lines are not built into SDK
+        models: the message goes to the database as JSON anyway (see results.py).
         """
         await self.limiter.acquire()
         await self.limiter.acquire()
+        started = time.monotonic()
+        status: str | None = None  # None until answered: a call cancelled before then is not counted
+        broken: list[str] = []
         try:
             streaming = self.client.messages.batches.with_streaming_response.results(provider_batch_id)
             async with streaming as response:
-                yield _lines(response.iter_bytes())
-        except anthropic.RateLimitError as error:
-            self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+                status = str(response.status_code)
+                elapsed = time.monotonic() - started
+                yield _lines(_noting_failure(response.iter_bytes(), broken))
+        except Exception as error:
+            if isinstance(error, anthropic.RateLimitError):
+                self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            if status is None:
+                status, elapsed = call_status(error), time.monotonic() - started
             raise
+        finally:
+            if status is not None:
+                self.metrics.api_call("results", broken[0] if broken else status, elapsed)
+
+
+async def _noting_failure(chunks: AsyncIterator[bytes], failures: list[str]) -> AsyncIterator[bytes]:
+    """The chunks, as they come; what broke the stream, if anything did, is noted in `failures`."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as error:
+        failures.append(call_status(error))
+        raise
+
+
+def call_status(error: BaseException) -> str:
+    """An API call's failure as a metrics label: its HTTP status, or what kept one from coming back."""
+    if isinstance(error, anthropic.APIStatusError):
+        return str(error.status_code)
+    if isinstance(error, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return "timeout"
+    if isinstance(error, anthropic.APIConnectionError | httpx2.TransportError):
+        return "connection_error"
+    return "other"
 
 
 async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import Counter
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +24,7 @@ import asyncpg
 import structlog
 
 from .context import Context
+from .metrics import result_types
 from .store import Batch, sql
 from .templates import job_id_from
 
@@ -102,6 +104,7 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
     bound = log.bind(batch_id=str(batch.id), provider_batch_id=batch.provider_batch_id)
     chunk_size = ctx.settings.results.apply_chunk
     applied = foreign = 0
+    types: Counter[str] = Counter()  # what the provider said of the results this call applied
     vanished = await ctx.pool.fetchval(sql("batch_vanished"), batch.id)
     if not vanished:
         # Chunks are applied while the next are read, up to IN_FLIGHT_CHUNKS at once on their own
@@ -124,11 +127,11 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
                             done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
                             for task in done:
                                 task.result()  # a failed chunk stops the apply; it is retried whole
-                        applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw)))
+                        applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
                         applied += len(chunk)
                         chunk, raw = [], []
                 if chunk:
-                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw)))
+                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
                     applied += len(chunk)
                 while applying:
                     done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
@@ -144,34 +147,63 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
                     await task
     if applied == 0 and foreign > 0:
         raise NotOurBatch(f"{batch.provider_batch_id} holds {foreign} requests, none of batch {batch.tag}")
-    missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]
-    if missing:
-        reason = _text({"type": "missing", "message": "the batch's results had no line for this request"})
-        await _apply_chunk(ctx, batch, [(job_id, "retry", None, reason) for job_id in missing])
+    missing = await _retry_unreported(ctx, batch, types)
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("finish_batch"), batch.id)
         await connection.execute(sql("notify_events"))
-    bound.info("batch.applied", applied=applied, missing=len(missing), foreign=foreign)
+    bound.info(
+        "batch.applied",
+        applied=applied,
+        missing=missing,
+        foreign=foreign,
+        results=dict(sorted(types.items())),
+    )
     if ctx.settings.results.delete_after_apply and not vanished:
         await ctx.provider.delete(batch.provider_batch_id)
         await ctx.pool.execute(sql("provider_copy_deleted"), batch.id)
+        bound.info("batch.provider_copy_deleted")
 
 
-async def _apply_chunk(ctx: Context, batch: Batch, rows: list[Row], raw: list[bytes] | None = None) -> None:
+async def _retry_unreported(ctx: Context, batch: Batch, types: Counter[str]) -> int:
+    """Jobs the results file had no line for are retried; returns how many."""
+    missing = [row["id"] for row in await ctx.pool.fetch(sql("unreported_jobs"), batch.id)]
+    if missing:
+        reason = _text({"type": "missing", "message": "the batch's results had no line for this request"})
+        await _apply_chunk(ctx, batch, [(job_id, "retry", None, reason) for job_id in missing], None, types)
+    return len(missing)
+
+
+async def _apply_chunk(
+    ctx: Context,
+    batch: Batch,
+    rows: list[Row],
+    raw: list[bytes] | None = None,
+    types: Counter[str] | None = None,
+) -> None:
     try:
-        await _apply_rows(ctx, batch, rows)
+        changed = await _apply_rows(ctx, batch, rows)
     except asyncpg.DataError:
         if raw is None:
             raise
         # A line cut out as a message was not one (the provider wrote something this code did not expect):
         # parse the chunk properly and apply that.
         log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
-        await _apply_rows(ctx, batch, reparse(raw, batch.tag))
+        rows = reparse(raw, batch.tag)
+        changed = await _apply_rows(ctx, batch, rows)
+    if changed:
+        # Counted once committed. A chunk applied again after a failure changes nothing and is not counted
+        # again (one that changes some of its jobs, after a partial overlap, is counted whole: rare).
+        applied = result_types(rows)
+        ctx.metrics.applied(applied)
+        if types is not None:
+            types.update(applied)
 
 
-async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> None:
+async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:
+    """Applies the rows in one transaction; returns how many jobs changed."""
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
         await connection.copy_records_to_table("batchd_results", records=rows, columns=RESULT_COLUMNS)
-        await connection.execute(sql("apply_results"), batch.id, ctx.settings.batching.max_attempts)
+        status = await connection.execute(sql("apply_results"), batch.id, ctx.settings.batching.max_attempts)
         await connection.execute(sql("notify_events"))
+    return int(status.split()[-1])  # "INSERT 0 n": one event per job changed

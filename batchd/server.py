@@ -1,6 +1,7 @@
 """batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up), the
-tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py) and the dashboard
-itself at `/` (static files from batchd/dashboard/).
+tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py), `/metrics`
+(Prometheus, admin token only: it names every tenant) and the dashboard itself at `/` (static files from
+batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -18,8 +19,10 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client.exposition import choose_encoder
 
 from .events import EventHub
+from .metrics import Metrics
 from .sse import HUB, stream_events
 from .store import sql
 from .tenants import Principal, authenticate
@@ -28,6 +31,7 @@ READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
 SECURE_COOKIE: web.AppKey[bool | None] = web.AppKey("secure_cookie")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -105,6 +109,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def scrape(request: web.Request) -> web.Response:
+    """Prometheus' scrape, in the text format (or OpenMetrics when asked for). The admin token only: the
+    metrics name every tenant and its volume. A scrape reads the database at most once per
+    metrics.SNAPSHOT_TTL_S, however many come at once."""
+    principal = await authenticate(request.app[POOL], _token(request), request.app[ADMIN_TOKEN])
+    if principal is None:
+        response = _error(401, "the admin token is required (Authorization: Bearer)")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
+        return response
+    if not principal.is_admin:
+        return _error(403, "metrics are for the admin token only")
+    metrics = request.app[METRICS]
+    await metrics.refresh(request.app[POOL])
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(metrics.registry), headers={"Content-Type": content_type})
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, request[PRINCIPAL])
 
@@ -177,6 +198,8 @@ def create_app(
     admin_token: str | None = None,
     hub: EventHub | None = None,
     secure_cookie: bool | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
@@ -185,6 +208,9 @@ def create_app(
     app[SECURE_COOKIE] = secure_cookie
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", scrape)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_get("/v1/overview", overview)
     app.router.add_get("/v1/session", who_am_i)

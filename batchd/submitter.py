@@ -47,6 +47,7 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
         rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
         if not rows:
             await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send")
+            bound.info("batch.abandoned", reason="no jobs left to send")
             return
         body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
     grace = ctx.settings.daemon.reconcile_grace_s
@@ -70,8 +71,10 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
 
 async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *, adopted: bool) -> None:
     async with ctx.pool.acquire() as connection, connection.transaction():
-        await connection.execute(sql("batch_submitted"), batch.id, created.id, adopted)
+        status = await connection.execute(sql("batch_submitted"), batch.id, created.id, adopted)
         await connection.execute(sql("notify_events"))
+    if status.split()[-1] != "0":  # "INSERT 0 n": n batch.submitted events, none when it was not pending
+        ctx.metrics.submitted(batch.request_count)
     log.info(
         "batch.submitted",
         batch_id=str(batch.id),

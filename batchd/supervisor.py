@@ -62,6 +62,9 @@ class Supervisor:
                 log.warning("supervisor.database_error", error=str(error))
             else:
                 for row in rows:
+                    if row["id"] not in self.workers:
+                        # At start, when a dead daemon's lease ran out, or when a batch's task ended early.
+                        log.info("batch.leased", batch_id=str(row["id"]), status=row["status"])
                     self.start(row["id"])
             await wait_for_event(self._wake, period)
 

@@ -116,7 +116,7 @@ UPDATE batchd.batches
    SET owner = $1, lease_until = now() + make_interval(secs => $2)
  WHERE status IN ('pending', 'in_progress', 'ended')
    AND (owner = $1 OR owner IS NULL OR lease_until < now())
-RETURNING id;
+RETURNING id, status;
 
 -- name: release_batches
 UPDATE batchd.batches SET lease_until = now() WHERE owner = $1 AND status IN ('pending', 'in_progress', 'ended');
@@ -211,9 +211,11 @@ UPDATE batchd.batches
  WHERE id = $1;
 
 -- name: batch_ended
+-- Returns the poll lag: from the provider's ended_at to now, by the database's clock.
 UPDATE batchd.batches
    SET status = 'ended', request_counts = $2::jsonb, provider_ended_at = $3, ended_at = now()
- WHERE id = $1 AND status = 'in_progress';
+ WHERE id = $1 AND status = 'in_progress'
+RETURNING extract(epoch FROM ended_at - provider_ended_at)::float8 AS poll_lag_s;
 
 -- name: create_results_table
 -- JSON arrives as text (COPY's fastest path) and is cast once, in the UPDATE.
@@ -453,3 +455,18 @@ SELECT tenant_id,
 -- (jobs_queued, batches_open), every daemon's work on this database.
 SELECT (SELECT count(*) FROM batchd.jobs WHERE status = 'queued') AS queued,
        (SELECT count(*) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended')) AS open_batches;
+
+-- name: metrics_snapshot
+-- What GET /metrics reports of the database, in one statement (so one snapshot): jobs per tenant and status
+-- (an index-only scan of jobs_tenant_status: its cost grows with the jobs kept, finished ones included),
+-- batches per status, and the age of the job at the head of the queue (one row of the jobs_queued index).
+SELECT 'jobs' AS kind, tenant_id, status, count(*) AS n, NULL::float8 AS age_s
+  FROM batchd.jobs
+ GROUP BY tenant_id, status
+UNION ALL
+SELECT 'batches', NULL, status, count(*), NULL
+  FROM batchd.batches
+ GROUP BY status
+UNION ALL
+SELECT 'queue_head', NULL, NULL, 1, greatest(0, extract(epoch FROM now() - created_at))::float8
+  FROM (SELECT created_at FROM batchd.jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) AS head;

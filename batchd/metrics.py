@@ -1,0 +1,348 @@
+"""batchd's Prometheus metrics: one registry per daemon (never the process-wide default, so that several
+daemons in one process keep apart), served by `GET /metrics` (server.py).
+
+Three sources:
+
+- counters and histograms that the parts update as they work: every API call (provider.py), requests
+  submitted (submitter.py), results applied (results.py), poll lag (poller.py), event-loop lag (below);
+- values read at scrape time from memory: the event hub's open streams and its counters (events.py);
+- the database's view, read at scrape time with one query (`metrics_snapshot`): jobs per tenant and
+  status, batches per status, the age of the queue's head. It is kept for `SNAPSHOT_TTL_S`, and one scrape
+  at a time runs it, so a storm of scrapes costs one query per TTL. These are database-wide: every daemon
+  on the database reports the same values (aggregate them with max, not sum).
+
+Tenants are a label of `batchd_jobs`: one series per tenant and status. Past `MAX_TENANTS` tenants, the
+tenants with the fewest jobs are summed into one series with an empty tenant label (no tenant is named "":
+the schema forbids it), so the number of series stays bounded whatever producers write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncpg
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from . import __version__
+from .store import DB_ERRORS, sql
+
+if TYPE_CHECKING:
+    from .events import EventHub
+
+log = structlog.get_logger("batchd.metrics")
+
+# No `_created` series beside each counter and histogram: they double the series for a timestamp that the
+# process's start time (process_start_time_seconds) already gives. (A switch of the library's, process-wide.)
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+
+SNAPSHOT_TTL_S = 1.5
+SNAPSHOT_TIMEOUT_S = 5.0
+MAX_TENANTS = 500
+JOB_STATUSES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")
+BATCH_STATUSES = ("pending", "in_progress", "ended", "applied", "abandoned")
+RESULT_TYPES = ("succeeded", "errored", "canceled", "expired", "missing")
+LOOP_LAG_INTERVAL_S = 0.5
+LOOP_LAG_WARNING_S = 1.0
+
+API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+POLL_LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the database said at one moment."""
+
+    jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant, status) -> jobs
+    batches: dict[str, int] = field(default_factory=dict)  # status -> batches
+    queue_age_s: float = 0.0  # of the job at the head of the queue; 0 when it is empty
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.info = Gauge(
+            "batchd_info",
+            "Always 1; the labels say which batchd this is (instance_id changes at every start).",
+            ["version", "instance_id"],
+            registry=registry,
+        )
+        self.api_calls = Counter(
+            "batchd_api_calls",
+            "Calls to the Message Batches API by endpoint and outcome: the HTTP status (200 for every "
+            "success), or connection_error, timeout, other when no status came back.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.api_errors = Counter(
+            "batchd_api_errors",
+            "Calls to the Message Batches API that failed (the subset of batchd_api_calls_total without "
+            "status 200), by endpoint and status.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.api_duration = Histogram(
+            "batchd_api_call_duration_seconds",
+            "Time from sending an API call to its answer or failure (results: until the response starts; "
+            "its body is streamed while it is applied). The rate limiter's wait is not included.",
+            ["endpoint"],
+            buckets=API_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.batches_submitted = Counter(
+            "batchd_batches_submitted",
+            "Batches recorded as created by the provider (adopted ones included: their create's answer was "
+            "lost).",
+            registry=registry,
+        )
+        self.requests_submitted = Counter(
+            "batchd_requests_submitted",
+            "Requests in the batches counted by batchd_batches_submitted_total.",
+            registry=registry,
+        )
+        self.results_applied = Counter(
+            "batchd_results_applied",
+            "Results applied to jobs, by what the provider said of the request: succeeded, errored, "
+            "canceled, expired, or missing (the results file had no line for it).",
+            ["type"],
+            registry=registry,
+        )
+        self.poll_lag = Histogram(
+            "batchd_poll_lag_seconds",
+            "From a batch's ended_at at the provider to batchd recording it ended (by the database's "
+            "clock): what the polling interval costs.",
+            buckets=POLL_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "batchd_event_loop_lag_seconds",
+            f"How late a {LOOP_LAG_INTERVAL_S:g} s sleep on the daemon's event loop woke up: time the loop "
+            "spent busy with something that did not yield.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.loop_lag_last = Gauge(
+            "batchd_event_loop_last_lag_seconds",
+            "The latest measurement of batchd_event_loop_lag_seconds.",
+            registry=registry,
+        )
+        self.database_errors = Counter(
+            "batchd_metrics_database_errors",
+            "Scrapes whose database query failed (the database's metrics are then left out of the scrape).",
+            registry=registry,
+        )
+        for kind in RESULT_TYPES:
+            self.results_applied.labels(kind)  # shown from the start, at 0
+        registry.register(_DatabaseCollector(self))
+        registry.register(_HubCollector(self))
+        ProcessCollector(registry=registry)
+        self.hub: EventHub | None = None
+        self.snapshot: Snapshot | None = None
+        self.snapshot_queries = 0
+        self._snapshot_at = -math.inf
+        self._snapshot_lock = asyncio.Lock()
+
+    def identify(self, instance_id: str) -> None:
+        self.info.labels(__version__, instance_id).set(1)
+
+    def api_call(self, endpoint: str, status: str, seconds: float) -> None:
+        self.api_calls.labels(endpoint, status).inc()
+        if status != "200":
+            self.api_errors.labels(endpoint, status).inc()
+        self.api_duration.labels(endpoint).observe(seconds)
+
+    def submitted(self, requests: int) -> None:
+        self.batches_submitted.inc()
+        self.requests_submitted.inc(requests)
+
+    def applied(self, types: Tally[str]) -> None:
+        for kind, count in types.items():
+            self.results_applied.labels(kind).inc(count)
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        """Reads the database's view unless the last read is fresh; one read at a time."""
+        if self._fresh():
+            return
+        async with self._snapshot_lock:
+            if self._fresh():
+                return  # another scrape read it while this one waited
+            self.snapshot_queries += 1
+            try:
+                rows = await pool.fetch(sql("metrics_snapshot"), timeout=SNAPSHOT_TIMEOUT_S)
+            except DB_ERRORS as error:
+                # A failure is kept for the TTL too: a storm against a sick database costs one try per TTL.
+                self.snapshot = None
+                self.database_errors.inc()
+                log.warning("metrics.database_error", error=str(error) or type(error).__name__)
+            else:
+                self.snapshot = _snapshot(rows)
+            self._snapshot_at = time.monotonic()
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._snapshot_at < SNAPSHOT_TTL_S
+
+    async def watch_loop_lag(self, stopping: asyncio.Event, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Sleeps `interval_s` again and again and records how late each sleep ends (the daemon's side task
+        `loop-lag`)."""
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            started = loop.time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - started - interval_s)
+            self.loop_lag.observe(lag)
+            self.loop_lag_last.set(lag)
+            if lag >= LOOP_LAG_WARNING_S:
+                log.warning("daemon.event_loop_blocked", lag_s=round(lag, 3))
+
+
+def _snapshot(rows: Iterable[asyncpg.Record]) -> Snapshot:
+    jobs: dict[tuple[str, str], int] = {}
+    batches: dict[str, int] = {}
+    queue_age_s = 0.0
+    for row in rows:
+        if row["kind"] == "jobs":
+            jobs[row["tenant_id"], row["status"]] = row["n"]
+        elif row["kind"] == "batches":
+            batches[row["status"]] = row["n"]
+        else:
+            queue_age_s = row["age_s"]
+    return Snapshot(jobs, batches, queue_age_s)
+
+
+def _capped(jobs: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """The MAX_TENANTS tenants with the most jobs by name; the rest summed under "" (no tenant's name)."""
+    totals: Tally[str] = Tally()
+    for (tenant, _), count in jobs.items():
+        totals[tenant] += count
+    if len(totals) <= MAX_TENANTS:
+        return jobs
+    kept = {
+        tenant for tenant, _ in sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:MAX_TENANTS]
+    }
+    capped: Tally[tuple[str, str]] = Tally()
+    for (tenant, status), count in jobs.items():
+        capped[tenant if tenant in kept else "", status] += count
+    return dict(capped)
+
+
+class _DatabaseCollector:
+    """The last snapshot as gauges (nothing when the last read failed: no stale numbers)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(Snapshot())
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.metrics.snapshot
+        return iter(()) if snapshot is None else self._families(snapshot)
+
+    @staticmethod
+    def _families(snapshot: Snapshot) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "batchd_jobs",
+            "Jobs in batchd.jobs by tenant and status, finished ones included (database-wide; every tenant "
+            f"with a job has all six statuses; past {MAX_TENANTS} tenants the smallest are summed under "
+            'tenant="").',
+            labels=["tenant", "status"],
+        )
+        capped = _capped(snapshot.jobs)
+        for tenant in sorted({tenant for tenant, _ in capped}):
+            for status in JOB_STATUSES:
+                jobs.add_metric([tenant, status], capped.get((tenant, status), 0))
+        yield jobs
+        batches = GaugeMetricFamily(
+            "batchd_batches", "Batches in batchd.batches by status (database-wide).", labels=["status"]
+        )
+        for status in BATCH_STATUSES:
+            batches.add_metric([status], snapshot.batches.get(status, 0))
+        yield batches
+        yield GaugeMetricFamily(
+            "batchd_queue_oldest_job_age_seconds",
+            "Age of the job at the head of the queue (the queued job first in claim order, retried ones "
+            "included), by the database's clock; 0 when nothing is queued.",
+            value=snapshot.queue_age_s,
+        )
+
+
+class _HubCollector:
+    """The event hub's streams and counters, read as they are at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(0, 0, 0, 0, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.metrics.hub
+        if hub is None:
+            return iter(())
+        return self._families(
+            hub.open_streams, hub.fanned_out, hub.cut_off, hub.fell_behind, hub.peak_buffered_bytes
+        )
+
+    @staticmethod
+    def _families(
+        streams: int, fanned_out: int, cut_off: int, fell_behind: int, peak: int
+    ) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "batchd_sse_clients",
+            "Open GET /v1/events streams (every tenant's and the admin's).",
+            value=streams,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_events_fanned_out",
+            "Events the hub read from the log and handed to the open streams (each counted once, however "
+            "many streams it went to).",
+            value=fanned_out,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_cut_off",
+            "Streams ended because their client read nothing for events.send_timeout_s (slow_consumer).",
+            value=cut_off,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_fell_behind",
+            "Times a stream's buffer would have overflowed and the stream went back to reading the table.",
+            value=fell_behind,
+        )
+        yield GaugeMetricFamily(
+            "batchd_sse_buffer_peak_bytes",
+            "The most any closed stream ever had waiting in its buffer (bounded by "
+            "events.client_buffer_bytes).",
+            value=peak,
+        )
+
+
+def result_types(rows: Iterable[tuple[object, str, str | None, str | None]]) -> Tally[str]:
+    """What the provider said of each result row (see results.classify): succeeded, errored, canceled,
+    expired or missing. Only rows that are not successes are parsed, and those are few."""
+    types: Tally[str] = Tally()
+    for _, outcome, _, error in rows:
+        if outcome == "succeeded":
+            types["succeeded"] += 1
+        elif outcome == "failed" or error is None:
+            types["errored"] += 1
+        else:
+            kind = json.loads(error).get("type")
+            types[kind if kind in ("canceled", "expired", "missing") else "errored"] += 1
+    return types
