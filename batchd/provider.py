@@ -132,6 +132,11 @@ async def _noting_failure(chunks: AsyncIterator[bytes], failures: list[str]) -> 
         raise
 
 
+# The SDK raises its own APIConnectionError for a call that fails to start, but a results body that breaks
+# midway raises the transport's error from the iteration itself.
+CONNECTION_ERRORS = (anthropic.APIConnectionError, httpx2.TransportError)
+
+
 def call_status(error: BaseException) -> str:
     """An API call's failure as a metrics label: its HTTP status, or what kept one from coming back."""
     if isinstance(error, anthropic.APIStatusError):

@@ -21,13 +21,14 @@ import structlog
 from . import store
 from .context import Context, wait_for_event
 from .poller import poll_until_ended
+from .provider import CONNECTION_ERRORS
 from .results import NotOurBatch, apply_results
 from .store import DB_ERRORS, sql
 from .submitter import reconcile, submit
 
 log = structlog.get_logger("batchd.supervisor")
 
-STEP_ERRORS = (*DB_ERRORS, anthropic.APIStatusError, anthropic.APIConnectionError)
+STEP_ERRORS = (*DB_ERRORS, anthropic.APIStatusError, *CONNECTION_ERRORS)
 RETRY_AFTER_ERROR_S = 2.0
 
 

@@ -360,6 +360,20 @@ async def test_a_413_splits_the_batch_until_each_part_fits(
     assert sum(row["request_count"] for row in rows) == 200
 
 
+async def test_a_results_download_that_breaks_midway_is_resumed_by_the_batchs_own_task(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # The connection drops after 50 lines, once. With leases of 10 minutes, a task that died of it would
+    # be restarted only at the next renewal, minutes later: the batch's own task must retry the download.
+    await emulator.set_faults(results_break_after=50, results_break_count=1)
+    settings = daemon_settings(batching={"max_requests": 200, "max_wait_s": 0.2}, daemon={"lease_s": 600})
+    await insert_raw(db, "acme", [f"question {i}" for i in range(200)])
+    async with start_daemon(settings):
+        counts = await wait_for_jobs(db, done=200, timeout=30)
+    assert counts == {"succeeded": 200}
+    assert (await emulator.stats())["calls"].get("results", 0) >= 2, "the download broke and was retried"
+
+
 async def test_batches_the_provider_forgot_are_retried_and_succeed(
     db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
 ) -> None:
