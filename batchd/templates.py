@@ -79,13 +79,21 @@ def render(name: str, input_text: str | None, job_types: dict[str, JobType]) -> 
     if job_type is None:
         known = ", ".join(sorted(job_types)) or "none are configured"
         return f"unknown job type {name!r} (known: {known})"
-    values = json.loads(input_text) if input_text is not None else {}
+    # The database holds jsonb that Python's json cannot read back or write out: nesting past its recursion
+    # limit, integers past its 4,300 digits. Such a job fails here; raised, it stopped the flusher.
+    try:
+        values = json.loads(input_text) if input_text is not None else {}
+    except (ValueError, RecursionError) as error:
+        return f"input of a {name} job cannot be read: {error}"
     if not isinstance(values, dict):
         return f"input of a {name} job must be a JSON object"
     missing = [field for field in job_type.fields if field not in values]
     if missing:
         return f"input lacks {', '.join(missing)}, required by job type {name!r}"
-    text = {field: _as_text(values[field]) for field in job_type.fields}
+    try:
+        text = {field: _as_text(values[field]) for field in job_type.fields}
+    except (ValueError, RecursionError) as error:
+        return f"input of a {name} job cannot be rendered: {error}"
     params: dict[str, Any] = {
         "model": job_type.model,
         "max_tokens": job_type.max_tokens,

@@ -37,7 +37,12 @@ SELECT count(*) AS jobs,
          LIMIT $1) AS head;
 
 -- name: earliest_deadline
-SELECT min(deadline) FROM batchd.jobs WHERE status = 'queued' AND deadline IS NOT NULL;
+-- Clamped to a century either side of now: a producer may write any timestamptz ('infinity', '-infinity',
+-- 4713 BC, year 294276), which Python's datetime cannot hold (asyncpg returns the infinities as naive
+-- datetimes, and the rest overflow): unclamped, one such job stopped the flusher, and every restart.
+SELECT least(greatest(min(deadline), now() - interval '100 years'), now() + interval '100 years')
+  FROM batchd.jobs WHERE status = 'queued' AND deadline IS NOT NULL
+HAVING min(deadline) IS NOT NULL;
 
 -- name: db_now
 SELECT now();
@@ -351,8 +356,11 @@ RETURNING id;
 SELECT batchd.cancel_job($1);
 
 -- name: get_job
-SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata, error, usage, result, created_at,
-       submitted_at, completed_at
+-- The jsonb columns as text, served as the database holds them: Python's json cannot read every jsonb a
+-- producer may write (nesting past its recursion limit, integers past 4,300 digits: a 500), and rounds
+-- numbers to doubles (metadata would not come back untouched).
+SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata::text AS metadata, error::text AS error,
+       usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
 -- name: job_tenant
