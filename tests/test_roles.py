@@ -259,16 +259,21 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
         ("jobs_status_refused", False, None),
     ]
 
+    # The daemon: DML on every table and view (those of migrations to come included), only SELECT on
+    # batchd.migrations; every function but the triggers'.
+    tables = [
+        row["relname"]
+        for row in await db.fetch(
+            "SELECT relname FROM pg_class"
+            " WHERE relnamespace = 'batchd'::regnamespace AND relkind IN ('r', 'v')"
+        )
+    ]
+    assert {"jobs", "batches", "batch_tenants", "events", "event_log", "wakeup", "tenants", "tokens"} < set(
+        tables
+    )
     assert await table_privileges(db, deployment.daemon) == {
-        "migrations": {"SELECT"},
-        "jobs": {"SELECT", "INSERT", "UPDATE"},
-        "batches": {"SELECT", "INSERT", "UPDATE"},
-        "batch_tenants": {"SELECT", "INSERT", "UPDATE"},
-        "events": {"SELECT", "INSERT", "UPDATE", "DELETE"},
-        "event_log": {"SELECT", "UPDATE"},
-        "wakeup": {"SELECT", "UPDATE"},
-        "tenants": {"SELECT", "INSERT"},
-        "tokens": {"SELECT", "INSERT", "UPDATE"},
+        table: {"SELECT"} if table == "migrations" else {"SELECT", "INSERT", "UPDATE", "DELETE"}
+        for table in tables
     }
     assert await table_privileges(db, deployment.producer) == {"jobs": {"SELECT", "INSERT"}}
     columns = await db.fetch(
@@ -277,7 +282,13 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
         deployment.producer,
     )
     assert [tuple(row.values()) for row in columns] == [("jobs", "status", "UPDATE")]
-    assert await executable(db, deployment.daemon) == {"publish_events", "request_problem", "cancel_job"}
+    functions = await db.fetch(
+        "SELECT proname, prorettype = 'trigger'::regtype AS is_trigger FROM pg_proc"
+        " WHERE pronamespace = 'batchd'::regnamespace"
+    )
+    daemon_functions = await executable(db, deployment.daemon)
+    assert daemon_functions == {row["proname"] for row in functions if not row["is_trigger"]}
+    assert {"publish_events", "request_problem", "cancel_job"} <= daemon_functions
     assert await executable(db, deployment.producer) == {"request_problem", "cancel_job"}
 
     checks = await db.fetchrow(

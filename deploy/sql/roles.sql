@@ -18,16 +18,17 @@
 --             the database because `batchd migrate` always says CREATE SCHEMA IF NOT EXISTS. Nothing else
 --             should connect as it. Objects in batchd that another role owns (a database migrated as
 --             `postgres` before this script) are handed to it.
---   daemon    `batchd run` and the operator's commands (status, tenant, enqueue, cancel): the DML its queries
---             need (batchd/sql/queries.sql), TEMPORARY (results are loaded through a temporary table), and
---             SELECT on batchd.migrations (it refuses to start while a migration is pending). No DDL.
+--   daemon    `batchd run` and the operator's commands (status, tenant, enqueue, cancel): SELECT, INSERT,
+--             UPDATE and DELETE on batchd's tables, but only SELECT on batchd.migrations (it refuses to start
+--             while a migration is pending, and records none); its functions; TEMPORARY (results are loaded
+--             through a temporary table). No DDL, no TRUNCATE.
 --   producer  INSERT and SELECT on batchd.jobs, UPDATE of its status column only (a cancel), and
 --             batchd.cancel_job(uuid) and batchd.request_problem(jsonb); nothing on any other table. The
 --             triggers on batchd.jobs do their work as the owner (migration 0004). One producer role per
 --             tenant, with row-level security: deploy/sql/rls.sql and deploy/sql/tenant_producer.sql.
 --
--- Tables that later migrations add get the daemon's DML by default privileges, so a new version runs
--- before this script is run again; running it again narrows them to what that version needs.
+-- Tables and functions that later migrations add get the daemon's privileges by default privileges, so a new
+-- version runs before this script is run again; run it again for what producers may need of them.
 
 \set ON_ERROR_STOP on
 \set QUIET on
@@ -133,24 +134,29 @@ SELECT to_regclass('batchd.migrations') IS NOT NULL AS batchd_has_migrations \gs
 \endif
 
 \if :batchd_migrated
-    REVOKE ALL ON batchd.migrations, batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events,
-                  batchd.event_log, batchd.wakeup, batchd.tenants, batchd.tokens
-        FROM PUBLIC, :"daemon", :"producer";
-    REVOKE ALL ON ALL SEQUENCES IN SCHEMA batchd FROM PUBLIC, :"producer";
-    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA batchd FROM PUBLIC, :"producer";
-    REVOKE ALL ON FUNCTION batchd.jobs_inserted(), batchd.jobs_status_changed(), batchd.jobs_status_refused(),
-                           batchd.jobs_canceled() FROM :"daemon";
+    -- From scratch each time, so that a second run leaves exactly what a first one does.
+    REVOKE ALL ON ALL TABLES IN SCHEMA batchd FROM PUBLIC, :"daemon", :"producer";
+    REVOKE ALL ON ALL SEQUENCES IN SCHEMA batchd FROM PUBLIC, :"daemon", :"producer";
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA batchd FROM PUBLIC, :"daemon", :"producer";
 
-    -- The daemon, query by query (batchd/sql/queries.sql).
-    GRANT SELECT ON batchd.migrations TO :"daemon";
-    GRANT SELECT, INSERT, UPDATE ON batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.tokens
-        TO :"daemon";
-    GRANT SELECT, INSERT, UPDATE, DELETE ON batchd.events TO :"daemon";
-    GRANT SELECT, UPDATE ON batchd.event_log, batchd.wakeup TO :"daemon";
-    GRANT SELECT, INSERT ON batchd.tenants TO :"daemon";
+    -- The daemon: DML on every table and view of the schema (what later migrations add included, as the
+    -- default privileges above give it), but only SELECT on batchd.migrations (it reads what is applied and
+    -- records nothing); every function but the triggers', which fire without it.
+    GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA batchd TO :"daemon";
+    REVOKE INSERT, UPDATE, DELETE ON batchd.migrations FROM :"daemon";
     GRANT USAGE ON ALL SEQUENCES IN SCHEMA batchd TO :"daemon";
-    GRANT EXECUTE ON FUNCTION batchd.publish_events(integer), batchd.request_problem(jsonb),
-                              batchd.cancel_job(uuid) TO :"daemon";
+    GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA batchd TO :"daemon";
+    DO $$
+    DECLARE
+        trigger_function regprocedure;
+    BEGIN
+        FOR trigger_function IN SELECT oid FROM pg_proc
+                                 WHERE pronamespace = 'batchd'::regnamespace AND prorettype = 'trigger'::regtype LOOP
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', trigger_function,
+                           current_setting('batchd_roles.daemon'));
+        END LOOP;
+    END
+    $$;
 
     -- The producer: the contract in README.md, and nothing more.
     GRANT SELECT, INSERT ON batchd.jobs TO :"producer";
