@@ -37,6 +37,7 @@ from .supervisor import Supervisor
 log = structlog.get_logger("batchd.daemon")
 
 SHUTDOWN_TIMEOUT_S = 7.0
+KEEPALIVE_TIMEOUT_S = 75.0
 POOL_CLOSE_TIMEOUT_S = 1.0
 STATUS_TIMEOUT_S = 5.0  # systemd's STATUS= says "database unreachable" when its query takes longer
 
@@ -201,7 +202,11 @@ class Daemon:
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # keepalive_timeout: an idle or never-finished connection holds a file descriptor this long, not
+        # aiohttp's default hour (streams are not idle: the timer runs only between requests).
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+        )
         await runner.setup()
         await web.TCPSite(runner, self.settings.http.host, self.settings.http.port).start()
         host, port = runner.addresses[0][:2]

@@ -100,13 +100,21 @@ async def sse_stream(
         await collector.close()
 
 
-async def all_published(db: Any) -> bool:
-    return bool(await db.fetchval("SELECT count(*) = 0 FROM batchd.events WHERE seq IS NULL"))
+async def settled(db: Any) -> bool:
+    """No batch still open (its batch.ended is yet to come) and every event published."""
+    return bool(
+        await db.fetchval(
+            "SELECT NOT EXISTS"
+            " (SELECT 1 FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended'))"
+            " AND NOT EXISTS (SELECT 1 FROM batchd.events WHERE seq IS NULL)"
+        )
+    )
 
 
 async def logged(db: Any, tenant: str | None = None) -> list[tuple[int, str, str | None]]:
-    """The published events a stream of `tenant` (None: the admin) must carry: (seq, type, job id)."""
-    await wait_until(lambda: all_published(db), timeout=20)
+    """The published events a stream of `tenant` (None: the admin) must carry once the run has settled:
+    (seq, type, job id)."""
+    await wait_until(lambda: settled(db), timeout=30)
     rows = await db.fetch(
         "SELECT seq, type, job_id FROM batchd.events WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY seq",
         tenant,

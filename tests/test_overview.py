@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
-from support import ADMIN_TOKEN, QUICK, insert_raw, wait_for_jobs
+from support import ADMIN_TOKEN, QUICK, insert_raw, wait_for_jobs, wait_until
 
 from batchd.emulator import EmulatorConfig
-from batchd.publisher import publish
 
 FINISHED_JOB = """
 WITH job AS (
@@ -39,16 +39,27 @@ async def overview(url: str, token: str) -> dict[str, Any]:
 
 
 async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_id_never_both(
-    db: Any, tokens: dict[str, str], serve: Any
+    db: Any, tokens: dict[str, str], serve: Any, database_url: str
 ) -> None:
-    async with serve(poll_interval_s=3600) as (daemon, url):
-        # A finished job and its event commit together; the event is not published yet (the daemon's
-        # publisher waits for a NOTIFY that this test does not send, or an hour).
-        await db.execute(FINISHED_JOB)
-        before = await overview(url, tokens["acme"])
+    async with serve() as (daemon, url):
+        # The test holds the publisher's turn (the event log's row lock): the finished job and its event
+        # commit, but the event stays unpublished until the test lets go.
+        holder = await asyncpg.connect(database_url)
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT published_seq FROM batchd.event_log FOR UPDATE")
+                await db.execute(FINISHED_JOB)
+                await db.execute("NOTIFY batchd_events")  # the daemon's publisher now waits on the lock
+                before = await overview(url, tokens["acme"])
+        finally:
+            await holder.close()
         assert before["last_event_id"] == 0
         assert before["totals"] == [], "its event comes after the snapshot's id: the page counts it then"
-        assert await publish(db, chunk=10) == 1
+
+        async def published() -> bool:
+            return bool(await db.fetchval("SELECT published_seq = 1 FROM batchd.event_log"))
+
+        await wait_until(published)
         after = await overview(url, tokens["acme"])
         assert after["last_event_id"] == 1
         (totals,) = after["totals"]
