@@ -86,6 +86,12 @@ class DaemonSettings(_Section):
     reconcile_grace_s: float = Field(
         default=30.0, ge=0, description="wait this long after an unanswered create before listing batches"
     )
+    isolate_after_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="a batch whose creates have failed (500, or a 4xx naming no request) for this long, 4 "
+        "times or more, is halved to find the request the provider cannot take",
+    )
     status_interval_s: float = Field(default=5.0, gt=0, description="how often STATUS= is sent to systemd")
 
 

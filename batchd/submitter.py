@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 import anthropic
 import asyncpg
@@ -36,6 +37,15 @@ log = structlog.get_logger("batchd.submitter")
 # How far the provider's clock and ours may disagree when matching a batch to an attempt.
 CLOCK_SKEW = timedelta(seconds=60)
 _REQUEST_INDEX = re.compile(r"requests\.(\d+)")
+_STATUS = re.compile(r"^(\d{3}): ")
+# A create the provider keeps failing (a 500, or a 4xx that names no request) at least this many times, over
+# [daemon] isolate_after_s at least, is split in two, each half once more per failure, until a single request
+# fails alone: one request the provider cannot take must not hold the rest of its batch back forever
+# (tests/test_fuzz_producer.py found one: JSON that PostgreSQL accepts and a parser with the usual limits
+# cannot read). Being overloaded or rate limited, and key problems, say nothing about the requests: those
+# are never isolated, and an outage fails every create for a while, whatever the requests: hence the time.
+ISOLATE_AFTER_ATTEMPTS = 4
+NOT_ABOUT_THE_REQUESTS = frozenset({401, 403, 408, 409, 429, 502, 503, 504, 529})
 
 
 async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
@@ -104,6 +114,9 @@ async def _refused(
         if index is not None and index < len(rows):
             await _fail_one(ctx, batch, rows[index]["id"], message)
             return
+    if _isolating(ctx, batch, error.status_code):
+        await _isolate(ctx, batch, rows, message)
+        return
     delay = retry_after(error) or _backoff(batch.create_attempts, error.status_code)
     await ctx.pool.execute(sql("create_refused"), batch.id, delay, message)
     bound.warning("batch.create_refused", error=message, retry_in_s=delay)
@@ -138,11 +151,32 @@ async def _fail_one(ctx: Context, batch: Batch, job_id: object, message: str) ->
     log.warning("job.failed", job_id=str(job_id), batch_id=str(batch.id), reason=message)
 
 
-async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message: str) -> None:
-    """413: the body is too large for the provider. Halve the batch; a single request fails."""
+def _isolating(ctx: Context, batch: Batch, status: int | None) -> bool:
+    # Time as well as attempts: an outage fails every create for a while, whatever the requests.
+    failing_s = (datetime.now(UTC) - _utc(batch.created_at)).total_seconds()
+    return (
+        batch.create_attempts >= ISOLATE_AFTER_ATTEMPTS
+        and failing_s >= ctx.settings.daemon.isolate_after_s
+        and status is not None
+        and status not in NOT_ABOUT_THE_REQUESTS
+    )
+
+
+async def _isolate(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message: str) -> None:
+    """The provider failed this batch's create again and again: look for the request it cannot take."""
+    reason = f"the provider failed {batch.create_attempts} creates holding this request ({message})"
+    new_id = await _split(ctx, batch, rows, reason)
+    if new_id is not None:
+        # Each half fails once more before it is halved again: a poisoned batch of n takes log2(n) rounds.
+        await ctx.pool.execute(sql("set_create_attempts"), [batch.id, new_id], ISOLATE_AFTER_ATTEMPTS - 1)
+
+
+async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message: str) -> UUID | None:
+    """Halve the batch (413: the body is too large for the provider); a single request fails. Returns the
+    new batch's id."""
     if len(rows) == 1:
         await _fail_one(ctx, batch, rows[0]["id"], message)
-        return
+        return None
     half = len(rows) // 2
     moved = rows[half:]
     moved_bytes = sum(len(row["params"].encode()) + ITEM_OVERHEAD for row in moved) + BODY_OVERHEAD
@@ -164,6 +198,7 @@ async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message
             message,
         )
     log.warning("batch.split", batch_id=str(batch.id), new_batch_id=str(new_id), moved=len(moved))
+    return UUID(str(new_id))
 
 
 async def reconcile(ctx: Context, batch: Batch) -> None:
@@ -175,7 +210,7 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
     candidates = await _candidates(ctx, batch, earliest, latest)
     if not candidates:
         # Listed back past the attempt and found nothing of its size: it was never made. Send it again.
-        await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, "reconciled: the provider made no batch")
+        await _not_made(ctx, batch, "reconciled: the provider made no batch")
         bound.info("batch.reconciled_not_made")
         return
     # Only a batch's results prove whose it is, and they come when it ends. Adopting a candidate before then
@@ -188,12 +223,24 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
         bound.info("batch.adopted", provider_batch_id=ours.id)
         return
     if all(c.processing_status == "ended" for c in candidates):
-        await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, "reconciled: no batch made was ours")
+        await _not_made(ctx, batch, "reconciled: no batch made was ours")
         bound.info("batch.reconciled_not_made", not_ours=[c.id for c in candidates])
         return
     wait = max(ctx.settings.polling.min_interval_s, ctx.settings.daemon.reconcile_grace_s, 1.0)
     await ctx.pool.execute(sql("retry_later"), batch.id, wait, "reconciling: waiting for candidates to end")
     bound.info("batch.reconcile_waiting", candidates=[c.id for c in candidates], retry_in_s=wait)
+
+
+async def _not_made(ctx: Context, batch: Batch, reason: str) -> None:
+    """The provider surely made nothing: send again, or, when it keeps failing this batch, isolate."""
+    last_error = await ctx.pool.fetchval(sql("batch_last_error"), batch.id) or ""
+    match = _STATUS.match(last_error)
+    if _isolating(ctx, batch, int(match[1]) if match else None):
+        rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
+        if rows:
+            await _isolate(ctx, batch, rows, last_error)
+            return
+    await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, reason)
 
 
 async def _ours_among(ctx: Context, batch: Batch, candidates: list[MessageBatch]) -> MessageBatch | None:

@@ -156,6 +156,12 @@ UPDATE batchd.batches
    SET create_attempted_at = NULL, next_attempt_at = now() + make_interval(secs => $2), last_error = $3
  WHERE id = $1;
 
+-- name: batch_last_error
+SELECT last_error FROM batchd.batches WHERE id = $1;
+
+-- name: set_create_attempts
+UPDATE batchd.batches SET create_attempts = $2 WHERE id = ANY($1::uuid[]);
+
 -- name: batch_submitted
 -- The batch, its jobs, and the events saying so, at once; each tenant hears of its own share of the batch.
 WITH batch AS (
