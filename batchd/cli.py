@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import structlog
 from aiohttp.log import access_logger
 from pydantic import ValidationError
 
-from . import __version__, enqueue, log, migrate, status, tenants
+from . import __version__, budgets, enqueue, log, migrate, report, status, tenants
 from .config import ConfigError, Settings, config_path, describe, load_settings, read_toml
 from .daemon import Daemon
 from .demo import run_demo
@@ -325,6 +325,89 @@ def run_tenant(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+# `batchd tenant set NAME [options]`: one subcommand for every per-tenant setting. Each part of batchd adds
+# its own option group to the parser (budgets.add_arguments) and a setter here, called with (connection,
+# name, args) in one transaction, that applies the options it was given and returns what it set (None when
+# none of its options was given). Options not given are left as they are.
+TENANT_SETTERS: list[Callable[[Any, str, argparse.Namespace], Awaitable[dict[str, Any] | None]]] = [
+    budgets.apply_arguments,
+]
+
+
+def _add_tenant_set_parser(tenant_actions: Any) -> None:
+    parser = tenant_actions.add_parser(
+        "set",
+        help="change a tenant's settings (budgets); adds the tenant if new",
+        description="Change a tenant's settings; options not given stay as they are.",
+    )
+    _add_config_option(parser)
+    parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
+    budgets.add_arguments(parser)
+    parser.set_defaults(run=run_tenant_set)
+
+
+def run_tenant_set(args: argparse.Namespace) -> int:
+    if not args.name or args.name != args.name.strip():
+        print("batchd: a tenant name must be non-empty, without surrounding spaces", file=sys.stderr)
+        return EX_DATAERR
+
+    async def go() -> int:
+        connection = await _connect(_settings(args))
+        try:
+            async with connection.transaction():
+                changed = [await setter(connection, args.name, args) for setter in TENANT_SETTERS]
+            if not any(result is not None for result in changed):
+                print("batchd: nothing to set (see batchd tenant set --help)", file=sys.stderr)
+                return EX_DATAERR
+            # Held or released at once (the daemons are woken too), so `batchd status` shows the verdict.
+            await budgets.check(connection)
+            for row in await connection.fetch(sql("tenant_budgets")):
+                if row["tenant_id"] == args.name:
+                    print(budgets.describe({**row, "name": args.name}))
+                    break
+            else:
+                print(f"{args.name}: no budget")
+            return 0
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
+def run_report(args: argparse.Namespace) -> int:
+    try:
+        since = None if args.since is None else report.parse_since(args.since)
+    except ValueError as error:
+        print(f"batchd: {error}", file=sys.stderr)
+        return EX_DATAERR
+
+    async def go() -> dict[str, Any]:
+        connection = await _connect(_settings(args))
+        try:
+            return await report.collect(connection, since, args.tenant)
+        finally:
+            await connection.close()
+
+    print(report.RENDER[args.format](asyncio.run(go())))
+    return 0
+
+
+def _add_report_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "report",
+        help="costs and savings per tenant and model, from the ledger",
+        description="What the ledger recorded per tenant and model: jobs, tokens, cost at batch prices, the "
+        "same calls' cost through the synchronous API, and what batching saved; with totals.",
+    )
+    _add_config_option(parser)
+    parser.add_argument(
+        "--since", metavar="WHEN", help="7d, 12h, 30m, 2w ago, or an ISO date (UTC); default: everything"
+    )
+    parser.add_argument("--tenant", metavar="T", help="one tenant only")
+    parser.add_argument("--format", choices=sorted(report.RENDER), default="table", help="default: table")
+    parser.set_defaults(run=run_report)
+
+
 def _add_daemon_parsers(commands: Any) -> None:
     run = commands.add_parser("run", help="run the daemon", description="Run the batchd daemon.")
     _add_config_option(run)
@@ -371,6 +454,8 @@ def _add_daemon_parsers(commands: Any) -> None:
         action_parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
     _add_config_option(tenant_actions.add_parser("list", help="tenants and how many tokens each has"))
     tenant_parser.set_defaults(run=run_tenant)
+    _add_tenant_set_parser(tenant_actions)  # after: its own `run` wins over the group's
+    _add_report_parser(commands)
 
     cancel_parser = commands.add_parser("cancel", help="cancel a queued job")
     _add_config_option(cancel_parser)

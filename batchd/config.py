@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .pricing import PricingSettings
+
 DEFAULT_CONFIG = Path("batchd.toml")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_MAX_REQUESTS = 100_000
@@ -167,6 +169,7 @@ class Settings(BaseSettings):
     events: EventsSettings = Field(default_factory=EventsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     job_types: dict[str, JobType] = Field(default_factory=dict)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
     emulator: dict[str, Any] = Field(default_factory=dict, description="read by `batchd emulator`")
 
     @field_validator("job_types")
@@ -176,6 +179,17 @@ class Settings(BaseSettings):
             if not name.isidentifier():
                 raise ValueError(f"job type name {name!r} must be a plain name")
         return value
+
+    @model_validator(mode="after")
+    def _job_types_priced(self) -> Settings:
+        # A raw request for a model with no price is recorded with a null cost (and a warning); a job type,
+        # which the operator writes, must name a priced model (pricing.py).
+        for name, job_type in self.job_types.items():
+            if self.pricing.rates_for(job_type.model) is None:
+                raise ValueError(
+                    f"job type {name!r} uses model {job_type.model!r}, which has no price in [pricing.models]"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(

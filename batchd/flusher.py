@@ -21,7 +21,7 @@ from uuid import UUID
 
 import structlog
 
-from . import store
+from . import budgets, store
 from .config import API_MAX_BYTES
 from .context import Context, wait_for_event
 from .store import DB_ERRORS, sql
@@ -44,6 +44,8 @@ class Flusher:
         self.on_batch = on_batch
         self._wake = asyncio.Event()
         self.batches_made = 0
+        # The clock budgets are checked at: None is the database's now(). Tests move it to another day.
+        self.budget_clock: Callable[[], datetime | None] = lambda: None
 
     def wake(self) -> None:
         self._wake.set()
@@ -66,6 +68,9 @@ class Flusher:
         batching = self.ctx.settings.batching
         pool = self.ctx.pool
         while not self.ctx.stopping.is_set():
+            # Tenants over budget are held (or their jobs failed) before the queue is looked at: the claim
+            # and queue_head leave held tenants' jobs out; a tenant the budget allows again is released.
+            await budgets.check(pool, self.budget_clock())
             head = await store.queue_head(pool, batching.max_requests)
             now = head.now
             if head.jobs == 0:

@@ -23,6 +23,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from . import pricing
 from .context import Context
 from .metrics import result_types
 from .store import Batch, sql
@@ -204,6 +205,14 @@ async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
         await connection.copy_records_to_table("batchd_results", records=rows, columns=RESULT_COLUMNS)
-        status = await connection.execute(sql("apply_results"), batch.id, ctx.settings.batching.max_attempts)
+        applied = await connection.fetchrow(
+            sql("apply_results"),
+            batch.id,
+            ctx.settings.batching.max_attempts,
+            *pricing.sql_params(ctx.settings.pricing),
+        )
         await connection.execute(sql("notify_events"))
-    return int(status.split()[-1])  # "INSERT 0 n": one event per job changed
+    assert applied is not None  # noqa: S101 - the statement ends in a one-row SELECT
+    if applied["unpriced"]:
+        pricing.warn_unpriced(applied["unpriced"])
+    return int(applied["changed"])

@@ -41,6 +41,8 @@ EVENT_TYPES = frozenset(
         "job.canceled",
         "batch.submitted",
         "batch.ended",
+        "tenant.held",  # over budget: its queued jobs wait (or fail), budgets.py
+        "tenant.released",
     }
 )
 MAX_EVENT_ID = 2**63 - 1

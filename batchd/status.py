@@ -31,7 +31,14 @@ async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str,
         for row in await connection.fetch(sql("open_batches"))
     ]
     recent = {row["type"]: row["events"] for row in await connection.fetch(sql("recent_outcomes"), window_s)}
-    return {"tenants": by_tenant, "open_batches": batches, "recent_events": recent, "window_s": window_s}
+    budgets = [dict(row) for row in await connection.fetch(sql("tenant_budgets"))]
+    return {
+        "tenants": by_tenant,
+        "open_batches": batches,
+        "recent_events": recent,
+        "window_s": window_s,
+        "budgets": budgets,
+    }
 
 
 async def summary_line(pool: asyncpg.Pool, streams: int, timeout_s: float) -> str:
@@ -56,6 +63,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {tenant:<20}" + "".join(f"{counts.get(state, 0):>12}" for state in STATES))
     if not report["tenants"]:
         lines.append("  (no jobs)")
+    lines.extend(_render_budgets(report.get("budgets", [])))
     lines.append("")
     lines.append("Open batches:")
     for batch in report["open_batches"]:
@@ -75,3 +83,22 @@ def render(report: dict[str, Any]) -> str:
     if not report["recent_events"]:
         lines.append("  (none)")
     return "\n".join(lines)
+
+
+def _render_budgets(budgets: list[dict[str, Any]]) -> list[str]:
+    """Budgeted tenants, and why a held tenant's queued jobs wait (or fail)."""
+    if not budgets:
+        return []
+    lines = ["", "Budgets (USD, UTC day and month):"]
+    for row in budgets:
+        day = "-" if row["budget_day_usd"] is None else f"{row['budget_day_usd']}"
+        month = "-" if row["budget_month_usd"] is None else f"{row['budget_month_usd']}"
+        lines.append(
+            f"  {row['tenant_id']:<20} day {float(row['spent_day_usd']):.4f} of {day}, "
+            f"month {float(row['spent_month_usd']):.4f} of {month}, over budget: {row['over_budget']}"
+        )
+        if row["hold_reason"]:
+            action = "its queued jobs fail" if row["over_budget"] == "fail" else "its queued jobs wait"
+            since = f"{row['held_since']:%Y-%m-%d %H:%M:%S %Z}"
+            lines.append(f"      held since {since} ({action}): {row['hold_reason']}")
+    return lines

@@ -93,9 +93,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)
     await init_connection(connection)
     await connection.execute(
-        "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events RESTART IDENTITY;"
+        "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events,"
+        " batchd.costs, batchd.spend RESTART IDENTITY;"
         "UPDATE batchd.event_log SET published_seq = 0;"
-        "UPDATE batchd.wakeup SET armed = true, wake_seq = 0"
+        "UPDATE batchd.wakeup SET armed = true, wake_seq = 0;"
+        "UPDATE batchd.tenants SET budget_day_usd = NULL, budget_month_usd = NULL, over_budget = 'hold',"
+        " hold_reason = NULL, held_since = NULL"
     )
     try:
         yield connection

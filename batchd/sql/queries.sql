@@ -33,6 +33,7 @@ SELECT count(*) AS jobs,
   FROM (SELECT seq, created_at, pg_column_size(coalesce(request, input)) AS size
           FROM batchd.jobs
          WHERE status = 'queued'
+           AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
          ORDER BY seq
          LIMIT $1) AS head;
 
@@ -42,6 +43,7 @@ SELECT count(*) AS jobs,
 -- datetimes, and the rest overflow): unclamped, one such job stopped the flusher, and every restart.
 SELECT least(greatest(min(deadline), now() - interval '100 years'), now() + interval '100 years')
   FROM batchd.jobs WHERE status = 'queued' AND deadline IS NOT NULL
+   AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
 HAVING min(deadline) IS NOT NULL;
 
 -- name: db_now
@@ -63,6 +65,7 @@ SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, 
        batchd.request_problem(request) AS problem
   FROM batchd.jobs
  WHERE status = 'queued' AND deadline IS NOT NULL AND deadline <= $2
+   AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
  ORDER BY deadline
  LIMIT $1
    FOR UPDATE SKIP LOCKED;
@@ -72,6 +75,7 @@ SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, 
        batchd.request_problem(request) AS problem
   FROM batchd.jobs
  WHERE status = 'queued' AND id <> ALL($2::uuid[])
+   AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
  ORDER BY seq
  LIMIT $1
    FOR UPDATE SKIP LOCKED;
@@ -239,7 +243,11 @@ CREATE TEMPORARY TABLE batchd_results (
 
 -- name: apply_results
 -- One statement for a whole chunk of results. Only jobs still `submitted` in this batch change, so a
--- chunk applied twice (a crash between chunks, a restart) changes nothing the second time.
+-- chunk applied twice (a crash between chunks, a restart) changes nothing the second time. A succeeded
+-- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and its
+-- tenant's spend, in this same statement, priced by the table in $3..$9 (pricing.py: one row per model and
+-- prompt-length tier) and the batch factor $10. Returns how many jobs changed, and the models billed
+-- without a price.
 WITH applied AS (
     UPDATE batchd.jobs AS j
        SET status = CASE
@@ -256,14 +264,63 @@ WITH applied AS (
            completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END
       FROM (SELECT job_id, outcome, result::jsonb AS result, error::jsonb AS error FROM batchd_results) AS r
      WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
-    RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts
+    RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
+              r.result ->> 'model' AS model
+), prices AS (
+    SELECT *
+      FROM unnest($3::text[], $4::bigint[], $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
+                  $9::numeric[]) AS p (model, above_tokens, input, output, write_5m, write_1h, read)
+), billed AS (
+    -- Errored, expired and canceled requests are not billed: only succeeded ones are. Cache writes are
+    -- split by TTL when the usage says how (cache_creation), else all counted at the 5-minute rate.
+    SELECT a.id, a.tenant_id, a.attempts, a.job_type, coalesce(a.model, 'unknown') AS model,
+           regexp_replace(coalesce(a.model, ''), '-[0-9]{8}$', '') AS family, t.*
+      FROM applied AS a
+     CROSS JOIN LATERAL (
+        SELECT batchd.usage_tokens(a.usage -> 'input_tokens') AS input_tokens,
+               batchd.usage_tokens(a.usage -> 'output_tokens') AS output_tokens,
+               CASE WHEN jsonb_typeof(a.usage -> 'cache_creation') = 'object'
+                    THEN batchd.usage_tokens(a.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens')
+                    ELSE batchd.usage_tokens(a.usage -> 'cache_creation_input_tokens')
+               END AS write_5m,
+               batchd.usage_tokens(a.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens') AS write_1h,
+               batchd.usage_tokens(a.usage -> 'cache_read_input_tokens') AS read
+     ) AS t
+     WHERE a.status = 'succeeded'
+), ledger AS (
+    INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, input_tokens,
+                              output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
+                              cost_usd, sync_cost_usd)
+    SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1, b.input_tokens, b.output_tokens,
+           b.write_5m, b.write_1h, b.read, s.usd * $10::numeric, s.usd
+      FROM billed AS b
+      LEFT JOIN LATERAL (
+        -- The model's rates (by name, else without its date suffix), at the tier of the prompt's length.
+        SELECT (b.input_tokens * p.input + b.output_tokens * p.output + b.write_5m * p.write_5m
+                + b.write_1h * p.write_1h + b.read * p.read) * 0.000001 AS usd
+          FROM prices AS p
+         WHERE p.model IN (b.model, b.family)
+           AND p.above_tokens < b.input_tokens + b.write_5m + b.write_1h + b.read
+         ORDER BY p.model = b.model DESC, p.above_tokens DESC
+         LIMIT 1
+      ) AS s ON true
+    ON CONFLICT (job_id, attempt) DO NOTHING
+    RETURNING job_id, tenant_id, model, cost_usd, sync_cost_usd
+), spent AS (
+    INSERT INTO batchd.spend (tenant_id, cost_usd)
+    SELECT tenant_id, sum(cost_usd) FROM ledger GROUP BY tenant_id HAVING sum(cost_usd) > 0
+), job_events AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
+    SELECT CASE a.status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || a.status END,
+           a.tenant_id, a.id, $1,
+           jsonb_strip_nulls(jsonb_build_object('status', a.status, 'metadata', a.metadata, 'usage', a.usage,
+                                                'error', a.error, 'attempts', a.attempts,
+                                                'cost_usd', l.cost_usd, 'saved_usd', l.sync_cost_usd - l.cost_usd))
+      FROM applied AS a
+      LEFT JOIN ledger AS l ON l.job_id = a.id
 )
-INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
-SELECT CASE status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || status END,
-       tenant_id, id, $1,
-       jsonb_strip_nulls(jsonb_build_object('status', status, 'metadata', metadata, 'usage', usage,
-                                            'error', error, 'attempts', attempts))
-  FROM applied;
+SELECT (SELECT count(*) FROM applied) AS changed,
+       (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
 
 -- name: batch_vanished
 SELECT coalesce((request_counts ->> 'vanished')::boolean, false) FROM batchd.batches WHERE id = $1;
@@ -449,7 +506,7 @@ SELECT b.id, b.provider_batch_id, b.status, count(*) AS in_flight, b.request_cou
 -- Finished jobs and the tokens they used, per tenant. A scan of the tenant's jobs: the dashboard asks
 -- for it when it opens and every half minute, not per event. Exact at overview_head: a job whose event
 -- is not yet published (it will come after the head, and the page will count it then) is left out.
-SELECT tenant_id,
+SELECT j.tenant_id,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'canceled') AS canceled,
@@ -457,12 +514,16 @@ SELECT tenant_id,
        coalesce(sum((usage ->> 'output_tokens')::bigint), 0)::bigint AS output_tokens,
        coalesce(sum((usage ->> 'cache_read_input_tokens')::bigint), 0)::bigint AS cache_read_input_tokens,
        coalesce(sum((usage ->> 'cache_creation_input_tokens')::bigint), 0)::bigint
-           AS cache_creation_input_tokens
+           AS cache_creation_input_tokens,
+       -- From the ledger (a succeeded job has its one row): what it cost, and saved against the sync API.
+       coalesce(sum(c.cost_usd), 0)::float8 AS cost_usd,
+       coalesce(sum(c.sync_cost_usd - c.cost_usd), 0)::float8 AS saved_usd
   FROM batchd.jobs AS j
- WHERE status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR tenant_id = $1)
+  LEFT JOIN batchd.costs AS c ON c.job_id = j.id
+ WHERE status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR j.tenant_id = $1)
    AND NOT EXISTS (SELECT 1 FROM batchd.events AS e WHERE e.seq IS NULL AND e.job_id = j.id)
- GROUP BY tenant_id
- ORDER BY tenant_id;
+ GROUP BY j.tenant_id
+ ORDER BY j.tenant_id;
 
 -- name: status_summary
 -- The daemon's one-line status for systemd (STATUS=), every few seconds: two counts on partial indexes
@@ -484,3 +545,122 @@ SELECT 'batches', NULL, status, count(*), NULL
 UNION ALL
 SELECT 'queue_head', NULL, NULL, 1, greatest(0, extract(epoch FROM now() - created_at))::float8
   FROM (SELECT created_at FROM batchd.jobs WHERE status = 'queued' ORDER BY seq LIMIT 1) AS head;
+
+-- name: lock_budgets
+-- One budget check at a time across every daemon: each sees the last one's verdicts, so a tenant's
+-- tenant.held (or tenant.released) event is written once.
+SELECT pg_advisory_xact_lock(hashtext('batchd.budgets'));
+
+-- name: check_budgets
+-- Each budgeted tenant's spend this UTC day and month against its budgets, at the clock $1 (null: now();
+-- tests pass another time). A tenant over either is held (hold_reason set: the claim leaves its jobs
+-- queued) and, if it chose `fail`, its queued jobs fail; one under both again is released. Changes of
+-- state write tenant.held / tenant.released events. Returns the changes and how many jobs failed.
+WITH clock AS (
+    SELECT now,
+           date_trunc('day', now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day_start,
+           date_trunc('month', now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start
+      FROM (SELECT coalesce($1::timestamptz, now()) AS now) AS c
+), spent AS (
+    SELECT t.name, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason AS was,
+           coalesce(sum(s.cost_usd) FILTER (WHERE s.at >= c.day_start AND s.at < c.day_start + interval '1 day'),
+                    0) AS day_usd,
+           coalesce(sum(s.cost_usd) FILTER (WHERE s.at < c.month_start + interval '1 month'), 0) AS month_usd
+      FROM batchd.tenants AS t
+     CROSS JOIN clock AS c
+      LEFT JOIN batchd.spend AS s ON s.tenant_id = t.name AND s.at >= c.month_start
+     WHERE t.budget_day_usd IS NOT NULL OR t.budget_month_usd IS NOT NULL OR t.hold_reason IS NOT NULL
+     GROUP BY t.name
+), verdicts AS (
+    SELECT *,
+           CASE WHEN day_usd >= budget_day_usd
+                THEN format('over its daily budget: %s USD spent of %s USD today (UTC)',
+                            round(day_usd, 6)::float8, budget_day_usd::float8)
+                WHEN month_usd >= budget_month_usd
+                THEN format('over its monthly budget: %s USD spent of %s USD this month (UTC)',
+                            round(month_usd, 6)::float8, budget_month_usd::float8)
+           END AS reason
+      FROM spent
+), changed AS (
+    UPDATE batchd.tenants AS t
+       SET hold_reason = v.reason,
+           held_since = CASE WHEN v.reason IS NULL THEN NULL ELSE coalesce(t.held_since, c.now) END
+      FROM verdicts AS v, clock AS c
+     WHERE t.name = v.name AND t.hold_reason IS DISTINCT FROM v.reason
+    RETURNING t.name, t.over_budget, v.was, v.reason, v.day_usd, v.month_usd, v.budget_day_usd,
+              v.budget_month_usd
+), tenant_events AS (
+    INSERT INTO batchd.events (type, tenant_id, data)
+    SELECT CASE WHEN reason IS NULL THEN 'tenant.released' ELSE 'tenant.held' END, name,
+           jsonb_strip_nulls(jsonb_build_object(
+               'status', CASE WHEN reason IS NULL THEN 'released' ELSE 'held' END,
+               'reason', reason, 'over_budget', over_budget,
+               'spent_day_usd', day_usd, 'budget_day_usd', budget_day_usd,
+               'spent_month_usd', month_usd, 'budget_month_usd', budget_month_usd))
+      FROM changed
+     WHERE (was IS NULL) <> (reason IS NULL)
+    RETURNING type, tenant_id, data ->> 'reason' AS reason
+), failed AS (
+    UPDATE batchd.jobs AS j
+       SET status = 'failed', completed_at = now(),
+           error = jsonb_build_object('type', 'budget_exceeded',
+                                      'message', format('tenant %s is %s; its budget says over_budget = fail',
+                                                        v.name, v.reason))
+      FROM verdicts AS v
+     WHERE v.reason IS NOT NULL AND v.over_budget = 'fail' AND j.tenant_id = v.name AND j.status = 'queued'
+    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts
+), failed_events AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, data)
+    SELECT 'job.failed', tenant_id, id,
+           jsonb_build_object('status', 'failed', 'error', error, 'metadata', metadata, 'attempts', attempts)
+      FROM failed
+)
+SELECT (SELECT count(*) FROM failed) AS failed,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('type', type, 'tenant', tenant_id, 'reason', reason)),
+                        '[]')::text
+          FROM tenant_events) AS transitions;
+
+-- name: set_tenant_budget
+-- `batchd tenant set NAME --budget-day/--budget-month/--over-budget`: $2..$4 change only when their flag
+-- ($5..$7) is set (so a budget can be cleared to null). The tenant is added if new.
+INSERT INTO batchd.tenants AS t (name, budget_day_usd, budget_month_usd, over_budget)
+VALUES ($1, $2, $3, coalesce($4, 'hold'))
+ON CONFLICT (name) DO UPDATE
+   SET budget_day_usd = CASE WHEN $5 THEN $2 ELSE t.budget_day_usd END,
+       budget_month_usd = CASE WHEN $6 THEN $3 ELSE t.budget_month_usd END,
+       over_budget = CASE WHEN $7 THEN $4 ELSE t.over_budget END
+RETURNING name, budget_day_usd, budget_month_usd, over_budget, hold_reason;
+
+-- name: wake_daemons
+-- The flusher listens on batchd_jobs: a changed budget is checked at once, not at the next sweep.
+SELECT pg_notify('batchd_jobs', '');
+
+-- name: tenant_budgets
+-- `batchd status`: every tenant with a budget or held, with what it spent this UTC day and month.
+SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason, t.held_since,
+       coalesce(sum(s.cost_usd) FILTER (WHERE s.at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                0) AS spent_day_usd,
+       coalesce(sum(s.cost_usd), 0) AS spent_month_usd
+  FROM batchd.tenants AS t
+  LEFT JOIN batchd.spend AS s
+    ON s.tenant_id = t.name AND s.at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ WHERE t.budget_day_usd IS NOT NULL OR t.budget_month_usd IS NOT NULL OR t.hold_reason IS NOT NULL
+ GROUP BY t.name
+ ORDER BY t.name;
+
+-- name: cost_report
+-- `batchd report`: the ledger since $1 (null: all of it), for one tenant $2 (null: every tenant), per
+-- tenant and model.
+SELECT tenant_id, model, count(*) AS jobs,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens,
+       sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
+       sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
+       sum(cache_read_tokens)::bigint AS cache_read_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd,
+       coalesce(sum(sync_cost_usd), 0) AS sync_cost_usd,
+       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_jobs
+  FROM batchd.costs
+ WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($2::text IS NULL OR tenant_id = $2)
+ GROUP BY tenant_id, model
+ ORDER BY tenant_id, model;

@@ -1,0 +1,142 @@
+"""Per-tenant budgets, in USD per UTC day and per UTC month, checked before every flush.
+
+Spend is what the ledger recorded as results were applied (batchd.spend: one row per tenant per applied
+chunk). A tenant whose spend reaches either budget is *over budget*: `hold_reason` says why, and the
+flusher's claim leaves its queued jobs in the queue (the view batchd.held_tenants). With `over_budget =
+fail` its queued jobs fail instead, with an error of type `budget_exceeded`. When the budget allows again
+(a new day or month, or a budget raised with `batchd tenant set`) it is released and its jobs go on by
+themselves. Each change writes `tenant.held` or `tenant.released` to the tenant's event stream.
+
+Jobs already in a batch are not stopped: a tenant may end up over its budget by what it had in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .store import Connection, sql
+
+log = structlog.get_logger("batchd.budgets")
+
+OVER_BUDGET = ("hold", "fail")
+
+
+@dataclass(frozen=True)
+class Checked:
+    failed: int  # queued jobs of `fail` tenants over budget, failed by this check
+    transitions: list[dict[str, Any]]  # {"type": "tenant.held" | "tenant.released", "tenant", "reason"}
+
+
+async def check(db: asyncpg.Pool | Connection, now: datetime | None = None) -> Checked:
+    """Holds, fails and releases tenants by their budgets, at `now` (None: the database's clock)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as connection:
+            return await check(connection, now)
+    async with db.transaction():
+        await db.execute(sql("lock_budgets"))
+        row = await db.fetchrow(sql("check_budgets"), now)
+        assert row is not None  # noqa: S101 - the statement ends in a one-row SELECT
+        transitions: list[dict[str, Any]] = json.loads(row["transitions"])
+        if transitions or row["failed"]:
+            await db.execute(sql("notify_events"))
+    for change in transitions:
+        log.info(change["type"], tenant_id=change["tenant"], reason=change["reason"])
+    if row["failed"]:
+        log.info("budget.jobs_failed", jobs=row["failed"])
+    return Checked(failed=row["failed"], transitions=transitions)
+
+
+# -- `batchd tenant set`: the budget options ---------------------------------------------------------------
+
+CLEAR = "none"
+
+
+def usd(text: str) -> Decimal | None:
+    """A budget in USD (`12.50`), or `none` to remove it."""
+    if text.strip().lower() == CLEAR:
+        return None
+    try:
+        value = Decimal(text.strip().removeprefix("$"))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected an amount in USD or {CLEAR!r}, got {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"a budget must be a non-negative amount, got {text!r}")
+    return value
+
+
+_UNSET: Any = object()  # an option not given (None is `none`: remove the budget)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The budget options of `batchd tenant set`."""
+    group = parser.add_argument_group("budgets (USD, per UTC day and month; `none` removes one)")
+    group.add_argument("--budget-day", type=usd, default=_UNSET, metavar="USD", help="the most spent a day")
+    group.add_argument(
+        "--budget-month", type=usd, default=_UNSET, metavar="USD", help="the most spent a month"
+    )
+    group.add_argument(
+        "--over-budget",
+        choices=OVER_BUDGET,
+        default=_UNSET,
+        help="over budget, hold the tenant's queued jobs until the budget allows (default), or fail them",
+    )
+
+
+def given(args: argparse.Namespace) -> bool:
+    return any(
+        getattr(args, key, _UNSET) is not _UNSET for key in ("budget_day", "budget_month", "over_budget")
+    )
+
+
+async def set_budget(
+    connection: Connection,
+    name: str,
+    *,
+    day: Decimal | Any | None = _UNSET,
+    month: Decimal | Any | None = _UNSET,
+    over_budget: str | Any = _UNSET,
+) -> dict[str, Any]:
+    """Sets what is given (None removes a budget), adding the tenant if new; wakes the daemons to check."""
+    row = await connection.fetchrow(
+        sql("set_tenant_budget"),
+        name,
+        None if day is _UNSET else day,
+        None if month is _UNSET else month,
+        None if over_budget is _UNSET else over_budget,
+        day is not _UNSET,
+        month is not _UNSET,
+        over_budget is not _UNSET,
+    )
+    await connection.execute(sql("wake_daemons"))
+    assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row
+    return dict(row)
+
+
+async def apply_arguments(
+    connection: Connection, name: str, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Applies the budget options given to `batchd tenant set`; None when none was."""
+    if not given(args):
+        return None
+    return await set_budget(
+        connection, name, day=args.budget_day, month=args.budget_month, over_budget=args.over_budget
+    )
+
+
+def describe(row: dict[str, Any]) -> str:
+    def amount(value: Decimal | None) -> str:
+        return "none" if value is None else f"{value} USD"
+
+    text = (
+        f"{row['name']}: budget {amount(row['budget_day_usd'])} a day, "
+        f"{amount(row['budget_month_usd'])} a month, over budget: {row['over_budget']}"
+    )
+    return text if row.get("hold_reason") is None else f"{text} (now held: {row['hold_reason']})"

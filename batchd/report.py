@@ -1,0 +1,181 @@
+"""`batchd report`: what the ledger says was spent, per tenant and model, and what batching saved.
+
+Every number comes from batchd.costs, where each succeeded request was priced once when its result was
+applied (queries.sql, apply_results): jobs, tokens (input, output, cache writes, cache reads), the cost, the
+same calls' cost through the synchronous API, and the difference, saved. Amounts are exact in the
+database; the table rounds them for reading, CSV keeps every digit, JSON gives numbers rounded to 1e-9 USD.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from .store import Connection, sql
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+)
+MONEY_FIELDS = ("cost_usd", "sync_cost_usd", "saved_usd")
+COUNT_FIELDS = ("jobs", *TOKEN_FIELDS, "unpriced_jobs")
+JSON_PLACES = Decimal("1e-9")
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO date or time (UTC unless it says otherwise)."""
+    match = _DURATION.match(text.strip().lower())
+    if match:
+        return (now or datetime.now(UTC)) - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since: expected a duration like 7d, 12h, 30m, or an ISO date, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _with_savings(row: dict[str, Any]) -> dict[str, Any]:
+    row["saved_usd"] = row["sync_cost_usd"] - row["cost_usd"]
+    row["cache_write_tokens"] = row["cache_write_5m_tokens"] + row["cache_write_1h_tokens"]
+    return row
+
+
+def _sum(rows: list[dict[str, Any]], **labels: Any) -> dict[str, Any]:
+    total: dict[str, Any] = dict(labels)
+    for field in COUNT_FIELDS:
+        total[field] = sum(row[field] for row in rows)
+    for field in ("cost_usd", "sync_cost_usd"):
+        total[field] = sum((row[field] for row in rows), Decimal(0))
+    return _with_savings(total)
+
+
+async def collect(
+    connection: Connection, since: datetime | None = None, tenant: str | None = None
+) -> dict[str, Any]:
+    rows = [_with_savings(dict(row)) for row in await connection.fetch(sql("cost_report"), since, tenant)]
+    tenants = sorted({row["tenant_id"] for row in rows})
+    return {
+        "since": since,
+        "tenant": tenant,
+        "rows": rows,
+        "tenants": [_sum([r for r in rows if r["tenant_id"] == name], tenant_id=name) for name in tenants],
+        "totals": _sum(rows),
+    }
+
+
+def _percent(row: dict[str, Any]) -> str:
+    sync = row["sync_cost_usd"]
+    return f"{row['saved_usd'] / sync:.1%}" if sync else "-"
+
+
+def _usd(value: Decimal) -> str:
+    return f"{value:,.4f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    since = report["since"]
+    scope = f"since {since:%Y-%m-%d %H:%M UTC}" if since is not None else "all recorded"
+    who = f"tenant {report['tenant']}" if report["tenant"] else "every tenant"
+    header = (
+        "tenant",
+        "model",
+        "jobs",
+        "input",
+        "output",
+        "cache write",
+        "cache read",
+        "cost USD",
+        "sync USD",
+        "saved USD",
+        "saved",
+    )
+    lines: list[tuple[str, ...]] = []
+
+    def line(row: dict[str, Any], tenant: str, model: str) -> tuple[str, ...]:
+        return (
+            tenant,
+            model,
+            f"{row['jobs']:,}",
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            f"{row['cache_write_tokens']:,}",
+            f"{row['cache_read_tokens']:,}",
+            _usd(row["cost_usd"]),
+            _usd(row["sync_cost_usd"]),
+            _usd(row["saved_usd"]),
+            _percent(row),
+        )
+
+    for subtotal in report["tenants"]:
+        name = subtotal["tenant_id"]
+        models = [row for row in report["rows"] if row["tenant_id"] == name]
+        lines.extend(line(row, name, row["model"]) for row in models)
+        if len(models) > 1:
+            lines.append(line(subtotal, name, "(all models)"))
+    lines.append(line(report["totals"], "TOTAL", ""))
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    out = [
+        f"Costs, {scope}, {who} (batch prices; sync = the same calls through the Messages API):",
+        fmt(header),
+    ]
+    out.extend(fmt(cells) for cells in lines[:-1])
+    out.append("  ".join("-" * w for w in widths))
+    out.append(fmt(lines[-1]))
+    unpriced = report["totals"]["unpriced_jobs"]
+    if unpriced:
+        models = sorted({row["model"] for row in report["rows"] if row["unpriced_jobs"]})
+        out.append(
+            f"{unpriced} job(s) of models without a price in [pricing.models] are counted at 0: "
+            + ", ".join(models)
+        )
+    return "\n".join(out)
+
+
+CSV_FIELDS = ("tenant_id", "model", *COUNT_FIELDS[:-1], "cache_write_tokens", *MONEY_FIELDS, "unpriced_jobs")
+
+
+def render_csv(report: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report["rows"])
+    writer.writerow({**report["totals"], "tenant_id": "TOTAL", "model": ""})
+    return buffer.getvalue().rstrip("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value.quantize(JSON_PLACES))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def render_json(report: dict[str, Any]) -> str:
+    return json.dumps(_jsonable(report), indent=2)
+
+
+RENDER = {"table": render_table, "csv": render_csv, "json": render_json}
