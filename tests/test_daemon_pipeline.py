@@ -47,6 +47,14 @@ async def test_2000_jobs_from_three_tenants_each_get_their_own_result(
             expected.update({str(r["id"]): r["input"]["text"] for r in classify})
         assert len(expected) == 2000
         counts = await wait_for_jobs(db, done=2000, timeout=120)
+
+        async def all_applied() -> bool:
+            # The last batch's batch.ended events come just after its jobs' results.
+            return not await db.fetchval(
+                "SELECT count(*) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended')"
+            )
+
+        await wait_until(all_applied)
     assert counts == {"succeeded": 2000}
     rows = await db.fetch(
         "SELECT id, tenant_id, result, usage, metadata, job_type, batch_id FROM batchd.jobs"
