@@ -48,7 +48,10 @@ async def check(db: asyncpg.Pool | Connection, now: datetime | None = None) -> C
         if transitions or row["failed"]:
             await db.execute(sql("notify_events"))
     for change in transitions:
-        log.info(change["type"], tenant_id=change["tenant"], reason=change["reason"])
+        if change["type"] == "tenant.held":
+            log.info("tenant.held", tenant_id=change["tenant"], reason=change["reason"])
+        else:
+            log.info("tenant.released", tenant_id=change["tenant"])
     if row["failed"]:
         log.info("budget.jobs_failed", jobs=row["failed"])
     return Checked(failed=row["failed"], transitions=transitions)

@@ -131,29 +131,18 @@ def _validated(models: dict[str, dict[str, Any]]) -> dict[str, ModelRates]:
     return {name: ModelRates.model_validate(rates) for name, rates in models.items()}
 
 
-SqlParams = tuple[
-    list[str], list[int], list[Decimal], list[Decimal], list[Decimal], list[Decimal], list[Decimal], Decimal
-]
-
-
-def sql_params(pricing: PricingSettings) -> SqlParams:
-    """The pricing table as apply_results' parameters $3..$10: one row per model and tier (a tier's
-    `above_tokens`, 0 for the base rates), then the batch factor."""
-    rows: list[tuple[str, int, Rates]] = []
+def sql_params(pricing: PricingSettings) -> list[Any]:
+    """The pricing table as apply_results' parameters $3..$15: one row per model (its name, its five rates,
+    then its long-prompt tier's threshold and rates, or nulls), then the batch factor."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
     for name, rates in pricing.models.items():
-        rows.append((name, 0, rates))
-        if rates.long_prompt is not None:
-            rows.append((name, rates.long_prompt.above_tokens, rates.long_prompt))
-    return (
-        [name for name, _, _ in rows],
-        [above for _, above, _ in rows],
-        [r.input for _, _, r in rows],
-        [r.output for _, _, r in rows],
-        [r.cache_write_5m for _, _, r in rows],
-        [r.cache_write_1h for _, _, r in rows],
-        [r.cache_read for _, _, r in rows],
-        pricing.batch_factor,
-    )
+        long = rates.long_prompt
+        row = [name, *(getattr(rates, field) for field in RATE_FIELDS)]
+        row.append(None if long is None else long.above_tokens)
+        row.extend(None if long is None else getattr(long, field) for field in RATE_FIELDS)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return [*columns, pricing.batch_factor]
 
 
 _warned: set[str] = set()

@@ -85,7 +85,9 @@ def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:
     result = line.get("result") or {}
     kind = result.get("type")
     if kind == "succeeded":
-        return (job_id, "succeeded", _text(result.get("message") or {}), None)
+        message = result.get("message") or {}
+        _plain_counts(message)
+        return (job_id, "succeeded", _text(message), None)
     if kind == "errored":
         inner = (result.get("error") or {}).get("error") or {}
         error = {"type": inner.get("type", "api_error"), "message": inner.get("message", "")}
@@ -94,6 +96,29 @@ def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:
     # expired, canceled, and any type this code does not know: the request was not done; do it again.
     reason = {"type": str(kind), "message": f"the provider reported the request {kind}"}
     return (job_id, "retry", None, _text(reason))
+
+
+_COUNTS = (
+    ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+    ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"),  # in usage.cache_creation
+)
+
+
+def _plain_counts(message: Any) -> None:
+    """The ledger reads the usage's counts with plain casts (queries.sql, apply_results), which a count that
+    is not an integer fails: here, on the line-by-line path such a chunk is applied by, it becomes 0 (and
+    is logged), so that one odd line cannot stop its batch's results from being applied."""
+    usage = message.get("usage") if isinstance(message, dict) else None
+    if not isinstance(usage, dict):
+        return
+    for counts, keys in ((usage, _COUNTS[0]), (usage.get("cache_creation"), _COUNTS[1])):
+        if not isinstance(counts, dict):
+            continue
+        for key in keys:
+            value = counts.get(key)
+            if value is not None and not (type(value) is int and abs(value) < 2**63):
+                log.warning("results.odd_usage", key=key, value=repr(value)[:40])
+                counts[key] = 0
 
 
 def _text(value: Any) -> str | None:

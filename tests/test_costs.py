@@ -18,59 +18,20 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pricing_by_hand import BATCH, MTOK, RATES, D, cached, sync_price, token_counts
+from pydantic import ValidationError
 from support import QUICK, EmulatorHandle, insert_raw, run_python, wait_for_jobs
 
 from batchd import report, results
-from batchd.config import Settings
+from batchd.config import Settings, load_settings
 from batchd.emulator import EmulatorConfig
+from batchd.metrics import Metrics
+from batchd.pricing import PricingSettings
 from batchd.store import create_pool
 from batchd.templates import custom_id
 
-D = Decimal
-MTOK = D(1_000_000)
-BATCH = D("0.5")
-# USD per MTok through the synchronous API, as the pricing page lists them: input, output, 5-minute cache
-# writes, 1-hour cache writes, cache reads (https://platform.claude.com/docs/en/about-claude/pricing).
-RATES = {
-    "claude-haiku-4-5": (D(1), D(5), D("1.25"), D(2), D("0.10")),
-    "claude-sonnet-4-5": (D(3), D(15), D("3.75"), D(6), D("0.30")),
-    "claude-opus-4-5": (D(5), D(25), D("6.25"), D(10), D("0.50")),
-    "claude-haiku-5-5": (D("0.10"), D("0.50"), D("0.125"), D("0.20"), D("0.01")),
-}
-HAIKU_55_LONG = (D("0.50"), D("2.50"), D("0.625"), D(1), D("0.05"))  # prompts over 100,000 tokens
 UNPRICED = "claude-test-unpriced"
 SYSTEM = "You are a careful analyst. " * 200  # about 1,350 tokens: long enough to be cached
-
-
-def token_counts(usage: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """input, output, 5m cache writes, 1h cache writes, cache reads."""
-    creation = usage.get("cache_creation")
-    if isinstance(creation, dict):
-        write_5m = creation.get("ephemeral_5m_input_tokens") or 0
-        write_1h = creation.get("ephemeral_1h_input_tokens") or 0
-    else:
-        write_5m, write_1h = usage.get("cache_creation_input_tokens") or 0, 0
-    return (
-        usage["input_tokens"],
-        usage["output_tokens"],
-        write_5m,
-        write_1h,
-        usage.get("cache_read_input_tokens") or 0,
-    )
-
-
-def sync_price(model: str, usage: dict[str, Any]) -> Decimal:
-    """The same call's price through the synchronous API, worked out by hand."""
-    family = model[:-9] if model[-8:].isdigit() else model  # claude-haiku-4-5-20251001 -> claude-haiku-4-5
-    counts = token_counts(usage)
-    rates = RATES[family]
-    if family == "claude-haiku-5-5" and counts[0] + sum(counts[2:]) > 100_000:
-        rates = HAIKU_55_LONG
-    return sum((n * rate for n, rate in zip(counts, rates, strict=True)), D(0)) / MTOK
-
-
-def cached(text: str, ttl: str) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}]
 
 
 @pytest.fixture
@@ -146,17 +107,9 @@ async def test_each_succeeded_job_costs_what_its_usage_priced_by_hand_says(
     assert reader["cost_usd"] == (
         reader["input_tokens"] * base_input + reader["output_tokens"] * D(5)
     ) / MTOK * BATCH + (reader["cache_read_tokens"] * D("0.05") * base_input / MTOK)
-    # The tenants' spend (what budgets read) is the ledger's, and each job.succeeded event says its cost.
+    # The tenants' spend (what budgets read) is the ledger's.
     spend = await db.fetch("SELECT tenant_id, sum(cost_usd) AS usd FROM batchd.spend GROUP BY tenant_id")
     assert {row["tenant_id"]: row["usd"] for row in spend} == dict(spent)
-    events = await db.fetch("SELECT job_id, data FROM batchd.events WHERE type = 'job.succeeded'")
-    for event in events:
-        row = rows[str(event["job_id"])]
-        if row["cost_usd"] is None:
-            assert "cost_usd" not in event["data"]
-        else:
-            assert D(str(event["data"]["cost_usd"])) == row["cost_usd"]
-            assert D(str(event["data"]["saved_usd"])) == row["sync_cost_usd"] - row["cost_usd"]
 
 
 # -- the apply, driven directly: the same chunk twice, and results that are not billed ---------------------
@@ -183,7 +136,7 @@ async def submitted_batch(db: Any, tenant: str, count: int) -> tuple[Any, list[u
         batch_id,
         job_ids,
     )
-    return SimpleNamespace(id=batch_id), job_ids
+    return SimpleNamespace(id=batch_id, tag="abcdefabcdef"), job_ids
 
 
 def message(model: str, usage: dict[str, Any]) -> str:
@@ -254,6 +207,39 @@ async def test_errored_expired_and_canceled_requests_cost_nothing(db: Any, pool:
     assert {row["status"]: row["n"] for row in statuses} == {"failed": 1, "queued": 4}
     assert await db.fetchval("SELECT count(*) FROM batchd.costs") == 0
     assert await db.fetchval("SELECT count(*) FROM batchd.spend") == 0
+
+
+async def test_a_usage_with_odd_counts_is_applied_with_them_at_zero(db: Any, pool: asyncpg.Pool) -> None:
+    batch, job_ids = await submitted_batch(db, "acme", 2)
+    tag = "abcdefabcdef"
+    usages = [
+        {"input_tokens": "lots", "output_tokens": 10},
+        {"input_tokens": 100, "output_tokens": 10, "cache_creation": {"ephemeral_1h_input_tokens": 1.5}},
+    ]
+    raw = [
+        json.dumps(
+            {
+                "custom_id": custom_id(tag, job_id),
+                "result": {"type": "succeeded", "message": json.loads(message("claude-haiku-4-5", usage))},
+            },
+            separators=(",", ":"),
+        ).encode()
+        for job_id, usage in zip(job_ids, usages, strict=True)
+    ]
+    rows = [row for row in (results.classify(line, tag) for line in raw) if row is not None]
+    ctx: Any = SimpleNamespace(pool=pool, settings=Settings(), metrics=Metrics())
+    await results._apply_chunk(ctx, batch, rows, raw)  # the plain casts fail; the lines are parsed one by one
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE status = 'succeeded'") == 2
+    costs = {
+        row["job_id"]: row
+        for row in await db.fetch(
+            "SELECT job_id, input_tokens, cache_write_1h_tokens, cost_usd FROM batchd.costs"
+        )
+    }
+    assert costs[job_ids[0]]["input_tokens"] == 0
+    assert costs[job_ids[0]]["cost_usd"] == 10 * D(5) / MTOK * BATCH
+    assert costs[job_ids[1]]["cache_write_1h_tokens"] == 0
+    assert costs[job_ids[1]]["cost_usd"] == (100 * D(1) + 10 * D(5)) / MTOK * BATCH
 
 
 # -- `batchd report` -----------------------------------------------------------------------------------------
@@ -367,3 +353,40 @@ async def test_the_report_command_prints_table_csv_and_json(
     )
     assert status == 65
     assert "--since" in err
+
+
+# -- the pricing table -------------------------------------------------------------------------------------
+
+
+def test_the_pricing_table_in_batchd_toml_is_the_built_in_one_and_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    repository = load_settings(Path(__file__).resolve().parent.parent / "batchd.toml")
+    assert repository.pricing == PricingSettings()
+    for model, (input_, output, write_5m, write_1h, read) in RATES.items():
+        rates = repository.pricing.rates_for(model)
+        assert rates is not None
+        assert (rates.input, rates.output, rates.cache_write_5m, rates.cache_write_1h, rates.cache_read) == (
+            input_,
+            output,
+            write_5m,
+            write_1h,
+            read,
+        )
+    assert repository.pricing.rates_for("claude-opus-4-5-20251101") == repository.pricing.rates_for(
+        "claude-opus-4-5"
+    )
+    assert repository.pricing.rates_for("claude-nope-1") is None
+    # An entry replaces one model's rates, the rest stay; cache rates default to the page's multipliers.
+    custom = Settings(pricing={"models": {"claude-haiku-4-5": {"input": "2", "output": "8"}}})
+    haiku = custom.pricing.rates_for("claude-haiku-4-5")
+    assert haiku is not None
+    assert (haiku.cache_write_5m, haiku.cache_write_1h, haiku.cache_read) == (D("2.50"), D(4), D("0.2"))
+    assert custom.pricing.rates_for("claude-sonnet-4-5") == repository.pricing.rates_for("claude-sonnet-4-5")
+    monkeypatch.setenv("BATCHD_PRICING__BATCH_FACTOR", "0.4")
+    assert Settings().pricing.batch_factor == D("0.4")
+    monkeypatch.delenv("BATCHD_PRICING__BATCH_FACTOR")
+    with pytest.raises(ValidationError, match="job type 'x' uses model 'claude-nope-1', which has no price"):
+        Settings(job_types={"x": {"model": "claude-nope-1", "max_tokens": 5, "prompt": "hi"}})
+    with pytest.raises(ValidationError, match="batch_factor"):
+        Settings(pricing={"batch_factor": 0})

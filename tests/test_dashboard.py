@@ -147,6 +147,14 @@ async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
         )
         assert await browser.evaluate(card("queued")) == 0
         assert await browser.evaluate(card("batches")) == 0
+        # What the ledger says acme's jobs cost, and saved: half, at batch prices.
+        cost = float(await db.fetchval("SELECT sum(cost_usd) FROM batchd.costs WHERE tenant_id = 'acme'"))
+        await browser.wait_for(f"{card('cost')} > 0 && Math.abs({card('cost')} - {cost}) < 1e-12")
+        cost_sub = await browser.evaluate(
+            "document.querySelector('[data-testid=card-cost] .card-sub').textContent"
+        )
+        assert "saved" in cost_sub
+        assert "50%" in cost_sub
         await browser.screenshot(ARTIFACTS / "dashboard-tenant.png")
 
         # A completion row opens the job with its result.

@@ -24,6 +24,8 @@
     "output_tokens",
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
+    "cost_usd", // from the ledger, in each overview (job events carry no cost: it moves when batches end)
+    "saved_usd",
   ];
   const BATCH_STATUS = { pending: "Pending", in_progress: "In progress", ended: "Applying" };
   const BATCH_HINT = {
@@ -93,6 +95,11 @@
   const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
   const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
   const percent = new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 1 });
+  const dollars = (value) => {
+    const amount = Number(value) || 0;
+    const digits = amount !== 0 && Math.abs(amount) < 1 ? 4 : 2; // cents hide a small bill
+    return `$${amount.toLocaleString(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits })}`;
+  };
 
   const num = (value) => integer.format(Number(value) || 0);
   const big = (value) => ((Number(value) || 0) >= 100_000 ? compact.format(value) : num(value));
@@ -540,6 +547,14 @@
         ? `≈ ${num(sum.output_tokens / sum.succeeded)} per completed job`
         : "no completed jobs yet",
     );
+    const cost = byTestId("card-cost");
+    const costNode = $(".card-value", cost);
+    costNode.textContent = dollars(sum.cost_usd);
+    costNode.dataset.value = String(sum.cost_usd);
+    const sync = sum.cost_usd + sum.saved_usd;
+    $(".card-sub", cost).textContent = sync
+      ? `saved ${dollars(sum.saved_usd)} (${percent.format(sum.saved_usd / sync)}) vs the Messages API`
+      : "nothing spent yet";
     renderTenants();
   }
 

@@ -245,9 +245,9 @@ CREATE TEMPORARY TABLE batchd_results (
 -- One statement for a whole chunk of results. Only jobs still `submitted` in this batch change, so a
 -- chunk applied twice (a crash between chunks, a restart) changes nothing the second time. A succeeded
 -- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and its
--- tenant's spend, in this same statement, priced by the table in $3..$9 (pricing.py: one row per model and
--- prompt-length tier) and the batch factor $10. Returns how many jobs changed, and the models billed
--- without a price.
+-- tenant's spend, in this same statement, priced by the table in $3..$14 (pricing.py: one row per model,
+-- with its long-prompt tier if it has one) and the batch factor $15. Returns how many jobs changed, and the
+-- models billed without a price.
 WITH applied AS (
     UPDATE batchd.jobs AS j
        SET status = CASE
@@ -266,58 +266,67 @@ WITH applied AS (
      WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
               r.result ->> 'model' AS model
-), prices AS (
-    SELECT *
-      FROM unnest($3::text[], $4::bigint[], $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
-                  $9::numeric[]) AS p (model, above_tokens, input, output, write_5m, write_1h, read)
-), billed AS (
+), billed AS MATERIALIZED (
     -- Errored, expired and canceled requests are not billed: only succeeded ones are. Cache writes are
-    -- split by TTL when the usage says how (cache_creation), else all counted at the 5-minute rate.
+    -- split by TTL when the usage says how (cache_creation), else all counted at the 5-minute rate. Plain
+    -- casts, the fastest: a usage whose counts are not integers fails the chunk, which is then parsed line
+    -- by line, where results.py sets such counts to 0 (classify_parsed).
     SELECT a.id, a.tenant_id, a.attempts, a.job_type, coalesce(a.model, 'unknown') AS model,
-           regexp_replace(coalesce(a.model, ''), '-[0-9]{8}$', '') AS family, t.*
+           coalesce((a.usage ->> 'input_tokens')::bigint, 0) AS input_tokens,
+           coalesce((a.usage ->> 'output_tokens')::bigint, 0) AS output_tokens,
+           CASE WHEN jsonb_typeof(a.usage -> 'cache_creation') = 'object'
+                THEN coalesce((a.usage -> 'cache_creation' ->> 'ephemeral_5m_input_tokens')::bigint, 0)
+                ELSE coalesce((a.usage ->> 'cache_creation_input_tokens')::bigint, 0)
+           END AS write_5m,
+           coalesce((a.usage -> 'cache_creation' ->> 'ephemeral_1h_input_tokens')::bigint, 0) AS write_1h,
+           coalesce((a.usage ->> 'cache_read_input_tokens')::bigint, 0) AS read
       FROM applied AS a
-     CROSS JOIN LATERAL (
-        SELECT batchd.usage_tokens(a.usage -> 'input_tokens') AS input_tokens,
-               batchd.usage_tokens(a.usage -> 'output_tokens') AS output_tokens,
-               CASE WHEN jsonb_typeof(a.usage -> 'cache_creation') = 'object'
-                    THEN batchd.usage_tokens(a.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens')
-                    ELSE batchd.usage_tokens(a.usage -> 'cache_creation_input_tokens')
-               END AS write_5m,
-               batchd.usage_tokens(a.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens') AS write_1h,
-               batchd.usage_tokens(a.usage -> 'cache_read_input_tokens') AS read
-     ) AS t
      WHERE a.status = 'succeeded'
+), rates AS MATERIALIZED (
+    -- Each model of the chunk (a handful) looked up once: by its name, else without its date suffix.
+    SELECT m.model, p.*
+      FROM (SELECT DISTINCT model FROM billed) AS m
+      LEFT JOIN LATERAL (
+        SELECT p.input, p.output, p.write_5m, p.write_1h, p.read, p.long_above, p.long_input, p.long_output,
+               p.long_write_5m, p.long_write_1h, p.long_read
+          FROM unnest($3::text[], $4::numeric[], $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
+                      $9::bigint[], $10::numeric[], $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[])
+               AS p (model, input, output, write_5m, write_1h, read, long_above, long_input, long_output,
+                     long_write_5m, long_write_1h, long_read)
+         WHERE p.model IN (m.model, regexp_replace(m.model, '-[0-9]{8}$', ''))
+         ORDER BY p.model = m.model DESC
+         LIMIT 1
+      ) AS p ON true
 ), ledger AS (
     INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, input_tokens,
                               output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
                               cost_usd, sync_cost_usd)
     SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1, b.input_tokens, b.output_tokens,
-           b.write_5m, b.write_1h, b.read, s.usd * $10::numeric, s.usd
+           b.write_5m, b.write_1h, b.read, s.usd * $15::numeric, s.usd
       FROM billed AS b
-      LEFT JOIN LATERAL (
-        -- The model's rates (by name, else without its date suffix), at the tier of the prompt's length.
-        SELECT (b.input_tokens * p.input + b.output_tokens * p.output + b.write_5m * p.write_5m
-                + b.write_1h * p.write_1h + b.read * p.read) * 0.000001 AS usd
-          FROM prices AS p
-         WHERE p.model IN (b.model, b.family)
-           AND p.above_tokens < b.input_tokens + b.write_5m + b.write_1h + b.read
-         ORDER BY p.model = b.model DESC, p.above_tokens DESC
-         LIMIT 1
-      ) AS s ON true
+      JOIN rates AS r ON r.model = b.model
+     CROSS JOIN LATERAL (
+        -- A prompt (input, cache writes and reads) longer than the model's long_above is billed, every
+        -- token of it, at the long-prompt rates.
+        SELECT CASE WHEN b.input_tokens + b.write_5m + b.write_1h + b.read > r.long_above
+                    THEN b.input_tokens * r.long_input + b.output_tokens * r.long_output
+                         + b.write_5m * r.long_write_5m + b.write_1h * r.long_write_1h + b.read * r.long_read
+                    ELSE b.input_tokens * r.input + b.output_tokens * r.output + b.write_5m * r.write_5m
+                         + b.write_1h * r.write_1h + b.read * r.read
+               END * 0.000001 AS usd
+     ) AS s
     ON CONFLICT (job_id, attempt) DO NOTHING
-    RETURNING job_id, tenant_id, model, cost_usd, sync_cost_usd
+    RETURNING tenant_id, model, cost_usd
 ), spent AS (
     INSERT INTO batchd.spend (tenant_id, cost_usd)
     SELECT tenant_id, sum(cost_usd) FROM ledger GROUP BY tenant_id HAVING sum(cost_usd) > 0
 ), job_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
-    SELECT CASE a.status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || a.status END,
-           a.tenant_id, a.id, $1,
-           jsonb_strip_nulls(jsonb_build_object('status', a.status, 'metadata', a.metadata, 'usage', a.usage,
-                                                'error', a.error, 'attempts', a.attempts,
-                                                'cost_usd', l.cost_usd, 'saved_usd', l.sync_cost_usd - l.cost_usd))
-      FROM applied AS a
-      LEFT JOIN ledger AS l ON l.job_id = a.id
+    SELECT CASE status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || status END,
+           tenant_id, id, $1,
+           jsonb_strip_nulls(jsonb_build_object('status', status, 'metadata', metadata, 'usage', usage,
+                                                'error', error, 'attempts', attempts))
+      FROM applied
 )
 SELECT (SELECT count(*) FROM applied) AS changed,
        (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
