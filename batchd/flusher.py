@@ -6,6 +6,9 @@ past `max_in_flight_requests`. The flush claims jobs with FOR UPDATE SKIP LOCKED
 advisory lock, fails at once the jobs that can never be sent, and records the batch and its jobs
 (`pending`, `submitting`) in one transaction. Only then does anyone talk to the API (see submitter.py).
 
+Before each look at the queue it checks tenants' budgets (budgets.py): the jobs of a tenant over budget
+are left out of the queue's head and of the claim (batchd.held_tenants), or failed.
+
 Between flushes it tells producers' trigger when to wake it (see `batchd.wakeup` in the schema): armed when
 the queue is empty, else at the job count that would fill a batch. The clock covers the time threshold.
 """

@@ -571,15 +571,19 @@ WITH clock AS (
            date_trunc('month', now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start
       FROM (SELECT coalesce($1::timestamptz, now()) AS now) AS c
 ), spent AS (
-    SELECT t.name, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason AS was,
-           coalesce(sum(s.cost_usd) FILTER (WHERE s.at >= c.day_start AND s.at < c.day_start + interval '1 day'),
-                    0) AS day_usd,
-           coalesce(sum(s.cost_usd) FILTER (WHERE s.at < c.month_start + interval '1 month'), 0) AS month_usd
+    -- Per budgeted tenant, its spend rows of this month only, on the spend_tenant_at index.
+    SELECT t.name, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason AS was, s.day_usd,
+           s.month_usd
       FROM batchd.tenants AS t
      CROSS JOIN clock AS c
-      LEFT JOIN batchd.spend AS s ON s.tenant_id = t.name AND s.at >= c.month_start
+     CROSS JOIN LATERAL (
+        SELECT coalesce(sum(cost_usd) FILTER (WHERE at >= c.day_start AND at < c.day_start + interval '1 day'),
+                        0) AS day_usd,
+               coalesce(sum(cost_usd), 0) AS month_usd
+          FROM batchd.spend
+         WHERE tenant_id = t.name AND at >= c.month_start AND at < c.month_start + interval '1 month'
+     ) AS s
      WHERE t.budget_day_usd IS NOT NULL OR t.budget_month_usd IS NOT NULL OR t.hold_reason IS NOT NULL
-     GROUP BY t.name
 ), verdicts AS (
     SELECT *,
            CASE WHEN day_usd >= budget_day_usd
@@ -647,14 +651,16 @@ SELECT pg_notify('batchd_jobs', '');
 -- name: tenant_budgets
 -- `batchd status`: every tenant with a budget or held, with what it spent this UTC day and month.
 SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason, t.held_since,
-       coalesce(sum(s.cost_usd) FILTER (WHERE s.at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-                0) AS spent_day_usd,
-       coalesce(sum(s.cost_usd), 0) AS spent_month_usd
+       s.spent_day_usd, s.spent_month_usd
   FROM batchd.tenants AS t
-  LEFT JOIN batchd.spend AS s
-    ON s.tenant_id = t.name AND s.at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ CROSS JOIN LATERAL (
+    SELECT coalesce(sum(cost_usd) FILTER (WHERE at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                    0) AS spent_day_usd,
+           coalesce(sum(cost_usd), 0) AS spent_month_usd
+      FROM batchd.spend
+     WHERE tenant_id = t.name AND at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ ) AS s
  WHERE t.budget_day_usd IS NOT NULL OR t.budget_month_usd IS NOT NULL OR t.hold_reason IS NOT NULL
- GROUP BY t.name
  ORDER BY t.name;
 
 -- name: cost_report
