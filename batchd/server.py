@@ -24,7 +24,7 @@ from prometheus_client.exposition import choose_encoder
 from .events import EventHub
 from .metrics import Metrics
 from .sse import HUB, stream_events
-from .store import sql
+from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
 
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
@@ -104,7 +104,7 @@ async def readyz(request: web.Request) -> web.Response:
     problems = []
     try:
         await request.app[POOL].fetchval(sql("db_now"), timeout=2)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+    except DB_ERRORS as error:
         problems.append(f"database: {error}")
     if not request.app[READY_CHECK]():
         problems.append("listener: not connected")
