@@ -18,7 +18,7 @@ import structlog
 from aiohttp.log import access_logger
 from pydantic import ValidationError
 
-from . import __version__, budgets, enqueue, log, migrate, report, status, tenants
+from . import __version__, budgets, enqueue, fairness, log, migrate, report, status, tenants
 from .config import ConfigError, Settings, config_path, describe, load_settings, read_toml
 from .daemon import Daemon
 from .demo import run_demo
@@ -331,18 +331,20 @@ def run_tenant(args: argparse.Namespace) -> int:
 # none of its options was given). Options not given are left as they are.
 TENANT_SETTERS: list[Callable[[Any, str, argparse.Namespace], Awaitable[dict[str, Any] | None]]] = [
     budgets.apply_arguments,
+    fairness.apply_arguments,
 ]
 
 
 def _add_tenant_set_parser(tenant_actions: Any) -> None:
     parser = tenant_actions.add_parser(
         "set",
-        help="change a tenant's settings (budgets); adds the tenant if new",
+        help="change a tenant's settings (budgets, weight, limits); adds the tenant if new",
         description="Change a tenant's settings; options not given stay as they are.",
     )
     _add_config_option(parser)
     parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
     budgets.add_arguments(parser)
+    fairness.add_arguments(parser)
     parser.set_defaults(run=run_tenant_set)
 
 
@@ -367,6 +369,7 @@ def run_tenant_set(args: argparse.Namespace) -> int:
                     break
             else:
                 print(f"{args.name}: no budget")
+            print(fairness.describe(args.name, await fairness.limits_of(connection, args.name)))
             return 0
         finally:
             await connection.close()

@@ -63,6 +63,13 @@ class BatchingSettings(_Section):
         default=900.0, ge=0, description="a job whose deadline is this close is flushed at once"
     )
     max_in_flight_requests: int = Field(default=100_000, ge=1)
+    cache_lookahead: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="how far past a batch's worth (in batches) a tenant's queue is searched for jobs sharing "
+        "a cacheable prefix with those taken",
+    )
     max_attempts: int = Field(default=3, ge=1)
 
 
@@ -128,6 +135,20 @@ class HttpSettings(_Section):
     )
 
 
+class TenantLimits(_Section):
+    """How a tenant shares batches (fairness.py). Unset: the [tenant_defaults] value, then none."""
+
+    weight: int | None = Field(
+        default=None, ge=1, le=10_000, description="its share of a batch against other queued tenants"
+    )
+    max_queued: int | None = Field(
+        default=None, ge=0, description="the most queued jobs; past it the database refuses the INSERT"
+    )
+    max_in_flight: int | None = Field(
+        default=None, ge=0, description="the most of its requests in open batches; past it its jobs wait"
+    )
+
+
 class JobType(_Section):
     """A named kind of job: producers send `input`, the template makes the Messages API request."""
 
@@ -169,6 +190,8 @@ class Settings(BaseSettings):
     events: EventsSettings = Field(default_factory=EventsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     job_types: dict[str, JobType] = Field(default_factory=dict)
+    tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     emulator: dict[str, Any] = Field(default_factory=dict, description="read by `batchd emulator`")
 
@@ -178,6 +201,14 @@ class Settings(BaseSettings):
         for name in value:
             if not name.isidentifier():
                 raise ValueError(f"job type name {name!r} must be a plain name")
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, TenantLimits]) -> dict[str, TenantLimits]:
+        for name in value:
+            if not name or name != name.strip():
+                raise ValueError(f"tenant name {name!r} must be non-empty, without surrounding spaces")
         return value
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import migrate, pruner, status, store, systemd
+from . import fairness, migrate, pruner, status, store, systemd
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
 from .events import EventHub
@@ -90,6 +90,7 @@ class Daemon:
                 missing = await migrate.pending(connection)
             if missing:
                 raise ConfigError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
+            await fairness.publish(pool, settings)
             ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider, metrics=self.metrics)
             self.metrics.identify(ctx.instance_id)
             hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None

@@ -129,7 +129,10 @@ class Flusher:
                 return Flushed(None, 0, 0, capped=True)
             now = await connection.fetchval(sql("db_now"))
             claimed = await store.claim(
-                connection, budget, now + timedelta(seconds=batching.deadline_slack_s)
+                connection,
+                budget,
+                now + timedelta(seconds=batching.deadline_slack_s),
+                math.ceil(budget * (1 + batching.cache_lookahead)),
             )
             chosen: list[Prepared] = []
             failed: list[tuple[UUID, str]] = []

@@ -114,12 +114,13 @@ async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int) -> Queue
     )
 
 
-async def claim(connection: Connection, limit: int, urgent_before: datetime) -> list[ClaimedJob]:
-    """Lock up to `limit` queued jobs, near deadlines first, skipping what another daemon holds."""
+async def claim(connection: Connection, limit: int, urgent_before: datetime, window: int) -> list[ClaimedJob]:
+    """Lock up to `limit` queued jobs, near deadlines first, then shared fairly between tenants (looking at
+    up to `window` jobs of each), skipping what another daemon holds."""
     rows = list(await connection.fetch(sql("claim_urgent"), limit, urgent_before))
     if len(rows) < limit:
         taken = [row["id"] for row in rows]
-        rows += await connection.fetch(sql("claim_queued"), limit - len(rows), taken)
+        rows += await connection.fetch(sql("claim_fair"), limit - len(rows), taken, max(window, limit))
     return [ClaimedJob(**dict(row)) for row in rows]
 
 

@@ -94,11 +94,11 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await init_connection(connection)
     await connection.execute(
         "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events,"
-        " batchd.costs, batchd.spend RESTART IDENTITY;"
+        " batchd.costs, batchd.spend, batchd.configured_limits RESTART IDENTITY;"
         "UPDATE batchd.event_log SET published_seq = 0;"
         "UPDATE batchd.wakeup SET armed = true, wake_seq = 0;"
         "UPDATE batchd.tenants SET budget_day_usd = NULL, budget_month_usd = NULL, over_budget = 'hold',"
-        " hold_reason = NULL, held_since = NULL"
+        " hold_reason = NULL, held_since = NULL, weight = NULL, max_queued = NULL, max_in_flight = NULL"
     )
     try:
         yield connection

@@ -70,15 +70,72 @@ SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, 
  LIMIT $1
    FOR UPDATE SKIP LOCKED;
 
--- name: claim_queued
-SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, attempts,
-       batchd.request_problem(request) AS problem
-  FROM batchd.jobs
- WHERE status = 'queued' AND id <> ALL($2::uuid[])
-   AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
- ORDER BY seq
- LIMIT $1
-   FOR UPDATE SKIP LOCKED;
+-- name: claim_fair
+-- One batch's worth of queued jobs shared fairly between tenants (fairness.py): each tenant's queue head, in
+-- turns of weighted round robin — the n-th job of a tenant of weight w has its turn at (n - 1/2) / w, ties
+-- to the older job — so a tenant with 10 jobs is not put behind another's 200,000. A tenant takes no more
+-- than its room under max_in_flight, and none of a held tenant's (over budget: budgets.py). Within a tenant,
+-- jobs that share a cacheable prefix (one job type; or raw requests with cache_control blocks and the same
+-- model, tools and system) are taken together, from the first of them on, so that the provider's prompt
+-- cache serves the rest: the window looked at per tenant ($3) is longer than a batch, but its oldest job's
+-- group always comes first, so no job waits more than a batch longer for it.
+-- $1: how many, $2: jobs already claimed (claim_urgent), $3: the window per tenant.
+WITH RECURSIVE queued_tenants (tenant_id) AS (
+    -- A skip scan of jobs_queued_tenant: one probe per tenant with queued jobs.
+    (SELECT tenant_id FROM batchd.jobs WHERE status = 'queued' ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.tenant_id FROM batchd.jobs AS j
+             WHERE j.status = 'queued' AND j.tenant_id > q.tenant_id
+             ORDER BY j.tenant_id LIMIT 1)
+      FROM queued_tenants AS q
+     WHERE q.tenant_id IS NOT NULL
+), shares AS (
+    SELECT q.tenant_id, l.weight,
+           CASE WHEN l.max_in_flight IS NULL THEN $3::bigint
+                ELSE greatest(0, l.max_in_flight
+                                 - (SELECT count(*) FROM batchd.jobs AS f
+                                     WHERE f.tenant_id = q.tenant_id AND f.status IN ('submitting', 'submitted'))
+                                 - (SELECT count(*) FROM batchd.jobs AS u
+                                     WHERE u.id = ANY($2::uuid[]) AND u.tenant_id = q.tenant_id))
+           END AS room
+      FROM queued_tenants AS q
+     CROSS JOIN LATERAL batchd.tenant_limits(q.tenant_id) AS l
+     WHERE q.tenant_id IS NOT NULL
+       AND q.tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)
+), heads AS (
+    SELECT s.tenant_id, s.weight, s.room, h.id, h.seq,
+           CASE WHEN h.prefix IS NULL THEN h.seq
+                ELSE min(h.seq) OVER (PARTITION BY s.tenant_id, h.prefix) END AS group_seq
+      FROM shares AS s
+     CROSS JOIN LATERAL (
+        SELECT j.id, j.seq,
+               CASE WHEN j.job_type IS NOT NULL THEN 'type:' || j.job_type
+                    WHEN j.request::text LIKE '%"cache_control"%'
+                    THEN md5(concat_ws('|', j.request ->> 'model', (j.request -> 'tools')::text,
+                                       (j.request -> 'system')::text))
+               END AS prefix
+          FROM batchd.jobs AS j
+         -- The row comparison is jobs_queued_tenant's own condition: without it the planner may walk the
+         -- whole queue in seq order (jobs_queued) to find a small tenant's few jobs behind a big one's.
+         WHERE j.tenant_id = s.tenant_id AND (j.tenant_id, j.seq) >= (s.tenant_id, 0)
+           AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
+         ORDER BY j.tenant_id, j.seq
+         LIMIT least(s.room, $3)
+     ) AS h
+     WHERE s.room > 0
+), turns AS (
+    SELECT id, seq, (row_number() OVER (PARTITION BY tenant_id ORDER BY group_seq, seq) - 0.5) / weight AS turn
+      FROM heads
+), picked AS (
+    SELECT id, seq, turn FROM turns ORDER BY turn, seq LIMIT $1
+)
+SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
+       batchd.request_problem(j.request) AS problem
+  FROM picked AS p
+  JOIN batchd.jobs AS j ON j.id = p.id
+ WHERE j.status = 'queued'
+ ORDER BY p.turn, p.seq
+   FOR UPDATE OF j SKIP LOCKED;
 
 -- name: fail_jobs
 -- Jobs that can never be sent: failed at once, with the reason, and an event each.
@@ -679,3 +736,29 @@ SELECT tenant_id, model, count(*) AS jobs,
  WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($2::text IS NULL OR tenant_id = $2)
  GROUP BY tenant_id, model
  ORDER BY tenant_id, model;
+
+-- name: clear_configured_limits
+-- A daemon starting writes batchd.toml's tenant limits whole (fairness.publish): the old ones go first.
+DELETE FROM batchd.configured_limits;
+
+-- name: insert_configured_limits
+INSERT INTO batchd.configured_limits (tenant_id, weight, max_queued, max_in_flight)
+SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bigint[]);
+
+-- name: set_tenant_limits
+-- `batchd tenant set NAME --weight/--max-queued/--max-in-flight`: $2..$4 change only when their flag ($5..$7)
+-- is set (`none` clears one back to batchd.toml's). The tenant is added if new.
+INSERT INTO batchd.tenants AS t (name, weight, max_queued, max_in_flight)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE
+   SET weight = CASE WHEN $5 THEN $2 ELSE t.weight END,
+       max_queued = CASE WHEN $6 THEN $3 ELSE t.max_queued END,
+       max_in_flight = CASE WHEN $7 THEN $4 ELSE t.max_in_flight END
+RETURNING name;
+
+-- name: tenant_limits
+-- A tenant's limits in force, with where each comes from.
+SELECT l.weight, l.max_queued, l.max_in_flight,
+       t.weight AS set_weight, t.max_queued AS set_max_queued, t.max_in_flight AS set_max_in_flight
+  FROM batchd.tenant_limits($1) AS l
+  LEFT JOIN batchd.tenants AS t ON t.name = $1;

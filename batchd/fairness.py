@@ -1,0 +1,135 @@
+"""Fair sharing: how tenants divide batches between them, and the limits each one works within.
+
+Each tenant has a *weight* (default 1): when more is queued than one batch may hold, the flusher's claim
+(`claim_fair` in queries.sql) fills the batch in turns of weighted round robin across the tenants with
+queued jobs, so a tenant that dumps 200,000 jobs does not push a tenant with 10 behind all of them. A tenant
+may also have a *max_queued* (past it the database refuses the producer's INSERT, with a message that says
+so) and a *max_in_flight* (the most of its requests in open batches; past it its jobs wait in the queue).
+
+The limits come from `batchd tenant set` (batchd.tenants), else batchd.toml's [tenants.NAME], else
+[tenant_defaults]. Each daemon writes batchd.toml's to the database when it starts (`publish`), since the
+database itself enforces max_queued on every INSERT: instances sharing a database should share one
+batchd.toml, or the last one to start has its way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .config import Settings, TenantLimits
+from .store import Connection, sql
+
+log = structlog.get_logger("batchd.fairness")
+
+CLEAR = "none"
+DEFAULTS = ""  # batchd.configured_limits' tenant_id for [tenant_defaults]: no job's tenant_id can be empty
+
+
+async def publish(db: asyncpg.Pool | Connection, settings: Settings) -> None:
+    """Writes batchd.toml's tenant limits to the database, replacing what was there, in one transaction."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as connection:
+            await publish(connection, settings)
+        return
+    rows: list[tuple[str, TenantLimits]] = [(DEFAULTS, settings.tenant_defaults), *settings.tenants.items()]
+    async with db.transaction():
+        await db.execute(sql("clear_configured_limits"))
+        await db.execute(
+            sql("insert_configured_limits"),
+            [name for name, _ in rows],
+            [limits.weight for _, limits in rows],
+            [limits.max_queued for _, limits in rows],
+            [limits.max_in_flight for _, limits in rows],
+        )
+    log.info("fairness.limits_published", tenants=len(settings.tenants))
+
+
+# -- `batchd tenant set`: the fairness options ------------------------------------------------------------
+
+
+def _count(minimum: int, maximum: int | None = None) -> Any:
+    def parse(text: str) -> int | None:
+        if text.strip().lower() == CLEAR:
+            return None
+        try:
+            value = int(text.strip().replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number or {CLEAR!r}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" and at most {maximum}"
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}{upper}, got {text!r}")
+        return value
+
+    return parse
+
+
+_UNSET: Any = object()  # an option not given (None is `none`: back to batchd.toml's value)
+_OPTIONS = ("weight", "max_queued", "max_in_flight")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fairness options of `batchd tenant set`."""
+    group = parser.add_argument_group(
+        "sharing and limits (`none` goes back to batchd.toml's [tenants.NAME] or [tenant_defaults])"
+    )
+    group.add_argument(
+        "--weight",
+        type=_count(1, 10_000),
+        default=_UNSET,
+        metavar="N",
+        help="its share of a batch when several tenants are queued (default 1)",
+    )
+    group.add_argument(
+        "--max-queued",
+        type=_count(0),
+        default=_UNSET,
+        metavar="N",
+        help="the most queued jobs; an INSERT past it is refused by the database",
+    )
+    group.add_argument(
+        "--max-in-flight",
+        type=_count(0),
+        default=_UNSET,
+        metavar="N",
+        help="the most of its requests in open batches; past it its jobs wait",
+    )
+
+
+async def apply_arguments(
+    connection: Connection, name: str, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Applies the fairness options given to `batchd tenant set`; None when none was."""
+    values = {key: getattr(args, key, _UNSET) for key in _OPTIONS}
+    if all(value is _UNSET for value in values.values()):
+        return None
+    await connection.execute(
+        sql("set_tenant_limits"),
+        name,
+        *(None if value is _UNSET else value for value in values.values()),
+        *(value is not _UNSET for value in values.values()),
+    )
+    await connection.execute(sql("wake_daemons"))  # a higher limit lets jobs go at once
+    return await limits_of(connection, name)
+
+
+async def limits_of(connection: Connection, name: str) -> dict[str, Any]:
+    row = await connection.fetchrow(sql("tenant_limits"), name)
+    assert row is not None  # noqa: S101 - the function returns one row for any name
+    return dict(row)
+
+
+def describe(name: str, row: dict[str, Any]) -> str:
+    """One line: the limits in force, each marked when it was set with `batchd tenant set`."""
+
+    def show(key: str) -> str:
+        value = "none" if row[key] is None else f"{row[key]:,}"
+        return f"{value} (set)" if row[f"set_{key}"] is not None else value
+
+    return (
+        f"{name}: weight {show('weight')}, max queued {show('max_queued')}, "
+        f"max in flight {show('max_in_flight')}"
+    )
