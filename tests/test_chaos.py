@@ -36,6 +36,7 @@ from support import (
 
 from batchd.embedded_pg import EmbeddedPostgres
 from batchd.emulator import EmulatorConfig
+from batchd.emulator.app import EMULATOR
 from batchd.migrate import migrate
 from batchd.store import init_connection
 
@@ -49,8 +50,15 @@ repeats = pytest.mark.parametrize("seed", [SEED + n for n in range(REPEAT)], ids
 
 
 @pytest.fixture
-def emulator_config() -> EmulatorConfig:
-    return QUICK.model_copy(update={"seed": SEED})
+def emulator_config(seed: int) -> EmulatorConfig:
+    """The emulator of each repeat draws from that repeat's seed (seed, seed + 1, ...)."""
+    return QUICK.model_copy(update={"seed": seed})
+
+
+@pytest.fixture(autouse=True)
+def emulator_seeded(emulator: EmulatorHandle, seed: int) -> None:
+    """The emulator really runs on this repeat's seed."""
+    assert emulator.app[EMULATOR].config.seed == seed
 
 
 # -- gates --------------------------------------------------------------------------------------------------
