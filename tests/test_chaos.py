@@ -254,27 +254,32 @@ async def assert_stopped_at(step: str, db: asyncpg.Connection, emulator: Emulato
 async def test_sigkill_while_results_stream_then_a_restart_ends_every_job_once(
     seed: int, db: Any, emulator: EmulatorHandle, database_url: str, tmp_path: Path
 ) -> None:
-    # Results arrive in 64 KiB chunks a second apart, applied ten at a time: there is a moment with some
-    # of a batch's results applied and the rest still on the wire.
-    await emulator.set_faults(results_chunk_delay_s=1.0)
+    # A batch's 50 results (about 30 KB) would fit in one default 64 KiB chunk: in 2 KiB chunks (three or
+    # four results each) 0.3 s apart, a download takes about 5 s, and results are applied ten at a time, so
+    # there is a long moment with some of a batch's results applied and the rest still on the wire.
+    await emulator.set_faults(results_chunk_delay_s=0.3, results_chunk_bytes=2048)
     config = daemon_config(
         tmp_path / "batchd.toml", database_url, emulator.url, extra="[results]\napply_chunk = 10"
     )
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
+    # A batch whose results are being streamed: ended at the provider, some of its jobs applied, some not.
+    half_applied = (
+        "SELECT count(*) FROM batchd.batches AS b WHERE b.status = 'ended'"
+        " AND EXISTS (SELECT 1 FROM batchd.jobs WHERE batch_id = b.id AND status = 'succeeded')"
+        " AND EXISTS (SELECT 1 FROM batchd.jobs WHERE batch_id = b.id AND status = 'submitted')"
+    )
     async with daemon_process(config, log) as first:
 
         async def streaming() -> bool:
-            return bool(
-                await db.fetchval(
-                    "SELECT count(*) FROM batchd.jobs AS j JOIN batchd.batches AS b ON b.id = j.batch_id"
-                    " WHERE b.status = 'ended' AND j.status = 'succeeded'"
-                )
-            )
+            return bool(await db.fetchval(half_applied))
 
         await wait_until(streaming, timeout=30, interval=0.005)
         await kill(first)
-    assert await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'ended'") >= 1
+    # The kill landed mid-stream: a batch is still half applied (the rest of its download never arrived),
+    # and nothing was lost or finished twice on the way.
+    assert await db.fetchval(half_applied) >= 1, "the download was cut off part way"
+    assert 0 < await progress(db) < JOBS
     await emulator.set_faults()
     async with restarted(config, log):
         await wait_until(lambda: all_done(db, JOBS), timeout=60)
