@@ -381,26 +381,45 @@ async def failures(emulator: EmulatorHandle, status: int) -> int:
     return sum(n for key, n in statuses.items() if key.endswith(f" {status}"))
 
 
+OUTAGE_S = 60  # emulated seconds of 500s and 529s
+OUTAGE_STEP_S = 10  # the test moves the emulator's clock on this much each time the daemon has failed again
+
+
 @repeats
-async def test_a_spell_of_500s_and_529s_on_every_endpoint_loses_nothing(
+async def test_a_minute_of_500s_and_529s_on_every_endpoint_loses_nothing(
     seed: int, db: Any, emulator: EmulatorHandle, database_url: str, tmp_path: Path
 ) -> None:
     config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
-    # Every call fails, half with 500 and half with 529, until the daemon has met 40 of them.
+    # For a minute of the emulator's time, every call fails, half with 500 and half with 529; then the API
+    # answers again on its own.
     await emulator.set_faults(
-        http=[{"endpoint": "*", "status": 500, "rate": 0.5}, {"endpoint": "*", "status": 529, "rate": 1.0}]
+        http=[
+            {"endpoint": "*", "status": 500, "rate": 0.5, "for_s": OUTAGE_S},
+            {"endpoint": "*", "status": 529, "rate": 1.0, "for_s": OUTAGE_S},
+        ]
     )
+
+    async def failed() -> int:
+        return await failures(emulator, 500) + await failures(emulator, 529)
+
     async with restarted(config, log):
+        # The minute passes in steps of emulated time, each once the daemon has tried and failed again:
+        # it keeps trying all through the outage (a few seconds of wall time), and nothing gets through.
+        for _ in range(OUTAGE_S // OUTAGE_STEP_S):
+            before = await failed()
 
-        async def spell_over() -> bool:
-            return await failures(emulator, 500) + await failures(emulator, 529) >= 40
+            async def failed_again(before: int = before) -> bool:
+                return await failed() > before
 
-        await wait_until(spell_over, timeout=60)
+            await wait_until(failed_again, timeout=30)
+            assert (await emulator.stats())["batches_created"] == 0
+            assert await progress(db) == 0
+            await emulator.advance(OUTAGE_STEP_S)
         assert await failures(emulator, 500)
         assert await failures(emulator, 529)
-        await emulator.set_faults()
+        # The minute is over: the API answers again, and every job ends once.
         await wait_until(lambda: all_done(db, JOBS), timeout=90)
     await assert_every_job_ended_once(db, emulator, texts)
 
