@@ -253,9 +253,11 @@ def daemon_env() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def daemon_process(
+    config: Path, log: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`batchd run` as a process, its log in a file (a pipe nobody reads would fill and stall it);
-    killed if still running when the block ends."""
+    killed if still running when the block ends. `env` is its whole environment (default: daemon_env())."""
     with log.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -264,7 +266,7 @@ async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subpr
             "run",
             "--config",
             str(config),
-            env=daemon_env(),
+            env=daemon_env() if env is None else env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
         )
