@@ -175,6 +175,20 @@ async def insert_raw(db: Any, tenant: str, texts: list[str], **columns: Any) -> 
     return [row["id"] for row in rows]
 
 
+async def insert_aged(db: Any, tenant: str, count: int, age_s: float) -> list[Any]:
+    """Raw-request jobs as if a producer had inserted them `age_s` seconds ago."""
+    rows = await db.fetch(
+        "INSERT INTO batchd.jobs (tenant_id, request, created_at)"
+        " SELECT $1, $2::text::jsonb, now() - make_interval(secs => $4) FROM generate_series(1, $3)"
+        " RETURNING id",
+        tenant,
+        json.dumps(raw_request(f"{tenant} asks")),
+        count,
+        age_s,
+    )
+    return [row["id"] for row in rows]
+
+
 async def run_python(
     *argv: str,
     timeout: float = 60,

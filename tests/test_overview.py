@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from support import ADMIN_TOKEN, QUICK, EmulatorHandle, raw_request, wait_for_jobs, wait_until
+from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_aged, wait_for_jobs, wait_until
 
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
@@ -68,20 +68,6 @@ async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_i
         assert totals["input_tokens"] == 10, "numbers, not strings"
         assert totals["output_tokens"] == 20
         assert daemon.hub is not None
-
-
-async def insert_aged(db: Any, tenant: str, count: int, age_s: float) -> list[Any]:
-    """Raw-request jobs as if a producer had inserted them `age_s` seconds ago."""
-    rows = await db.fetch(
-        "INSERT INTO batchd.jobs (tenant_id, request, created_at)"
-        " SELECT $1, $2::text::jsonb, now() - make_interval(secs => $4) FROM generate_series(1, $3)"
-        " RETURNING id",
-        tenant,
-        json.dumps(raw_request(f"{tenant} asks")),
-        count,
-        age_s,
-    )
-    return [row["id"] for row in rows]
 
 
 async def test_a_tenant_sees_its_own_queue_batches_and_totals_and_the_admin_sees_every_tenants(
