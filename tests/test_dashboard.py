@@ -282,6 +282,10 @@ async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
             ) == str(batch_id)
             assert await browser.evaluate(card("batches")) == 1
             await browser.screenshot(ARTIFACTS / "dashboard-queue-and-batches.png")
+            # Tidy at 1280 px: both side tables fit their panels, no horizontal scrollbar.
+            for name in ("table-tenants", "table-batches"):
+                wrap = f"document.querySelector('[data-testid={name}]').parentElement"
+                assert await browser.evaluate(f"{wrap}.scrollWidth <= {wrap}.clientWidth"), name
 
         # A tenant sees its own queue, and its own requests in the batch (not the batch's size).
         async with dashboard() as browser:
