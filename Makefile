@@ -6,7 +6,7 @@ PG_HOST ?= 127.0.0.1
 PG_PORT ?= 5432
 DATABASE_URL ?= postgresql://postgres@$(PG_HOST):$(PG_PORT)/postgres
 
-.PHONY: test demo lint typecheck pytest postgres chromium bench clean
+.PHONY: test demo lint typecheck pytest postgres chromium systemd bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 # The tests use $(DATABASE_URL) when it answers, else an embedded PostgreSQL in .batchd/pgdata.
-pytest: $(VENV)/.installed postgres chromium
+pytest: $(VENV)/.installed postgres chromium systemd
 	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.embedded_pg ensure --url $(DATABASE_URL)) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -50,6 +50,17 @@ chromium:
 	echo "Installing Debian's chromium for the browser tests"; \
 	$$SUDO apt-get update && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+# systemd-analyze for tests/test_deploy.py (`systemd-analyze verify` of deploy/*.service), from Debian's
+# systemd package the same way; the tests fail, not skip, without it.
+systemd:
+	@if command -v systemd-analyze >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "systemd-analyze is missing and installing it needs root (or sudo): run apt-get install systemd as root" >&2; exit 1; fi; \
+	echo "Installing Debian's systemd for systemd-analyze (tests/test_deploy.py)"; \
+	$$SUDO apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
 
 demo: $(VENV)/.installed
 	$(BIN)/batchd demo

@@ -291,20 +291,26 @@ def api_key(settings: Settings) -> SecretStr:
     from_env = os.environ.get("ANTHROPIC_API_KEY")
     if from_env:
         return SecretStr(from_env.strip())
-    candidates = []
+    # (where the key comes from, as an error names it; its file)
+    candidates: list[tuple[str, Path]] = []
     if settings.anthropic.api_key_file is not None:
-        candidates.append(settings.anthropic.api_key_file)
+        candidates.append(("anthropic.api_key_file", settings.anthropic.api_key_file))
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
-        candidates.append(Path(credentials) / CREDENTIAL_NAME)
-    for candidate in candidates:
+        candidates.append(
+            (
+                f"the systemd credential {CREDENTIAL_NAME} ($CREDENTIALS_DIRECTORY)",
+                Path(credentials) / CREDENTIAL_NAME,
+            )
+        )
+    for source, candidate in candidates:
         try:
             key = candidate.read_text().strip()
         except OSError as error:
-            raise ConfigError(f"anthropic.api_key_file: cannot read {candidate}: {error.strerror}") from None
+            raise ConfigError(f"{source}: cannot read {candidate}: {error.strerror}") from None
         if key:
             return SecretStr(key)
-        raise ConfigError(f"anthropic.api_key_file: {candidate} is empty")
+        raise ConfigError(f"{source}: {candidate} is empty")
     raise ConfigError(
         "anthropic: no API key; set ANTHROPIC_API_KEY, or [anthropic] api_key_file, "
         f"or a systemd credential named {CREDENTIAL_NAME}"

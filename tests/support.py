@@ -175,6 +175,20 @@ async def insert_raw(db: Any, tenant: str, texts: list[str], **columns: Any) -> 
     return [row["id"] for row in rows]
 
 
+async def insert_aged(db: Any, tenant: str, count: int, age_s: float) -> list[Any]:
+    """Raw-request jobs as if a producer had inserted them `age_s` seconds ago."""
+    rows = await db.fetch(
+        "INSERT INTO batchd.jobs (tenant_id, request, created_at)"
+        " SELECT $1, $2::text::jsonb, now() - make_interval(secs => $4) FROM generate_series(1, $3)"
+        " RETURNING id",
+        tenant,
+        json.dumps(raw_request(f"{tenant} asks")),
+        count,
+        age_s,
+    )
+    return [row["id"] for row in rows]
+
+
 async def run_python(
     *argv: str,
     timeout: float = 60,
@@ -253,9 +267,11 @@ def daemon_env() -> dict[str, str]:
 
 
 @asynccontextmanager
-async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def daemon_process(
+    config: Path, log: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`batchd run` as a process, its log in a file (a pipe nobody reads would fill and stall it);
-    killed if still running when the block ends."""
+    killed if still running when the block ends. `env` is its whole environment (default: daemon_env())."""
     with log.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -264,7 +280,7 @@ async def daemon_process(config: Path, log: Path) -> AsyncIterator[asyncio.subpr
             "run",
             "--config",
             str(config),
-            env=daemon_env(),
+            env=daemon_env() if env is None else env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
         )

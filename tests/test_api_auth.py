@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import EmulatorHandle, run_python
+from support import EmulatorHandle, daemon_config, daemon_env, run_python
 
 from batchd import tenants
 from batchd.daemon import Daemon
@@ -84,6 +85,56 @@ async def test_the_admin_sees_every_tenant(db: Any, api: str) -> None:
         status, body, _ = await get(f"{api}/v1/jobs/{job}", token=ADMIN_TOKEN)
         assert status == 200
         assert body["id"] == str(job)
+
+
+async def test_the_admin_token_read_from_admin_token_file(
+    db: Any, daemon_settings: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """[http] admin_token_file, with no $BATCHD_ADMIN_TOKEN: the file's token (its newline stripped) is the
+    admin's, and only it."""
+    monkeypatch.delenv("BATCHD_ADMIN_TOKEN", raising=False)
+    token = "file-admin-" + uuid.uuid4().hex
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token + "\n")
+    jobs = [await insert_job(db, "acme"), await insert_job(db, "globex")]
+    daemon = Daemon(daemon_settings(http={"admin_token_file": str(token_file)}))
+    async with daemon.running():
+        api = daemon.http_url
+        for job in jobs:
+            status, body, _ = await get(f"{api}/v1/jobs/{job}", token=token)
+            assert status == 200
+            assert body["id"] == str(job)
+        for bad in (ADMIN_TOKEN, token[:-1], token + "x"):
+            status, _, _ = await get(f"{api}/v1/jobs/{jobs[0]}", token=bad)
+            assert status == 401
+
+
+async def test_a_missing_empty_or_short_admin_token_file_stops_batchd_run_with_exit_78(
+    database_url: str, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    short = tmp_path / "short"
+    short.write_text("tooshort\n")
+    cases = [
+        (tmp_path / "missing", "cannot read"),
+        (empty, "shorter than 16 characters"),
+        (short, "shorter than 16 characters"),
+    ]
+    runs = []
+    for n, (path, _) in enumerate(cases):
+        config = daemon_config(
+            tmp_path / f"batchd{n}.toml",
+            database_url,
+            "http://127.0.0.1:1",
+            extra=f'admin_token_file = "{path}"',  # in [http], the last section
+        )
+        runs.append(run_python("-m", "batchd", "run", "--config", str(config), env=daemon_env(), timeout=30))
+    for (code, _, err), (path, problem) in zip(await asyncio.gather(*runs), cases, strict=True):
+        assert code == 78, err
+        assert "configuration error: http.admin_token_file: " in err, err
+        assert str(path) in err, err
+        assert problem in err, err
 
 
 async def test_a_token_in_the_query_or_a_cookie_for_browsers(db: Any, api: str) -> None:

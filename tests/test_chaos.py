@@ -36,6 +36,7 @@ from support import (
 
 from batchd.embedded_pg import EmbeddedPostgres
 from batchd.emulator import EmulatorConfig
+from batchd.emulator.app import EMULATOR
 from batchd.migrate import migrate
 from batchd.store import init_connection
 
@@ -49,8 +50,15 @@ repeats = pytest.mark.parametrize("seed", [SEED + n for n in range(REPEAT)], ids
 
 
 @pytest.fixture
-def emulator_config() -> EmulatorConfig:
-    return QUICK.model_copy(update={"seed": SEED})
+def emulator_config(seed: int) -> EmulatorConfig:
+    """The emulator of each repeat draws from that repeat's seed (seed, seed + 1, ...)."""
+    return QUICK.model_copy(update={"seed": seed})
+
+
+@pytest.fixture(autouse=True)
+def emulator_seeded(emulator: EmulatorHandle, seed: int) -> None:
+    """The emulator really runs on this repeat's seed."""
+    assert emulator.app[EMULATOR].config.seed == seed
 
 
 # -- gates --------------------------------------------------------------------------------------------------
@@ -246,27 +254,32 @@ async def assert_stopped_at(step: str, db: asyncpg.Connection, emulator: Emulato
 async def test_sigkill_while_results_stream_then_a_restart_ends_every_job_once(
     seed: int, db: Any, emulator: EmulatorHandle, database_url: str, tmp_path: Path
 ) -> None:
-    # Results arrive in 64 KiB chunks a second apart, applied ten at a time: there is a moment with some
-    # of a batch's results applied and the rest still on the wire.
-    await emulator.set_faults(results_chunk_delay_s=1.0)
+    # A batch's 50 results (about 30 KB) would fit in one default 64 KiB chunk: in 2 KiB chunks (three or
+    # four results each) 0.3 s apart, a download takes about 5 s, and results are applied ten at a time, so
+    # there is a long moment with some of a batch's results applied and the rest still on the wire.
+    await emulator.set_faults(results_chunk_delay_s=0.3, results_chunk_bytes=2048)
     config = daemon_config(
         tmp_path / "batchd.toml", database_url, emulator.url, extra="[results]\napply_chunk = 10"
     )
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
+    # A batch whose results are being streamed: ended at the provider, some of its jobs applied, some not.
+    half_applied = (
+        "SELECT count(*) FROM batchd.batches AS b WHERE b.status = 'ended'"
+        " AND EXISTS (SELECT 1 FROM batchd.jobs WHERE batch_id = b.id AND status = 'succeeded')"
+        " AND EXISTS (SELECT 1 FROM batchd.jobs WHERE batch_id = b.id AND status = 'submitted')"
+    )
     async with daemon_process(config, log) as first:
 
         async def streaming() -> bool:
-            return bool(
-                await db.fetchval(
-                    "SELECT count(*) FROM batchd.jobs AS j JOIN batchd.batches AS b ON b.id = j.batch_id"
-                    " WHERE b.status = 'ended' AND j.status = 'succeeded'"
-                )
-            )
+            return bool(await db.fetchval(half_applied))
 
         await wait_until(streaming, timeout=30, interval=0.005)
         await kill(first)
-    assert await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'ended'") >= 1
+    # The kill landed mid-stream: a batch is still half applied (the rest of its download never arrived),
+    # and nothing was lost or finished twice on the way.
+    assert await db.fetchval(half_applied) >= 1, "the download was cut off part way"
+    assert 0 < await progress(db) < JOBS
     await emulator.set_faults()
     async with restarted(config, log):
         await wait_until(lambda: all_done(db, JOBS), timeout=60)
@@ -368,26 +381,45 @@ async def failures(emulator: EmulatorHandle, status: int) -> int:
     return sum(n for key, n in statuses.items() if key.endswith(f" {status}"))
 
 
+OUTAGE_S = 60  # emulated seconds of 500s and 529s
+OUTAGE_STEP_S = 10  # the test moves the emulator's clock on this much each time the daemon has failed again
+
+
 @repeats
-async def test_a_spell_of_500s_and_529s_on_every_endpoint_loses_nothing(
+async def test_a_minute_of_500s_and_529s_on_every_endpoint_loses_nothing(
     seed: int, db: Any, emulator: EmulatorHandle, database_url: str, tmp_path: Path
 ) -> None:
     config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
-    # Every call fails, half with 500 and half with 529, until the daemon has met 40 of them.
+    # For a minute of the emulator's time, every call fails, half with 500 and half with 529; then the API
+    # answers again on its own.
     await emulator.set_faults(
-        http=[{"endpoint": "*", "status": 500, "rate": 0.5}, {"endpoint": "*", "status": 529, "rate": 1.0}]
+        http=[
+            {"endpoint": "*", "status": 500, "rate": 0.5, "for_s": OUTAGE_S},
+            {"endpoint": "*", "status": 529, "rate": 1.0, "for_s": OUTAGE_S},
+        ]
     )
+
+    async def failed() -> int:
+        return await failures(emulator, 500) + await failures(emulator, 529)
+
     async with restarted(config, log):
+        # The minute passes in steps of emulated time, each once the daemon has tried and failed again:
+        # it keeps trying all through the outage (a few seconds of wall time), and nothing gets through.
+        for _ in range(OUTAGE_S // OUTAGE_STEP_S):
+            before = await failed()
 
-        async def spell_over() -> bool:
-            return await failures(emulator, 500) + await failures(emulator, 529) >= 40
+            async def failed_again(before: int = before) -> bool:
+                return await failed() > before
 
-        await wait_until(spell_over, timeout=60)
+            await wait_until(failed_again, timeout=30)
+            assert (await emulator.stats())["batches_created"] == 0
+            assert await progress(db) == 0
+            await emulator.advance(OUTAGE_STEP_S)
         assert await failures(emulator, 500)
         assert await failures(emulator, 529)
-        await emulator.set_faults()
+        # The minute is over: the API answers again, and every job ends once.
         await wait_until(lambda: all_done(db, JOBS), timeout=90)
     await assert_every_job_ended_once(db, emulator, texts)
 

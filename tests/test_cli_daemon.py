@@ -6,14 +6,27 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from support import insert_raw, raw_request, run_python
+from support import (
+    QUICK,
+    daemon_config,
+    daemon_env,
+    daemon_process,
+    insert_raw,
+    log_events,
+    raw_request,
+    run_python,
+    start_emulator,
+    wait_until,
+)
 
+from batchd.config import CREDENTIAL_NAME
 from batchd.migrate import shipped_migrations
 from batchd.store import init_connection
 
@@ -146,6 +159,93 @@ async def test_run_without_an_api_key_exits_78(config: Path, tmp_path: Path) -> 
     assert code == EX_CONFIG
     assert "no API key" in err
     assert "ANTHROPIC_API_KEY" in err
+
+
+def key_env(tmp_path: Path, credential: str | None) -> dict[str, str]:
+    """The daemon's environment with no ANTHROPIC_API_KEY; with `credential`, a credentials directory as
+    systemd's LoadCredential= makes it, holding that key under batchd's credential name."""
+    env = {k: v for k, v in daemon_env().items() if not k.startswith("ANTHROPIC_")}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    if credential is not None:
+        directory = tmp_path / "credentials"
+        directory.mkdir(mode=0o700)
+        (directory / CREDENTIAL_NAME).write_text(credential + "\n")
+        env["CREDENTIALS_DIRECTORY"] = str(directory)
+    return env
+
+
+@pytest.mark.parametrize("source", ["credential", "api_key_file"])
+async def test_run_reads_the_api_key_from_a_systemd_credential_or_a_key_file(
+    source: str, db: Any, database_url: str, tmp_path: Path
+) -> None:
+    key = f"sk-ant-{uuid.uuid4().hex}"
+    # The emulator accepts this key and no other.
+    async with start_emulator(QUICK.model_copy(update={"api_key": key})) as emulator:
+        config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
+        env = key_env(tmp_path, key if source == "credential" else None)
+        if source == "api_key_file":
+            key_file = tmp_path / "anthropic-key"
+            key_file.write_text(key + "\n")
+            config.write_text(
+                config.read_text().replace("[anthropic]\n", f'[anthropic]\napi_key_file = "{key_file}"\n')
+            )
+        (job,) = await insert_raw(db, "acme", ["Which key opened the door?"])
+        log = tmp_path / "daemon.log"
+        async with daemon_process(config, log, env=env) as process:
+
+            async def succeeded() -> bool:
+                return await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job) == "succeeded"
+
+            await wait_until(succeeded, timeout=30)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+        statuses = (await emulator.stats())["statuses"]
+        assert statuses.get("create 200") == 1
+        assert not [call for call in statuses if call.endswith(" 401")], statuses
+        assert key not in log.read_text(), "the key is never logged"
+
+
+async def test_run_with_a_wrong_key_in_the_credential_is_refused_401_and_says_so(
+    db: Any, database_url: str, tmp_path: Path
+) -> None:
+    async with start_emulator(QUICK.model_copy(update={"api_key": "sk-ant-the-right-one"})) as emulator:
+        config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
+        (job,) = await insert_raw(db, "acme", ["Let me in"])
+        log = tmp_path / "daemon.log"
+        async with daemon_process(config, log, env=key_env(tmp_path, "sk-ant-a-wrong-one")) as process:
+
+            async def refused() -> bool:
+                return log_events(log)["batch.create_refused"] >= 1
+
+            await wait_until(refused, timeout=30)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+        refusals = [
+            json.loads(line) for line in log.read_text().splitlines() if "batch.create_refused" in line
+        ]
+        assert refusals[0]["status"] == 401
+        assert "invalid x-api-key" in refusals[0]["error"]
+        assert (await emulator.stats())["batches_created"] == 0
+        assert await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job) == "submitting"
+        assert "sk-ant-a-wrong-one" not in log.read_text()
+
+
+async def test_run_with_a_missing_or_empty_credential_exits_78_naming_it(
+    config: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / CREDENTIAL_NAME).write_text("\n")
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    for directory, problem in ((missing, "cannot read"), (empty, "is empty")):
+        code, _, err = await run_batchd(
+            "run", "--config", str(config), cwd=tmp_path, env={"CREDENTIALS_DIRECTORY": str(directory)}
+        )
+        assert code == EX_CONFIG, err
+        assert f"{directory / CREDENTIAL_NAME}" in err
+        assert problem in err
+        assert f"credential {CREDENTIAL_NAME}" in err, err
 
 
 async def test_run_against_a_database_without_the_schema_exits_78_saying_to_migrate(

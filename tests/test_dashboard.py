@@ -6,6 +6,7 @@ another tenant's work. Screenshots land in test-artifacts/ (git-ignored) for a h
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,8 +14,18 @@ from typing import Any
 
 import pytest
 from browser import Browser, headless_chromium
-from support import ADMIN_TOKEN, QUICK, insert_raw, raw_request, wait_for_jobs
+from support import (
+    ADMIN_TOKEN,
+    QUICK,
+    EmulatorHandle,
+    insert_aged,
+    insert_raw,
+    raw_request,
+    wait_for_jobs,
+    wait_until,
+)
 
+from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -213,6 +224,78 @@ async def test_the_admin_sees_every_tenant(db: Any, tokens: dict[str, str], serv
 
         await browser.wait_for(NO_OPEN_BATCHES)
         await browser.screenshot(ARTIFACTS / "dashboard-admin.png")
+
+
+def table_cells(name: str) -> str:
+    """Each row of a table as the text of its cells."""
+    return (
+        f"[...document.querySelectorAll('[data-testid={name}] tbody tr')]"
+        ".map((row) => [...row.cells].map((cell) => cell.textContent.trim()))"
+    )
+
+
+async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
+    db: Any,
+    tokens: dict[str, str],
+    emulator: EmulatorHandle,
+    daemon_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Jobs queued for two tenants and an open batch, as the admin and as a tenant see them on the page."""
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+    await emulator.admin("PATCH", "settings", {"processing_time_s": [3600, 3600]})  # the batch stays open
+    # Flushed only once the oldest job has waited an hour: what is flushed is decided by the jobs' age.
+    daemon = Daemon(daemon_settings(batching={"max_wait_s": 3600}, events={"poll_interval_s": 1.0}))
+    async with daemon.running():
+        url = daemon.http_url
+        in_batch = await insert_aged(db, "acme", 2, 7200) + await insert_aged(db, "globex", 3, 7200)
+
+        async def submitted() -> bool:
+            rows = await db.fetch("SELECT status FROM batchd.jobs WHERE id = ANY($1)", in_batch)
+            return [row["status"] for row in rows] == ["submitted"] * 5
+
+        await wait_until(submitted, timeout=20)
+        batch_id = await db.fetchval(
+            "UPDATE batchd.batches SET created_at = now() - interval '90 s' RETURNING id"
+        )
+        await insert_aged(db, "acme", 4, 300)
+        await insert_aged(db, "acme", 1, 10)
+        await insert_aged(db, "globex", 2, 40)
+
+        async with dashboard() as browser:
+            await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+            await browser.wait_for(f"{CONNECTION} === 'live'")
+            await browser.wait_for(f"{table_cells('table-tenants')}.length === 2")
+            acme, globex = await browser.evaluate(table_cells("table-tenants"))
+            # tenant, queued, oldest waiting, succeeded, failed, tokens
+            assert acme[:2] == ["acme", "5"]
+            assert re.fullmatch(r"5m [0-2]\ds", acme[2]), acme
+            assert globex[:2] == ["globex", "2"]
+            assert re.fullmatch(r"[4-6]\ds", globex[2]), globex
+            assert await browser.evaluate(card("queued")) == 7
+            (batch,) = await browser.evaluate(table_cells("table-batches"))
+            # batch (id, provider id), status, in flight, requests, age
+            assert batch[2:4] == ["5", "5"], batch
+            assert re.fullmatch(r"1m [3-5]\ds", batch[4]), batch
+            assert await browser.evaluate(
+                "document.querySelector('[data-testid=table-batches] tbody tr').dataset.batchId"
+            ) == str(batch_id)
+            assert await browser.evaluate(card("batches")) == 1
+            await browser.screenshot(ARTIFACTS / "dashboard-queue-and-batches.png")
+            # Tidy at 1280 px: both side tables fit their panels, no horizontal scrollbar.
+            for name in ("table-tenants", "table-batches"):
+                wrap = f"document.querySelector('[data-testid={name}]').parentElement"
+                assert await browser.evaluate(f"{wrap}.scrollWidth <= {wrap}.clientWidth"), name
+
+        # A tenant sees its own queue, and its own requests in the batch (not the batch's size).
+        async with dashboard() as browser:
+            await browser.navigate(f"{url}/#token={tokens['acme']}")
+            await browser.wait_for(f"{CONNECTION} === 'live'")
+            await browser.wait_for(f"{table_cells('table-tenants')}.length === 1")
+            (own,) = await browser.evaluate(table_cells("table-tenants"))
+            assert own[:2] == ["acme", "5"]
+            (batch,) = await browser.evaluate(table_cells("table-batches"))
+            assert batch[2:4] == ["2", ""], batch
 
 
 async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(

@@ -78,3 +78,26 @@ def test_the_daemon_unit_passes_systemd_analyze_verify_and_matches_batchd(tmp_pa
     assert result.returncode == 0, result.stderr
     (score,) = re.findall(r"Overall exposure level for batchd\.service: ([\d.]+)", result.stdout)
     assert float(score) <= 2.0, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("Restart", ["on-failure"]),
+        ("DynamicUser", ["yes"]),
+        ("ProtectSystem", ["strict"]),
+        ("NoNewPrivileges", ["yes"]),
+        ("PrivateTmp", ["yes"]),
+        # Empty: no capability at all (a later non-empty line would add some back).
+        ("CapabilityBoundingSet", [""]),
+        ("RestrictAddressFamilies", ["AF_UNIX AF_INET AF_INET6"]),
+        # The allow list first; the deny list after it only narrows it.
+        ("SystemCallFilter", ["@system-service", "~@privileged @resources"]),
+        ("LoadCredential", [f"{CREDENTIAL_NAME}:/etc/batchd/{CREDENTIAL_NAME}"]),
+    ],
+)
+def test_the_daemon_unit_sets_restart_and_each_hardening_setting(key: str, expected: list[str]) -> None:
+    """Each setting issue 5 asks of deploy/batchd.service, one by one, with every value the unit gives
+    it (a second line of the same key would change its meaning, so none may be added unnoticed)."""
+    settings = unit_settings((DEPLOY / "batchd.service").read_text())
+    assert settings.get(key) == expected, f"{key}: {settings.get(key)}"

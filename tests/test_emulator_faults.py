@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import anthropic
 import httpx2
 import pytest
@@ -190,6 +191,50 @@ async def test_a_slow_results_stream_still_delivers_everything(
     finally:
         await decoder.close()
     assert len(ids) == 2000
+
+
+async def test_results_are_written_in_chunks_of_the_planned_size(
+    emulator: EmulatorHandle, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
+    batch = await anthropic_client.messages.batches.create(requests=[request(f"r{i}") for i in range(100)])
+    await emulator.advance(61)
+
+    async def http_chunks() -> tuple[int, int]:
+        """(HTTP chunks, lines) of one results download, read over plain HTTP."""
+        url = f"{emulator.url}/v1/messages/batches/{batch.id}/results"
+        body, chunks = b"", 0
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"x-api-key": "test-key"}) as response,
+        ):
+            assert response.status == 200
+            async for data, end_of_chunk in response.content.iter_chunks():
+                body += data
+                chunks += end_of_chunk
+        return chunks, len(body.splitlines())
+
+    whole, lines = await http_chunks()
+    assert lines == 100
+    assert whole <= 2, "100 results (about 60 KB) fit in one 64 KiB chunk by default"
+    await emulator.set_faults(results_chunk_bytes=2048)
+    small, lines = await http_chunks()
+    assert lines == 100
+    assert small >= 20, f"100 results in 2 KiB chunks: {small} chunks"
+
+
+async def test_a_timed_fault_lasts_its_emulated_seconds_then_stops(
+    emulator: EmulatorHandle, make_client: Any
+) -> None:
+    client = make_client(max_retries=0)
+    await emulator.set_faults(http=[{"endpoint": "*", "status": 529, "for_s": 60}])
+    with pytest.raises(anthropic.OverloadedError):
+        await client.messages.batches.list()
+    await emulator.advance(59)
+    with pytest.raises(anthropic.OverloadedError):
+        await client.messages.batches.list()
+    await emulator.advance(2)
+    await client.messages.batches.list()  # the minute is over
+    assert (await emulator.stats())["statuses"] == {"list 529": 2, "list 200": 1}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import aiohttp
@@ -38,3 +39,48 @@ async def test_health_and_readiness(db: Any, emulator: EmulatorHandle, daemon_se
 
         await wait_until(ready_again, timeout=20)
         assert daemon.listener.reconnects >= 1
+
+
+async def test_readyz_is_503_while_the_database_is_unreachable_and_200_once_it_is_back(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, database_url: str
+) -> None:
+    """The daemon connects as a role of its own; the test makes it NOLOGIN and cuts its connections, so the
+    database is out of the daemon's reach (and only the daemon's), then lets it log in again."""
+    role = f"batchd_readyz_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN SUPERUSER")
+    url = database_url.replace("postgres@", f"{role}@", 1)
+    assert role in url
+    try:
+        daemon = Daemon(daemon_settings(database={"url": url, "pool_max_size": 5}))
+        async with daemon.running(), aiohttp.ClientSession() as http:
+            assert daemon.http_url is not None
+
+            async def readyz() -> tuple[int, Any]:
+                async with http.get(f"{daemon.http_url}/readyz") as response:
+                    return response.status, await response.json()
+
+            assert await readyz() == (200, {"status": "ready"})
+            await db.execute(f"ALTER ROLE {role} NOLOGIN")
+            await db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+
+            async def unreachable() -> bool:
+                status, body = await readyz()
+                return status == 503 and any(p.startswith("database: ") for p in body["problems"])
+
+            await wait_until(unreachable, timeout=20)
+            status, body = await readyz()
+            assert status == 503
+            assert body["status"] == "unavailable"
+            assert await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role) == 0
+
+            await db.execute(f"ALTER ROLE {role} LOGIN")
+
+            async def ready_again() -> bool:
+                return await readyz() == (200, {"status": "ready"})
+
+            await wait_until(ready_again, timeout=30)
+    finally:
+        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+        await db.execute(f"DROP ROLE IF EXISTS {role}")

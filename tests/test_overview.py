@@ -8,8 +8,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from support import ADMIN_TOKEN, QUICK, insert_raw, wait_for_jobs, wait_until
+from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_aged, wait_for_jobs, wait_until
 
+from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
 FINISHED_JOB = """
@@ -69,21 +70,80 @@ async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_i
         assert daemon.hub is not None
 
 
-async def test_a_tenant_sees_its_own_queue_and_batches_and_the_admin_sees_every_tenants(
-    db: Any, tokens: dict[str, str], serve: Any
+async def test_a_tenant_sees_its_own_queue_batches_and_totals_and_the_admin_sees_every_tenants(
+    db: Any,
+    tokens: dict[str, str],
+    emulator: EmulatorHandle,
+    daemon_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async with serve() as (_, url):
-        await insert_raw(db, "acme", ["a1", "a2", "a3"])
-        await insert_raw(db, "globex", ["g1"])
+    # A batch is flushed only when its oldest job has waited an hour: the test decides what is flushed by
+    # the jobs' age.
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+    daemon = Daemon(daemon_settings(batching={"max_wait_s": 3600}))
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+        # Finished jobs, for the totals: 3 of acme's, 1 of globex's.
+        await insert_aged(db, "acme", 3, 7200)
+        await insert_aged(db, "globex", 1, 7200)
         await wait_for_jobs(db, done=4)
+        # An open batch (the emulator now takes an hour per batch) of 2 acme and 3 globex requests...
+        await emulator.admin("PATCH", "settings", {"processing_time_s": [3600, 3600]})
+        in_batch = await insert_aged(db, "acme", 2, 7200) + await insert_aged(db, "globex", 3, 7200)
+
+        async def submitted() -> bool:
+            statuses = await db.fetch("SELECT status FROM batchd.jobs WHERE id = ANY($1)", in_batch)
+            return [row["status"] for row in statuses] == ["submitted"] * 5
+
+        await wait_until(submitted, timeout=20)
+        (batch,) = await db.fetch(
+            "SELECT id, provider_batch_id FROM batchd.batches WHERE status = 'in_progress'"
+        )
+        await db.execute(
+            "UPDATE batchd.batches SET created_at = now() - interval '90 s' WHERE id = $1", batch["id"]
+        )
+        # ...and jobs queued for both tenants, younger than the hour.
+        await insert_aged(db, "acme", 4, 300)
+        await insert_aged(db, "acme", 1, 10)
+        await insert_aged(db, "globex", 2, 40)
         acme = await overview(url, tokens["acme"])
+        globex = await overview(url, tokens["globex"])
         admin = await overview(url, ADMIN_TOKEN)
+        # Nothing was flushed meanwhile: what the snapshots saw is still so.
+        assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE status = 'queued'") == 7
+        assert await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status <> 'applied'") == 1
+
+    def queued(body: dict[str, Any]) -> dict[str, tuple[int, float]]:
+        return {row["tenant_id"]: (row["jobs"], row["oldest_s"]) for row in body["queued"]}
+
+    for body, tenants in ((acme, ["acme"]), (globex, ["globex"]), (admin, ["acme", "globex"])):
+        assert sorted(queued(body)) == tenants, body["queued"]
+    for body in (acme, admin):
+        jobs, oldest = queued(body)["acme"]
+        assert jobs == 5
+        assert 300 <= oldest < 330, "the oldest queued job's age, not the newest's"
+    for body in (globex, admin):
+        jobs, oldest = queued(body)["globex"]
+        assert jobs == 2
+        assert 40 <= oldest < 70
+
+    for body, in_flight in ((acme, 2), (globex, 3), (admin, 5)):
+        (open_batch,) = body["open_batches"]
+        assert open_batch["id"] == str(batch["id"])
+        assert open_batch["provider_batch_id"] == batch["provider_batch_id"]
+        assert open_batch["status"] == "in_progress"
+        assert open_batch["in_flight"] == in_flight, "the asker's requests in it"
+        assert 90 <= open_batch["age_s"] < 120
+    assert admin["open_batches"][0]["request_count"] == 5
+    assert "request_count" not in acme["open_batches"][0], "other tenants' share is not acme's business"
+
     assert acme["tenant"] == "acme"
     assert acme["admin"] is False
-    assert [row["tenant_id"] for row in acme["totals"]] == ["acme"]
-    assert acme["totals"][0]["succeeded"] == 3
+    assert [(row["tenant_id"], row["succeeded"]) for row in acme["totals"]] == [("acme", 3)]
+    assert [(row["tenant_id"], row["succeeded"]) for row in globex["totals"]] == [("globex", 1)]
     assert admin["admin"] is True
-    assert [row["tenant_id"] for row in admin["totals"]] == ["acme", "globex"]
+    assert [(row["tenant_id"], row["succeeded"]) for row in admin["totals"]] == [("acme", 3), ("globex", 1)]
 
 
 async def test_the_session_cookie_is_httponly_and_the_pages_files_are_revalidated(

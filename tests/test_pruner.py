@@ -9,6 +9,7 @@ from support import EmulatorHandle, wait_until
 
 from batchd.pruner import prune_events
 from batchd.publisher import publish
+from batchd.store import sql
 
 
 async def add_events(db: Any, count: int, age: timedelta) -> None:
@@ -31,6 +32,32 @@ async def test_expired_events_go_a_chunk_at_a_time_and_recent_ones_stay(db: Any)
     assert await prune_events(db, retention_s=7 * 86_400, chunk=100) == 1050
     assert await db.fetchval("SELECT count(*) FROM batchd.events") == 10
     assert await prune_events(db, retention_s=7 * 86_400, chunk=100) == 0
+
+
+async def test_each_prune_statement_deletes_at_most_prune_chunk_rows(db: Any) -> None:
+    await add_events(db, 1050, timedelta(days=8))
+    await add_events(db, 10, timedelta(hours=1))
+    # The pruner's statement, once, with a small chunk: that many rows go, no more.
+    assert await db.execute(sql("prune_events"), 7 * 86_400, 7) == "DELETE 7"
+    assert await db.fetchval("SELECT count(*) FROM batchd.events") == 1053
+    # A whole prune, every DELETE statement it runs counted by a statement-level trigger.
+    await db.execute(
+        "CREATE TABLE batchd.test_prune_statements (n bigint);"
+        "CREATE FUNCTION batchd.test_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN INSERT INTO batchd.test_prune_statements SELECT count(*) FROM gone; RETURN NULL; END $$;"
+        "CREATE TRIGGER test_count_deleted AFTER DELETE ON batchd.events REFERENCING OLD TABLE AS gone"
+        " FOR EACH STATEMENT EXECUTE FUNCTION batchd.test_count_deleted()"
+    )
+    try:
+        assert await prune_events(db, retention_s=7 * 86_400, chunk=100) == 1043
+        counts = [row["n"] for row in await db.fetch("SELECT n FROM batchd.test_prune_statements")]
+    finally:
+        await db.execute(
+            "DROP TRIGGER test_count_deleted ON batchd.events;"
+            "DROP FUNCTION batchd.test_count_deleted(); DROP TABLE batchd.test_prune_statements"
+        )
+    assert counts == [100] * 10 + [43], "each statement deletes at most prune_chunk rows, then stops"
+    assert await db.fetchval("SELECT count(*) FROM batchd.events") == 10
 
 
 async def test_the_daemon_prunes_on_its_own(

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sse_support import Collector, carried, logged, sse_stream
-from support import ADMIN_TOKEN, QUICK, insert_raw, wait_for_jobs, wait_until
+from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
 
 from batchd import tenants
 from batchd.emulator import EmulatorConfig
@@ -107,6 +107,74 @@ async def test_filters_by_job_batch_and_type(
     assert [e[1] for e in expected["job_id"]] == ["job.submitted", "job.succeeded"]
     assert str(second) not in {e[2] for e in expected["job_id"]}
     assert {e[1] for e in expected["batch_id"]} >= {"batch.submitted", "batch.ended"}
+
+
+async def test_live_streams_filtered_by_job_batch_and_type_carry_exactly_the_matching_events(
+    db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession, emulator: EmulatorHandle
+) -> None:
+    """The same filters on live events (Filter.matches in the hub), not replayed ones: the streams open
+    while the batches exist only in the database (the API refuses every create), before any of their
+    events is written."""
+    await emulator.set_faults(http=[{"endpoint": "create", "status": 500}])
+    async with serve() as (_, url):
+
+        async def recorded(job: Any) -> Any:
+            async def has_batch() -> bool:
+                return bool(await db.fetchval("SELECT batch_id FROM batchd.jobs WHERE id = $1", job))
+
+            await wait_until(has_batch)
+            return await db.fetchval("SELECT batch_id FROM batchd.jobs WHERE id = $1", job)
+
+        first, second = await insert_raw(db, "acme", ["one", "two"])
+        (other_tenant,) = await insert_raw(db, "globex", ["three"])
+        batch = await recorded(first)
+        assert await recorded(second) == batch
+        await recorded(other_tenant)
+        (later,) = await insert_raw(db, "acme", ["four"])  # a batch of its own
+        assert await recorded(later) != batch
+        assert await db.fetchval("SELECT count(*) FROM batchd.events") == 0, "no event yet"
+        assert (await emulator.stats())["batches_created"] == 0
+
+        filters = {"job_id": str(first), "batch_id": str(batch), "types": "job.succeeded,batch.ended"}
+        async with AsyncExitStack() as streams:
+            everything = await streams.enter_async_context(sse_stream(session, url, tokens["acme"]))
+            filtered = {
+                name: await streams.enter_async_context(
+                    sse_stream(session, url, tokens["acme"], **{name: value})
+                )
+                for name, value in filters.items()
+            }
+            await emulator.set_faults()  # the API answers: every event from here on is live
+            await wait_for_jobs(db, done=4)
+            full = await logged(db, "acme")
+            await everything.until(lambda c: c.last_id == full[-1][0])
+            batch_seqs = {
+                row["seq"]
+                for row in await db.fetch("SELECT seq FROM batchd.events WHERE batch_id = $1", batch)
+            }
+            expected = {
+                "job_id": [e for e in full if e[2] == str(first)],
+                "batch_id": [e for e in full if e[0] in batch_seqs],
+                "types": [e for e in full if e[1] in ("job.succeeded", "batch.ended")],
+            }
+            for name, stream in filtered.items():
+                await stream.until(
+                    lambda c, name=name: (c.last_id or 0) >= expected[name][-1][0]  # type: ignore[misc]
+                )
+        # Closed only now, after the unfiltered stream had every event: nothing more was coming.
+        assert carried(everything) == full
+        for name, stream in filtered.items():
+            assert carried(stream) == expected[name], name
+
+    assert [e[1] for e in expected["job_id"]] == ["job.submitted", "job.succeeded"]
+    assert {e[1] for e in expected["batch_id"]} == {
+        "batch.submitted",
+        "job.submitted",
+        "job.succeeded",
+        "batch.ended",
+    }
+    assert {e[2] for e in expected["batch_id"]} == {None, str(first), str(second)}, "not the later job's"
+    assert sorted(e[1] for e in expected["types"]) == ["batch.ended"] * 2 + ["job.succeeded"] * 3
 
 
 async def produce(db: Any, rounds: int, per_round: int) -> int:

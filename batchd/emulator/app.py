@@ -27,7 +27,6 @@ from .stats import Stats
 from .wire import APIError, dumps, error_response, invalid_request, json_response, new_id, not_found
 
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-_RESULTS_CHUNK_BYTES = 64 * 1024
 _READ_CHUNK_BYTES = 1024 * 1024
 _WINDOW_S = 60.0
 _BATCH_ENDPOINTS = frozenset({"create", "retrieve", "list", "cancel", "delete", "results"})
@@ -44,7 +43,7 @@ class Emulator:
         self.clock = EmulatedClock(config.time_scale)
         rng = random.Random(config.seed)
         self.responder = Responder(config.extra_models)
-        self.faults = Faults(config.faults, rng)
+        self.faults = Faults(config.faults, rng, self.clock)
         self.store = BatchStore(
             self.responder, self.faults, rng, config.processing_time_s, config.cancel_time_s
         )
@@ -330,6 +329,7 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
         raise not_found(f"The results of message batch {batch.id} are no longer available.")
     break_after = emulator.faults.take_results_break()
     delay = emulator.faults.plan.results_chunk_delay_s
+    chunk_bytes = emulator.faults.plan.results_chunk_bytes
     response = web.StreamResponse(headers={"Content-Type": "application/x-jsonl"})
     response.enable_chunked_encoding()
     await response.prepare(request)
@@ -343,7 +343,7 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
         text = dumps(line) + "\n"  # LF only, never a blank line: the SDK's decoder needs both
         chunk.append(text)
         size += len(text)
-        if size >= _RESULTS_CHUNK_BYTES:
+        if size >= chunk_bytes:
             await response.write("".join(chunk).encode())
             chunk, size = [], 0
             if delay:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .clock import EmulatedClock
+
 Endpoint = Literal["create", "retrieve", "list", "cancel", "delete", "results", "messages"]
 ENDPOINTS: tuple[Endpoint, ...] = ("create", "retrieve", "list", "cancel", "delete", "results", "messages")
 
@@ -48,6 +50,11 @@ class HttpFault(_Strict):
     retry_after_s: float | None = Field(
         default=None, ge=0.0, description="sent as retry-after and retry-after-ms; 429 defaults to 1 s"
     )
+    for_s: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="fail calls for this many emulated seconds from when the plan is set, then stop",
+    )
     message: str | None = None
 
     @property
@@ -82,6 +89,9 @@ class FaultPlan(_Strict):
         default=0.0, ge=0.0, le=1.0, description="the share of a stuck batch that completes before expiry"
     )
     results_chunk_delay_s: float = Field(default=0.0, ge=0.0, description="pause between results chunks")
+    results_chunk_bytes: int = Field(
+        default=64 * 1024, ge=1, description="a results download is written in chunks of about this size"
+    )
     results_break_after: int | None = Field(
         default=None, ge=0, description="results downloads drop the connection after this many lines"
     )
@@ -110,8 +120,9 @@ class InjectedError:
 class Faults:
     """The plan in force, with the counters that say how much of it is used up."""
 
-    def __init__(self, plan: FaultPlan, rng: random.Random) -> None:
+    def __init__(self, plan: FaultPlan, rng: random.Random, clock: EmulatedClock | None = None) -> None:
         self._rng = rng
+        self._clock = clock or EmulatedClock()
         self.plan = plan
 
     @property
@@ -122,12 +133,15 @@ class Faults:
     def plan(self, plan: FaultPlan) -> None:
         # A deep copy: counts are consumed in place and the caller's object must not change under it.
         self._plan = plan.model_copy(deep=True)
+        self._since = self._clock.now()  # when the plan was set: `for_s` counts from here
 
     def http_error_for(self, endpoint: Endpoint) -> InjectedError | None:
         for fault in self._plan.http:
             if fault.endpoint not in ("*", endpoint):
                 continue
             if fault.count is not None and fault.count <= 0:
+                continue
+            if fault.for_s is not None and self._clock.now() - self._since >= fault.for_s:
                 continue
             if fault.rate < 1.0 and self._rng.random() >= fault.rate:
                 continue
