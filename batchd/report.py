@@ -164,8 +164,10 @@ def render_table(report: dict[str, Any]) -> str:
             f"{unpriced} job(s) of models without a price in [pricing.models] are counted at 0: "
             + ", ".join(models)
         )
+    # The cache section goes first so that the costs still end the output with their TOTAL line (or the
+    # unpriced note after it), which scripts read.
     if report["job_types"]:
-        out.extend(("", render_cache_table(report)))
+        out = [render_cache_table(report), "", *out]
     return "\n".join(out)
 
 
