@@ -391,7 +391,8 @@ def run_report(args: argparse.Namespace) -> int:
         finally:
             await connection.close()
 
-    print(report.RENDER[args.format](asyncio.run(go())))
+    render = report.RENDER_CACHE if args.cache else report.RENDER
+    print(render[args.format](asyncio.run(go())))
     return 0
 
 
@@ -400,7 +401,9 @@ def _add_report_parser(commands: Any) -> None:
         "report",
         help="costs and savings per tenant and model, from the ledger",
         description="What the ledger recorded per tenant and model: jobs, tokens, cost at batch prices, the "
-        "same calls' cost through the synchronous API, and what batching saved; with totals.",
+        "same calls' cost through the synchronous API, and what batching saved; with totals. Then the "
+        "prompt cache per job type: its reads and writes, and the hit ratio, cache read / (input + cache "
+        "writes + cache read).",
     )
     _add_config_option(parser)
     parser.add_argument(
@@ -408,6 +411,9 @@ def _add_report_parser(commands: Any) -> None:
     )
     parser.add_argument("--tenant", metavar="T", help="one tenant only")
     parser.add_argument("--format", choices=sorted(report.RENDER), default="table", help="default: table")
+    parser.add_argument(
+        "--cache", action="store_true", help="only the prompt cache per job type (a CSV holds one table)"
+    )
     parser.set_defaults(run=run_report)
 
 

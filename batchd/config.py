@@ -12,7 +12,7 @@ import os
 import string
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,8 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_MAX_REQUESTS = 100_000
 API_MAX_BYTES = 256_000_000
 CREDENTIAL_NAME = "anthropic-api-key"
+# The prompt cache's TTLs, as cache_control's `ttl` spells them (anthropic.types.CacheControlEphemeralParam).
+CACHE_TTLS = ("5m", "1h")
 
 
 class ConfigError(Exception):
@@ -158,6 +160,22 @@ class JobType(_Section):
     system: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     fields: list[str] = Field(default_factory=list, description="input fields the templates need")
+    cache: Literal["5m", "1h"] | None = Field(
+        default=None,
+        description='mark the system prompt for the prompt cache with this TTL, "5m" or "1h"; unset: no mark',
+    )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_ttl(cls, value: Any) -> Any:
+        # Checked before the Literal does, for a message that says what the two values are: the API knows
+        # no other TTL, and would say so only when the whole batch ends, as every job's error.
+        if value is not None and value not in CACHE_TTLS:
+            raise ValueError(
+                f'must be "5m" or "1h" (the prompt cache\'s two TTLs), or left out for no cache mark; '
+                f"got {value!r}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fields_cover_the_templates(self) -> JobType:
@@ -165,6 +183,11 @@ class JobType(_Section):
         missing = used - set(self.fields)
         if missing:
             raise ValueError(f"the templates use {sorted(missing)} but `fields` does not list them")
+        if self.cache is not None and self.system is None:
+            raise ValueError(
+                "`cache` marks the system prompt as the shared prefix to cache, but this job type has no "
+                "`system`: add one (the part its jobs share) or remove `cache`"
+            )
         return self
 
 

@@ -4,6 +4,10 @@ Every number comes from batchd.costs, where each succeeded request was priced on
 applied (queries.sql, apply_results): jobs, tokens (input, output, cache writes, cache reads), the cost, the
 same calls' cost through the synchronous API, and the difference, saved. Amounts are exact in the
 database; the table rounds them for reading, CSV keeps every digit, JSON gives numbers rounded to 1e-9 USD.
+
+The prompt cache is reported per job type (raw requests together, as job type null): its reads and writes,
+and the hit ratio, `cache_hit_ratio(...)` below: the share of the prompt tokens that were read from the
+cache. GET /metrics shows the same numbers for the whole ledger (metrics.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -46,10 +51,25 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def cache_hit_ratio(input_tokens: int, cache_write_tokens: int, cache_read_tokens: int) -> float | None:
+    """cache reads / (input + cache writes + cache reads): the share of the prompt's tokens served from the
+    cache (1.0: every prompt token was a hit). Every prompt token is in exactly one of the three counts, so
+    this is also the share of the prompt billed at the cache-read rate. None when there is no prompt."""
+    prompt = input_tokens + cache_write_tokens + cache_read_tokens
+    return cache_read_tokens / prompt if prompt else None
+
+
+def _cache_row(row: dict[str, Any]) -> dict[str, Any]:
+    row["cache_write_tokens"] = row["cache_write_5m_tokens"] + row["cache_write_1h_tokens"]
+    row["cache_hit_ratio"] = cache_hit_ratio(
+        row["input_tokens"], row["cache_write_tokens"], row["cache_read_tokens"]
+    )
+    return row
+
+
 def _with_savings(row: dict[str, Any]) -> dict[str, Any]:
     row["saved_usd"] = row["sync_cost_usd"] - row["cost_usd"]
-    row["cache_write_tokens"] = row["cache_write_5m_tokens"] + row["cache_write_1h_tokens"]
-    return row
+    return _cache_row(row)
 
 
 def _sum(rows: list[dict[str, Any]], **labels: Any) -> dict[str, Any]:
@@ -66,12 +86,14 @@ async def collect(
 ) -> dict[str, Any]:
     rows = [_with_savings(dict(row)) for row in await connection.fetch(sql("cost_report"), since, tenant)]
     tenants = sorted({row["tenant_id"] for row in rows})
+    cache = [_cache_row(dict(row)) for row in await connection.fetch(sql("cache_report"), since, tenant)]
     return {
         "since": since,
         "tenant": tenant,
         "rows": rows,
         "tenants": [_sum([r for r in rows if r["tenant_id"] == name], tenant_id=name) for name in tenants],
         "totals": _sum(rows),
+        "job_types": cache,
     }
 
 
@@ -100,6 +122,7 @@ def render_table(report: dict[str, Any]) -> str:
         "sync USD",
         "saved USD",
         "saved",
+        "cache hit",
     )
     lines: list[tuple[str, ...]] = []
 
@@ -116,6 +139,7 @@ def render_table(report: dict[str, Any]) -> str:
             _usd(row["sync_cost_usd"]),
             _usd(row["saved_usd"]),
             _percent(row),
+            _ratio(row["cache_hit_ratio"]),
         )
 
     for subtotal in report["tenants"]:
@@ -125,14 +149,7 @@ def render_table(report: dict[str, Any]) -> str:
         if len(models) > 1:
             lines.append(line(subtotal, name, "(all models)"))
     lines.append(line(report["totals"], "TOTAL", ""))
-    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
-
-    def fmt(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
+    fmt, widths = _formatter(header, lines, left=2)
     out = [
         f"Costs, {scope}, {who} (batch prices; sync = the same calls through the Messages API):",
         fmt(header),
@@ -147,10 +164,78 @@ def render_table(report: dict[str, Any]) -> str:
             f"{unpriced} job(s) of models without a price in [pricing.models] are counted at 0: "
             + ", ".join(models)
         )
+    # The cache section goes first so that the costs still end the output with their TOTAL line (or the
+    # unpriced note after it), which scripts read.
+    if report["job_types"]:
+        out = [render_cache_table(report), "", *out]
     return "\n".join(out)
 
 
-CSV_FIELDS = ("tenant_id", "model", *COUNT_FIELDS[:-1], "cache_write_tokens", *MONEY_FIELDS, "unpriced_jobs")
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _formatter(
+    header: tuple[str, ...], lines: Sequence[tuple[str, ...]], left: int
+) -> tuple[Callable[[tuple[str, ...]], str], list[int]]:
+    """Lays out a table: each column as wide as its widest cell, the first `left` ones flush left."""
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i < left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return fmt, widths
+
+
+RAW_REQUESTS = "(raw requests)"
+
+
+def render_cache_table(report: dict[str, Any]) -> str:
+    header = ("job type", "jobs", "input", "cache write 5m", "cache write 1h", "cache read", "cache hit")
+    lines = [
+        (
+            row["job_type"] or RAW_REQUESTS,
+            f"{row['jobs']:,}",
+            f"{row['input_tokens']:,}",
+            f"{row['cache_write_5m_tokens']:,}",
+            f"{row['cache_write_1h_tokens']:,}",
+            f"{row['cache_read_tokens']:,}",
+            _ratio(row["cache_hit_ratio"]),
+        )
+        for row in report["job_types"]
+    ]
+    fmt, _ = _formatter(header, lines, left=1)
+    return "\n".join(
+        [
+            "Prompt cache per job type (cache hit = cache read / (input + cache writes + cache read)):",
+            fmt(header),
+            *(fmt(cells) for cells in lines),
+        ]
+    )
+
+
+CSV_FIELDS = (
+    "tenant_id",
+    "model",
+    *COUNT_FIELDS[:-1],
+    "cache_write_tokens",
+    *MONEY_FIELDS,
+    "unpriced_jobs",
+    "cache_hit_ratio",
+)
+CACHE_CSV_FIELDS = (
+    "job_type",
+    "jobs",
+    "input_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_write_tokens",
+    "cache_read_tokens",
+    "cache_hit_ratio",
+)
 
 
 def render_csv(report: dict[str, Any]) -> str:
@@ -160,6 +245,23 @@ def render_csv(report: dict[str, Any]) -> str:
     writer.writerows(report["rows"])
     writer.writerow({**report["totals"], "tenant_id": "TOTAL", "model": ""})
     return buffer.getvalue().rstrip("\n")
+
+
+def render_cache_csv(report: dict[str, Any]) -> str:
+    """The prompt cache per job type alone (`batchd report --cache --format csv`): a CSV holds one table.
+    Raw requests have an empty job_type."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CACHE_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(report["job_types"])
+    return buffer.getvalue().rstrip("\n")
+
+
+def render_cache_json(report: dict[str, Any]) -> str:
+    return json.dumps(
+        _jsonable({"since": report["since"], "tenant": report["tenant"], "job_types": report["job_types"]}),
+        indent=2,
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,3 +281,4 @@ def render_json(report: dict[str, Any]) -> str:
 
 
 RENDER = {"table": render_table, "csv": render_csv, "json": render_json}
+RENDER_CACHE = {"table": render_cache_table, "csv": render_cache_csv, "json": render_cache_json}

@@ -100,7 +100,20 @@ def render(name: str, input_text: str | None, job_types: dict[str, JobType]) -> 
         "messages": [{"role": "user", "content": job_type.prompt.format_map(text)}],
     }
     if job_type.system is not None:
-        params["system"] = job_type.system.format_map(text)
+        system = job_type.system.format_map(text)
+        if job_type.cache is None:
+            params["system"] = system
+        else:
+            # The system prompt is what a job type's jobs share: marked, the provider caches the prefix up to
+            # it, and the batch's other requests read it at a tenth of the input price. The TTL is always
+            # written out, since the API's default (5 minutes) is shorter than most batches take.
+            params["system"] = [
+                {
+                    "type": "text",
+                    "text": system,
+                    "cache_control": {"type": "ephemeral", "ttl": job_type.cache},
+                }
+            ]
     if job_type.temperature is not None:
         params["temperature"] = job_type.temperature
     return params

@@ -762,3 +762,31 @@ SELECT l.weight, l.max_queued, l.max_in_flight,
        t.weight AS set_weight, t.max_queued AS set_max_queued, t.max_in_flight AS set_max_in_flight
   FROM batchd.tenant_limits($1) AS l
   LEFT JOIN batchd.tenants AS t ON t.name = $1;
+-- name: cache_report
+-- `batchd report`'s prompt cache per job type (null: raw requests), with the same filters as cost_report:
+-- since $1, tenant $2. The hit ratio is worked out from these sums (report.py).
+SELECT job_type, count(*) AS jobs,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
+       sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
+       sum(cache_read_tokens)::bigint AS cache_read_tokens
+  FROM batchd.costs
+ WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($2::text IS NULL OR tenant_id = $2)
+ GROUP BY job_type
+ ORDER BY job_type NULLS LAST;
+
+-- name: metrics_ledger
+-- What GET /metrics reports of the ledger: the whole of batchd.costs per tenant, model and path (`via`),
+-- and the prompt cache's tokens per job type, in one scan (grouping sets). A scan of the whole ledger, so
+-- metrics.py runs it at most once per LEDGER_TTL_S.
+SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, via, job_type, count(*) AS jobs,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens,
+       sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
+       sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
+       sum(cache_read_tokens)::bigint AS cache_read_tokens,
+       coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
+       coalesce(sum(sync_cost_usd), 0)::float8 AS sync_cost_usd,
+       coalesce(sum(sync_cost_usd - cost_usd), 0)::float8 AS saved_usd
+  FROM batchd.costs
+ GROUP BY GROUPING SETS ((tenant_id, model, via), (job_type));
