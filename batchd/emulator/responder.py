@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import anthropic.types
 
+from batchd.pricing import DEFAULT_MODELS
+
 # The API refuses a larger max_tokens for every current model; the exact cap differs per model.
 MAX_OUTPUT_TOKENS = 128_000
 # Below this many tokens a prefix is not cached (the API's minimum for most models), silently.
@@ -126,7 +128,9 @@ class Responder:
     """Validates params and produces completions; owns the emulated prompt cache."""
 
     def __init__(self, extra_models: frozenset[str] = frozenset()) -> None:
-        self.models = sdk_models() | extra_models
+        # The SDK's list drops models that the API still serves (2.16 no longer names claude-sonnet-4-5):
+        # every model batchd has a built-in price for is a real one too.
+        self.models = sdk_models() | frozenset(DEFAULT_MODELS) | extra_models
         self._cache: dict[int, float] = {}  # prefix checksum -> emulated time it expires
 
     def problem(self, params: Any, *, in_batch: bool) -> str | None:
