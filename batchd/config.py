@@ -113,7 +113,7 @@ class RoutingSettings(_Section):
         default=3600.0, gt=0, description="the batch p90 assumed until min_samples batches are measured"
     )
     lease_s: float = Field(
-        default=60.0, ge=1, description="a job being sent sync by a silent daemon goes back to the queue after"
+        default=60.0, ge=1, description="a job a silent daemon was sending sync is queued again after this"
     )
 
 

@@ -86,7 +86,7 @@ def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:
     kind = result.get("type")
     if kind == "succeeded":
         message = result.get("message") or {}
-        _plain_counts(message)
+        plain_counts(message)
         return (job_id, "succeeded", _text(message), None)
     if kind == "errored":
         inner = (result.get("error") or {}).get("error") or {}
@@ -104,7 +104,7 @@ _COUNTS = (
 )
 
 
-def _plain_counts(message: Any) -> None:
+def plain_counts(message: Any) -> None:
     """The ledger reads the usage's counts with plain casts (queries.sql, apply_results), which a count that
     is not an integer fails: here, on the line-by-line path such a chunk is applied by, it becomes 0 (and
     is logged), so that one odd line cannot stop its batch's results from being applied."""
