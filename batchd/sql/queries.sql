@@ -269,7 +269,7 @@ CREATE TEMPORARY TABLE batchd_results (
 -- tenant's spend, in this same statement, priced by the table in $3..$14 (pricing.py: one row per model,
 -- with its long-prompt tier if it has one) and the batch factor $15. Returns how many jobs changed, and the
 -- models billed without a price.
--- The sync path applies its outcomes with this same statement ($16 = 'sync', $1 null, $15 = 1: the full
+-- The sync path applies its outcomes with this same statement ($1 null, $16 = 'sync', $15 = 1: the full
 -- price), so events, the ledger and spend are the same whichever way a job went: there, only jobs still
 -- `sending` under this process's lease ($17) change, and a retried job waits retry_in_s before it is sent
 -- again. For batches $16 = 'batch' and $17 is null.
@@ -293,9 +293,12 @@ WITH applied AS (
                              THEN now() + make_interval(secs => r.retry_in_s) END
       FROM (SELECT job_id, outcome, result::jsonb AS result, error::jsonb AS error, retry_in_s
               FROM batchd_results) AS r
-     WHERE j.id = r.job_id AND j.batch_id IS NOT DISTINCT FROM $1
-       AND j.status = CASE $16::text WHEN 'sync' THEN 'sending' ELSE 'submitted' END
-       AND j.sync_owner IS NOT DISTINCT FROM $17::text
+     -- Written as an OR that the planner folds away once it knows $1: a batch's jobs are found on
+     -- jobs_batch as before (an IS NOT DISTINCT FROM read every submitted job of every open batch), a sync
+     -- job on jobs_sending.
+     WHERE j.id = r.job_id
+       AND (j.batch_id = $1 AND j.status = 'submitted'
+            OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $17::text)
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
               r.result ->> 'model' AS model
 ), billed AS MATERIALIZED (
@@ -554,8 +557,8 @@ SELECT batchd.cancel_job($1);
 -- The jsonb columns as text, served as the database holds them: Python's json cannot read every jsonb a
 -- producer may write (nesting past its recursion limit, integers past 4,300 digits: a 500), and rounds
 -- numbers to doubles (metadata would not come back untouched).
-SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata::text AS metadata, error::text AS error,
-       usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
+SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
+       error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
 -- name: job_tenant
