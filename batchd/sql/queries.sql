@@ -401,6 +401,7 @@ RETURNING j.id, j.tenant_id, j.path_reason;
 -- Seconds until the sync sender has something to do without being woken (null: nothing): the next queued
 -- `auto` job whose deadline comes within the batch p90 + margin ($1..$4 as route_sync's $2..$5), the next
 -- retried sync job's not_before, the next lease of a job being sent to run out (its daemon may be dead).
+-- Only what lies ahead: what is due now was done by this look (or waits for a held tenant: no spinning).
 SELECT least(
     (SELECT extract(epoch FROM least(greatest(min(deadline), now() - interval '100 years'),
                                      now() + interval '100 years') - now())::float8
@@ -409,8 +410,9 @@ SELECT least(
       WHERE status = 'queued' AND route = 'auto' AND path IS DISTINCT FROM 'sync' AND deadline IS NOT NULL),
     (SELECT extract(epoch FROM min(not_before) - now())::float8
        FROM batchd.jobs
-      WHERE status = 'queued' AND route <> 'batch' AND path = 'sync' AND not_before IS NOT NULL),
-    (SELECT extract(epoch FROM min(sync_lease_until) - now())::float8 FROM batchd.jobs WHERE status = 'sending')
+      WHERE status = 'queued' AND route <> 'batch' AND path = 'sync' AND not_before > now()),
+    (SELECT extract(epoch FROM min(sync_lease_until) - now())::float8
+       FROM batchd.jobs WHERE status = 'sending' AND sync_lease_until > now())
 );
 
 -- name: claim_sync
