@@ -297,6 +297,28 @@ async def test_a_job_that_keeps_failing_fails_at_max_attempts(
     assert (await emulator.stats())["statuses"]["messages 529"] == 2
 
 
+@pytest.mark.slow
+async def test_on_stop_calls_in_flight_finish_or_go_back_to_the_queue_at_once(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # A call answered within the drain (5 s) is applied before the daemon exits.
+    await emulator.set_faults(messages_delay_s=1.0)
+    async with start_daemon(daemon_settings(routing=ROUTING)):
+        answered = await insert_job(db, "answered while the daemon stops", route="sync")
+        await wait_until(has_status(db, answered, "sending"), timeout=20)
+    assert (await job(db, answered))["status"] == "succeeded"
+    # One that takes longer is cancelled and its job queued again at once, not after its lease.
+    await emulator.set_faults(messages_delay_s=8.0)
+    async with start_daemon(daemon_settings(routing=ROUTING)):
+        cut = await insert_job(db, "cut off by the stop", route="sync")
+        await wait_until(has_status(db, cut, "sending"), timeout=20)
+    row = await job(db, cut)
+    assert row["status"] == "queued"
+    assert row["path"] == "sync"
+    assert row["sync_owner"] is None
+    assert row["attempts"] == 0
+
+
 # -- a daemon killed mid-call -------------------------------------------------------------------------------
 
 GATE_KEY = 770_006

@@ -82,6 +82,9 @@ class FaultPlan(_Strict):
         default=0.0, ge=0.0, le=1.0, description="the share of a stuck batch that completes before expiry"
     )
     results_chunk_delay_s: float = Field(default=0.0, ge=0.0, description="pause between results chunks")
+    messages_delay_s: float = Field(
+        default=0.0, ge=0.0, description="POST /v1/messages answers this many real seconds late"
+    )
     results_break_after: int | None = Field(
         default=None, ge=0, description="results downloads drop the connection after this many lines"
     )
