@@ -139,7 +139,8 @@ class Daemon:
         """Wires the parts together and starts each as a named task."""
         supervisor = self.supervisor = Supervisor(ctx)
         flusher = self.flusher = Flusher(ctx, on_batch=supervisor.start)
-        sync = self.sync = SyncSender(ctx)
+        # Read through the flusher at each check, not bound now: its budget_clock may be replaced later.
+        sync = self.sync = SyncSender(ctx, budget_clock=lambda: flusher.budget_clock())  # noqa: PLW0108
 
         def on_batch_closed() -> None:
             # A batch that closes frees in-flight room: the flusher may have been waiting for it. And the

@@ -30,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -59,8 +61,11 @@ SyncRow = tuple[UUID, str, str | None, str | None, float | None]
 
 
 class SyncSender:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, budget_clock: Callable[[], datetime | None] = lambda: None) -> None:
         self.ctx = ctx
+        # The clock budgets are checked at (None: the database's now()); the daemon shares the flusher's, so
+        # that both paths judge a tenant's budget alike (tests move it to another day).
+        self.budget_clock = budget_clock
         self.routing = store.Routing.from_settings(ctx.settings.routing)
         self.calls: dict[UUID, asyncio.Task[None]] = {}
         self.sent = 0  # calls answered (or refused) by the API, for tests and status
@@ -101,7 +106,7 @@ class SyncSender:
         if free > 0:
             # Budgets are checked as the flusher checks them before each flush: a tenant over budget is
             # held (claim_sync leaves its jobs queued) or its jobs failed, whichever path they take.
-            await budgets.check(pool, None)
+            await budgets.check(pool, self.budget_clock())
             await self._claim(free)
         delay: float | None = await pool.fetchval(sql("sync_next_wake"), *self.routing.params())
         return delay
