@@ -106,6 +106,26 @@ class DaemonSettings(_Section):
     status_interval_s: float = Field(default=5.0, gt=0, description="how often STATUS= is sent to systemd")
 
 
+class RoutingSettings(_Section):
+    """Deadline-aware routing (`route` on a job): when an `auto` job goes through the synchronous Messages
+    API, and how the sync path sends."""
+
+    concurrency: int = Field(default=8, ge=1, description="sync calls in flight at once, per daemon")
+    margin_s: float = Field(
+        default=60.0, ge=0, description="safety margin added to the batch p90 when judging a deadline"
+    )
+    window: int = Field(default=50, ge=1, description="the batch p90 is taken over this many recent batches")
+    min_samples: int = Field(
+        default=10, ge=1, description="fewer applied batches than this: prior_turnaround_s stands in"
+    )
+    prior_turnaround_s: float = Field(
+        default=3600.0, gt=0, description="the batch p90 assumed until min_samples batches are measured"
+    )
+    lease_s: float = Field(
+        default=60.0, ge=1, description="a job a silent daemon was sending sync is queued again after this"
+    )
+
+
 class EventsSettings(_Section):
     retention_s: float = Field(default=7 * 86_400.0, gt=0, description="events older than this are pruned")
     prune_interval_s: float = Field(default=600.0, gt=0)
@@ -211,6 +231,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     job_types: dict[str, JobType] = Field(default_factory=dict)
     tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)

@@ -1,8 +1,8 @@
 """`batchd run`: the daemon, put together.
 
-Named side tasks — the listener, the flusher, the supervisor, the publisher, the event hub (with HTTP), the
-pruner, and under systemd the notifier (systemd.py: READY=1, STATUS=, WATCHDOG=1, STOPPING=1) — run until
-SIGTERM or SIGINT; if any
+Named side tasks — the listener, the flusher, the sync sender (sync.py), the supervisor, the publisher, the
+event hub (with HTTP), the pruner, and under systemd the notifier (systemd.py: READY=1, STATUS=, WATCHDOG=1,
+STOPPING=1) — run until SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
 state), hands its leases back so another instance can carry on at once, and exits within
@@ -33,10 +33,14 @@ from .publisher import EVENTS_CHANNEL, PUBLISHED_CHANNEL, Publisher
 from .ratelimit import RateLimiter
 from .server import create_app
 from .supervisor import Supervisor
+from .sync import SyncSender
 
 log = structlog.get_logger("batchd.daemon")
 
 SHUTDOWN_TIMEOUT_S = 7.0
+# How long sync calls in flight may finish on SIGTERM before they are cancelled and their jobs handed back;
+# within SHUTDOWN_TIMEOUT_S, with time left to hand them back.
+SYNC_DRAIN_S = 5.0
 KEEPALIVE_TIMEOUT_S = 75.0
 POOL_CLOSE_TIMEOUT_S = 1.0
 STATUS_TIMEOUT_S = 5.0  # systemd's STATUS= says "database unreachable" when its query takes longer
@@ -60,6 +64,7 @@ class Daemon:
         self.ctx: Context | None = None
         self.flusher: Flusher | None = None
         self.supervisor: Supervisor | None = None
+        self.sync: SyncSender | None = None
         self.listener: Listener | None = None
         self.hub: EventHub | None = None
         self.http_url: str | None = None
@@ -112,7 +117,7 @@ class Daemon:
             stopper.cancel()
             # Streams end at once (clients reconnect elsewhere) while the daemon winds down.
             closing = hub.close_all(SHUTDOWN_TIMEOUT_S) if hub else asyncio.sleep(0)
-            await asyncio.gather(self._shutdown(tasks, supervisor), closing)
+            await asyncio.gather(self._shutdown(tasks, supervisor, self.sync), closing)
             for task in done - {stopper}:
                 if not task.cancelled() and task.exception() is not None:
                     raise RuntimeError(f"the {task.get_name()} task died") from task.exception()
@@ -135,15 +140,29 @@ class Daemon:
         """Wires the parts together and starts each as a named task."""
         supervisor = self.supervisor = Supervisor(ctx)
         flusher = self.flusher = Flusher(ctx, on_batch=supervisor.start)
-        # A batch that closes frees in-flight room: the flusher may have been waiting for it.
-        supervisor.on_batch_closed = flusher.wake
+        # Read through the flusher at each check, not bound now: its budget_clock may be replaced later.
+        sync = self.sync = SyncSender(ctx, budget_clock=lambda: flusher.budget_clock())  # noqa: PLW0108
+
+        def on_batch_closed() -> None:
+            # A batch that closes frees in-flight room: the flusher may have been waiting for it. And the
+            # batch p90 may have moved: the sync sender judges waiting `auto` deadlines again.
+            flusher.wake()
+            sync.wake()
+
+        def on_jobs() -> None:
+            # New jobs (or a changed budget): the flusher looks at the queue, the sync sender routes.
+            flusher.wake()
+            sync.wake()
+
+        supervisor.on_batch_closed = on_batch_closed
         publisher = Publisher(ctx, on_published=hub.wake if hub else lambda: None)
-        channels = {JOBS_CHANNEL: flusher.wake, EVENTS_CHANNEL: publisher.wake}
+        channels = {JOBS_CHANNEL: on_jobs, EVENTS_CHANNEL: publisher.wake}
         if hub is not None:
             channels[PUBLISHED_CHANNEL] = hub.wake
 
         def on_connect() -> None:
             flusher.wake()
+            sync.wake()
             supervisor.wake()
             publisher.wake()
             if hub is not None:
@@ -153,6 +172,7 @@ class Daemon:
         tasks = {
             asyncio.create_task(listener.run(ctx.stopping), name="listener"),
             asyncio.create_task(flusher.run(), name="flusher"),
+            asyncio.create_task(sync.run(), name="sync"),
             asyncio.create_task(supervisor.run(), name="supervisor"),
             asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(pruner.run(ctx), name="pruner"),
@@ -214,14 +234,17 @@ class Daemon:
         self.http_url = f"http://{host}:{port}"
         return runner
 
-    async def _shutdown(self, tasks: set[asyncio.Task[None]], supervisor: Supervisor) -> None:
+    async def _shutdown(
+        self, tasks: set[asyncio.Task[None]], supervisor: Supervisor, sync: SyncSender | None
+    ) -> None:
         async def wind_down() -> None:
-            # The flusher and the supervisor's lease loop first: a batch recorded (or a lease taken) after
-            # the leases are handed back would stay leased to this dead instance for lease_s.
+            # The flusher, the sync sender's loop and the supervisor's lease loop first: a batch recorded (or
+            # a lease taken, a sync job claimed) after the leases are handed back would stay leased to this
+            # dead instance for lease_s. Then sync calls in flight get SYNC_DRAIN_S to finish.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await supervisor.stop()
+            await asyncio.gather(supervisor.stop(), sync.stop(SYNC_DRAIN_S) if sync else asyncio.sleep(0))
 
         with suppress(TimeoutError):
             await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)

@@ -49,6 +49,8 @@ class Flusher:
         self.batches_made = 0
         # The clock budgets are checked at: None is the database's now(). Tests move it to another day.
         self.budget_clock: Callable[[], datetime | None] = lambda: None
+        # Jobs the sync path should take are never the flusher's (routing: store.Routing, batchd.batch_bound).
+        self.routing = store.Routing.from_settings(ctx.settings.routing)
 
     def wake(self) -> None:
         self._wake.set()
@@ -74,12 +76,12 @@ class Flusher:
             # Tenants over budget are held (or their jobs failed) before the queue is looked at: the claim
             # and queue_head leave held tenants' jobs out; a tenant the budget allows again is released.
             await budgets.check(pool, self.budget_clock())
-            head = await store.queue_head(pool, batching.max_requests)
+            head = await store.queue_head(pool, batching.max_requests, self.routing)
             now = head.now
             if head.jobs == 0:
                 await self._set_wakeup(armed=True, wake_seq=0)
                 # A producer may have inserted between the look and the arming, unheard: look again.
-                if (await store.queue_head(pool, 1)).jobs == 0:
+                if (await store.queue_head(pool, 1, self.routing)).jobs == 0:
                     return None
                 continue
             due_at = await self._due_at(head.oldest, now)
@@ -101,7 +103,7 @@ class Flusher:
     async def _due_at(self, oldest: datetime | None, now: datetime) -> datetime:
         batching = self.ctx.settings.batching
         due = (oldest or now) + timedelta(seconds=batching.max_wait_s)
-        deadline = await self.ctx.pool.fetchval(sql("earliest_deadline"))
+        deadline = await self.ctx.pool.fetchval(sql("earliest_deadline"), *self.routing.params())
         if deadline is not None:
             due = min(due, deadline - timedelta(seconds=batching.deadline_slack_s))
         return due
@@ -133,6 +135,7 @@ class Flusher:
                 budget,
                 now + timedelta(seconds=batching.deadline_slack_s),
                 math.ceil(budget * (1 + batching.cache_lookahead)),
+                self.routing,
             )
             chosen: list[Prepared] = []
             failed: list[tuple[UUID, str]] = []
@@ -157,16 +160,21 @@ class Flusher:
             batch_id: UUID = await connection.fetchval(
                 sql("insert_batch"), tag, len(chosen), size, self.ctx.instance_id, settings.daemon.lease_s
             )
+            # Each job records its path and why, as the claim judged it (batchd.route_reason).
+            reasons = {job.id: job.path_reason for job in claimed}
             raw = [p.job_id for p in chosen if not p.rendered]
             rendered = [p for p in chosen if p.rendered]
             if raw:
-                await connection.execute(sql("assign_raw_jobs"), batch_id, raw)
+                await connection.execute(
+                    sql("assign_raw_jobs"), batch_id, raw, [reasons[job_id] for job_id in raw]
+                )
             if rendered:
                 await connection.execute(
                     sql("assign_rendered_jobs"),
                     batch_id,
                     [p.job_id for p in rendered],
                     [p.params for p in rendered],
+                    [reasons[p.job_id] for p in rendered],
                 )
         body = create_body([(custom_id(tag, p.job_id), p.params) for p in chosen])
         self.batches_made += 1

@@ -131,9 +131,10 @@ def _validated(models: dict[str, dict[str, Any]]) -> dict[str, ModelRates]:
     return {name: ModelRates.model_validate(rates) for name, rates in models.items()}
 
 
-def sql_params(pricing: PricingSettings) -> list[Any]:
+def sql_params(pricing: PricingSettings, *, sync: bool = False) -> list[Any]:
     """The pricing table as apply_results' parameters $3..$15: one row per model (its name, its five rates,
-    then its long-prompt tier's threshold and rates, or nulls), then the batch factor."""
+    then its long-prompt tier's threshold and rates, or nulls), then the batch factor — 1 for a request sent
+    through the synchronous Messages API (`sync`), which has no discount."""
     columns: list[list[Any]] = [[] for _ in range(12)]
     for name, rates in pricing.models.items():
         long = rates.long_prompt
@@ -142,7 +143,7 @@ def sql_params(pricing: PricingSettings) -> list[Any]:
         row.extend(None if long is None else getattr(long, field) for field in RATE_FIELDS)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
-    return [*columns, pricing.batch_factor]
+    return [*columns, Decimal(1) if sync else pricing.batch_factor]
 
 
 _warned: set[str] = set()

@@ -11,6 +11,7 @@ metrics.py): a success as 200 (every batch endpoint answers 200), a failure by i
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,12 +19,21 @@ from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.resources.messages import AsyncMessages
 from anthropic.types.messages import DeletedMessageBatch, MessageBatch
 
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 
 DEFAULT_RETRY_AFTER_S = 5.0
+# The Messages API params the installed SDK takes as arguments of messages.create.
+_MESSAGE_ARGUMENTS = frozenset(inspect.signature(AsyncMessages.create).parameters) - {
+    "self",
+    "extra_headers",
+    "extra_query",
+    "extra_body",
+    "timeout",
+}
 
 
 class Provider:
@@ -57,6 +67,26 @@ class Provider:
             raise
         self.metrics.api_call(endpoint, "200", time.monotonic() - started)
         return result
+
+    async def create_message(self, params: dict[str, Any]) -> str:
+        """One request through the synchronous Messages API (the sync path, sync.py): the Message as the API
+        wrote it, JSON text, checked by the SDK first. Not through the limiter, which paces the batch
+        endpoints (the Messages API has limits of its own), and with the SDK's retries off like every call
+        here: the sync sender retries through the database, with backoff. Params the installed SDK has no
+        argument for (temperature in this version, a newer API field) go as they are, in extra_body."""
+        known = {key: value for key, value in params.items() if key in _MESSAGE_ARGUMENTS}
+        extra = {key: value for key, value in params.items() if key not in _MESSAGE_ARGUMENTS}
+        started = time.monotonic()
+        try:
+            raw = await self.client.messages.with_raw_response.create(**known, extra_body=extra or None)
+            await raw.parse()  # a response that is no Message fails here, like any other call's
+            text: str = await raw.text()
+        except Exception as error:
+            # A 429 here does not pause the batch endpoints' limiter: the Messages API's limits are others.
+            self.metrics.api_call("messages", call_status(error), time.monotonic() - started)
+            raise
+        self.metrics.api_call("messages", "200", time.monotonic() - started)
+        return text
 
     async def create_batch(self, body: bytes) -> MessageBatch:
         """Create from a body already encoded (see templates.create_body)."""

@@ -86,7 +86,7 @@ def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:
     kind = result.get("type")
     if kind == "succeeded":
         message = result.get("message") or {}
-        _plain_counts(message)
+        plain_counts(message)
         return (job_id, "succeeded", _text(message), None)
     if kind == "errored":
         inner = (result.get("error") or {}).get("error") or {}
@@ -104,7 +104,7 @@ _COUNTS = (
 )
 
 
-def _plain_counts(message: Any) -> None:
+def plain_counts(message: Any) -> None:
     """The ledger reads the usage's counts with plain casts (queries.sql, apply_results), which a count that
     is not an integer fails: here, on the line-by-line path such a chunk is applied by, it becomes 0 (and
     is logged), so that one odd line cannot stop its batch's results from being applied."""
@@ -227,14 +227,32 @@ async def _apply_chunk(
 
 async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:
     """Applies the rows in one transaction; returns how many jobs changed."""
+    return await apply_rows(ctx, rows, RESULT_COLUMNS, batch_id=batch.id, sync_owner=None)
+
+
+async def apply_rows(
+    ctx: Context,
+    rows: list[Any],
+    columns: list[str],
+    *,
+    batch_id: UUID | None,
+    sync_owner: str | None,
+) -> int:
+    """Applies outcomes in one transaction with the one statement that writes results, the cost ledger,
+    spend and events (queries.sql, apply_results): a batch's (`batch_id`), or the sync path's, for jobs
+    still sent under the lease of `sync_owner` (priced without the batch discount). Returns how many jobs
+    changed."""
+    sync = sync_owner is not None
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
-        await connection.copy_records_to_table("batchd_results", records=rows, columns=RESULT_COLUMNS)
+        await connection.copy_records_to_table("batchd_results", records=rows, columns=columns)
         applied = await connection.fetchrow(
             sql("apply_results"),
-            batch.id,
+            batch_id,
             ctx.settings.batching.max_attempts,
-            *pricing.sql_params(ctx.settings.pricing),
+            *pricing.sql_params(ctx.settings.pricing, sync=sync),
+            "sync" if sync else "batch",
+            sync_owner,
         )
         await connection.execute(sql("notify_events"))
     assert applied is not None  # noqa: S101 - the statement ends in a one-row SELECT

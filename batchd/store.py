@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from uuid import UUID
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+
+if TYPE_CHECKING:
+    from .config import RoutingSettings
 
 # A connection of one's own or one borrowed from the pool: queries run the same on both.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -74,6 +77,24 @@ class QueueHead:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """The routing rule's parameters, as the queries take them: the batch p90 over the last `window` applied
+    batches (`prior_s` below `min_samples` of them), plus `margin_s`."""
+
+    window: int
+    min_samples: int
+    prior_s: float
+    margin_s: float
+
+    @classmethod
+    def from_settings(cls, settings: RoutingSettings) -> Routing:
+        return cls(settings.window, settings.min_samples, settings.prior_turnaround_s, settings.margin_s)
+
+    def params(self) -> tuple[int, int, float, float]:
+        return (self.window, self.min_samples, self.prior_s, self.margin_s)
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     id: UUID
     tenant_id: str
@@ -82,6 +103,7 @@ class ClaimedJob:
     input: str | None
     attempts: int
     problem: str | None  # why the raw request cannot be sent, as the database sees it
+    path_reason: str | None = None  # why it goes the way it is claimed for (batchd.route_reason)
 
 
 @dataclass(frozen=True)
@@ -106,21 +128,25 @@ class Batch:
         return cls(**{field: record[field] for field in cls.__dataclass_fields__})
 
 
-async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int) -> QueueHead:
-    row = await db.fetchrow(sql("queue_head"), limit)
+async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int, routing: Routing) -> QueueHead:
+    row = await db.fetchrow(sql("queue_head"), limit, *routing.params())
     assert row is not None  # noqa: S101 - an aggregate always returns a row
     return QueueHead(
         jobs=row["jobs"], bytes=row["bytes"], oldest=row["oldest"], last_seq=row["last_seq"], now=row["now"]
     )
 
 
-async def claim(connection: Connection, limit: int, urgent_before: datetime, window: int) -> list[ClaimedJob]:
-    """Lock up to `limit` queued jobs, near deadlines first, then shared fairly between tenants (looking at
-    up to `window` jobs of each), skipping what another daemon holds."""
-    rows = list(await connection.fetch(sql("claim_urgent"), limit, urgent_before))
+async def claim(
+    connection: Connection, limit: int, urgent_before: datetime, window: int, routing: Routing
+) -> list[ClaimedJob]:
+    """Lock up to `limit` queued jobs that may go in a batch, near deadlines first, then shared fairly
+    between tenants (looking at up to `window` jobs of each), skipping what another daemon holds."""
+    rows = list(await connection.fetch(sql("claim_urgent"), limit, urgent_before, *routing.params()))
     if len(rows) < limit:
         taken = [row["id"] for row in rows]
-        rows += await connection.fetch(sql("claim_fair"), limit - len(rows), taken, max(window, limit))
+        rows += await connection.fetch(
+            sql("claim_fair"), limit - len(rows), taken, max(window, limit), *routing.params()
+        )
     return [ClaimedJob(**dict(row)) for row in rows]
 
 

@@ -247,7 +247,10 @@ async def test_tenant_set_and_status_on_the_command_line(db: Any, database_url: 
     assert out.startswith("acme: budget 0 USD a day, 50 USD a month"), "options not given stay as they are"
     code, out, err = await batchd("tenant", "set", "acme", "--budget-day", "none")
     assert code == 0, err
-    assert out.strip() == "acme: budget none a day, 50 USD a month, over budget: hold"
+    assert out.splitlines() == [
+        "acme: budget none a day, 50 USD a month, over budget: hold",
+        "acme: weight 1, max queued none, max in flight none",
+    ]
     assert await hold_reason(db, "acme") is None
     code, _, err = await batchd("tenant", "set", "acme")
     assert code == 65

@@ -22,10 +22,12 @@ import pytest
 from support import EmulatorHandle, insert_raw, make_settings, run_python, wait_until
 
 from batchd import fairness, store
+from batchd.config import RoutingSettings
 from batchd.emulator import EmulatorConfig
 from batchd.store import init_connection, sql
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)  # no job is urgent
+ROUTING = store.Routing.from_settings(RoutingSettings())
 
 
 async def claimed(db: Any, limit: int, window: int | None = None) -> list[asyncpg.Record]:
@@ -33,7 +35,7 @@ async def claimed(db: Any, limit: int, window: int | None = None) -> list[asyncp
     transaction = db.transaction()
     await transaction.start()
     try:
-        jobs = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit)
+        jobs = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit, ROUTING)
         return [
             await db.fetchrow("SELECT id, tenant_id, job_type, seq FROM batchd.jobs WHERE id = $1", job.id)
             for job in jobs
@@ -179,6 +181,10 @@ async def test_the_claim_skips_through_the_tenants_index(db: Any) -> None:
             .replace("$1", "100")
             .replace("$2::uuid[]", "'{}'::uuid[]")
             .replace("$3", "200")
+            .replace("$4", "50")
+            .replace("$5", "10")
+            .replace("$6", "3600")
+            .replace("$7", "60")
         )
     )
     assert "jobs_queued_tenant" in plan

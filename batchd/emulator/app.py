@@ -365,6 +365,10 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         raise invalid_request(problem)
     if params.get("stream"):
         raise invalid_request("stream: the emulator answers whole messages only; send stream: false")
+    delay = emulator.faults.plan.messages_delay_s
+    if delay:
+        # A slow model: a call in flight long enough to be caught there (a stop, a kill).
+        await asyncio.sleep(delay)
     completion = emulator.responder.complete(params, emulator.clock.now())
     return json_response(completion.message(new_id("msg_"), "standard"))
 

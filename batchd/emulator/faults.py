@@ -92,6 +92,9 @@ class FaultPlan(_Strict):
     results_chunk_bytes: int = Field(
         default=64 * 1024, ge=1, description="a results download is written in chunks of about this size"
     )
+    messages_delay_s: float = Field(
+        default=0.0, ge=0.0, description="POST /v1/messages answers this many real seconds late"
+    )
     results_break_after: int | None = Field(
         default=None, ge=0, description="results downloads drop the connection after this many lines"
     )

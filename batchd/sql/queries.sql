@@ -24,7 +24,8 @@ INSERT INTO batchd.migrations (version, name, checksum) VALUES ($1, $2, $3);
 
 -- name: queue_head
 -- What the flusher decides on: the head of the queue, up to the most one batch may take. Bounded, so the
--- cost stays flat however deep the queue is.
+-- cost stays flat however deep the queue is. Only jobs that may go in a batch now count: the routing rule,
+-- batchd.batch_bound, with the batch p90 (window $2, min_samples $3, prior $4) plus the margin $5.
 SELECT count(*) AS jobs,
        coalesce(sum(size), 0) AS bytes,
        min(created_at) AS oldest,
@@ -34,6 +35,8 @@ SELECT count(*) AS jobs,
           FROM batchd.jobs
          WHERE status = 'queued'
            AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
+           AND batchd.batch_bound(route, path, deadline,
+                                  (SELECT p90_s FROM batchd.batch_turnaround($2, $3, $4)) + $5)
          ORDER BY seq
          LIMIT $1) AS head;
 
@@ -44,6 +47,8 @@ SELECT count(*) AS jobs,
 SELECT least(greatest(min(deadline), now() - interval '100 years'), now() + interval '100 years')
   FROM batchd.jobs WHERE status = 'queued' AND deadline IS NOT NULL
    AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
+   -- A job the sync path will take is not the flusher's to hurry (routing: $1..$4 as queue_head's $2..$5).
+   AND batchd.batch_bound(route, path, deadline, (SELECT p90_s FROM batchd.batch_turnaround($1, $2, $3)) + $4)
 HAVING min(deadline) IS NOT NULL;
 
 -- name: db_now
@@ -60,12 +65,18 @@ SELECT pg_advisory_xact_lock(hashtext('batchd.flush'));
 SELECT coalesce(sum(request_count), 0) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended');
 
 -- name: claim_urgent
--- Jobs whose deadline is near go first, whatever their place in the queue.
+-- Jobs whose deadline is near go first, whatever their place in the queue. Never a job the sync path should
+-- take: the routing rule (batchd.batch_bound) is checked on each row as it is locked, with the batch p90
+-- (window $3, min_samples $4, prior $5) plus the margin $6; path_reason says why each goes in a batch.
+WITH t AS (SELECT * FROM batchd.batch_turnaround($3, $4, $5))
 SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, attempts,
-       batchd.request_problem(request) AS problem
+       batchd.request_problem(request) AS problem,
+       batchd.route_reason(route, deadline, 0, (SELECT p90_s FROM t), (SELECT samples FROM t),
+                           (SELECT measured FROM t), $6, $4) AS path_reason
   FROM batchd.jobs
  WHERE status = 'queued' AND deadline IS NOT NULL AND deadline <= $2
    AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
+   AND batchd.batch_bound(route, path, deadline, (SELECT p90_s FROM t) + $6)
  ORDER BY deadline
  LIMIT $1
    FOR UPDATE SKIP LOCKED;
@@ -79,8 +90,12 @@ SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, 
 -- model, tools and system) are taken together, from the first of them on, so that the provider's prompt
 -- cache serves the rest: the window looked at per tenant ($3) is longer than a batch, but its oldest job's
 -- group always comes first, so no job waits more than a batch longer for it.
+-- Never a job the sync path should take: the routing rule (batchd.batch_bound) as in claim_urgent, with the
+-- batch p90 (window $4, min_samples $5, prior $6) plus the margin $7, checked in each tenant's head and
+-- again on each row as it is locked; path_reason says why each goes in a batch.
 -- $1: how many, $2: jobs already claimed (claim_urgent), $3: the window per tenant.
-WITH RECURSIVE queued_tenants (tenant_id) AS (
+WITH RECURSIVE routing AS (SELECT * FROM batchd.batch_turnaround($4, $5, $6)),
+queued_tenants (tenant_id) AS (
     -- A skip scan of jobs_queued_tenant: one probe per tenant with queued jobs.
     (SELECT tenant_id FROM batchd.jobs WHERE status = 'queued' ORDER BY tenant_id LIMIT 1)
     UNION ALL
@@ -119,6 +134,7 @@ WITH RECURSIVE queued_tenants (tenant_id) AS (
          -- whole queue in seq order (jobs_queued) to find a small tenant's few jobs behind a big one's.
          WHERE j.tenant_id = s.tenant_id AND (j.tenant_id, j.seq) >= (s.tenant_id, 0)
            AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
+           AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
          ORDER BY j.tenant_id, j.seq
          LIMIT least(s.room, $3)
      ) AS h
@@ -130,10 +146,13 @@ WITH RECURSIVE queued_tenants (tenant_id) AS (
     SELECT id, seq, turn FROM turns ORDER BY turn, seq LIMIT $1
 )
 SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
-       batchd.request_problem(j.request) AS problem
+       batchd.request_problem(j.request) AS problem,
+       batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing), (SELECT samples FROM routing),
+                           (SELECT measured FROM routing), $7, $5) AS path_reason
   FROM picked AS p
   JOIN batchd.jobs AS j ON j.id = p.id
  WHERE j.status = 'queued'
+   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
  ORDER BY p.turn, p.seq
    FOR UPDATE OF j SKIP LOCKED;
 
@@ -158,12 +177,16 @@ VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
 RETURNING id;
 
 -- name: assign_raw_jobs
-UPDATE batchd.jobs SET status = 'submitting', batch_id = $1, params = NULL WHERE id = ANY($2::uuid[]);
+-- The path is recorded with the claim: each job's reason ($3) as the claim judged it.
+UPDATE batchd.jobs AS j
+   SET status = 'submitting', batch_id = $1, params = NULL, path = 'batch', path_reason = r.reason
+  FROM unnest($2::uuid[], $3::text[]) AS r (id, reason)
+ WHERE j.id = r.id;
 
 -- name: assign_rendered_jobs
 UPDATE batchd.jobs AS j
-   SET status = 'submitting', batch_id = $1, params = r.params::jsonb
-  FROM unnest($2::uuid[], $3::text[]) AS r (id, params)
+   SET status = 'submitting', batch_id = $1, params = r.params::jsonb, path = 'batch', path_reason = r.reason
+  FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, params, reason)
  WHERE j.id = r.id;
 
 -- name: submitting_count
@@ -292,10 +315,11 @@ RETURNING extract(epoch FROM ended_at - provider_ended_at)::float8 AS poll_lag_s
 -- name: create_results_table
 -- JSON arrives as text (COPY's fastest path) and is cast once, in the UPDATE.
 CREATE TEMPORARY TABLE batchd_results (
-    job_id   uuid NOT NULL,
-    outcome  text NOT NULL,
-    result   text,
-    error    text
+    job_id      uuid NOT NULL,
+    outcome     text NOT NULL,
+    result      text,
+    error       text,
+    retry_in_s  float8  -- sync results only: a retried job is not sent again before this many seconds
 ) ON COMMIT DROP;
 
 -- name: apply_results
@@ -305,6 +329,10 @@ CREATE TEMPORARY TABLE batchd_results (
 -- tenant's spend, in this same statement, priced by the table in $3..$14 (pricing.py: one row per model,
 -- with its long-prompt tier if it has one) and the batch factor $15. Returns how many jobs changed, and the
 -- models billed without a price.
+-- The sync path applies its outcomes with this same statement ($1 null, $16 = 'sync', $15 = 1: the full
+-- price), so events, the ledger and spend are the same whichever way a job went: there, only jobs still
+-- `sending` under this process's lease ($17) change, and a retried job waits retry_in_s before it is sent
+-- again. For batches $16 = 'batch' and $17 is null.
 WITH applied AS (
     UPDATE batchd.jobs AS j
        SET status = CASE
@@ -318,9 +346,19 @@ WITH applied AS (
            result = r.result,
            error = r.error,
            usage = r.result -> 'usage',
-           completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END
-      FROM (SELECT job_id, outcome, result::jsonb AS result, error::jsonb AS error FROM batchd_results) AS r
-     WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
+           completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END,
+           sync_owner = NULL,
+           sync_lease_until = NULL,
+           not_before = CASE WHEN r.outcome = 'retry' AND r.retry_in_s IS NOT NULL
+                             THEN now() + make_interval(secs => r.retry_in_s) END
+      FROM (SELECT job_id, outcome, result::jsonb AS result, error::jsonb AS error, retry_in_s
+              FROM batchd_results) AS r
+     -- Written as an OR that the planner folds away once it knows $1: a batch's jobs are found on
+     -- jobs_batch as before (an IS NOT DISTINCT FROM read every submitted job of every open batch), a sync
+     -- job on jobs_sending.
+     WHERE j.id = r.job_id
+       AND (j.batch_id = $1 AND j.status = 'submitted'
+            OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $17::text)
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
               r.result ->> 'model' AS model
 ), billed AS MATERIALIZED (
@@ -355,10 +393,10 @@ WITH applied AS (
          LIMIT 1
       ) AS p ON true
 ), ledger AS (
-    INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, input_tokens,
+    INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, via, input_tokens,
                               output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
                               cost_usd, sync_cost_usd)
-    SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1, b.input_tokens, b.output_tokens,
+    SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1, $16::text, b.input_tokens, b.output_tokens,
            b.write_5m, b.write_1h, b.read, s.usd * $15::numeric, s.usd
       FROM billed AS b
       JOIN rates AS r ON r.model = b.model
@@ -387,6 +425,99 @@ WITH applied AS (
 )
 SELECT (SELECT count(*) FROM applied) AS changed,
        (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
+
+-- name: route_sync
+-- The sync sender's decision, made again every time it looks while jobs wait: queued jobs that must not
+-- wait for a batch get path 'sync', and the reason. `sync` jobs always; `auto` jobs whose deadline is
+-- nearer than the time until they would be flushed (what is left of max_wait_s $6 since they were queued)
+-- + the batch p90 (window $2, min_samples $3, prior $4) + the margin $5. Rows are locked as the flusher's
+-- claims lock them: a job the flusher holds is skipped (it is going into a batch now, which batch_bound
+-- allowed at its flush), and one routed here is never claimed by the flusher (batch_bound: path 'sync').
+-- At most $1 at once.
+WITH t AS (SELECT * FROM batchd.batch_turnaround($2, $3, $4)),
+due AS (
+    SELECT id, least($6::float8, greatest(0::float8, $6 - extract(epoch FROM now() - created_at)::float8))
+               AS flush_in_s
+      FROM batchd.jobs
+     WHERE status = 'queued' AND route <> 'batch' AND path IS DISTINCT FROM 'sync'
+       AND (route = 'sync'
+            OR (route = 'auto' AND deadline IS NOT NULL
+                AND deadline < now() + make_interval(secs =>
+                        least($6::float8, greatest(0::float8, $6 - extract(epoch FROM now() - created_at)::float8))
+                        + (SELECT p90_s FROM t) + $5)))
+     ORDER BY deadline, seq
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE batchd.jobs AS j
+   SET path = 'sync',
+       path_reason = batchd.route_reason(j.route, j.deadline, due.flush_in_s, (SELECT p90_s FROM t),
+                                         (SELECT samples FROM t), (SELECT measured FROM t), $5, $3)
+  FROM due
+ WHERE j.id = due.id
+RETURNING j.id, j.tenant_id, j.path_reason;
+
+-- name: sync_next_wake
+-- Seconds until the sync sender has something to do without being woken (null: nothing): the next queued
+-- `auto` job whose deadline comes within the batch p90 + margin ($1..$4 as route_sync's $2..$5), the next
+-- retried sync job's not_before, the next lease of a job being sent to run out (its daemon may be dead).
+-- Only what lies ahead: what is due now was done by this look (or waits for a held tenant: no spinning).
+SELECT least(
+    (SELECT extract(epoch FROM least(greatest(min(deadline), now() - interval '100 years'),
+                                     now() + interval '100 years') - now())::float8
+            - (SELECT p90_s FROM batchd.batch_turnaround($1, $2, $3)) - $4
+       FROM batchd.jobs
+      WHERE status = 'queued' AND route = 'auto' AND path IS DISTINCT FROM 'sync' AND deadline IS NOT NULL),
+    (SELECT extract(epoch FROM min(not_before) - now())::float8
+       FROM batchd.jobs
+      WHERE status = 'queued' AND route <> 'batch' AND path = 'sync' AND not_before > now()),
+    (SELECT extract(epoch FROM min(sync_lease_until) - now())::float8
+       FROM batchd.jobs WHERE status = 'sending' AND sync_lease_until > now())
+);
+
+-- name: claim_sync
+-- Up to $1 jobs routed sync, nearest deadline first, skipping what another daemon holds, those waiting out a
+-- retry's backoff, and tenants over budget (budgets.py), exactly as the flusher's claim.
+SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, attempts,
+       batchd.request_problem(request) AS problem, path_reason
+  FROM batchd.jobs
+ WHERE status = 'queued' AND route <> 'batch' AND path = 'sync'
+   AND (not_before IS NULL OR not_before <= now())
+   AND tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
+ ORDER BY deadline, seq
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED;
+
+-- name: start_sync
+-- Claimed jobs become `sending` under this process's lease ($1, for $2 seconds), with the params as
+-- rendered ($4: null for a raw request), and a job.submitted event each. Committed before the call.
+WITH started AS (
+    UPDATE batchd.jobs AS j
+       SET status = 'sending', sync_owner = $1, sync_lease_until = now() + make_interval(secs => $2),
+           submitted_at = now(), batch_id = NULL, not_before = NULL, params = r.params::jsonb
+      FROM unnest($3::uuid[], $4::text[]) AS r (id, params)
+     WHERE j.id = r.id AND j.status = 'queued'
+    RETURNING j.id, j.tenant_id, j.metadata
+)
+INSERT INTO batchd.events (type, tenant_id, job_id, data)
+SELECT 'job.submitted', tenant_id, id, jsonb_build_object('status', 'sending', 'path', 'sync', 'metadata', metadata)
+  FROM started;
+
+-- name: renew_sync_leases
+UPDATE batchd.jobs SET sync_lease_until = now() + make_interval(secs => $2) WHERE status = 'sending' AND sync_owner = $1;
+
+-- name: requeue_expired_sync
+-- Jobs whose sender's lease ran out (it was killed mid-call): back to the queue, still routed sync, and sent
+-- again. Their first call may have reached the API: the Messages API takes no idempotency key.
+UPDATE batchd.jobs SET status = 'queued', sync_owner = NULL, sync_lease_until = NULL
+ WHERE status = 'sending' AND sync_lease_until < now()
+RETURNING id;
+
+-- name: release_sync
+-- A stopping daemon hands back the jobs whose calls it cancelled: queued again at once, not after a lease.
+UPDATE batchd.jobs SET status = 'queued', sync_owner = NULL, sync_lease_until = NULL
+ WHERE status = 'sending' AND sync_owner = $1
+RETURNING id;
 
 -- name: batch_vanished
 SELECT coalesce((request_counts ->> 'vanished')::boolean, false) FROM batchd.batches WHERE id = $1;
@@ -488,8 +619,8 @@ SELECT batchd.cancel_job($1);
 -- The jsonb columns as text, served as the database holds them: Python's json cannot read every jsonb a
 -- producer may write (nesting past its recursion limit, integers past 4,300 digits: a 500), and rounds
 -- numbers to doubles (metadata would not come back untouched).
-SELECT id, tenant_id, status, attempts, batch_id, job_type, metadata::text AS metadata, error::text AS error,
-       usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
+SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
+       error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
 -- name: job_tenant
