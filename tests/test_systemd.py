@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sse_support import sse_stream
-from support import EmulatorHandle, insert_raw
+from support import EmulatorHandle, insert_raw, wait_until
 
 from batchd import systemd
 from batchd.systemd import Notifier, socket_address, watchdog_interval
@@ -395,7 +395,16 @@ async def test_batchd_run_speaks_the_notify_protocol(
                 )
                 assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE status = 'queued'") == 234
 
-                # The batch ends and its results are applied: no batch open any more.
+                # The batch ends and its results are applied: no batch open any more. The STATUS counts a
+                # batch from the moment it is recorded: the clock moves only once the provider has it.
+                async def created() -> bool:
+                    return bool(
+                        await db.fetchval(
+                            "SELECT count(*) FROM batchd.batches WHERE provider_batch_id IS NOT NULL"
+                        )
+                    )
+
+                await wait_until(created)
                 await emulator.advance(120)
                 await notified.until(
                     said("STATUS", "queued 234, open batches 0, streams 1"), "the batch's end", log
