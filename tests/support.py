@@ -286,10 +286,19 @@ async def daemon_process(
         )
     try:
         yield process
+    except BaseException as error:
+        # What the daemon said is what explains a failure inside the block: CI shows nothing else.
+        error.add_note(f"{log.name}: {log_tail(log)}")
+        raise
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def log_tail(log: Path, limit: int = 6000) -> str:
+    text = log.read_text(errors="replace")[-limit:] if log.exists() else "(no log)"
+    return f"the daemon's log ends:\n{text}"
 
 
 def log_events(log: Path) -> Counter[str]:

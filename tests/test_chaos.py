@@ -92,7 +92,11 @@ GATES = {
 
 
 # Backends waiting at the gate.
-WAITING = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND NOT granted"
+WAITING = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND NOT granted"
+    # Only this test's database: the same key is taken in the databases of tests running beside it.
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 TERMINATE_WAITING = WAITING.replace("count(*)", "pg_terminate_backend(pid)")
 
 

@@ -147,7 +147,12 @@ async def test_a_dead_owners_batches_are_taken_over_within_the_lease(
             )
             return left == 0
 
-        await wait_until(taken_over, timeout=30)
+        try:
+            await wait_until(taken_over, timeout=30)
+        except AssertionError as error:
+            rows = await db.fetch("SELECT id, status, owner, lease_until, now() AS now FROM batchd.batches")
+            error.add_note("the batches: " + "\n".join(str(dict(row)) for row in rows))
+            raise
         takeover_s = time.monotonic() - killed_at
         await wait_for_jobs(db, done=400, timeout=90)
         for process in processes:
@@ -156,7 +161,8 @@ async def test_a_dead_owners_batches_are_taken_over_within_the_lease(
                 assert await asyncio.wait_for(process.wait(), timeout=15) == 0
     assert orphaned >= 1
     # The lease runs out at most lease_s after the kill (it was renewed before), and a survivor's supervisor
-    # looks every lease_s / 3; a second more for the survivor's own steps.
-    assert takeover_s <= lease_s + lease_s / 3 + 1.0, f"taken over after {takeover_s:.1f} s"
+    # looks every lease_s / 3; three seconds more for the survivor's own steps on a loaded machine (the
+    # suite runs three tests at a time on two cores). Without the takeover it would be never.
+    assert takeover_s <= lease_s + lease_s / 3 + 3.0, f"taken over after {takeover_s:.1f} s"
     assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE status = 'succeeded'") == 400
     assert await sends_per_job(emulator) == {uuid.UUID(str(i)).hex: 1 for i in ids}

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sse_support import sse_stream
-from support import EmulatorHandle, insert_raw, wait_until
+from support import EmulatorHandle, insert_raw, log_tail, wait_until
 
 from batchd import systemd
 from batchd.systemd import Notifier, socket_address, watchdog_interval
@@ -242,10 +242,6 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 def kernel_has_mdwe() -> bool:
     return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0)
-
-
-def log_tail(log: Path) -> str:
-    return "the daemon's log ends:\n" + (log.read_text()[-3000:] if log.exists() else "(no log)")
 
 
 def free_port() -> int:
