@@ -37,6 +37,7 @@ async def publish(db: asyncpg.Pool | Connection, settings: Settings) -> None:
         return
     rows: list[tuple[str, TenantLimits]] = [(DEFAULTS, settings.tenant_defaults), *settings.tenants.items()]
     async with db.transaction():
+        await db.execute(sql("lock_configured_limits"))
         await db.execute(sql("clear_configured_limits"))
         await db.execute(
             sql("insert_configured_limits"),

@@ -262,12 +262,12 @@ async def stream_events(request: web.Request, principal: Principal) -> web.Strea
         await response.prepare(request)
         stream = Stream(request, response, hub)
         try:
-            await stream.serve(event_filter, last)
-        except SlowClientError:
+            # A ConnectionError: the client left (or was cut off), and there is nothing more to say to it.
             with suppress(ConnectionError):
-                await stream.finish("slow_consumer")
-        except ConnectionError:
-            pass  # the client left (or was cut off): nothing more to say to it
+                try:
+                    await stream.serve(event_filter, last)
+                except SlowClientError:
+                    await stream.finish("slow_consumer")
         finally:
             stream.unsubscribe()
         return response

@@ -92,6 +92,31 @@ async def test_a_tenant_with_little_queued_leaves_its_share_to_the_others(db: An
     assert counts == {"tiny": 3, "big": 97}
 
 
+async def test_daemons_starting_together_all_publish_their_limits(db: Any, database_url: str) -> None:
+    # Several instances restarted at once each publish batchd.toml's limits at start: none may fail (a
+    # unique violation there stopped a daemon before it was ready), and the table holds one whole set.
+    configs = [
+        settings(tenant_defaults={"weight": n}, tenants={"gold": {"weight": 10 + n}}) for n in (1, 2, 3)
+    ]
+    connections = [await asyncpg.connect(database_url) for _ in range(6)]
+    try:
+        for _ in range(15):
+            await asyncio.gather(
+                *(fairness.publish(c, configs[n % len(configs)]) for n, c in enumerate(connections))
+            )
+            rows = [
+                tuple(row)
+                for row in await db.fetch(
+                    "SELECT tenant_id, weight FROM batchd.configured_limits ORDER BY tenant_id"
+                )
+            ]
+            whole_sets = [[("", n), ("gold", 10 + n)] for n in (1, 2, 3)]
+            assert rows in whole_sets, f"not one daemon's whole set: {rows}"
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
 async def test_held_tenants_are_left_out_of_the_fair_claim(db: Any) -> None:
     await insert_many(db, "held", 50)
     await insert_many(db, "free", 50)

@@ -22,6 +22,7 @@ from support import (
     daemon_config,
     daemon_process,
     insert_raw,
+    log_tail,
     wait_for_jobs,
     wait_until,
 )
@@ -126,6 +127,9 @@ async def test_a_dead_owners_batches_are_taken_over_within_the_lease(
             )
 
         await wait_until(all_in_flight, timeout=30)
+        # All three must be there to take over (two daemons that stopped at start once left none to do it).
+        for n, process in enumerate(processes):
+            assert process.returncode is None, f"daemon {n} stopped: {log_tail(tmp_path / f'daemon{n}.log')}"
         owners = Counter(
             row["owner"]
             for row in await db.fetch("SELECT owner FROM batchd.batches WHERE status = 'in_progress'")

@@ -870,6 +870,11 @@ SELECT tenant_id, model, count(*) AS jobs,
  GROUP BY tenant_id, model
  ORDER BY tenant_id, model;
 
+-- name: lock_configured_limits
+-- Daemons starting together publish one after another: each one's DELETE would miss the rows another is
+-- inserting, and its INSERT collide with them.
+SELECT pg_advisory_xact_lock(hashtext('batchd.configured_limits'));
+
 -- name: clear_configured_limits
 -- A daemon starting writes batchd.toml's tenant limits whole (fairness.publish): the old ones go first.
 DELETE FROM batchd.configured_limits;
