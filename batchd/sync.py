@@ -5,7 +5,8 @@ comes due when the next `auto` deadline comes within reach) it
 
 1. takes back jobs whose sender's lease ran out (a daemon killed mid-call): they are queued again, still
    routed sync, and sent again — a call whose response was lost may be billed twice, since the Messages
-   API takes no idempotency key;
+   API takes no idempotency key — and each time counts as an attempt, so a job whose call kills its daemon
+   every time fails at `[batching] max_attempts`;
 2. routes: queued `sync` jobs, and `auto` jobs whose deadline the batch path cannot meet (the time until
    they would be flushed + the batch p90 + the margin, queries.sql route_sync), get path 'sync' and the
    reason. Decided while they wait, so an `auto` job whose deadline approaches (the batches grew slower,
@@ -96,9 +97,13 @@ class SyncSender:
         ctx = self.ctx
         pool = ctx.pool
         lease_s = ctx.settings.routing.lease_s
-        expired = await pool.fetch(sql("requeue_expired_sync"))
+        expired = await pool.fetch(sql("requeue_expired_sync"), ctx.settings.batching.max_attempts)
         for row in expired:
-            log.warning("sync.lease_expired", job_id=str(row["id"]))
+            log.warning(
+                "sync.lease_expired", job_id=str(row["id"]), status=row["status"], attempts=row["attempts"]
+            )
+        if any(row["status"] == "failed" for row in expired):
+            await pool.execute(sql("notify_events"))
         if self.calls:
             await pool.execute(sql("renew_sync_leases"), ctx.instance_id, lease_s)
         await self._route()

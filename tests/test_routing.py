@@ -298,6 +298,37 @@ async def test_a_job_that_keeps_failing_fails_at_max_attempts(
     assert (await emulator.stats())["statuses"]["messages 529"] == 2
 
 
+async def test_a_job_whose_sender_keeps_dying_mid_call_fails_at_max_attempts(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # Two jobs left `sending` by a daemon that died mid-call, their leases run out: one has had max_attempts
+    # - 1 such calls, the other none. A call that kills its daemon every time must end, not be paid forever.
+    doomed = await insert_job(db, "kills its sender", route="sync")
+    lucky = await insert_job(db, "lost once", route="sync")
+    await db.execute(
+        "UPDATE batchd.jobs SET status = 'sending', path = 'sync', sync_owner = 'batchd-dead',"
+        " sync_lease_until = now() - interval '1 second', submitted_at = now(),"
+        " attempts = CASE WHEN id = $1 THEN 2 ELSE 0 END WHERE id = ANY($2::uuid[])",
+        doomed,
+        [doomed, lucky],
+    )
+    async with start_daemon(daemon_settings(routing=ROUTING, batching={"max_attempts": 3})):
+        await wait_until(has_status(db, lucky, "succeeded"), timeout=20)
+        await wait_until(has_status(db, doomed, "failed"), timeout=20)
+    row = await job(db, doomed)
+    assert row["attempts"] == 3
+    assert row["error"] == {
+        "type": "sender_lost",
+        "message": "the daemon sending it stopped mid-call 3 times (max_attempts)",
+    }
+    assert row["completed_at"] is not None
+    events = await db.fetch("SELECT type, data FROM batchd.events WHERE job_id = $1", doomed)
+    assert [(e["type"], e["data"]["attempts"]) for e in events] == [("job.failed", 3)]
+    assert (await job(db, lucky))["attempts"] == 1, "the lost call counted"
+    # Only the lucky one was sent again.
+    assert (await emulator.stats())["statuses"]["messages 200"] == 1
+
+
 def calls_received(emulator: EmulatorHandle, count: int) -> Callable[[], Awaitable[bool]]:
     async def received() -> bool:
         return bool((await emulator.stats())["calls"].get("messages", 0) >= count)
@@ -392,6 +423,7 @@ async def test_a_sync_job_of_a_daemon_killed_mid_call_is_sent_again_and_ends_onc
     assert await db.fetchval("SELECT count(*) FROM batchd.costs WHERE job_id = $1", job_id) == 1
     # Sent twice: the first answer was lost with the process (the Messages API has no idempotency key).
     assert (await emulator.stats())["statuses"]["messages 200"] == 2
+    assert row["attempts"] == 1, "the call lost with the process counts as an attempt"
     assert MODEL in row["result"]["model"]
 
 

@@ -510,10 +510,27 @@ UPDATE batchd.jobs SET sync_lease_until = now() + make_interval(secs => $2) WHER
 
 -- name: requeue_expired_sync
 -- Jobs whose sender's lease ran out (it was killed mid-call): back to the queue, still routed sync, and sent
--- again. Their first call may have reached the API: the Messages API takes no idempotency key.
-UPDATE batchd.jobs SET status = 'queued', sync_owner = NULL, sync_lease_until = NULL
- WHERE status = 'sending' AND sync_lease_until < now()
-RETURNING id;
+-- again. Their call may have reached the API (the Messages API takes no idempotency key), so it counts as an
+-- attempt: a job whose call kills its daemon every time fails at max_attempts ($1), not paid for forever.
+WITH expired AS (
+    UPDATE batchd.jobs
+       SET status = CASE WHEN attempts + 1 >= $1 THEN 'failed' ELSE 'queued' END,
+           attempts = attempts + 1, sync_owner = NULL, sync_lease_until = NULL,
+           completed_at = CASE WHEN attempts + 1 >= $1 THEN now() END,
+           error = CASE WHEN attempts + 1 >= $1
+                        THEN jsonb_build_object('type', 'sender_lost', 'message', format(
+                            'the daemon sending it stopped mid-call %s times (max_attempts)', attempts + 1))
+                        ELSE error END
+     WHERE status = 'sending' AND sync_lease_until < now()
+    RETURNING id, tenant_id, status, metadata, error, attempts
+), failed AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, data)
+    SELECT 'job.failed', tenant_id, id,
+           jsonb_build_object('status', 'failed', 'error', error, 'metadata', metadata, 'attempts', attempts)
+      FROM expired
+     WHERE status = 'failed'
+)
+SELECT id, status, attempts FROM expired;
 
 -- name: release_sync
 -- A stopping daemon hands back the jobs whose calls it cancelled: queued again at once, not after a lease.
