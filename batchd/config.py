@@ -137,7 +137,11 @@ class EventsSettings(_Section):
     heartbeat_s: float = Field(default=15.0, gt=0, description="a comment line on an idle stream")
     retry_ms: int = Field(default=2_000, ge=0, description="the reconnection delay advised to clients")
     client_buffer_bytes: int = Field(
-        default=1_048_576, ge=1024, description="events queued for one slow client before it is cut off"
+        default=1_048_576, ge=1024, description="live events queued for one stream, at most"
+    )
+    on_full_buffer: Literal["replay", "cut"] = Field(
+        default="replay",
+        description="a stream whose buffer would overflow goes on from the table (replay), or is cut off",
     )
     send_timeout_s: float = Field(default=30.0, gt=0, description="a write stalled this long cuts the client")
     max_streams_per_tenant: int = Field(default=100, ge=1, description="open streams per tenant (and admin)")

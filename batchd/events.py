@@ -2,7 +2,7 @@
 
 The hub follows the event log (`seq`, see publisher.py) with one query per wake-up, whoever is listening,
 and frames each event once; a stream only holds references to frames. Each subscriber has a bounded buffer:
-a client that reads too slowly is cut off (its stream ends with a final event) instead of growing it.
+a stream that would overflow it goes on from the table instead (or is cut off, if so configured).
 
 The hub's `head` is the last seq it has fanned out. Subscribing is synchronous and takes effect at `head`:
 a stream that has replayed everything up to `head` from the table and subscribes without yielding in
@@ -68,12 +68,16 @@ class Subscriber:
 
     When an event would overflow the buffer, the buffer is dropped and the subscriber marked `behind`: its
     stream goes back to reading the table from the last event it wrote, at the client's pace, and
-    subscribes again once caught up. A burst never costs more than `limit_bytes` per stream.
+    subscribes again once caught up. With `cut_when_full` ([events] on_full_buffer = "cut") it is cut off
+    instead, as a slow consumer. A burst never costs more than `limit_bytes` per stream.
     """
 
-    def __init__(self, event_filter: Filter, limit_bytes: int, start_seq: int) -> None:
+    def __init__(
+        self, event_filter: Filter, limit_bytes: int, start_seq: int, *, cut_when_full: bool = False
+    ) -> None:
         self.filter = event_filter
         self.limit_bytes = limit_bytes
+        self.cut_when_full = cut_when_full
         self.start_seq = start_seq
         self.ready = asyncio.Event()
         self.behind = False
@@ -88,8 +92,11 @@ class Subscriber:
             return
         size = self._bytes + len(event.frame)
         if size > self.limit_bytes:
-            self.behind = True
-            self._drop()
+            if self.cut_when_full:
+                self.cut("slow_consumer")
+            else:
+                self.behind = True
+                self._drop()
             return
         self._frames.append(event.frame)
         self._bytes = size
@@ -150,7 +157,12 @@ class EventHub:
         self._wake.set()
 
     def subscribe(self, event_filter: Filter) -> Subscriber:
-        subscriber = Subscriber(event_filter, self.settings.client_buffer_bytes, self.head)
+        subscriber = Subscriber(
+            event_filter,
+            self.settings.client_buffer_bytes,
+            self.head,
+            cut_when_full=self.settings.on_full_buffer == "cut",
+        )
         self._tenants.setdefault(event_filter.tenant_id, set()).add(subscriber)
         if self.closing:
             subscriber.cut("shutdown")

@@ -324,6 +324,41 @@ async def test_a_client_that_reads_too_slowly_is_cut_off_and_memory_stays_bounde
     assert rss_growth < 100 * 2**20, f"the server grew by {rss_growth / 2**20:.0f} MiB"
 
 
+@pytest.mark.slow
+async def test_with_on_full_buffer_cut_a_client_is_cut_off_once_its_buffer_is_full_and_resumes_after(
+    db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
+) -> None:
+    buffer = 64 * 1024
+    # A write stalled for ten minutes would cut it too: only the full buffer can, within this test.
+    async with serve(client_buffer_bytes=buffer, send_timeout_s=600.0, on_full_buffer="cut") as (daemon, url):
+        hub = daemon.hub
+        assert hub is not None
+        reader, writer = await open_raw_stream(url, tokens["acme"], receive_buffer=4096)
+        try:
+            await wait_until(holds(lambda: hub.subscribers == 1))
+            for _ in range(5):  # 20 MB of events: more than the socket buffers and the stream's buffer hold
+                await add_published_events(db, "acme", 1000, padding=4000)
+            expected = await logged(db, "acme")
+            await wait_until(holds(lambda: hub.cut_off == 1), timeout=30)
+            # The rest, up to the response's last chunk (the connection itself may be kept alive).
+            body = await asyncio.wait_for(_read_response_end(reader), timeout=30)
+        finally:
+            writer.close()
+        blocks = [b for b in _unchunk(body.partition(b"\r\n\r\n")[2]).split(b"\n\n") if b.strip()]
+        final = blocks[-1].decode()
+        assert final.startswith("event: disconnect\ndata: ")
+        assert json.loads(final.partition("data: ")[2])["reason"] == "slow_consumer"
+        ids = [int(b.split(b"\n")[0].removeprefix(b"id: ")) for b in blocks if b.startswith(b"id: ")]
+        assert ids == [e[0] for e in expected[: len(ids)]], "what it got before the cut is a prefix, in order"
+        assert len(ids) < len(expected) / 2
+        assert hub.peak_buffered_bytes <= buffer
+        assert hub.fell_behind == 0, "cut, not sent back to the table"
+        # Reconnecting with its last id, it gets every event it missed, once.
+        async with sse_stream(session, url, tokens["acme"], last_event_id=ids[-1] if ids else 0) as again:
+            await again.until(lambda c: c.last_id == expected[-1][0], timeout=60)
+        assert carried(again) == expected[len(ids) :]
+
+
 def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     async def condition() -> bool:
         return check()
@@ -333,6 +368,16 @@ def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _read_response_end(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while not body.endswith(b"\r\n0\r\n\r\n"):
+        data = await reader.read(65536)
+        if not data:
+            break
+        body += data
+    return bytes(body)
 
 
 def _unchunk(body: bytes) -> bytes:
