@@ -83,7 +83,7 @@ async def test_nine_jobs_wait_and_the_tenth_fills_a_batch_of_ten(
 
         (tenth,) = await insert_raw(db, "acme", ["question 9"])
         # Only the tenth job's notification can wake the flusher (no sweep, no clock within reach).
-        await wait_until(holds(lambda: batch_count(db)), timeout=5)
+        await wait_until(holds(lambda: batch_count(db)), timeout=20)
         counts = await wait_for_jobs(db, done=10, timeout=30)
         assert daemon.flusher.batches_made == 1
     assert counts == {"succeeded": 10}
@@ -197,7 +197,7 @@ async def test_a_job_whose_deadline_is_near_flushes_at_once(
             raw_request("in a hurry"),
         )
         # The flusher was waiting (not armed, far from wake_seq): only the deadline can wake it.
-        await wait_until(holds(lambda: batch_count(db)), timeout=5)
+        await wait_until(holds(lambda: batch_count(db)), timeout=20)
         counts = await wait_for_jobs(db, done=2, timeout=30)
     assert counts == {"succeeded": 2}
     rows = await db.fetch(
