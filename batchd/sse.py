@@ -9,9 +9,9 @@ head as its id, then live events: the client should reload its state.
 Memory per stream is bounded: live events wait in a buffer of at most `client_buffer_bytes`; a burst
 that would overflow it drops the buffer and the stream goes on from the table, from the last event it
 wrote, at the client's pace (then live again), or, with `on_full_buffer = "cut"`, ends as a slow consumer.
-A client that does not read for `send_timeout_s` is cut off. A stream ends with `event: disconnect` (no id, so the client's last id stands) for such a client
-(`slow_consumer`) or when the server stops (`shutdown`); EventSource then reconnects with its last id and
-misses nothing.
+A client that does not read for `send_timeout_s` is cut off. A stream ends with `event: disconnect` (no
+id, so the client's last id stands) for such a client (`slow_consumer`) or when the server stops
+(`shutdown`); EventSource then reconnects with its last id and misses nothing.
 """
 
 from __future__ import annotations
