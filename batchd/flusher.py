@@ -51,9 +51,16 @@ class Flusher:
         self.budget_clock: Callable[[], datetime | None] = lambda: None
         # Jobs the sync path should take are never the flusher's (routing: store.Routing, batchd.batch_bound).
         self.routing = store.Routing.from_settings(ctx.settings.routing)
+        self._between_looks = False
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Between two looks at the queue with nothing yet to wake it: only a NOTIFY, a closed batch or the
+        clock will make it look again."""
+        return self._between_looks and not self._wake.is_set()
 
     async def run(self) -> None:
         sweep = self.ctx.settings.daemon.sweep_interval_s
@@ -66,7 +73,11 @@ class Flusher:
                 delay = 1.0
             wait = sweep if delay is None else min(delay, sweep)
             if wait > 0:
-                await wait_for_event(self._wake, wait)
+                self._between_looks = True
+                try:
+                    await wait_for_event(self._wake, wait)
+                finally:
+                    self._between_looks = False
 
     async def flush_due(self) -> float | None:
         """Flush while something is due. Returns seconds until the next flush is due, None when idle."""

@@ -388,6 +388,9 @@ async def test_jobs_inserted_while_the_listener_is_cut_off_are_found_when_it_rec
                 )
                 return [r["pid"] for r in rows]
 
+            # The flusher's looks at start (one more for the listener's first connection) are over: the jobs
+            # below must not be found by one of those.
+            await wait_until(lambda: _true(daemon.flusher.waiting), timeout=10)
             (pid,) = await listener_pids()
             await db.execute(f"ALTER ROLE {role} NOLOGIN")
             assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
