@@ -81,6 +81,26 @@ async def test_each_tenant_sees_only_its_own_events_and_the_admin_sees_all(
     assert sum(d["requests"] for d in batch_events) == 5, "a tenant hears of its own share of each batch"
 
 
+FILTERED_TYPES = ("job.succeeded", "batch.ended")
+
+
+def filter_params(job_id: Any, batch_id: Any) -> dict[str, str]:
+    """A stream's query for each filter: one job, one batch, two event types."""
+    return {"job_id": str(job_id), "batch_id": str(batch_id), "types": ",".join(FILTERED_TYPES)}
+
+
+async def expected_per_filter(db: Any, full: list[Any], job_id: Any, batch_id: Any) -> dict[str, list[Any]]:
+    """What each filter of filter_params must carry of `full`, the tenant's whole log."""
+    batch_seqs = {
+        row["seq"] for row in await db.fetch("SELECT seq FROM batchd.events WHERE batch_id = $1", batch_id)
+    }
+    return {
+        "job_id": [e for e in full if e[2] == str(job_id)],
+        "batch_id": [e for e in full if e[0] in batch_seqs],
+        "types": [e for e in full if e[1] in FILTERED_TYPES],
+    }
+
+
 async def test_filters_by_job_batch_and_type(
     db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
 ) -> None:
@@ -89,16 +109,8 @@ async def test_filters_by_job_batch_and_type(
         await wait_for_jobs(db, done=2)
         full = await logged(db, "acme")
         batch_id = await db.fetchval("SELECT batch_id FROM batchd.jobs WHERE id = $1", first)
-        batch_seqs = {
-            row["seq"]
-            for row in await db.fetch("SELECT seq FROM batchd.events WHERE batch_id = $1", batch_id)
-        }
-        expected = {
-            "job_id": [e for e in full if e[2] == str(first)],
-            "batch_id": [e for e in full if e[0] in batch_seqs],
-            "types": [e for e in full if e[1] in ("job.succeeded", "batch.ended")],
-        }
-        filters = {"job_id": str(first), "batch_id": str(batch_id), "types": "job.succeeded,batch.ended"}
+        expected = await expected_per_filter(db, full, first, batch_id)
+        filters = filter_params(first, batch_id)
         for name, value in filters.items():
             async with sse_stream(session, url, tokens["acme"], last_event_id=0, **{name: value}) as stream:
                 await stream.until(lambda c, name=name: c.last_id == expected[name][-1][0])  # type: ignore[misc]
@@ -135,7 +147,7 @@ async def test_live_streams_filtered_by_job_batch_and_type_carry_exactly_the_mat
         assert await db.fetchval("SELECT count(*) FROM batchd.events") == 0, "no event yet"
         assert (await emulator.stats())["batches_created"] == 0
 
-        filters = {"job_id": str(first), "batch_id": str(batch), "types": "job.succeeded,batch.ended"}
+        filters = filter_params(first, batch)
         async with AsyncExitStack() as streams:
             everything = await streams.enter_async_context(sse_stream(session, url, tokens["acme"]))
             filtered = {
@@ -148,15 +160,7 @@ async def test_live_streams_filtered_by_job_batch_and_type_carry_exactly_the_mat
             await wait_for_jobs(db, done=4)
             full = await logged(db, "acme")
             await everything.until(lambda c: c.last_id == full[-1][0])
-            batch_seqs = {
-                row["seq"]
-                for row in await db.fetch("SELECT seq FROM batchd.events WHERE batch_id = $1", batch)
-            }
-            expected = {
-                "job_id": [e for e in full if e[2] == str(first)],
-                "batch_id": [e for e in full if e[0] in batch_seqs],
-                "types": [e for e in full if e[1] in ("job.succeeded", "batch.ended")],
-            }
+            expected = await expected_per_filter(db, full, first, batch)
             for name, stream in filtered.items():
                 await stream.until(
                     lambda c, name=name: (c.last_id or 0) >= expected[name][-1][0]  # type: ignore[misc]

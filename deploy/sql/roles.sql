@@ -159,7 +159,7 @@ SELECT to_regclass('batchd.migrations') IS NOT NULL AS batchd_has_migrations \gs
     $$;
 
     -- The producer: the contract in README.md, and nothing more.
-    -- Table-wide INSERT: it covers the columns later migrations add, such as `route` (0006).
+    -- Table-wide INSERT: it covers the columns later migrations add, such as `route` (0007).
     GRANT SELECT, INSERT ON batchd.jobs TO :"producer";
     GRANT UPDATE (status) ON batchd.jobs TO :"producer";
     GRANT USAGE ON SEQUENCE batchd.jobs_seq_seq TO :"producer";
