@@ -152,7 +152,11 @@ SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text 
        batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing), (SELECT samples FROM routing),
                            (SELECT measured FROM routing), $7, $5) AS path_reason
   FROM picked AS p
-  JOIN batchd.jobs AS j ON j.id = p.id
+ -- By primary key, one probe per picked job, whatever the statistics say. Joined plainly, a planner whose
+ -- statistics say almost nothing is queued (taken before a burst) rescanned the whole queue for each job:
+ -- 19 s for 10,000 (docs/benchmarks.md). OFFSET 0 keeps the status test out of the lookup; the lock
+ -- applies inside it, and the status is tested on the row as locked.
+ CROSS JOIN LATERAL (SELECT * FROM batchd.jobs AS k WHERE k.id = p.id OFFSET 0) AS j
  WHERE j.status = 'queued'
    AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
  ORDER BY p.turn, p.seq

@@ -40,6 +40,32 @@ $$;
 -- however deep each one's queue), and reads each tenant's queue head from it in order.
 CREATE INDEX jobs_queued_tenant ON batchd.jobs (tenant_id, seq) WHERE status = 'queued';
 
+-- Whether a max_queued is set anywhere, kept in the row the INSERT trigger reads anyway: looking in
+-- batchd.tenants and batchd.configured_limits on every INSERT cost one-row producers a tenth of their rate
+-- (docs/benchmarks.md). Kept by the statement triggers below; limits change rarely.
+ALTER TABLE batchd.wakeup ADD COLUMN queue_limited boolean NOT NULL DEFAULT false;
+
+CREATE FUNCTION batchd.max_queued_changed() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- The row's lock first, the look after (a statement of its own, so a snapshot of its own): of two
+    -- changes at once, the second sees the first's.
+    PERFORM 1 FROM batchd.wakeup FOR UPDATE;
+    UPDATE batchd.wakeup
+       SET queue_limited = EXISTS (SELECT 1 FROM batchd.configured_limits WHERE max_queued IS NOT NULL)
+                           OR EXISTS (SELECT 1 FROM batchd.tenants WHERE max_queued IS NOT NULL);
+    RETURN NULL;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION batchd.max_queued_changed() FROM PUBLIC;
+
+CREATE TRIGGER tenants_max_queued AFTER INSERT OR DELETE OR UPDATE OF max_queued OR TRUNCATE ON batchd.tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.max_queued_changed();
+CREATE TRIGGER configured_limits_max_queued
+    AFTER INSERT OR DELETE OR UPDATE OF max_queued OR TRUNCATE ON batchd.configured_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.max_queued_changed();
+
 -- The INSERT trigger (still once per statement) also refuses jobs past a tenant's max_queued. It costs
 -- nothing more while no limit is set anywhere; with one, it counts the tenant's queue, at most max_queued + 1
 -- rows, under a per-tenant lock: two producers' INSERTs for one tenant are checked one after the other, and
@@ -47,12 +73,14 @@ CREATE INDEX jobs_queued_tenant ON batchd.jobs (tenant_id, seq) WHERE status = '
 CREATE OR REPLACE FUNCTION batchd.jobs_inserted() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    wake batchd.wakeup;
+    armed boolean;
+    wake_seq bigint;
+    limited boolean;
     tenant record;
     queued bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM batchd.configured_limits WHERE max_queued IS NOT NULL)
-       OR EXISTS (SELECT 1 FROM batchd.tenants WHERE max_queued IS NOT NULL) THEN
+    SELECT w.armed, w.wake_seq, w.queue_limited INTO armed, wake_seq, limited FROM batchd.wakeup AS w;
+    IF limited THEN
         FOR tenant IN
             SELECT n.tenant_id, l.max_queued
               FROM (SELECT DISTINCT new_jobs.tenant_id FROM new_jobs WHERE new_jobs.status = 'queued') AS n
@@ -73,10 +101,11 @@ BEGIN
                                  || tenant.tenant_id || ' --max-queued N (or [tenants] in batchd.toml).';
             END IF;
         END LOOP;
+        -- Read again: the flusher may have armed the trigger while this one waited for a tenant's lock.
+        SELECT w.armed, w.wake_seq INTO armed, wake_seq FROM batchd.wakeup AS w;
     END IF;
-    SELECT * INTO wake FROM batchd.wakeup;
-    IF wake.armed OR EXISTS (
-        SELECT 1 FROM new_jobs WHERE new_jobs.seq >= wake.wake_seq OR new_jobs.deadline IS NOT NULL
+    IF armed OR EXISTS (
+        SELECT 1 FROM new_jobs WHERE new_jobs.seq >= wake_seq OR new_jobs.deadline IS NOT NULL
     ) THEN
         PERFORM pg_notify('batchd_jobs', '');
     END IF;

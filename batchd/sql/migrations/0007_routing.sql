@@ -95,12 +95,14 @@ $$;
 CREATE OR REPLACE FUNCTION batchd.jobs_inserted() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    wake batchd.wakeup;
+    armed boolean;
+    wake_seq bigint;
+    limited boolean;
     tenant record;
     queued bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM batchd.configured_limits WHERE max_queued IS NOT NULL)
-       OR EXISTS (SELECT 1 FROM batchd.tenants WHERE max_queued IS NOT NULL) THEN
+    SELECT w.armed, w.wake_seq, w.queue_limited INTO armed, wake_seq, limited FROM batchd.wakeup AS w;
+    IF limited THEN
         FOR tenant IN
             SELECT n.tenant_id, l.max_queued
               FROM (SELECT DISTINCT new_jobs.tenant_id FROM new_jobs WHERE new_jobs.status = 'queued') AS n
@@ -121,11 +123,12 @@ BEGIN
                                  || tenant.tenant_id || ' --max-queued N (or [tenants] in batchd.toml).';
             END IF;
         END LOOP;
+        -- Read again: the flusher may have armed the trigger while this one waited for a tenant's lock.
+        SELECT w.armed, w.wake_seq INTO armed, wake_seq FROM batchd.wakeup AS w;
     END IF;
-    SELECT * INTO wake FROM batchd.wakeup;
-    IF wake.armed OR EXISTS (
+    IF armed OR EXISTS (
         SELECT 1 FROM new_jobs
-         WHERE new_jobs.seq >= wake.wake_seq OR new_jobs.deadline IS NOT NULL OR new_jobs.route <> 'batch'
+         WHERE new_jobs.seq >= wake_seq OR new_jobs.deadline IS NOT NULL OR new_jobs.route <> 'batch'
     ) THEN
         PERFORM pg_notify('batchd_jobs', '');
     END IF;
