@@ -9,16 +9,53 @@ DATABASE_URL ?= postgresql://postgres@$(PG_HOST):$(PG_PORT)/postgres
 # wall time. PYTEST_WORKERS=0 runs them in this one process.
 PYTEST_WORKERS ?= 3
 
-.PHONY: test demo lint typecheck pytest postgres chromium systemd bench clean
+# requirements.lock pins every package (direct and transitive, with hashes) that the suite last passed with.
+# `make lock` refreshes it with uv (pinned here; it lives in its own venv, never in the project's).
+LOCK := requirements.lock
+UV_VERSION ?= 0.13.10
+TOOLS := .venv-tools
+# `make lock` moves every pin to the newest release pyproject.toml allows; `make lock UPGRADE="--upgrade-package
+# anthropic"` moves only that one (and what it needs); `make lock UPGRADE=` keeps the pins and adds what is new.
+UPGRADE ?= --upgrade
+LATEST_VENV ?= .venv-latest
+# name==version with the name normalized as PyPI does (lower case, - for _ and .), sorted: for comm.
+NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$2}' | sort
 
-$(BIN)/python:
+.PHONY: test test-latest lock demo lint typecheck pytest postgres chromium systemd bench clean
+
+# The venv is built anew from the lock whenever the lock or the project's metadata changes, so nothing left
+# over from an earlier lock survives in it. The project itself goes in without its dependencies (the lock
+# has them) and without build isolation (the locked setuptools builds it).
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-
-# Reinstall only when the project's metadata changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,embedded]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
+
+lock: $(TOOLS)/bin/uv
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra embedded $(UPGRADE) \
+		--universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" -o $(LOCK)
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+# The suite against the newest release of every dependency, in a throwaway venv: drift shows up here, on
+# purpose, before it reaches a fresh machine. Prints which packages differ from the lock; when it passes,
+# `make lock` takes them.
+test-latest: postgres chromium systemd
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -e '.[test,embedded]'
+	@echo "Newer than the lock:"
+	@grep -oE '^[A-Za-z0-9._-]+==[^ ;]+' $(LOCK) | $(NORMALIZE) > $(LATEST_VENV)/locked.txt
+	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | $(NORMALIZE) | grep -v '^pip==' \
+		| comm -13 $(LATEST_VENV)/locked.txt - | sed 's/^/  /'
+	touch $(LATEST_VENV)/.installed  # the venv is ready: the targets below must not rebuild it from the lock
+	$(MAKE) typecheck pytest VENV=$(LATEST_VENV)
 
 test: $(VENV)/.installed postgres lint typecheck pytest
 
@@ -72,4 +109,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/emulator_scale.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache *.egg-info
