@@ -9,9 +9,12 @@ DATABASE_URL ?= postgresql://postgres@$(PG_HOST):$(PG_PORT)/postgres
 # wall time. PYTEST_WORKERS=0 runs them in this one process.
 PYTEST_WORKERS ?= 3
 
-# requirements.lock pins every package (direct and transitive, with hashes) that the suite last passed with.
-# `make lock` refreshes it with uv (pinned here; it lives in its own venv, never in the project's).
+# requirements.lock pins every package (direct and transitive, with hashes) that the suite last passed with;
+# requirements-runtime.lock is its subset that `batchd run` needs (what a production host installs, README).
+# `make lock` refreshes both with uv (pinned here; it lives in its own venv, never in the project's).
 LOCK := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
+LOCK_OPTIONS := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock"
 UV_VERSION ?= 0.13.10
 TOOLS := .venv-tools
 # `make lock` moves every pin to the newest release pyproject.toml allows; `make lock UPGRADE="--upgrade-package
@@ -34,9 +37,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip check
 	touch $@
 
+# The runtime lock is resolved within the full one, so a production host runs exactly the versions tested.
 lock: $(TOOLS)/bin/uv
-	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra embedded $(UPGRADE) \
-		--universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" -o $(LOCK)
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra embedded $(UPGRADE) $(LOCK_OPTIONS) -o $(LOCK)
+	$(TOOLS)/bin/uv pip compile pyproject.toml --constraint $(LOCK) $(LOCK_OPTIONS) -o $(RUNTIME_LOCK)
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)

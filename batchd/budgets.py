@@ -12,11 +12,10 @@ Jobs already in a batch are not stopped: a tenant may end up over its budget by 
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -57,46 +56,7 @@ async def check(db: asyncpg.Pool | Connection, now: datetime | None = None) -> C
     return Checked(failed=row["failed"], transitions=transitions)
 
 
-# -- `batchd tenant set`: the budget options ---------------------------------------------------------------
-
-CLEAR = "none"
-
-
-def usd(text: str) -> Decimal | None:
-    """A budget in USD (`12.50`), or `none` to remove it."""
-    if text.strip().lower() == CLEAR:
-        return None
-    try:
-        value = Decimal(text.strip().removeprefix("$"))
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"expected an amount in USD or {CLEAR!r}, got {text!r}") from None
-    if not value.is_finite() or value < 0:
-        raise argparse.ArgumentTypeError(f"a budget must be a non-negative amount, got {text!r}")
-    return value
-
-
-_UNSET: Any = object()  # an option not given (None is `none`: remove the budget)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The budget options of `batchd tenant set`."""
-    group = parser.add_argument_group("budgets (USD, per UTC day and month; `none` removes one)")
-    group.add_argument("--budget-day", type=usd, default=_UNSET, metavar="USD", help="the most spent a day")
-    group.add_argument(
-        "--budget-month", type=usd, default=_UNSET, metavar="USD", help="the most spent a month"
-    )
-    group.add_argument(
-        "--over-budget",
-        choices=OVER_BUDGET,
-        default=_UNSET,
-        help="over budget, hold the tenant's queued jobs until the budget allows (default), or fail them",
-    )
-
-
-def given(args: argparse.Namespace) -> bool:
-    return any(
-        getattr(args, key, _UNSET) is not _UNSET for key in ("budget_day", "budget_month", "over_budget")
-    )
+_UNSET: Any = object()  # a setting not given (None removes the budget)
 
 
 async def set_budget(
@@ -121,17 +81,6 @@ async def set_budget(
     await connection.execute(sql("wake_daemons"))
     assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row
     return dict(row)
-
-
-async def apply_arguments(
-    connection: Connection, name: str, args: argparse.Namespace
-) -> dict[str, Any] | None:
-    """Applies the budget options given to `batchd tenant set`; None when none was."""
-    if not given(args):
-        return None
-    return await set_budget(
-        connection, name, day=args.budget_day, month=args.budget_month, over_budget=args.over_budget
-    )
 
 
 def describe(row: dict[str, Any]) -> str:

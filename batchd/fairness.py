@@ -14,7 +14,6 @@ batchd.toml, or the last one to start has its way.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import asyncpg
@@ -25,7 +24,6 @@ from .store import Connection, sql
 
 log = structlog.get_logger("batchd.fairness")
 
-CLEAR = "none"
 DEFAULTS = ""  # batchd.configured_limits' tenant_id for [tenant_defaults]: no job's tenant_id can be empty
 
 
@@ -49,71 +47,27 @@ async def publish(db: asyncpg.Pool | Connection, settings: Settings) -> None:
     log.info("fairness.limits_published", tenants=len(settings.tenants))
 
 
-# -- `batchd tenant set`: the fairness options ------------------------------------------------------------
+_UNSET: Any = object()  # a setting not given (None goes back to batchd.toml's value)
 
 
-def _count(minimum: int, maximum: int | None = None) -> Any:
-    def parse(text: str) -> int | None:
-        if text.strip().lower() == CLEAR:
-            return None
-        try:
-            value = int(text.strip().replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number or {CLEAR!r}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = "" if maximum is None else f" and at most {maximum}"
-            raise argparse.ArgumentTypeError(f"expected at least {minimum}{upper}, got {text!r}")
-        return value
-
-    return parse
-
-
-_UNSET: Any = object()  # an option not given (None is `none`: back to batchd.toml's value)
-_OPTIONS = ("weight", "max_queued", "max_in_flight")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The fairness options of `batchd tenant set`."""
-    group = parser.add_argument_group(
-        "sharing and limits (`none` goes back to batchd.toml's [tenants.NAME] or [tenant_defaults])"
-    )
-    group.add_argument(
-        "--weight",
-        type=_count(1, 10_000),
-        default=_UNSET,
-        metavar="N",
-        help="its share of a batch when several tenants are queued (default 1)",
-    )
-    group.add_argument(
-        "--max-queued",
-        type=_count(0),
-        default=_UNSET,
-        metavar="N",
-        help="the most queued jobs; an INSERT past it is refused by the database",
-    )
-    group.add_argument(
-        "--max-in-flight",
-        type=_count(0),
-        default=_UNSET,
-        metavar="N",
-        help="the most of its requests in open batches; past it its jobs wait",
-    )
-
-
-async def apply_arguments(
-    connection: Connection, name: str, args: argparse.Namespace
-) -> dict[str, Any] | None:
-    """Applies the fairness options given to `batchd tenant set`; None when none was."""
-    values = {key: getattr(args, key, _UNSET) for key in _OPTIONS}
-    if all(value is _UNSET for value in values.values()):
-        return None
+async def set_limits(
+    connection: Connection,
+    name: str,
+    *,
+    weight: int | Any | None = _UNSET,
+    max_queued: int | Any | None = _UNSET,
+    max_in_flight: int | Any | None = _UNSET,
+) -> dict[str, Any]:
+    """Sets what is given (None: back to batchd.toml's value), adding the tenant if new; wakes the daemons,
+    since a higher limit lets jobs go at once. Returns the limits now in force."""
+    values = (weight, max_queued, max_in_flight)
     await connection.execute(
         sql("set_tenant_limits"),
         name,
-        *(None if value is _UNSET else value for value in values.values()),
-        *(value is not _UNSET for value in values.values()),
+        *(None if value is _UNSET else value for value in values),
+        *(value is not _UNSET for value in values),
     )
-    await connection.execute(sql("wake_daemons"))  # a higher limit lets jobs go at once
+    await connection.execute(sql("wake_daemons"))
     return await limits_of(connection, name)
 
 

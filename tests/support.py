@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -266,17 +267,43 @@ def daemon_env() -> dict[str, str]:
     return env
 
 
+# How tests start the command line: this environment's batchd, as a module. tests/test_wheel.py passes the
+# console script of a wheel installed elsewhere instead.
+BATCHD = (sys.executable, "-m", "batchd")
+
+
+@asynccontextmanager
+async def running_emulator(*args: str, batchd: Sequence[str] = BATCHD) -> AsyncIterator[str]:
+    """Starts `batchd emulator --port 0 ARGS`, yields its URL from the `emulator.listening` log line; at the
+    end, SIGTERM must stop it cleanly (killed if it does not, or if the block failed)."""
+    process = await asyncio.create_subprocess_exec(
+        *batchd, "emulator", "--port", "0", *args, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        event = json.loads(line)
+        assert event["event"] == "emulator.listening", event
+        yield event["url"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+        rest = (await process.stderr.read()).decode()
+        assert "emulator.stopped" in rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 @asynccontextmanager
 async def daemon_process(
-    config: Path, log: Path, env: dict[str, str] | None = None
+    config: Path, log: Path, env: dict[str, str] | None = None, batchd: Sequence[str] = BATCHD
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`batchd run` as a process, its log in a file (a pipe nobody reads would fill and stall it);
     killed if still running when the block ends. `env` is its whole environment (default: daemon_env())."""
     with log.open("ab") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
+            *batchd,
             "run",
             "--config",
             str(config),

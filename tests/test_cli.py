@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anthropic
 import asyncpg
 import pytest
 from conftest import SERVER_URL
-from support import request, run_python
+from support import request, run_python, running_emulator
 
 EX_CONFIG = 78
 REPOSITORY_CONFIG = Path(__file__).resolve().parent.parent / "batchd.toml"
-
-
-@asynccontextmanager
-async def running_emulator(*args: str) -> AsyncIterator[str]:
-    """Starts `batchd emulator --port 0 ARGS`, yields its URL from the `emulator.listening` log line."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd", "emulator", "--port", "0", *args, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    try:
-        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
-        event = json.loads(line)
-        assert event["event"] == "emulator.listening", event
-        yield event["url"]
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), timeout=10) == 0
-        rest = (await process.stderr.read()).decode()
-        assert "emulator.stopped" in rest
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def run_batchd(
@@ -127,6 +100,63 @@ async def test_bad_options_are_refused_by_the_parser() -> None:
     code, _, err = await run_batchd("emulator", "--faults", "{nope")
     assert code == 2
     assert "--faults is not JSON" in err
+
+
+# What `batchd --help` and `--version` may load before answering: the standard library and batchd/__init__.
+# The rest waits for the command that needs it (bench/cli_start.py measures the time; this keeps the cause).
+HEAVY = ("anthropic", "aiohttp", "asyncpg", "pydantic", "pydantic_settings", "structlog", "prometheus_client")
+PROBE = """
+import json, sys
+from batchd import cli
+try:
+    code = cli.main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps([code, sorted(name for name in {heavy!r} if name in sys.modules)]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "allowed"),
+    [
+        (["--version"], []),
+        (["--help"], []),
+        (["status", "--help"], []),
+        (["report", "--help"], []),
+        (["tenant", "set", "--help"], []),
+        # A command that reads the database needs its driver, its settings and its log, never the SDK.
+        (["status"], ["asyncpg", "pydantic", "pydantic_settings", "structlog"]),
+        (["tenant", "list"], ["asyncpg", "pydantic", "pydantic_settings", "structlog"]),
+        (["report"], ["asyncpg", "pydantic", "pydantic_settings", "structlog"]),
+    ],
+)
+async def test_a_command_imports_only_what_it_needs(
+    argv: list[str], allowed: list[str], database_url: str
+) -> None:
+    env = {**os.environ, "BATCHD_DATABASE__URL": database_url}
+    code, out, err = await run_python("-c", PROBE.format(argv=argv, heavy=HEAVY), env=env)
+    assert code == 0, err
+    status, loaded = json.loads(out.strip().splitlines()[-1])
+    assert status == 0, f"batchd {' '.join(argv)} failed: {err}"
+    assert set(loaded) <= set(allowed), f"batchd {' '.join(argv)} imported {loaded}"
+
+
+def test_the_parsers_choices_are_the_modules_own() -> None:
+    """The parser lists some values itself, to build without importing the modules that own them."""
+    from batchd import budgets, cli, report  # noqa: PLC0415 - the point is when they load
+
+    assert set(cli.OVER_BUDGET) == set(budgets.OVER_BUDGET)
+    assert set(cli.REPORT_FORMATS) == set(report.RENDER) == set(report.RENDER_CACHE)
+
+
+async def test_version_is_the_packages_one() -> None:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    import batchd  # noqa: PLC0415
+
+    code, out, _ = await run_batchd("--version")
+    assert code == 0
+    assert out.strip() == f"batchd {batchd.__version__}" == f"batchd {version('batchd')}"
 
 
 @pytest.mark.slow

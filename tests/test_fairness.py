@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from argparse import Namespace
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -75,9 +74,7 @@ async def test_ten_jobs_are_not_put_behind_twenty_thousand(db: Any) -> None:
 async def test_weights_from_config_and_tenant_set_share_a_batch(db: Any) -> None:
     await fairness.publish(db, settings(tenants={"gold": {"weight": 3}, "silver": {"weight": 5}}))
     # `batchd tenant set` wins over batchd.toml: silver is 2, not 5.
-    await fairness.apply_arguments(
-        db, "silver", Namespace(weight=2, max_queued=fairness._UNSET, max_in_flight=fairness._UNSET)
-    )
+    await fairness.set_limits(db, "silver", weight=2)
     for tenant in ("gold", "silver", "bronze"):
         await insert_many(db, tenant, 1_000)
     counts = Counter(job["tenant_id"] for job in await claimed(db, 600))
@@ -252,13 +249,9 @@ async def test_max_queued_refuses_the_insert_with_a_clear_message(db: Any) -> No
     )
     await insert_many(db, "acme", 5)
     # `batchd tenant set` wins over batchd.toml, and `none` goes back to it.
-    await fairness.apply_arguments(
-        db, "acme", Namespace(weight=fairness._UNSET, max_queued=200, max_in_flight=fairness._UNSET)
-    )
+    await fairness.set_limits(db, "acme", max_queued=200)
     await insert_many(db, "acme", 100)
-    await fairness.apply_arguments(
-        db, "acme", Namespace(weight=fairness._UNSET, max_queued=None, max_in_flight=fairness._UNSET)
-    )
+    await fairness.set_limits(db, "acme", max_queued=None)
     with pytest.raises(asyncpg.exceptions.ConfigurationLimitExceededError):
         await insert_many(db, "acme", 1)
 
@@ -272,10 +265,9 @@ async def test_no_limit_anywhere_means_no_count(db: Any) -> None:
 async def test_the_insert_trigger_knows_at_once_when_a_limit_comes_or_goes(db: Any) -> None:
     # The trigger reads "is any max_queued set?" from batchd.wakeup; each road that sets or clears one
     # must keep it true.
-    unset = fairness._UNSET
     await fairness.publish(db, settings())
     await insert_many(db, "acme", 3)
-    await fairness.apply_arguments(db, "acme", Namespace(weight=unset, max_queued=3, max_in_flight=unset))
+    await fairness.set_limits(db, "acme", max_queued=3)
     with pytest.raises(asyncpg.exceptions.ConfigurationLimitExceededError):
         await insert_many(db, "acme", 1)
     await db.execute("UPDATE batchd.tenants SET max_queued = NULL")
