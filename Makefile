@@ -21,10 +21,11 @@ TOOLS := .venv-tools
 # anthropic"` moves only that one (and what it needs); `make lock UPGRADE=` keeps the pins and adds what is new.
 UPGRADE ?= --upgrade
 LATEST_VENV ?= .venv-latest
+OLDEST_VENV ?= .venv-oldest
 # name==version with the name normalized as PyPI does (lower case, - for _ and .), sorted: for comm.
 NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$2}' | sort
 
-.PHONY: test test-latest lock demo lint typecheck pytest postgres chromium systemd bench clean
+.PHONY: test test-latest test-oldest lock dist demo lint typecheck pytest postgres chromium systemd bench clean
 
 # The venv is built anew from the lock whenever the lock or the project's metadata changes, so nothing left
 # over from an earlier lock survives in it. The project itself goes in without its dependencies (the lock
@@ -60,6 +61,25 @@ test-latest: postgres chromium systemd
 		| comm -13 $(LATEST_VENV)/locked.txt - | sed 's/^/  /'
 	touch $(LATEST_VENV)/.installed  # the venv is ready: the targets below must not rebuild it from the lock
 	$(MAKE) typecheck pytest VENV=$(LATEST_VENV)
+
+# The suite against the lowest release of each direct dependency that pyproject.toml allows (their own
+# dependencies as new as those allow): the lower bounds are claims, and this checks them. Only pytest: the
+# oldest ruff and mypy allowed lint and type-check differently, which says nothing about batchd at run time.
+test-oldest: $(TOOLS)/bin/uv postgres chromium systemd
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra embedded --resolution lowest-direct \
+		--python-version 3.11 --quiet -o $(OLDEST_VENV)/requirements.txt
+	@echo "Resolved: $(OLDEST_VENV)/requirements.txt"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -r $(OLDEST_VENV)/requirements.txt
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(OLDEST_VENV)/.installed
+	$(MAKE) pytest VENV=$(OLDEST_VENV)
+
+# The sdist and the wheel, in dist/ (the build backend is the locked setuptools: no build isolation).
+dist: $(VENV)/.installed
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
 
 test: $(VENV)/.installed postgres lint typecheck pytest
 
@@ -113,4 +133,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/emulator_scale.py
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(TOOLS) dist build .mypy_cache .pytest_cache .ruff_cache *.egg-info
