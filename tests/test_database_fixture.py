@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
+
+# The second test looks for what the first left in the module's database: both must run in one worker, in
+# order (`make pytest` distributes with --dist loadgroup; plain `load` may split a module between workers).
+pytestmark = pytest.mark.xdist_group("database_fixture")
 
 
 async def test_each_module_gets_its_own_fresh_database(database_url: str, database_template: str) -> None:

@@ -8,6 +8,7 @@ import aiohttp
 import anthropic
 import httpx2
 import pytest
+from packaging.version import Version
 from support import EmulatorHandle, request
 
 from batchd.emulator import EmulatorConfig, FaultPlan, HttpFault
@@ -167,9 +168,10 @@ async def test_a_results_download_that_breaks_off_midway(
             await decoder.close()
 
     # The SDK does not retry a stream that broke after it started. Since anthropic 2.17 its JSONL decoder
-    # wraps the transport's error (before, httpx2.RemoteProtocolError came through as it was); the lock pins
-    # 2.17, and batchd, which reads the raw body, handles both (tests/test_sdk_errors.py).
-    with pytest.raises(anthropic.APIConnectionError) as raised:
+    # wraps the transport's error; before, httpx2.RemoteProtocolError came through as it was. batchd, which
+    # reads the raw body, handles both (tests/test_sdk_errors.py); this pins which one each SDK raises.
+    wrapped = Version(anthropic.__version__) >= Version("2.17")
+    with pytest.raises(anthropic.APIConnectionError if wrapped else httpx2.RemoteProtocolError) as raised:
         await read_all()
     assert "peer closed connection" in str(raised.value)
     assert 0 < len(received) <= 1000

@@ -233,6 +233,7 @@ def expected_job_status(server: Server, seen_as: str | None, text: str) -> int:
 # headers no control characters (those the parser refuses, tested apart).
 url_text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
 header_text = st.text(st.characters(blacklist_categories=["Cs", "Cc"]), max_size=40)
+jsonb_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40)
 FULLWIDTH = str.maketrans("0123456789", "".join(chr(0xFF10 + digit) for digit in range(10)))
 
 
@@ -398,7 +399,9 @@ metadata_texts = st.one_of(
             header_text,
         ),
         lambda children: st.one_of(
-            st.lists(children, max_size=3), st.dictionaries(url_text, children, max_size=3)
+            # Keys of any text PostgreSQL's jsonb can hold (never \u0000, which no producer can insert).
+            st.lists(children, max_size=3),
+            st.dictionaries(jsonb_text, children, max_size=3),
         ),
         max_leaves=8,
     ).map(lambda value: json.dumps(value, ensure_ascii=False)),
