@@ -218,7 +218,9 @@ def create_app(
     if metrics is not None:
         app[METRICS] = metrics
         app.router.add_get("/metrics", scrape)
-    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    # Any segment reaches get_job, which reads every spelling uuid.UUID does and answers 404 in JSON for the
+    # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.
+    app.router.add_get("/v1/jobs/{job_id:[^/]+}", get_job)
     app.router.add_get("/v1/overview", overview)
     app.router.add_get("/v1/session", who_am_i)
     app.router.add_post("/v1/session", start_session)

@@ -59,10 +59,16 @@ async def test_a_tenant_sees_its_own_job_and_not_another_tenants(db: Any, api: s
     assert body["metadata"] == {"user": 7}
     assert body["status"] in {"queued", "failed"}
 
-    for missing in (other, uuid.uuid4(), "not-a-uuid"):
+    for missing in (other, uuid.uuid4(), "not-a-uuid", "%7Bnot-a-uuid%7D"):
         status, body, _ = await get(f"{api}/v1/jobs/{missing}", token=acme)
         assert status == 404, "another tenant's job looks exactly like one that does not exist"
         assert body["error"]["message"] == "no such job"
+
+    # Every spelling uuid.UUID reads is the same job, braces included: aiohttp's default {job_id} pattern
+    # refuses a segment with a brace, which answered a plain-text 404 the handler never saw.
+    for spelling in (str(own).upper(), own.hex, f"urn:uuid:{own}", f"%7B{own}%7D"):
+        status, body, _ = await get(f"{api}/v1/jobs/{spelling}", token=acme)
+        assert (status, body["id"]) == (200, str(own)), spelling
 
 
 async def test_no_token_a_bad_one_or_a_revoked_one_is_401(db: Any, api: str) -> None:

@@ -69,11 +69,11 @@ async def test_a_results_body_broken_midway_is_a_connection_error_to_batchd(
 
 def test_both_shapes_of_a_broken_body_count_as_connection_errors() -> None:
     """What 2.16 raised (the transport's error) and what 2.17 raises (the SDK's, the transport's as its
-    cause), built the way the SDK builds them."""
+    cause)."""
     http_request = httpx2.Request("GET", "http://127.0.0.1/v1/messages/batches/x/results")
     transport = httpx2.RemoteProtocolError("peer closed connection", request=http_request)
-    wrapped = anthropic.AsyncAnthropic(api_key="k")._make_connection_error(http_request, transport)
-    assert isinstance(wrapped, anthropic.APIConnectionError)
+    wrapped = anthropic.APIConnectionError(message="Connection failed: peer closed", request=http_request)
+    wrapped.__cause__ = transport
     for error in (transport, wrapped):
         assert isinstance(error, CONNECTION_ERRORS)
         assert call_status(error) == "connection_error"
