@@ -1,7 +1,7 @@
-"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up), the
-tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py), `/metrics`
-(Prometheus, admin token only: it names every tenant) and the dashboard itself at `/` (static files from
-batchd/dashboard/).
+"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up; both without a
+token, so they reveal nothing but that), the tenant-scoped API under `/v1/` (jobs, the dashboard's
+overview, the SSE stream of sse.py), `/metrics` (Prometheus, admin token only: it names every tenant) and
+the dashboard itself at `/` (static files from batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.exposition import choose_encoder
@@ -27,6 +28,7 @@ from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
 
+log = structlog.get_logger("batchd.server")
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
@@ -104,11 +106,15 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready, or which dependency is not. Anyone may ask (load balancers and health checks send no token),
+    so the answer names the dependency and nothing of it: the driver's error would show the database's
+    host, port, role or database name. That goes to the log."""
     problems = []
     try:
         await request.app[POOL].fetchval(sql("db_now"), timeout=2)
     except DB_ERRORS as error:
-        problems.append(f"database: {error}")
+        log.warning("readyz.database_error", error=str(error) or type(error).__name__)
+        problems.append("database: unavailable")
     if not request.app[READY_CHECK]():
         problems.append("listener: not connected")
     if problems:
