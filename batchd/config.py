@@ -165,6 +165,12 @@ class HttpSettings(_Section):
         description="mark the dashboard's cookie Secure; unset: when the request came over HTTPS (set true "
         "behind a proxy that terminates TLS)",
     )
+    session_max_age_s: int = Field(
+        default=43_200,
+        ge=60,
+        description="how long a browser keeps the dashboard's cookie (Max-Age); then the page asks for the "
+        "token again",
+    )
 
 
 class TenantLimits(_Section):

@@ -230,6 +230,7 @@ class Daemon:
             hub,
             self.settings.http.secure_cookie,
             metrics=self.metrics,
+            session_max_age_s=self.settings.http.session_max_age_s,
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
