@@ -3,7 +3,9 @@
 The file is found by `--config`, else `$BATCHD_CONFIG`, else `./batchd.toml`. Any key can be overridden by
 an environment variable `BATCHD_<SECTION>__<KEY>` (for example `BATCHD_BATCHING__MAX_WAIT_S=30`). The API
 key is never in the file: it comes from `ANTHROPIC_API_KEY`, from `[anthropic] api_key_file`, or from the
-credential `anthropic-api-key` that systemd's `LoadCredential=` puts in `$CREDENTIALS_DIRECTORY`.
+credential `anthropic-api-key` that systemd's `LoadCredential=` puts in `$CREDENTIALS_DIRECTORY`. The admin
+token comes the same three ways: `BATCHD_ADMIN_TOKEN`, `[http] admin_token_file`, the credential
+`admin-token`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_MAX_REQUESTS = 100_000
 API_MAX_BYTES = 256_000_000
 CREDENTIAL_NAME = "anthropic-api-key"
+ADMIN_TOKEN_ENV = "BATCHD_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+ADMIN_CREDENTIAL_NAME = "admin-token"
+# The admin token sees every tenant: one this short could be guessed, from any of its three sources.
+ADMIN_TOKEN_MIN_LENGTH = 16
 # The prompt cache's TTLs, as cache_control's `ttl` spells them (anthropic.types.CacheControlEphemeralParam).
 CACHE_TTLS = ("5m", "1h")
 
@@ -158,6 +164,12 @@ class HttpSettings(_Section):
         default=None,
         description="mark the dashboard's cookie Secure; unset: when the request came over HTTPS (set true "
         "behind a proxy that terminates TLS)",
+    )
+    session_max_age_s: int = Field(
+        default=43_200,
+        ge=60,
+        description="how long a browser keeps the dashboard's cookie (Max-Age); then the page asks for the "
+        "token again",
     )
 
 
@@ -318,19 +330,38 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def admin_token(settings: Settings) -> SecretStr | None:
-    """The admin token, which sees every tenant: $BATCHD_ADMIN_TOKEN, or [http] admin_token_file."""
-    from_env = os.environ.get("BATCHD_ADMIN_TOKEN")
+    """The admin token, which sees every tenant, from the first place that has one: $BATCHD_ADMIN_TOKEN,
+    [http] admin_token_file, then the systemd credential admin-token. None of them: there is no admin (a
+    credentials directory without admin-token is no error: the API key's credential may be all it holds)."""
+    from_env = os.environ.get(ADMIN_TOKEN_ENV)
     if from_env:
-        return SecretStr(from_env.strip())
+        return _admin_token(ADMIN_TOKEN_ENV, "the variable", from_env)
     path = settings.http.admin_token_file
-    if path is None:
+    if path is not None:
+        try:
+            return _admin_token("http.admin_token_file", str(path), path.read_text())
+        except OSError as error:
+            raise ConfigError(f"http.admin_token_file: cannot read {path}: {error.strerror}") from None
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not credentials:
         return None
+    path = Path(credentials) / ADMIN_CREDENTIAL_NAME
+    source = f"the systemd credential {ADMIN_CREDENTIAL_NAME} ($CREDENTIALS_DIRECTORY)"
     try:
-        token = path.read_text().strip()
+        return _admin_token(source, str(path), path.read_text())
+    except FileNotFoundError:
+        return None
     except OSError as error:
-        raise ConfigError(f"http.admin_token_file: cannot read {path}: {error.strerror}") from None
-    if len(token) < 16:
-        raise ConfigError(f"http.admin_token_file: {path} holds a token shorter than 16 characters")
+        raise ConfigError(f"{source}: cannot read {path}: {error.strerror}") from None
+
+
+def _admin_token(source: str, holder: str, text: str) -> SecretStr:
+    token = text.strip()
+    if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+        raise ConfigError(
+            f"{source}: {holder} holds a token shorter than {ADMIN_TOKEN_MIN_LENGTH} characters "
+            "(make one with `openssl rand -hex 32`)"
+        )
     return SecretStr(token)
 
 

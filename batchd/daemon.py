@@ -73,7 +73,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""
         settings = self.settings
-        key = self._api_key or api_key(settings).get_secret_value()
+        key, admin = self._secrets()
         stop = stop or _stop_on_signals()
         pool = await store.create_pool(
             settings.database.url,
@@ -103,7 +103,7 @@ class Daemon:
                 await hub.start()
             tasks, listener, supervisor = self._start_parts(ctx, hub, notifier)
             if hub is not None:
-                runner = await self._start_http(pool, listener, hub)
+                runner = await self._start_http(pool, listener, hub, admin)
             await listener.connected.wait()
             _freeze_startup_objects()
             self.ready.set()
@@ -209,9 +209,19 @@ class Daemon:
             stop.set()
             await asyncio.wait_for(task, timeout=SHUTDOWN_TIMEOUT_S + 5)
 
-    async def _start_http(self, pool: asyncpg.Pool, listener: Listener, hub: EventHub) -> web.AppRunner:
+    def _secrets(self) -> tuple[str, str | None]:
+        """The API key and the admin token (None: no admin), each the one given or else the configured one.
+        Read before anything connects: a bad one is a configuration error (exit 78) whether or not the
+        database answers. The admin token is read only when there is an HTTP server to use it."""
+        key = self._api_key or api_key(self.settings).get_secret_value()
+        if self._admin_token or not self.serve_http:
+            return key, self._admin_token
         configured = admin_token(self.settings)
-        admin = self._admin_token or (configured.get_secret_value() if configured else None)
+        return key, configured.get_secret_value() if configured else None
+
+    async def _start_http(
+        self, pool: asyncpg.Pool, listener: Listener, hub: EventHub, admin: str | None
+    ) -> web.AppRunner:
         self.metrics.hub = hub
         app = create_app(
             pool,
@@ -220,6 +230,7 @@ class Daemon:
             hub,
             self.settings.http.secure_cookie,
             metrics=self.metrics,
+            session_max_age_s=self.settings.http.session_max_age_s,
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).

@@ -104,6 +104,15 @@ class Ledger:
     job_types: dict[str, Billed] = field(default_factory=dict)  # job type ("": raw requests)
 
 
+class _ProcessCollector(ProcessCollector):
+    """prometheus_client's `process_*` metrics, with the boot time (which start_time_seconds adds to the
+    process's start tick) taken from the clocks. The library reads it from /proc/stat, which the unit's
+    ProcSubset=pid hides; without it the library exports none of the metrics, silently."""
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -183,7 +192,7 @@ class Metrics:
         registry.register(_DatabaseCollector(self))
         registry.register(_LedgerCollector(self))
         registry.register(_HubCollector(self))
-        ProcessCollector(registry=registry)
+        _ProcessCollector(registry=registry)
         self.hub: EventHub | None = None
         self.snapshot: Snapshot | None = None
         self.snapshot_queries = 0

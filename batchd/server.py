@@ -1,7 +1,7 @@
-"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up), the
-tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py), `/metrics`
-(Prometheus, admin token only: it names every tenant) and the dashboard itself at `/` (static files from
-batchd/dashboard/).
+"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up; both without a
+token, so they reveal nothing but that), the tenant-scoped API under `/v1/` (jobs, the dashboard's
+overview, the SSE stream of sse.py), `/metrics` (Prometheus, admin token only: it names every tenant) and
+the dashboard itself at `/` (static files from batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -17,20 +17,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.exposition import choose_encoder
 
+from .config import HttpSettings
 from .events import EventHub
 from .metrics import Metrics
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
 
+log = structlog.get_logger("batchd.server")
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
 SECURE_COOKIE: web.AppKey[bool | None] = web.AppKey("secure_cookie")
+SESSION_MAX_AGE_S: web.AppKey[int] = web.AppKey("session_max_age_s")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
@@ -104,11 +108,15 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready, or which dependency is not. Anyone may ask (load balancers and health checks send no token),
+    so the answer names the dependency and nothing of it: the driver's error would show the database's
+    host, port, role or database name. That goes to the log."""
     problems = []
     try:
         await request.app[POOL].fetchval(sql("db_now"), timeout=2)
     except DB_ERRORS as error:
-        problems.append(f"database: {error}")
+        log.warning("readyz.database_error", error=str(error) or type(error).__name__)
+        problems.append("database: unavailable")
     if not request.app[READY_CHECK]():
         problems.append("listener: not connected")
     if problems:
@@ -176,7 +184,10 @@ async def no_cache_by_default(_request: web.Request, response: web.StreamRespons
 
 async def start_session(request: web.Request) -> web.Response:
     """Turns the token the request authenticated with into an HttpOnly cookie, so that the dashboard's
-    EventSource (which cannot send headers) is authenticated without a token in its URL."""
+    EventSource (which cannot send headers) is authenticated without a token in its URL. The cookie holds
+    the token itself: scripts cannot read it (HttpOnly), other sites cannot send it (SameSite=Strict), it
+    crosses the network only over HTTPS when it came so (Secure), and a browser drops it after Max-Age, so
+    a forgotten browser is not signed in for good."""
     response = await who_am_i(request)
     response.set_cookie(
         TOKEN_COOKIE,
@@ -185,6 +196,7 @@ async def start_session(request: web.Request) -> web.Response:
         samesite="Strict",
         secure=request.secure if request.app[SECURE_COOKIE] is None else request.app[SECURE_COOKIE],
         path="/",
+        max_age=request.app[SESSION_MAX_AGE_S],
     )
     return response
 
@@ -207,12 +219,14 @@ def create_app(
     secure_cookie: bool | None = None,
     *,
     metrics: Metrics | None = None,
+    session_max_age_s: int = HttpSettings().session_max_age_s,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
     app[READY_CHECK] = ready
     app[ADMIN_TOKEN] = admin_token
     app[SECURE_COOKIE] = secure_cookie
+    app[SESSION_MAX_AGE_S] = session_max_age_s
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if metrics is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -336,3 +338,60 @@ def log_events(log: Path) -> Counter[str]:
         except (ValueError, KeyError, TypeError):
             continue
     return events
+
+
+# -- the units' sandbox, as far as a test can build it without systemd ---------------------------------------
+
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+# Runs a command under the kernel's MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3+), which is what the
+# unit's MemoryDenyWriteExecute=yes asks systemd for: no writable-and-executable memory, no mapping made
+# executable later. Inherited across exec.
+UNDER_MDWE = f"""
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
+    sys.exit("PR_SET_MDWE failed: errno " + str(ctypes.get_errno()))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def kernel_has_mdwe() -> bool:
+    return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0)
+
+
+# PrivateUsers=yes: a user namespace mapping only the service's own user (to itself); PID and mount
+# namespaces with a /proc of the process's own alone (ProtectProc=invisible, ProcSubset=pid). Making them
+# takes root (or unprivileged user namespaces); --kill-child takes the command down with unshare.
+IN_UNIT_NAMESPACES = (
+    "unshare",
+    "--user",
+    "--map-current-user",
+    "--pid",
+    "--mount",
+    "--fork",
+    "--kill-child",
+    "sh",
+    "-c",
+    'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"',
+    "sh",
+)
+
+
+def unit_sandbox_unavailable() -> str | None:
+    """Why this machine cannot build the units' namespaces (None: it can)."""
+    try:
+        probe = subprocess.run(
+            [*IN_UNIT_NAMESPACES, "test", "!", "-e", "/proc/stat"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        return "no unshare (util-linux)"
+    return None if probe.returncode == 0 else f"unshare failed: {probe.stderr.strip()}"
+
+
+def in_unit_sandbox(argv: list[str]) -> list[str]:
+    """`argv` (a Python command line) run as deploy/batchd.service would confine it, as far as the parts
+    above go, and under MemoryDenyWriteExecute when the kernel can."""
+    command = [sys.executable, "-c", UNDER_MDWE, *argv] if kernel_has_mdwe() else argv
+    return [*IN_UNIT_NAMESPACES, *command]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,9 +13,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import EmulatorHandle, daemon_config, daemon_env, run_python
+from support import EmulatorHandle, daemon_config, daemon_env, daemon_process, run_python, wait_until
 
 from batchd import tenants
+from batchd.config import (
+    ADMIN_CREDENTIAL_NAME,
+    ADMIN_TOKEN_MIN_LENGTH,
+    CREDENTIAL_NAME,
+    ConfigError,
+    Settings,
+    admin_token,
+)
 from batchd.daemon import Daemon
 
 ADMIN_TOKEN = "admin-" + "x" * 32
@@ -141,6 +152,135 @@ async def test_a_missing_empty_or_short_admin_token_file_stops_batchd_run_with_e
         assert "configuration error: http.admin_token_file: " in err, err
         assert str(path) in err, err
         assert problem in err, err
+
+
+def credentials_directory(path: Path, **credentials: str) -> Path:
+    """A directory as systemd's LoadCredential= makes it: one file per credential, named by its id."""
+    path.mkdir(mode=0o700)
+    for name, value in credentials.items():
+        (path / name.replace("_", "-")).write_text(value + "\n")
+    return path
+
+
+def without_secrets(env: dict[str, str]) -> dict[str, str]:
+    """The environment with no API key, admin token or credentials directory of the test's own."""
+    return {
+        key: value
+        for key, value in env.items()
+        if not key.startswith(("BATCHD_", "ANTHROPIC_")) and key != "CREDENTIALS_DIRECTORY"
+    }
+
+
+async def test_the_admin_token_read_from_the_systemd_credential_and_only_it(
+    db: Any, emulator: EmulatorHandle, database_url: str, tmp_path: Path
+) -> None:
+    """`batchd run` as deploy/batchd.service starts it: both secrets in $CREDENTIALS_DIRECTORY, none in the
+    environment. The admin-token credential (its newline stripped) is the admin's token, and nothing else
+    is."""
+    token = "credential-admin-" + uuid.uuid4().hex
+    credentials = credentials_directory(
+        tmp_path / "credentials", anthropic_api_key="test-key", admin_token=token
+    )
+    assert sorted(p.name for p in credentials.iterdir()) == sorted([CREDENTIAL_NAME, ADMIN_CREDENTIAL_NAME])
+    env = {**without_secrets(daemon_env()), "CREDENTIALS_DIRECTORY": str(credentials)}
+    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
+    jobs = [await insert_job(db, "acme"), await insert_job(db, "globex")]
+    log = tmp_path / "daemon.log"
+    async with daemon_process(config, log, env=env) as process:
+
+        def ready() -> list[dict[str, Any]]:
+            lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            return [line for line in lines if line.get("event") == "daemon.ready"]
+
+        async def ready_or_ended() -> bool:
+            return bool(ready()) or process.returncode is not None
+
+        await wait_until(ready_or_ended, timeout=60)
+        assert process.returncode is None, log.read_text()
+        api = ready()[0]["http"]
+        for job in jobs:
+            status, body, _ = await get(f"{api}/v1/jobs/{job}", token=token)
+            assert status == 200
+            assert body["id"] == str(job)
+        status, _, _ = await get(f"{api}/metrics", token=token)
+        assert status == 200, "the admin's token opens /metrics"
+        for bad in (ADMIN_TOKEN, token[:-1], token + "x", "test-key"):
+            status, _, _ = await get(f"{api}/v1/jobs/{jobs[0]}", token=bad)
+            assert status == 401, bad
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    assert token not in log.read_text(), "the token is never logged"
+
+
+def test_the_admin_tokens_sources_in_order_and_one_minimum_for_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """$BATCHD_ADMIN_TOKEN, then [http] admin_token_file, then the credential: the first that is set is
+    the token, the others are not read. Each refuses a token shorter than ADMIN_TOKEN_MIN_LENGTH."""
+    from_env, from_file, from_credential = (f"{source}-{uuid.uuid4().hex}" for source in "efc")
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(from_file + "\n")
+    credentials = credentials_directory(tmp_path / "credentials", admin_token=from_credential)
+    with_file = Settings(http={"admin_token_file": token_file})
+    without_file = Settings()
+
+    def token(settings: Settings) -> str | None:
+        secret = admin_token(settings)
+        return None if secret is None else secret.get_secret_value()
+
+    monkeypatch.delenv("BATCHD_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert token(without_file) is None, "no source: no admin"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert token(without_file) == from_credential
+    assert token(with_file) == from_file
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", from_env)
+    assert token(with_file) == from_env
+    assert token(without_file) == from_env
+
+    # A credentials directory without admin-token (the API key's, say) means no admin, not an error.
+    monkeypatch.delenv("BATCHD_ADMIN_TOKEN")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials_directory(tmp_path / "key-only", x="y")))
+    assert token(without_file) is None
+
+    shortest = "s" * ADMIN_TOKEN_MIN_LENGTH
+    assert ADMIN_TOKEN_MIN_LENGTH == 16
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", shortest)
+    assert token(without_file) == shortest
+    for short in ("x", shortest[1:], f"  {shortest[1:]}\n"):
+        monkeypatch.setenv("BATCHD_ADMIN_TOKEN", short)
+        with pytest.raises(ConfigError, match=r"^BATCHD_ADMIN_TOKEN: .* shorter than 16 characters"):
+            admin_token(without_file)
+
+
+async def test_a_short_admin_token_in_the_environment_or_the_credential_stops_batchd_run_with_exit_78(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The same minimum as admin_token_file's (tested above), with an error naming where the token came
+    from."""
+    config = daemon_config(tmp_path / "batchd.toml", database_url, "http://127.0.0.1:1")
+    base = {**without_secrets(dict(os.environ)), "ANTHROPIC_API_KEY": "test-key"}
+    short = credentials_directory(tmp_path / "short", admin_token="tooshort")
+    empty = credentials_directory(tmp_path / "empty", admin_token="")
+    unreadable = credentials_directory(tmp_path / "unreadable")
+    (unreadable / ADMIN_CREDENTIAL_NAME).mkdir()
+    credential = "configuration error: the systemd credential admin-token ($CREDENTIALS_DIRECTORY): "
+    cases = [
+        ({"BATCHD_ADMIN_TOKEN": "x"}, "configuration error: BATCHD_ADMIN_TOKEN: ", "shorter than 16"),
+        ({"BATCHD_ADMIN_TOKEN": "y" * 15}, "configuration error: BATCHD_ADMIN_TOKEN: ", "shorter than 16"),
+        ({"CREDENTIALS_DIRECTORY": str(short)}, credential + str(short / ADMIN_CREDENTIAL_NAME), "shorter"),
+        ({"CREDENTIALS_DIRECTORY": str(empty)}, credential + str(empty / ADMIN_CREDENTIAL_NAME), "shorter"),
+        ({"CREDENTIALS_DIRECTORY": str(unreadable)}, credential, "cannot read"),
+    ]
+    runs = [
+        run_python("-m", "batchd", "run", "--config", str(config), env={**base, **env}, timeout=30)
+        for env, _, _ in cases
+    ]
+    for (code, _, err), (env, names, problem) in zip(await asyncio.gather(*runs), cases, strict=True):
+        assert code == 78, (env, err)
+        assert names in err, (env, err)
+        assert problem in err, (env, err)
+        assert "tooshort" not in err, "the token itself is never shown"
 
 
 async def test_a_token_in_the_query_or_a_cookie_for_browsers(db: Any, api: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http.cookies import Morsel, SimpleCookie
 from typing import Any
 
 import aiohttp
@@ -146,6 +147,13 @@ async def test_a_tenant_sees_its_own_queue_batches_and_totals_and_the_admin_sees
     assert [(row["tenant_id"], row["succeeded"]) for row in admin["totals"]] == [("acme", 3), ("globex", 1)]
 
 
+def token_cookie(set_cookie: str) -> Morsel[str]:
+    cookies: SimpleCookie = SimpleCookie()
+    cookies.load(set_cookie)
+    assert list(cookies) == ["batchd_token"], set_cookie
+    return cookies["batchd_token"]
+
+
 async def test_the_session_cookie_is_httponly_and_the_pages_files_are_revalidated(
     tokens: dict[str, str], serve: Any
 ) -> None:
@@ -154,10 +162,16 @@ async def test_the_session_cookie_is_httponly_and_the_pages_files_are_revalidate
         async with http.post(f"{url}/v1/session", headers={"Authorization": f"Bearer {tokens['acme']}"}) as r:
             assert r.status == 200
             assert json.loads(await r.text()) == {"tenant": "acme", "admin": False}
-            cookie = r.headers["Set-Cookie"]
-        assert "HttpOnly" in cookie
-        assert "SameSite=Strict" in cookie
-        assert "Secure" not in cookie, "plain HTTP here, and http.secure_cookie unset"
+            (set_cookie,) = r.headers.getall("Set-Cookie")
+        cookie = token_cookie(set_cookie)
+        assert cookie.value == tokens["acme"]
+        assert cookie["httponly"] is True
+        assert cookie["samesite"] == "Strict"
+        assert cookie["path"] == "/"
+        assert cookie["max-age"] == "43200", (
+            "a browser keeps it 12 hours (http.session_max_age_s), not for good"
+        )
+        assert not cookie["secure"], "plain HTTP here, and http.secure_cookie unset"
         async with http.get(f"{url}/v1/session") as r:  # the cookie alone now authenticates
             assert r.status == 200
         async with http.delete(f"{url}/v1/session") as r:
@@ -168,3 +182,22 @@ async def test_the_session_cookie_is_httponly_and_the_pages_files_are_revalidate
             async with http.get(f"{url}{path}") as r:
                 assert r.status == 200, path
                 assert r.headers["Cache-Control"] == "no-cache", path
+
+
+async def test_the_session_cookies_lifetime_and_secure_flag_follow_the_configuration(
+    tokens: dict[str, str], serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHD_HTTP__SESSION_MAX_AGE_S", "600")
+    monkeypatch.setenv("BATCHD_HTTP__SECURE_COOKIE", "true")  # behind a proxy that terminates TLS
+    headers = {"Authorization": f"Bearer {tokens['acme']}"}
+    async with (
+        serve() as (_, url),
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/v1/session", headers=headers) as r,
+    ):
+        assert r.status == 200
+        cookie = token_cookie(r.headers["Set-Cookie"])
+    assert cookie["max-age"] == "600"
+    assert cookie["secure"] is True
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Strict"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sse_support import sse_stream
-from support import EmulatorHandle, insert_raw, log_tail, wait_until
+from support import UNDER_MDWE, EmulatorHandle, insert_raw, kernel_has_mdwe, log_tail, wait_until
 
 from batchd import systemd
 from batchd.systemd import Notifier, socket_address, watchdog_interval
@@ -227,21 +226,6 @@ async def test_run_ends_with_the_status_callables_error(short_dir: Path) -> None
 
 
 # -- `batchd run` under a notify socket ----------------------------------------------------------------------
-
-PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
-# Runs a command under the kernel's MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3+), which is what the
-# unit's MemoryDenyWriteExecute=yes asks systemd for: no writable-and-executable memory, no mapping made
-# executable later. Inherited across exec.
-UNDER_MDWE = f"""
-import ctypes, os, sys
-if ctypes.CDLL(None, use_errno=True).prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
-    sys.exit("PR_SET_MDWE failed: errno " + str(ctypes.get_errno()))
-os.execv(sys.argv[1], sys.argv[1:])
-"""
-
-
-def kernel_has_mdwe() -> bool:
-    return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0)
 
 
 def free_port() -> int:
