@@ -4,7 +4,8 @@ Lines are read as they arrive (the file is never held whole) and applied a chunk
 temporary table, then one UPDATE for the chunk, in one transaction. While the database applies up to two
 chunks, the next is read and parsed, so memory stays at three chunks however large the batch. Only jobs
 still `submitted` in this batch change, so a chunk applied again after a crash changes nothing. Jobs with no
-line in the file are retried.
+line in the file are retried; so are all those not yet applied when the provider no longer has the batch
+(results 404: it vanished, poller.batch_gone). Every write names this process as the batch's lease owner.
 
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
