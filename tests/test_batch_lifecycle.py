@@ -390,7 +390,7 @@ async def test_a_step_that_keeps_failing_is_tried_less_and_less_often(
     await emulator.set_faults(http=[{"endpoint": "results", "status": 500}])
     async with DelayingProxy(emulator.url).running() as proxy:
         settings = daemon_settings(
-            anthropic={"base_url": proxy.url}, daemon={"retry_min_s": low, "retry_max_s": 60}
+            anthropic={"base_url": proxy.url}, daemon={"retry_min_s": low, "retry_max_s": 4}
         )
         async with start_daemon(settings):
             await insert_raw(db, "acme", [f"question {i}" for i in range(10)])
