@@ -103,6 +103,22 @@ class DaemonSettings(_Section):
     reconcile_grace_s: float = Field(
         default=30.0, ge=0, description="wait this long after an unanswered create before listing batches"
     )
+    clock_skew_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how far the provider's clock and ours may disagree; a create that went unanswered (or "
+        "answered 5xx) is sent again only once [anthropic] timeout_s + clock_skew_s have passed since it was "
+        "sent and the provider's list still shows no batch of it",
+    )
+    retry_min_s: float = Field(
+        default=1.0, gt=0, description="a failing step (API or database error) is tried again after this"
+    )
+    retry_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="... then twice as long after each failure in a row, up to this (jittered; reset by a "
+        "success)",
+    )
     isolate_after_s: float = Field(
         default=600.0,
         ge=0,
@@ -110,6 +126,12 @@ class DaemonSettings(_Section):
         "times or more, is halved to find the request the provider cannot take",
     )
     status_interval_s: float = Field(default=5.0, gt=0, description="how often STATUS= is sent to systemd")
+
+    @model_validator(mode="after")
+    def _retry_ordered(self) -> DaemonSettings:
+        if self.retry_min_s > self.retry_max_s:
+            raise ValueError("retry_min_s must not exceed retry_max_s")
+        return self
 
 
 class RoutingSettings(_Section):

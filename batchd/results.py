@@ -4,7 +4,8 @@ Lines are read as they arrive (the file is never held whole) and applied a chunk
 temporary table, then one UPDATE for the chunk, in one transaction. While the database applies up to two
 chunks, the next is read and parsed, so memory stays at three chunks however large the batch. Only jobs
 still `submitted` in this batch change, so a chunk applied again after a crash changes nothing. Jobs with no
-line in the file are retried.
+line in the file are retried; so are all those not yet applied when the provider no longer has the batch
+(results 404: it vanished, poller.batch_gone). Every write names this process as the batch's lease owner.
 
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
@@ -20,12 +21,14 @@ from collections import Counter
 from typing import Any
 from uuid import UUID
 
+import anthropic
 import asyncpg
 import structlog
 
 from . import pricing
 from .context import Context
 from .metrics import result_types
+from .poller import batch_gone
 from .store import Batch, sql
 from .templates import job_id_from
 
@@ -133,49 +136,23 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
     types: Counter[str] = Counter()  # what the provider said of the results this call applied
     vanished = await ctx.pool.fetchval(sql("batch_vanished"), batch.id)
     if not vanished:
-        # Chunks are applied while the next are read, up to IN_FLIGHT_CHUNKS at once on their own
-        # connections, so that reading and parsing (here) and applying (in the database, on every core)
-        # overlap instead of taking turns. Chunks touch disjoint jobs; each is one transaction.
-        applying: set[asyncio.Task[None]] = set()
         try:
-            async with ctx.provider.results(batch.provider_batch_id) as lines:
-                chunk: list[Row] = []
-                raw: list[bytes] = []
-                async for line in lines:
-                    row = classify(line, batch.tag)
-                    if row is None:
-                        foreign += 1
-                        continue
-                    chunk.append(row)
-                    raw.append(line)
-                    if len(chunk) >= chunk_size:
-                        if len(applying) >= IN_FLIGHT_CHUNKS:
-                            done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
-                            for task in done:
-                                task.result()  # a failed chunk stops the apply; it is retried whole
-                        applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
-                        applied += len(chunk)
-                        chunk, raw = [], []
-                if chunk:
-                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
-                    applied += len(chunk)
-                while applying:
-                    done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-        finally:
-            # Stopped or failed with chunks in the database: their transactions roll back, and they are
-            # applied again next time (applying twice changes nothing).
-            for task in applying:
-                task.cancel()
-            for task in applying:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            applied, foreign = await _download(ctx, batch, chunk_size, types)
+        except anthropic.NotFoundError:
+            # Ended, but its copy is gone (deleted behind batchd's back, or its results expired): the same
+            # road as a batch that vanished while running. What was applied stays; the rest is retried.
+            await batch_gone(ctx, batch, "results")
+            vanished = True
     if applied == 0 and foreign > 0:
         raise NotOurBatch(f"{batch.provider_batch_id} holds {foreign} requests, none of batch {batch.tag}")
     missing = await _retry_unreported(ctx, batch, types)
     async with ctx.pool.acquire() as connection, connection.transaction():
-        await connection.execute(sql("finish_batch"), batch.id)
+        if not await connection.fetchval(sql("hold_batch"), batch.id, ctx.instance_id):
+            # Taken over meanwhile (every write above then changed nothing): the new owner finishes it, and
+            # only the owner may delete the provider's copy, which the other may still be reading.
+            bound.warning("batch.lease_lost")
+            return
+        await connection.execute(sql("finish_batch"), batch.id, ctx.instance_id)
         await connection.execute(sql("notify_events"))
     bound.info(
         "batch.applied",
@@ -183,11 +160,57 @@ async def apply_results(ctx: Context, batch: Batch) -> None:
         missing=missing,
         foreign=foreign,
         results=dict(sorted(types.items())),
+        vanished=vanished,
     )
     if ctx.settings.results.delete_after_apply and not vanished:
         await ctx.provider.delete(batch.provider_batch_id)
-        await ctx.pool.execute(sql("provider_copy_deleted"), batch.id)
+        await ctx.pool.execute(sql("provider_copy_deleted"), batch.id, ctx.instance_id)
         bound.info("batch.provider_copy_deleted")
+
+
+async def _download(ctx: Context, batch: Batch, chunk_size: int, types: Counter[str]) -> tuple[int, int]:
+    """Streams the results file and applies it; returns (lines applied, lines of other batches)."""
+    assert batch.provider_batch_id is not None  # noqa: S101 - ended batches always have one
+    applied = foreign = 0
+    # Chunks are applied while the next are read, up to IN_FLIGHT_CHUNKS at once on their own connections,
+    # so that reading and parsing (here) and applying (in the database, on every core) overlap instead of
+    # taking turns. Chunks touch disjoint jobs; each is one transaction.
+    applying: set[asyncio.Task[None]] = set()
+    try:
+        async with ctx.provider.results(batch.provider_batch_id) as lines:
+            chunk: list[Row] = []
+            raw: list[bytes] = []
+            async for line in lines:
+                row = classify(line, batch.tag)
+                if row is None:
+                    foreign += 1
+                    continue
+                chunk.append(row)
+                raw.append(line)
+                if len(chunk) >= chunk_size:
+                    if len(applying) >= IN_FLIGHT_CHUNKS:
+                        done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()  # a failed chunk stops the apply; it is retried whole
+                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
+                    applied += len(chunk)
+                    chunk, raw = [], []
+            if chunk:
+                applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
+                applied += len(chunk)
+            while applying:
+                done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+    finally:
+        # Stopped or failed with chunks in the database: their transactions roll back, and they are applied
+        # again next time (applying twice changes nothing).
+        for task in applying:
+            task.cancel()
+        for task in applying:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    return applied, foreign
 
 
 async def _retry_unreported(ctx: Context, batch: Batch, types: Counter[str]) -> int:
@@ -227,7 +250,7 @@ async def _apply_chunk(
 
 async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:
     """Applies the rows in one transaction; returns how many jobs changed."""
-    return await apply_rows(ctx, rows, RESULT_COLUMNS, batch_id=batch.id, sync_owner=None)
+    return await apply_rows(ctx, rows, RESULT_COLUMNS, batch_id=batch.id, owner=ctx.instance_id)
 
 
 async def apply_rows(
@@ -236,13 +259,13 @@ async def apply_rows(
     columns: list[str],
     *,
     batch_id: UUID | None,
-    sync_owner: str | None,
+    owner: str,
 ) -> int:
     """Applies outcomes in one transaction with the one statement that writes results, the cost ledger,
-    spend and events (queries.sql, apply_results): a batch's (`batch_id`), or the sync path's, for jobs
-    still sent under the lease of `sync_owner` (priced without the batch discount). Returns how many jobs
-    changed."""
-    sync = sync_owner is not None
+    spend and events (queries.sql, apply_results): a batch's (`batch_id`), while `owner` holds its lease,
+    or the sync path's (`batch_id` None), for jobs still sent under the lease of `owner` (priced without the
+    batch discount). Returns how many jobs changed."""
+    sync = batch_id is None
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
         await connection.copy_records_to_table("batchd_results", records=rows, columns=columns)
@@ -252,7 +275,7 @@ async def apply_rows(
             ctx.settings.batching.max_attempts,
             *pricing.sql_params(ctx.settings.pricing, sync=sync),
             "sync" if sync else "batch",
-            sync_owner,
+            owner,
         )
         await connection.execute(sql("notify_events"))
     assert applied is not None  # noqa: S101 - the statement ends in a one-row SELECT

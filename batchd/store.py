@@ -120,6 +120,7 @@ class Batch:
     create_attempts: int
     next_attempt_at: datetime
     wait_s: float  # until next_attempt_at, by the database's clock
+    attempt_age_s: float | None  # since create_attempted_at, by the database's clock
     rejected_provider_ids: list[str]
     provider_deleted_at: datetime | None
 

@@ -6,13 +6,15 @@ recorded, the database says "maybe created". So:
 - an answer with the batch: recorded, the jobs become `submitted`;
 - a refusal the provider surely did not act on (429, 4xx): the attempt is cleared and retried later with
   the same jobs and custom_ids (a 413 splits the batch in two first; a 400 that names a request fails it);
-- no answer (connection lost, timeout, a crash, or a 5xx, which a gateway may send after the work was
-  done): the batch is *reconciled* before anything is sent again. batchd lists the provider's batches made
-  around the attempt, of the batch's size and not already ours. None: the provider never made the batch,
-  and it is safe to send again. Otherwise a candidate is adopted only once it has ended and its results
-  name our batch tag (until then the batch waits: its results would not come sooner); when every
-  candidate has ended and none is ours, it was never made. A batch that is not ours is never adopted,
-  canceled or deleted.
+- no answer (connection lost, timeout, a crash, or a 5xx, which a gateway may send while the API goes on
+  with the request): the batch is *reconciled* before anything is sent again. batchd lists the provider's
+  batches made around the attempt, of the batch's size and not already ours. A candidate is adopted only
+  once it has ended and its results name our batch tag (until then the batch waits: its results would not
+  come sooner). The batch was never made only when no candidate is ours *and* the create's whole window
+  has passed: `anthropic.timeout_s` + `daemon.clock_skew_s` since it was sent, by the database's clock.
+  Until then the create may still land (a gateway answered 502 and passed it on later), so batchd lists
+  again rather than send a second, billed, batch. A batch that is not ours is never adopted, canceled or
+  deleted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncpg
 import structlog
 from anthropic.types.messages import MessageBatch
 
+from .backoff import backoff_s
 from .context import Context
 from .provider import retry_after
 from .store import Batch, sql
@@ -34,8 +37,6 @@ from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, job
 
 log = structlog.get_logger("batchd.submitter")
 
-# How far the provider's clock and ours may disagree when matching a batch to an attempt.
-CLOCK_SKEW = timedelta(seconds=60)
 _REQUEST_INDEX = re.compile(r"requests\.(\d+)")
 _STATUS = re.compile(r"^(\d{3}): ")
 # A create the provider keeps failing (a 500, or a 4xx that names no request) at least this many times, over
@@ -56,7 +57,7 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
     if body is None or await ctx.pool.fetchval(sql("submitting_count"), batch.id) != batch.request_count:
         rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
         if not rows:
-            await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send")
+            await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send", ctx.instance_id)
             bound.info("batch.abandoned", reason="no jobs left to send")
             return
         body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
@@ -81,7 +82,9 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
 
 async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *, adopted: bool) -> None:
     async with ctx.pool.acquire() as connection, connection.transaction():
-        status = await connection.execute(sql("batch_submitted"), batch.id, created.id, adopted)
+        status = await connection.execute(
+            sql("batch_submitted"), batch.id, created.id, adopted, ctx.instance_id
+        )
         await connection.execute(sql("notify_events"))
     if status.split()[-1] != "0":  # "INSERT 0 n": n batch.submitted events, none when it was not pending
         ctx.metrics.submitted(batch.request_count)
@@ -103,7 +106,7 @@ async def _refused(
         # A gateway may answer 5xx after the work was done: treat it as unanswered, and reconcile, no sooner
         # than the provider asked (529 overloaded carries a retry-after).
         wait = max(ctx.settings.daemon.reconcile_grace_s, retry_after(error) or 0.0)
-        await ctx.pool.execute(sql("retry_later"), batch.id, wait, message)
+        await ctx.pool.execute(sql("retry_later"), batch.id, wait, message, ctx.instance_id)
         bound.warning("batch.create_failed_maybe_made", error=message, retry_in_s=wait)
         return
     if error.status_code == 413:
@@ -117,15 +120,16 @@ async def _refused(
     if _isolating(ctx, batch, error.status_code):
         await _isolate(ctx, batch, rows, message)
         return
-    delay = retry_after(error) or _backoff(batch.create_attempts, error.status_code)
-    await ctx.pool.execute(sql("create_refused"), batch.id, delay, message)
+    delay = retry_after(error) or _refused_backoff(ctx, batch.create_attempts, error.status_code)
+    await ctx.pool.execute(sql("create_refused"), batch.id, delay, message, ctx.instance_id)
     bound.warning("batch.create_refused", error=message, retry_in_s=delay)
 
 
-def _backoff(attempts: int, status: int) -> float:
+def _refused_backoff(ctx: Context, attempts: int, status: int) -> float:
+    daemon = ctx.settings.daemon
     if status in (401, 403):
-        return 300.0  # a key or permission problem: an operator must act; do not hammer the API meanwhile
-    return min(300.0, 2.0 ** min(attempts, 8))
+        return daemon.retry_max_s  # a key or permission problem: an operator must act; do not hammer the API
+    return backoff_s(attempts, daemon.retry_min_s, daemon.retry_max_s)
 
 
 def _message(error: anthropic.APIStatusError) -> str:
@@ -145,8 +149,10 @@ def _request_index(message: str) -> int | None:
 async def _fail_one(ctx: Context, batch: Batch, job_id: object, message: str) -> None:
     """The provider named one request as the problem: fail it, send the rest."""
     async with ctx.pool.acquire() as connection, connection.transaction():
+        if not await connection.fetchval(sql("hold_batch"), batch.id, ctx.instance_id):
+            return  # taken over: the new owner decides
         await connection.execute(sql("fail_jobs"), [job_id], [f"refused by the API: {message}"])
-        await connection.execute(sql("shrink_batch"), batch.id)
+        await connection.execute(sql("shrink_batch"), batch.id, ctx.instance_id)
         await connection.execute(sql("notify_events"))
     log.warning("job.failed", job_id=str(job_id), batch_id=str(batch.id), reason=message)
 
@@ -168,7 +174,9 @@ async def _isolate(ctx: Context, batch: Batch, rows: list[asyncpg.Record], messa
     new_id = await _split(ctx, batch, rows, reason)
     if new_id is not None:
         # Each half fails once more before it is halved again: a poisoned batch of n takes log2(n) rounds.
-        await ctx.pool.execute(sql("set_create_attempts"), [batch.id, new_id], ISOLATE_AFTER_ATTEMPTS - 1)
+        await ctx.pool.execute(
+            sql("set_create_attempts"), [batch.id, new_id], ISOLATE_AFTER_ATTEMPTS - 1, ctx.instance_id
+        )
 
 
 async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message: str) -> UUID | None:
@@ -181,6 +189,8 @@ async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message
     moved = rows[half:]
     moved_bytes = sum(len(row["params"].encode()) + ITEM_OVERHEAD for row in moved) + BODY_OVERHEAD
     async with ctx.pool.acquire() as connection, connection.transaction():
+        if not await connection.fetchval(sql("hold_batch"), batch.id, ctx.instance_id):
+            return None  # taken over: the new owner decides
         new_id = await connection.fetchval(
             sql("insert_batch"),
             new_tag(),
@@ -196,6 +206,7 @@ async def _split(ctx: Context, batch: Batch, rows: list[asyncpg.Record], message
             [row["id"] for row in moved],
             batch.bytes - moved_bytes,
             message,
+            ctx.instance_id,
         )
     log.warning("batch.split", batch_id=str(batch.id), new_batch_id=str(new_id), moved=len(moved))
     return UUID(str(new_id))
@@ -205,11 +216,17 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
     """Find out whether an unanswered create made a batch, and act on the answer."""
     assert batch.create_attempted_at is not None  # noqa: S101 - only called for attempted batches
     bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
-    earliest = batch.create_attempted_at - CLOCK_SKEW
-    latest = batch.create_attempted_at + timedelta(seconds=ctx.settings.anthropic.timeout_s) + CLOCK_SKEW
+    skew = timedelta(seconds=ctx.settings.daemon.clock_skew_s)
+    earliest = batch.create_attempted_at - skew
+    latest = batch.create_attempted_at + timedelta(seconds=ctx.settings.anthropic.timeout_s) + skew
+    # Measured before listing: a batch made before the window closed is in a list taken after it closed.
+    window_left = create_window_left(ctx, batch)
     candidates = await _candidates(ctx, batch, earliest, latest)
     if not candidates:
-        # Listed back past the attempt and found nothing of its size: it was never made. Send it again.
+        if window_left > 0:
+            await _look_again(ctx, batch, window_left, "reconciling: the create may still land")
+            return
+        # Listed back past the attempt, after its window, and found nothing of its size: it was never made.
         await _not_made(ctx, batch, "reconciled: the provider made no batch")
         bound.info("batch.reconciled_not_made")
         return
@@ -223,12 +240,39 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
         bound.info("batch.adopted", provider_batch_id=ours.id)
         return
     if all(c.processing_status == "ended" for c in candidates):
+        if window_left > 0:
+            await _look_again(
+                ctx, batch, window_left, "reconciling: none ours yet; the create may still land"
+            )
+            return
         await _not_made(ctx, batch, "reconciled: no batch made was ours")
         bound.info("batch.reconciled_not_made", not_ours=[c.id for c in candidates])
         return
-    wait = max(ctx.settings.polling.min_interval_s, ctx.settings.daemon.reconcile_grace_s, 1.0)
-    await ctx.pool.execute(sql("retry_later"), batch.id, wait, "reconciling: waiting for candidates to end")
+    wait = _reconcile_interval(ctx)
+    await ctx.pool.execute(
+        sql("retry_later"), batch.id, wait, "reconciling: waiting for candidates to end", ctx.instance_id
+    )
     bound.info("batch.reconcile_waiting", candidates=[c.id for c in candidates], retry_in_s=wait)
+
+
+def create_window_left(ctx: Context, batch: Batch) -> float:
+    """Seconds until the last create surely can no longer make a batch: it was sent at create_attempted_at
+    (by the database's clock, as `attempt_age_s` is measured); the SDK gives up on it timeout_s later, and
+    whatever the API does with it is done by then; the skew margin covers clocks and lists that lag."""
+    window = ctx.settings.anthropic.timeout_s + ctx.settings.daemon.clock_skew_s
+    return window - (batch.attempt_age_s or 0.0)
+
+
+def _reconcile_interval(ctx: Context) -> float:
+    return max(ctx.settings.polling.min_interval_s, ctx.settings.daemon.reconcile_grace_s, 1.0)
+
+
+async def _look_again(ctx: Context, batch: Batch, window_left: float, reason: str) -> None:
+    """No batch of ours yet, but the create's window is still open: list again later, and once more just
+    after the window closes."""
+    wait = min(_reconcile_interval(ctx), window_left + 0.1)
+    await ctx.pool.execute(sql("retry_later"), batch.id, wait, reason, ctx.instance_id)
+    log.info("batch.reconcile_window_open", batch_id=str(batch.id), window_left_s=round(window_left, 3))
 
 
 async def _not_made(ctx: Context, batch: Batch, reason: str) -> None:
@@ -240,7 +284,7 @@ async def _not_made(ctx: Context, batch: Batch, reason: str) -> None:
         if rows:
             await _isolate(ctx, batch, rows, last_error)
             return
-    await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, reason)
+    await ctx.pool.execute(sql("create_refused"), batch.id, 0.0, reason, ctx.instance_id)
 
 
 async def _ours_among(ctx: Context, batch: Batch, candidates: list[MessageBatch]) -> MessageBatch | None:
@@ -248,8 +292,11 @@ async def _ours_among(ctx: Context, batch: Batch, candidates: list[MessageBatch]
     for candidate in candidates:
         if candidate.processing_status != "ended":
             continue
-        async with ctx.provider.results(candidate.id) as lines:
-            first = await anext(lines, None)
+        try:
+            async with ctx.provider.results(candidate.id) as lines:
+                first = await anext(lines, None)
+        except anthropic.NotFoundError:
+            continue  # its results are gone (deleted, expired): it cannot be proven ours, so it is not
         if (
             first is not None
             and job_id_from(str(json.loads(first).get("custom_id", "")), batch.tag) is not None

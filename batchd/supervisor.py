@@ -19,6 +19,7 @@ import anthropic
 import structlog
 
 from . import store
+from .backoff import backoff_s
 from .context import Context, wait_for_event
 from .poller import poll_until_ended
 from .provider import CONNECTION_ERRORS
@@ -29,7 +30,6 @@ from .submitter import reconcile, submit
 log = structlog.get_logger("batchd.supervisor")
 
 STEP_ERRORS = (*DB_ERRORS, anthropic.APIStatusError, *CONNECTION_ERRORS)
-RETRY_AFTER_ERROR_S = 2.0
 
 
 class Supervisor:
@@ -82,15 +82,27 @@ class Supervisor:
             log.info("supervisor.leases_released", batches=int(status.split()[-1]))  # "UPDATE n"
 
     async def _drive(self, batch_id: UUID) -> None:
+        daemon = self.ctx.settings.daemon
+        failures = 0  # steps failed in a row: a step that keeps failing is tried less and less often
         try:
             while not self.ctx.stopping.is_set():
                 try:
                     if not await self._step(batch_id):
                         return
                 except STEP_ERRORS as error:
-                    log.warning("batch.step_failed", batch_id=str(batch_id), error=str(error))
-                    if await self.ctx.sleep(RETRY_AFTER_ERROR_S):
+                    failures += 1
+                    wait = backoff_s(failures, daemon.retry_min_s, daemon.retry_max_s)
+                    log.warning(
+                        "batch.step_failed",
+                        batch_id=str(batch_id),
+                        error=str(error),
+                        failures=failures,
+                        retry_in_s=round(wait, 3),
+                    )
+                    if await self.ctx.sleep(wait):
                         return
+                else:
+                    failures = 0
         finally:
             self.workers.pop(batch_id, None)
             self._bodies.pop(batch_id, None)
@@ -118,5 +130,5 @@ class Supervisor:
                 await apply_results(ctx, batch)
             except NotOurBatch as verdict:
                 log.error("batch.not_ours", batch_id=str(batch_id), reason=str(verdict))  # noqa: TRY400
-                await ctx.pool.execute(sql("disown_batch"), batch_id, str(verdict))
+                await ctx.pool.execute(sql("disown_batch"), batch_id, str(verdict), ctx.instance_id)
         return True

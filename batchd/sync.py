@@ -226,7 +226,7 @@ class SyncSender:
         ctx = self.ctx
         for attempt in range(APPLY_ATTEMPTS):
             try:
-                return await apply_rows(ctx, [row], SYNC_COLUMNS, batch_id=None, sync_owner=ctx.instance_id)
+                return await apply_rows(ctx, [row], SYNC_COLUMNS, batch_id=None, owner=ctx.instance_id)
             except asyncpg.DataError:
                 # A usage with odd counts (the ledger casts them plainly): zeroed, as results.py does.
                 message = json.loads(row[2] or "null")

@@ -88,10 +88,12 @@ def make_settings(database_url: str, emulator_url: str, **sections: dict[str, An
     """Daemon settings for tests: fast polling and sweeps, small batches; sections override."""
     values: dict[str, dict[str, Any]] = {
         "database": {"url": database_url, "pool_max_size": 5},
-        "anthropic": {"base_url": emulator_url, "requests_per_minute": 6000, "timeout_s": 30},
+        # A create answered 5xx or not at all is sent again only after timeout_s + clock_skew_s (its window):
+        # short here, so that tests of those failures take seconds (the emulator's clock is the machine's).
+        "anthropic": {"base_url": emulator_url, "requests_per_minute": 6000, "timeout_s": 10},
         "batching": {"max_requests": 100, "max_wait_s": 0.2, "deadline_slack_s": 60},
         "polling": {"min_interval_s": 0.05, "max_interval_s": 0.2},
-        "daemon": {"lease_s": 30, "sweep_interval_s": 5, "reconcile_grace_s": 0.2},
+        "daemon": {"lease_s": 30, "sweep_interval_s": 5, "reconcile_grace_s": 0.2, "clock_skew_s": 2},
         "http": {"host": "127.0.0.1", "port": 0},
         "job_types": {
             "summarize": {
@@ -230,7 +232,8 @@ def daemon_config(
 ) -> Path:
     """A batchd.toml for `batchd run` in tests: small batches, quick polls and leases; `extra` is more TOML
     (whole sections), `daemon` overrides keys of [daemon]."""
-    values = {"lease_s": 2, "sweep_interval_s": 1, "reconcile_grace_s": 0.3, **daemon}
+    # The create window (timeout_s + clock_skew_s) short, as in make_settings.
+    values = {"lease_s": 2, "sweep_interval_s": 1, "reconcile_grace_s": 0.3, "clock_skew_s": 2, **daemon}
     path.write_text(
         f"""
 [database]
@@ -240,7 +243,7 @@ pool_max_size = 5
 [anthropic]
 base_url = "{emulator_url}"
 requests_per_minute = 6000
-timeout_s = 30
+timeout_s = 10
 
 [batching]
 max_requests = 50

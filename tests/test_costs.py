@@ -122,13 +122,17 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+OWNER = "batchd-test00000000"  # the daemon holding the batches' lease: results apply only under it
+
+
 async def submitted_batch(db: Any, tenant: str, count: int) -> tuple[Any, list[uuid.UUID]]:
     """Jobs in an ended batch, as the poller leaves them before the results are applied."""
     batch_id = await db.fetchval(
-        "INSERT INTO batchd.batches (tag, request_count, bytes, status)"
-        " VALUES ($1, $2, 0, 'ended') RETURNING id",
+        "INSERT INTO batchd.batches (tag, request_count, bytes, status, owner)"
+        " VALUES ($1, $2, 0, 'ended', $3) RETURNING id",
         uuid.uuid4().hex[:12],
         count,
+        OWNER,
     )
     job_ids = await insert_raw(db, tenant, [f"{tenant} job {i}" for i in range(count)])
     await db.execute(
@@ -155,7 +159,7 @@ def message(model: str, usage: dict[str, Any]) -> str:
 
 
 async def apply(pool: asyncpg.Pool, batch: Any, rows: list[results.Row]) -> int:
-    ctx: Any = SimpleNamespace(pool=pool, settings=Settings())
+    ctx: Any = SimpleNamespace(pool=pool, settings=Settings(), instance_id=OWNER)
     return await results._apply_rows(ctx, batch, rows)
 
 
@@ -227,7 +231,7 @@ async def test_a_usage_with_odd_counts_is_applied_with_them_at_zero(db: Any, poo
         for job_id, usage in zip(job_ids, usages, strict=True)
     ]
     rows = [row for row in (results.classify(line, tag) for line in raw) if row is not None]
-    ctx: Any = SimpleNamespace(pool=pool, settings=Settings(), metrics=Metrics())
+    ctx: Any = SimpleNamespace(pool=pool, settings=Settings(), metrics=Metrics(), instance_id=OWNER)
     await results._apply_chunk(ctx, batch, rows, raw)  # the plain casts fail; the lines are parsed one by one
     assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE status = 'succeeded'") == 2
     costs = {

@@ -295,7 +295,10 @@ async def test_a_500_on_create_is_reconciled_then_sent_again(
     db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
 ) -> None:
     await emulator.set_faults(http=[{"endpoint": "create", "status": 500, "count": 1}])
-    async with start_daemon(daemon_settings()):
+    # A 500 may come from a gateway while the API goes on with the create: it is sent again only once the
+    # create's window (timeout_s + clock_skew_s) has passed with nothing of it in the provider's list.
+    settings = daemon_settings(anthropic={"timeout_s": 2}, daemon={"clock_skew_s": 1})
+    async with start_daemon(settings):
         ids = await insert_raw(db, "acme", [f"question {i}" for i in range(30)])
         counts = await wait_until_all_done(db, 30, timeout=30)
     assert counts == {"succeeded": 30}
@@ -308,6 +311,11 @@ async def test_a_500_on_create_is_reconciled_then_sent_again(
     assert await sends_per_job(emulator) == {hex_id(job_id): 1 for job_id in ids}
     batch = await db.fetchrow("SELECT * FROM batchd.batches")
     assert batch["create_attempts"] == 2, "the same batch row, sent a second time"
+    waited = await db.fetchval(
+        "SELECT extract(epoch FROM min(j.submitted_at) - b.created_at) FROM batchd.jobs j"
+        " JOIN batchd.batches b ON b.id = j.batch_id GROUP BY b.created_at"
+    )
+    assert waited >= 3, "not before the first create's window (2 s + 1 s) had passed"
     assert batch["request_counts"]["succeeded"] == 30, "the provider's counts, stored as a JSON object"
     submitted = await db.fetch("SELECT data FROM batchd.events WHERE type = 'batch.submitted'")
     assert [row["data"]["adopted"] for row in submitted] == [False]

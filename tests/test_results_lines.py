@@ -103,8 +103,8 @@ async def test_a_line_that_only_looks_compact_is_caught_by_the_database_and_pars
 ) -> None:
     # An extra key after the message: the cut-out text is not JSON; the cast fails; the chunk is re-parsed.
     batch_id = await db.fetchval(
-        "INSERT INTO batchd.batches (tag, request_count, bytes, status)"
-        " VALUES ($1, 1, 1, 'ended') RETURNING id",
+        "INSERT INTO batchd.batches (tag, request_count, bytes, status, owner)"
+        " VALUES ($1, 1, 1, 'ended', 'batchd-test00000000') RETURNING id",
         TAG,
     )
     job = await db.fetchval(
@@ -126,7 +126,10 @@ async def test_a_line_that_only_looks_compact_is_caught_by_the_database_and_pars
     pool = await store.create_pool(database_url, max_size=2)
     try:
         ctx = Context(
-            pool=pool, settings=make_settings(database_url, "http://unused"), provider=cast("Any", None)
+            pool=pool,
+            settings=make_settings(database_url, "http://unused"),
+            provider=cast("Any", None),
+            instance_id="batchd-test00000000",  # the batch's lease holder: results apply only under it
         )
         batch = await store.get_batch(pool, batch_id)
         assert batch is not None

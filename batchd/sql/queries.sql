@@ -217,9 +217,16 @@ RETURNING id, status;
 UPDATE batchd.batches SET lease_until = now() WHERE owner = $1 AND status IN ('pending', 'in_progress', 'ended');
 
 -- name: get_batch
--- With how long until its next step, by the database's clock (the one that set next_attempt_at).
-SELECT *, greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS wait_s
+-- With how long until its next step, and since its last create was sent, by the database's clock (the one
+-- that set next_attempt_at and create_attempted_at).
+SELECT *, greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS wait_s,
+       extract(epoch FROM now() - create_attempted_at)::float8 AS attempt_age_s
   FROM batchd.batches WHERE id = $1;
+
+-- name: hold_batch
+-- First in a transaction of several statements on a leased batch: locks its row while this process still
+-- owns it ($2), so that no other daemon can take it over until the transaction ends. No row: not ours.
+SELECT 1 FROM batchd.batches WHERE id = $1 AND owner = $2 FOR UPDATE;
 
 -- name: begin_create
 -- Committed before the create call: from here on, a crash leaves "maybe created" on disk, and nothing
@@ -230,27 +237,33 @@ UPDATE batchd.batches
  WHERE id = $1 AND owner = $2 AND status = 'pending'
 RETURNING create_attempted_at;
 
+-- Every write below on a leased batch (and its jobs) names the owner ($n = ctx.instance_id) and changes
+-- nothing once another daemon has taken the batch over: a daemon that was paused past its lease (a stall,
+-- a partition) cannot write over its successor's work when it wakes. A statement of several parts makes
+-- the batch's own UPDATE the guard the rest depend on.
+
 -- name: retry_later
-UPDATE batchd.batches SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 WHERE id = $1;
+UPDATE batchd.batches SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3
+ WHERE id = $1 AND owner = $4;
 
 -- name: shrink_batch
 -- A job was taken out of a pending batch: count again, and send what is left afresh.
 UPDATE batchd.batches
    SET request_count = (SELECT count(*) FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitting'),
        create_attempted_at = NULL, next_attempt_at = now()
- WHERE id = $1;
+ WHERE id = $1 AND owner = $2;
 
 -- name: create_refused
 -- The provider answered with an error: no batch was made. Try again later with the same jobs.
 UPDATE batchd.batches
    SET create_attempted_at = NULL, next_attempt_at = now() + make_interval(secs => $2), last_error = $3
- WHERE id = $1;
+ WHERE id = $1 AND owner = $4;
 
 -- name: batch_last_error
 SELECT last_error FROM batchd.batches WHERE id = $1;
 
 -- name: set_create_attempts
-UPDATE batchd.batches SET create_attempts = $2 WHERE id = ANY($1::uuid[]);
+UPDATE batchd.batches SET create_attempts = $2 WHERE id = ANY($1::uuid[]) AND owner = $3;
 
 -- name: batch_submitted
 -- The batch, its jobs, and the events saying so, at once; each tenant hears of its own share of the batch.
@@ -258,7 +271,7 @@ WITH batch AS (
     UPDATE batchd.batches
        SET provider_batch_id = $2, status = 'in_progress', submitted_at = now(), last_error = NULL,
            next_attempt_at = now()
-     WHERE id = $1 AND status = 'pending'
+     WHERE id = $1 AND status = 'pending' AND owner = $4
     RETURNING id, provider_batch_id, request_count
 ), jobs AS (
     UPDATE batchd.jobs AS j
@@ -283,40 +296,54 @@ SELECT 'batch.submitted', shares.tenant_id, batch.id,
   FROM shares JOIN batch ON batch.id = shares.batch_id;
 
 -- name: split_batch
--- A 413: half the jobs move to a new pending batch; each half is tried on its own.
+-- A 413: half the jobs move to a new pending batch; each half is tried on its own. Run after hold_batch
+-- (the new batch is inserted in the same transaction).
 WITH moved AS (
     UPDATE batchd.jobs SET batch_id = $2 WHERE id = ANY($3::uuid[]) AND batch_id = $1 RETURNING 1
 )
 UPDATE batchd.batches
    SET request_count = request_count - (SELECT count(*) FROM moved), bytes = $4,
        create_attempted_at = NULL, next_attempt_at = now(), last_error = $5
- WHERE id = $1;
+ WHERE id = $1 AND owner = $6;
 
 -- name: abandon_batch
 -- The provider provably never made this batch: its jobs go back to the queue, untouched.
-WITH requeued AS (
-    UPDATE batchd.jobs SET status = 'queued', batch_id = NULL, params = NULL
-     WHERE batch_id = $1 AND status = 'submitting'
+WITH batch AS (
+    UPDATE batchd.batches SET status = 'abandoned', last_error = $2, lease_until = NULL
+     WHERE id = $1 AND owner = $3 AND status = 'pending'
+    RETURNING id
+), requeued AS (
+    UPDATE batchd.jobs AS j SET status = 'queued', batch_id = NULL, params = NULL
+      FROM batch
+     WHERE j.batch_id = batch.id AND j.status = 'submitting'
     RETURNING 1
 )
-UPDATE batchd.batches SET status = 'abandoned', last_error = $2, lease_until = NULL
- WHERE id = $1
-RETURNING (SELECT count(*) FROM requeued) AS requeued;
+SELECT count(*) AS requeued FROM requeued;
 
 -- name: known_provider_ids
 SELECT provider_batch_id FROM batchd.batches WHERE provider_batch_id = ANY($1::text[]);
 
 -- name: batch_polled
+-- UPDATE 0: the batch is no longer this process's (or no longer in progress): the poller stops.
 UPDATE batchd.batches
    SET request_counts = $2::jsonb, next_attempt_at = now() + make_interval(secs => $3), last_error = NULL
- WHERE id = $1;
+ WHERE id = $1 AND owner = $4 AND status = 'in_progress';
 
 -- name: batch_ended
 -- Returns the poll lag: from the provider's ended_at to now, by the database's clock.
 UPDATE batchd.batches
    SET status = 'ended', request_counts = $2::jsonb, provider_ended_at = $3, ended_at = now()
- WHERE id = $1 AND status = 'in_progress'
+ WHERE id = $1 AND status = 'in_progress' AND owner = $4
 RETURNING extract(epoch FROM ended_at - provider_ended_at)::float8 AS poll_lag_s;
+
+-- name: batch_gone
+-- The provider no longer has this batch (retrieve or results answered 404: deleted behind batchd's back,
+-- or its results expired) and its results were not all applied: it ends, marked vanished, with the reason;
+-- applying it (results.py) then downloads nothing and retries every job still `submitted` in it.
+UPDATE batchd.batches
+   SET status = 'ended', ended_at = coalesce(ended_at, now()), last_error = $3,
+       request_counts = coalesce(request_counts, '{}'::jsonb) || '{"vanished": true}'::jsonb
+ WHERE id = $1 AND status IN ('in_progress', 'ended') AND owner = $2;
 
 -- name: create_results_table
 -- JSON arrives as text (COPY's fastest path) and is cast once, in the UPDATE.
@@ -338,7 +365,7 @@ CREATE TEMPORARY TABLE batchd_results (
 -- The sync path applies its outcomes with this same statement ($1 null, $16 = 'sync', $15 = 1: the full
 -- price), so events, the ledger and spend are the same whichever way a job went: there, only jobs still
 -- `sending` under this process's lease ($17) change, and a retried job waits retry_in_s before it is sent
--- again. For batches $16 = 'batch' and $17 is null.
+-- again. For batches $16 = 'batch' and $17 is the batch's lease owner, this process.
 WITH applied AS (
     UPDATE batchd.jobs AS j
        SET status = CASE
@@ -362,8 +389,10 @@ WITH applied AS (
      -- Written as an OR that the planner folds away once it knows $1: a batch's jobs are found on
      -- jobs_batch as before (an IS NOT DISTINCT FROM read every submitted job of every open batch), a sync
      -- job on jobs_sending.
+     -- $17 is who applies: a batch's jobs change only while this process holds the batch's lease.
      WHERE j.id = r.job_id
        AND (j.batch_id = $1 AND j.status = 'submitted'
+            AND EXISTS (SELECT 1 FROM batchd.batches AS b WHERE b.id = $1 AND b.owner = $17::text)
             OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $17::text)
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
               r.result ->> 'model' AS model
@@ -547,32 +576,37 @@ SELECT coalesce((request_counts ->> 'vanished')::boolean, false) FROM batchd.bat
 
 -- name: disown_batch
 -- An adopted provider batch proved to be someone else's: forget it, and reconcile again without it.
-WITH jobs AS (
-    UPDATE batchd.jobs SET status = 'submitting', submitted_at = NULL WHERE batch_id = $1 AND status = 'submitted'
+WITH batch AS (
+    UPDATE batchd.batches
+       SET status = 'pending', provider_batch_id = NULL, submitted_at = NULL, ended_at = NULL,
+           request_counts = NULL, rejected_provider_ids = array_append(rejected_provider_ids, provider_batch_id),
+           next_attempt_at = now(), last_error = $2
+     WHERE id = $1 AND owner = $3
+    RETURNING id
 )
-UPDATE batchd.batches
-   SET status = 'pending', provider_batch_id = NULL, submitted_at = NULL, ended_at = NULL,
-       request_counts = NULL, rejected_provider_ids = array_append(rejected_provider_ids, provider_batch_id),
-       next_attempt_at = now(), last_error = $2
- WHERE id = $1;
+UPDATE batchd.jobs AS j SET status = 'submitting', submitted_at = NULL
+  FROM batch
+ WHERE j.batch_id = batch.id AND j.status = 'submitted';
 
 -- name: unreported_jobs
 SELECT id FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitted';
 
 -- name: finish_batch
+-- A batch the provider lost (batch_gone) ends like any other, its event saying so ("vanished": true).
 WITH batch AS (
     UPDATE batchd.batches SET status = 'applied', applied_at = now(), lease_until = NULL
-     WHERE id = $1 AND status = 'ended'
-    RETURNING id, provider_batch_id
+     WHERE id = $1 AND status = 'ended' AND owner = $2
+    RETURNING id, provider_batch_id, coalesce((request_counts ->> 'vanished')::boolean, false) AS vanished
 )
 INSERT INTO batchd.events (type, tenant_id, batch_id, data)
 SELECT 'batch.ended', shares.tenant_id, batch.id,
        jsonb_build_object('status', 'ended', 'provider_batch_id', batch.provider_batch_id,
                           'requests', shares.requests)
+       || CASE WHEN batch.vanished THEN '{"vanished": true}'::jsonb ELSE '{}'::jsonb END
   FROM batch JOIN batchd.batch_tenants AS shares ON shares.batch_id = batch.id;
 
 -- name: provider_copy_deleted
-UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1;
+UPDATE batchd.batches SET provider_deleted_at = now() WHERE id = $1 AND owner = $2;
 
 -- name: probe_listener
 -- The listener's proof of life: it must hear its own notification.
