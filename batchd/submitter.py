@@ -249,9 +249,7 @@ async def reconcile(ctx: Context, batch: Batch) -> None:
         bound.info("batch.reconciled_not_made", not_ours=[c.id for c in candidates])
         return
     wait = _reconcile_interval(ctx)
-    await ctx.pool.execute(
-        sql("retry_later"), batch.id, wait, "reconciling: waiting for candidates to end", ctx.instance_id
-    )
+    await ctx.pool.execute(sql("retry_later"), batch.id, wait, None, ctx.instance_id)
     bound.info("batch.reconcile_waiting", candidates=[c.id for c in candidates], retry_in_s=wait)
 
 
@@ -271,8 +269,13 @@ async def _look_again(ctx: Context, batch: Batch, window_left: float, reason: st
     """No batch of ours yet, but the create's window is still open: list again later, and once more just
     after the window closes."""
     wait = min(_reconcile_interval(ctx), window_left + 0.1)
-    await ctx.pool.execute(sql("retry_later"), batch.id, wait, reason, ctx.instance_id)
-    log.info("batch.reconcile_window_open", batch_id=str(batch.id), window_left_s=round(window_left, 3))
+    await ctx.pool.execute(sql("retry_later"), batch.id, wait, None, ctx.instance_id)
+    log.info(
+        "batch.reconcile_window_open",
+        batch_id=str(batch.id),
+        window_left_s=round(window_left, 3),
+        reason=reason,
+    )
 
 
 async def _not_made(ctx: Context, batch: Batch, reason: str) -> None:

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import asyncpg
-import pytest
-
-# The second test looks for what the first left in the module's database: both must run in one worker, in
-# order (`make pytest` distributes with --dist loadgroup; plain `load` may split a module between workers).
-pytestmark = pytest.mark.xdist_group("database_fixture")
 
 
 async def test_each_module_gets_its_own_fresh_database(database_url: str, database_template: str) -> None:
@@ -22,15 +17,6 @@ async def test_each_module_gets_its_own_fresh_database(database_url: str, databa
         )
         assert [row["table_schema"] for row in schemas] == ["batchd"], "batchd's schema and nothing else"
         assert await connection.fetchval("SELECT count(*) FROM batchd.jobs") == 0
-        await connection.execute("CREATE TABLE fixture_probe (id int)")
-    finally:
-        await connection.close()
-
-
-async def test_the_database_lives_for_the_whole_module(database_url: str) -> None:
-    connection = await asyncpg.connect(database_url)
-    try:
-        assert await connection.fetchval("SELECT to_regclass('fixture_probe') IS NOT NULL")
     finally:
         await connection.close()
 

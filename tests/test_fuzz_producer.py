@@ -516,8 +516,14 @@ async def producer(database_url: str, db: Any) -> Any:
 
 @pytest.fixture
 async def daemon(daemon_settings: Any, start_daemon: Any, db: Any) -> Any:
-    # isolate_after_s 0: a create that keeps failing is halved after its 4th attempt, not 10 minutes.
-    settings = daemon_settings(batching={"max_bytes": MAX_BYTES}, daemon={"isolate_after_s": 0})
+    # isolate_after_s 0: a create that keeps failing is halved after its 4th attempt, not 10 minutes. A create
+    # answered 500 is sent again only after its window (timeout_s + clock_skew_s): 2.5 s here, so the halving
+    # of a poisoned batch (several rounds) ends well within the tests' deadlines.
+    settings = daemon_settings(
+        batching={"max_bytes": MAX_BYTES},
+        anthropic={"timeout_s": 2},
+        daemon={"isolate_after_s": 0, "clock_skew_s": 0.5},
+    )
     async with start_daemon(settings) as running:
         yield running
 

@@ -243,7 +243,9 @@ RETURNING create_attempted_at;
 -- the batch's own UPDATE the guard the rest depend on.
 
 -- name: retry_later
-UPDATE batchd.batches SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3
+-- $3 NULL keeps last_error: a reconciliation still looking keeps the create's own error, which decides
+-- whether the batch is halved when it proves never made (submitter._not_made).
+UPDATE batchd.batches SET next_attempt_at = now() + make_interval(secs => $2), last_error = COALESCE($3, last_error)
  WHERE id = $1 AND owner = $4;
 
 -- name: shrink_batch
