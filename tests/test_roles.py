@@ -254,8 +254,8 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
     )
     assert [tuple(row.values()) for row in security] == [
         ("jobs_canceled", True, ["search_path=pg_catalog, pg_temp"]),
-        ("jobs_guard_insert", False, None),
-        ("jobs_guard_update", False, None),
+        ("jobs_guard_insert", False, ["search_path=pg_catalog, pg_temp"]),
+        ("jobs_guard_update", False, ["search_path=pg_catalog, pg_temp"]),
         ("jobs_inserted", True, ["search_path=pg_catalog, pg_temp"]),
         ("jobs_status_changed", False, None),
         ("max_queued_changed", True, ["search_path=pg_catalog, pg_temp"]),
