@@ -9,6 +9,10 @@ line in the file are retried.
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
     errored: anything else, expired, canceled   -> queued again with attempts + 1, failed at max_attempts
+
+A job whose own row makes the apply fail (an error of its data, not of the connection: a value no statement
+expected, a check, a limit) is set aside — failed with the database's reason — and the rest of its chunk
+applied: the chunk is halved until the row is found, so one odd row costs a few statements, not the batch.
 """
 
 from __future__ import annotations
@@ -199,6 +203,15 @@ async def _retry_unreported(ctx: Context, batch: Batch, types: Counter[str]) -> 
     return len(missing)
 
 
+# SQLSTATE classes of an error caused by the rows a statement wrote, not by the connection or the server's
+# state: data exceptions, integrity constraints, program limits (a jsonb too large), a trigger's RAISE.
+ROW_FAULTS = ("22", "23", "54", "P0")
+
+
+def row_fault(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.PostgresError) and str(error.sqlstate or "").startswith(ROW_FAULTS)
+
+
 async def _apply_chunk(
     ctx: Context,
     batch: Batch,
@@ -210,12 +223,17 @@ async def _apply_chunk(
         changed = await _apply_rows(ctx, batch, rows)
     except asyncpg.DataError:
         if raw is None:
+            changed = await _apply_setting_aside(ctx, batch, rows)
+        else:
+            # A line cut out as a message was not one (the provider wrote something this code did not
+            # expect): parse the chunk properly and apply that.
+            log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
+            rows = reparse(raw, batch.tag)
+            changed = await _apply_setting_aside(ctx, batch, rows)
+    except asyncpg.PostgresError as error:
+        if not row_fault(error):
             raise
-        # A line cut out as a message was not one (the provider wrote something this code did not expect):
-        # parse the chunk properly and apply that.
-        log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
-        rows = reparse(raw, batch.tag)
-        changed = await _apply_rows(ctx, batch, rows)
+        changed = await _apply_setting_aside(ctx, batch, rows)
     if changed:
         # Counted once committed. A chunk applied again after a failure changes nothing and is not counted
         # again (one that changes some of its jobs, after a partial overlap, is counted whole: rare).
@@ -223,6 +241,28 @@ async def _apply_chunk(
         ctx.metrics.applied(applied)
         if types is not None:
             types.update(applied)
+
+
+async def _apply_setting_aside(ctx: Context, batch: Batch, rows: list[Row]) -> int:
+    """Applies the rows, setting aside those whose own job makes the statement fail: halves the rows until
+    each failing one is alone, and fails that job with the database's reason. Returns how many changed."""
+    try:
+        return await _apply_rows(ctx, batch, rows)
+    except asyncpg.PostgresError as error:
+        if not row_fault(error):
+            raise
+        if len(rows) > 1:
+            half = len(rows) // 2
+            return await _apply_setting_aside(ctx, batch, rows[:half]) + await _apply_setting_aside(
+                ctx, batch, rows[half:]
+            )
+        job_id = rows[0][0]
+        reason = f"batchd could not record this job's result: {error.sqlstate}: {error}"[:1000]
+        async with ctx.pool.acquire() as connection, connection.transaction():
+            set_aside = await connection.fetchval(sql("set_aside_job"), batch.id, job_id, reason)
+            await connection.execute(sql("notify_events"))
+        log.warning("job.set_aside", job_id=str(job_id), batch_id=str(batch.id), error=str(error)[:200])
+        return int(set_aside)
 
 
 async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:

@@ -451,3 +451,49 @@ async def test_the_migration_makes_rows_written_before_it_sane_and_keeps_them_so
         assert [(row["tenant_id"], row["input_tokens"]) for row in totals] == [("m", 0)]
     finally:
         await connection.close()
+
+
+async def test_a_row_that_fails_the_apply_is_set_aside_and_its_batch_ends(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # A row no statement foresaw: here, one that a trigger refuses to record as succeeded (as a value the
+    # apply cannot write would). It used to fail its whole chunk, and the batch was retried every 2 s forever.
+    await db.execute(
+        "CREATE FUNCTION public.poisoned() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'poisoned row %', NEW.id; END $$;"
+        "CREATE TRIGGER poisoned BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
+        " WHEN (NEW.metadata ? 'poison' AND NEW.status = 'succeeded') EXECUTE FUNCTION public.poisoned()"
+    )
+    try:
+        good = await insert_raw(db, "globex", [f"good {i}" for i in range(3)])
+        poisoned = await db.fetchval(
+            "INSERT INTO batchd.jobs (tenant_id, request, metadata) VALUES ('mallory', $1, $2) RETURNING id",
+            raw_request("poisoned"),
+            {"poison": True},
+        )
+        async with start_daemon(daemon_settings()):
+
+            async def applied() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT count(*) = 1 AND bool_and(status = 'applied') FROM batchd.batches"
+                    )
+                )
+
+            await wait_until(applied, timeout=60)
+        rows = {
+            row["id"]: row
+            for row in await db.fetch("SELECT id, status, error, batch_id, tenant_id FROM batchd.jobs")
+        }
+        assert [rows[job]["status"] for job in good] == ["succeeded"] * 3
+        assert rows[poisoned]["status"] == "failed"
+        assert rows[poisoned]["error"]["type"] == "set_aside"
+        assert "poisoned row" in rows[poisoned]["error"]["message"]
+        events = await db.fetch(
+            "SELECT type, tenant_id FROM batchd.events WHERE job_id = $1 OR type = 'batch.ended' ORDER BY id",
+            poisoned,
+        )
+        assert ("job.failed", "mallory") in [tuple(e.values()) for e in events]
+        assert {e["tenant_id"] for e in events if e["type"] == "batch.ended"} == {"globex", "mallory"}
+    finally:
+        await db.execute("DROP TRIGGER poisoned ON batchd.jobs; DROP FUNCTION public.poisoned()")

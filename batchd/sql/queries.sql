@@ -438,6 +438,24 @@ WITH applied AS (
 SELECT (SELECT count(*) FROM applied) AS changed,
        (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
 
+-- name: set_aside_job
+-- A job whose own row made apply_results fail (results.py): failed with the database's reason ($3) if it
+-- is still `submitted` in batch $1, so that its batch's other results are applied and the batch ends. Its
+-- event carries no metadata, which may be what failed. Returns how many jobs changed (0 or 1).
+WITH failed AS (
+    UPDATE batchd.jobs
+       SET status = 'failed', completed_at = now(),
+           error = jsonb_build_object('type', 'set_aside', 'message', $3::text)
+     WHERE id = $2 AND batch_id = $1 AND status = 'submitted'
+    RETURNING id, tenant_id, error, attempts
+), failed_events AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
+    SELECT 'job.failed', tenant_id, id, $1,
+           jsonb_build_object('status', 'failed', 'error', error, 'attempts', attempts)
+      FROM failed
+)
+SELECT count(*) FROM failed;
+
 -- name: route_sync
 -- The sync sender's decision, made again every time it looks while jobs wait: queued jobs that must not
 -- wait for a batch get path 'sync', and the reason. `sync` jobs always; `auto` jobs whose deadline is
