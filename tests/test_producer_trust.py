@@ -497,3 +497,75 @@ async def test_a_row_that_fails_the_apply_is_set_aside_and_its_batch_ends(
         assert {e["tenant_id"] for e in events if e["type"] == "batch.ended"} == {"globex", "mallory"}
     finally:
         await db.execute("DROP TRIGGER poisoned ON batchd.jobs; DROP FUNCTION public.poisoned()")
+
+
+# -- deployment --------------------------------------------------------------------------------------------
+
+
+async def test_an_upgraded_deployment_keeps_its_daemon_working_before_roles_sql_runs_again(
+    blank_deployment: Deployment,
+) -> None:
+    deployment = blank_deployment
+    await deployment.roles()
+    owner = await deployment.connect(deployment.owner)
+    try:
+        # The version before, installed by the owner, with the roles of its day.
+        async with owner.transaction():
+            await owner.execute(sql("create_migrations_table"))
+            for migration in migrate.shipped_migrations():
+                if migration.version < 8:
+                    await owner.execute(migration.text)
+                    await owner.execute(
+                        sql("record_migration"), migration.version, migration.name, migration.checksum
+                    )
+        await deployment.roles()
+        await deployment.tenant("acme")
+        # The upgrade: batchd migrate, and roles.sql not yet run again.
+        assert [m.version for m in await migrate.migrate(owner)] == [8]
+    finally:
+        await owner.close()
+    daemon = await deployment.connect(deployment.daemon)
+    acme = await deployment.connect(deployment.tenant_role("acme"))
+    try:
+        job = (await insert_raw(acme, "acme", ["after the upgrade"]))[0]
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=re.escape("batchd.jobs.attempts")):
+            await acme.execute(
+                "INSERT INTO batchd.jobs (tenant_id, request, attempts) VALUES ('acme', $1, 7)",
+                raw_request("forged"),
+            )
+        # The daemon, found by its privileges on batchd.batches, still writes what it must.
+        batch = await make_batch(daemon)
+        assert (
+            await daemon.execute(
+                "UPDATE batchd.jobs SET status = 'submitted', batch_id = $2, attempts = 1 WHERE id = $1",
+                job,
+                batch,
+            )
+            == "UPDATE 1"
+        )
+        # And once roles.sql has run, it is the daemon by name.
+        await deployment.roles()
+        assert await daemon.fetchval("SELECT role_name FROM batchd.daemon_roles") == deployment.daemon
+        assert await daemon.execute("UPDATE batchd.jobs SET attempts = 2 WHERE id = $1", job) == "UPDATE 1"
+        # A tenant's role that is also the daemon's would write anything: tenant_producer.sql refuses it.
+        await daemon.close()
+        daemon = await deployment.connect()
+        await daemon.execute(f'GRANT "{deployment.daemon}" TO "{deployment.tenant_role("acme")}"')
+        code, _, err = await deployment.psql_status(
+            "tenant_producer.sql",
+            tenant="acme",
+            role=deployment.tenant_role("acme"),
+            producer=deployment.producer,
+        )
+        assert code != 0
+        assert "member of batchd's owner or daemon role" in err
+    finally:
+        await daemon.close()
+        await acme.close()
+
+
+@pytest.fixture
+async def blank_deployment() -> Any:
+    """An empty database, and no roles yet."""
+    async with _deployment(None) as made:
+        yield made
