@@ -256,13 +256,25 @@ async def _apply_setting_aside(ctx: Context, batch: Batch, rows: list[Row]) -> i
             return await _apply_setting_aside(ctx, batch, rows[:half]) + await _apply_setting_aside(
                 ctx, batch, rows[half:]
             )
-        job_id = rows[0][0]
-        reason = f"batchd could not record this job's result: {error.sqlstate}: {error}"[:1000]
-        async with ctx.pool.acquire() as connection, connection.transaction():
-            set_aside = await connection.fetchval(sql("set_aside_job"), batch.id, job_id, reason)
-            await connection.execute(sql("notify_events"))
-        log.warning("job.set_aside", job_id=str(job_id), batch_id=str(batch.id), error=str(error)[:200])
-        return int(set_aside)
+        return await set_aside(ctx, rows[0][0], error, batch_id=batch.id, sync_owner=None)
+
+
+async def set_aside(
+    ctx: Context, job_id: UUID, error: asyncpg.PostgresError, *, batch_id: UUID | None, sync_owner: str | None
+) -> int:
+    """Fails a job whose own row the apply could not write, with the database's reason: still `submitted`
+    in batch `batch_id`, or (batch_id None) `sending` under `sync_owner`'s lease. Returns 1 if it did."""
+    reason = f"batchd could not record this job's result: {error.sqlstate}: {error}"[:1000]
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        changed = await connection.fetchval(sql("set_aside_job"), batch_id, job_id, reason, sync_owner)
+        await connection.execute(sql("notify_events"))
+    log.warning(
+        "job.set_aside",
+        job_id=str(job_id),
+        batch_id=None if batch_id is None else str(batch_id),
+        error=str(error)[:200],
+    )
+    return int(changed)
 
 
 async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:

@@ -569,3 +569,46 @@ async def blank_deployment() -> Any:
     """An empty database, and no roles yet."""
     async with _deployment(None) as made:
         yield made
+
+
+async def test_a_sync_job_whose_row_fails_the_apply_is_set_aside_not_sent_again(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # As above, on the sync path: the call was made and paid for; sending it again until max_attempts (its
+    # lease taken back each time) would pay again and fail the same way.
+    await db.execute(
+        "CREATE FUNCTION public.poisoned() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'poisoned row %', NEW.id; END $$;"
+        "CREATE TRIGGER poisoned BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
+        " WHEN (NEW.metadata ? 'poison' AND NEW.status = 'succeeded') EXECUTE FUNCTION public.poisoned()"
+    )
+    try:
+        insert = (
+            "INSERT INTO batchd.jobs (tenant_id, request, route, metadata)"
+            " VALUES ($1, $2, 'sync', $3) RETURNING id"
+        )
+        settings = daemon_settings(routing={"lease_s": 2.0}, batching={"max_attempts": 3})
+        async with start_daemon(settings):
+            poisoned = await db.fetchval(insert, "mallory", raw_request("poisoned"), {"poison": True})
+            honest = await db.fetchval(insert, "globex", raw_request("honest"), None)
+
+            async def final() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT bool_and(status IN ('succeeded', 'failed')) FROM batchd.jobs"
+                        " WHERE id = ANY($1)",
+                        [poisoned, honest],
+                    )
+                )
+
+            await wait_until(final, timeout=30)
+        rows = {
+            row["id"]: row for row in await db.fetch("SELECT id, status, error, attempts FROM batchd.jobs")
+        }
+        assert rows[honest]["status"] == "succeeded"
+        assert (rows[poisoned]["status"], rows[poisoned]["error"]["type"]) == ("failed", "set_aside")
+        assert "poisoned row" in rows[poisoned]["error"]["message"]
+        stats = await emulator.stats()
+        assert stats["statuses"].get("messages 200") == 2, "each job was sent once"
+    finally:
+        await db.execute("DROP TRIGGER poisoned ON batchd.jobs; DROP FUNCTION public.poisoned()")

@@ -440,13 +440,17 @@ SELECT (SELECT count(*) FROM applied) AS changed,
 
 -- name: set_aside_job
 -- A job whose own row made apply_results fail (results.py): failed with the database's reason ($3) if it
--- is still `submitted` in batch $1, so that its batch's other results are applied and the batch ends. Its
--- event carries no metadata, which may be what failed. Returns how many jobs changed (0 or 1).
+-- is still `submitted` in batch $1, so that its batch's other results are applied and the batch ends; on
+-- the sync path ($1 null), if it is still `sending` under this process's lease ($4), so that it is not
+-- sent again and again. Its event carries no metadata, which may be what failed. Returns how many jobs
+-- changed (0 or 1).
 WITH failed AS (
     UPDATE batchd.jobs
-       SET status = 'failed', completed_at = now(),
+       SET status = 'failed', completed_at = now(), sync_owner = NULL, sync_lease_until = NULL,
            error = jsonb_build_object('type', 'set_aside', 'message', $3::text)
-     WHERE id = $2 AND batch_id = $1 AND status = 'submitted'
+     WHERE id = $2
+       AND (batch_id = $1 AND status = 'submitted'
+            OR $1 IS NULL AND batch_id IS NULL AND status = 'sending' AND sync_owner = $4::text)
     RETURNING id, tenant_id, error, attempts
 ), failed_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
