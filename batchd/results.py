@@ -10,6 +10,10 @@ line in the file are retried; so are all those not yet applied when the provider
     succeeded                                   -> succeeded, with the message, its usage
     errored: invalid_request_error              -> failed (the request itself is wrong)
     errored: anything else, expired, canceled   -> queued again with attempts + 1, failed at max_attempts
+
+A job whose own row makes the apply fail (an error of its data, not of the connection: a value no statement
+expected, a check, a limit) is set aside — failed with the database's reason — and the rest of its chunk
+applied: the chunk is halved until the row is found, so one odd row costs a few statements, not the batch.
 """
 
 from __future__ import annotations
@@ -222,6 +226,15 @@ async def _retry_unreported(ctx: Context, batch: Batch, types: Counter[str]) -> 
     return len(missing)
 
 
+# SQLSTATE classes of an error caused by the rows a statement wrote, not by the connection or the server's
+# state: data exceptions, integrity constraints, program limits (a jsonb too large), a trigger's RAISE.
+ROW_FAULTS = ("22", "23", "54", "P0")
+
+
+def row_fault(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.PostgresError) and str(error.sqlstate or "").startswith(ROW_FAULTS)
+
+
 async def _apply_chunk(
     ctx: Context,
     batch: Batch,
@@ -233,12 +246,17 @@ async def _apply_chunk(
         changed = await _apply_rows(ctx, batch, rows)
     except asyncpg.DataError:
         if raw is None:
+            changed = await _apply_setting_aside(ctx, batch, rows)
+        else:
+            # A line cut out as a message was not one (the provider wrote something this code did not
+            # expect): parse the chunk properly and apply that.
+            log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
+            rows = reparse(raw, batch.tag)
+            changed = await _apply_setting_aside(ctx, batch, rows)
+    except asyncpg.PostgresError as error:
+        if not row_fault(error):
             raise
-        # A line cut out as a message was not one (the provider wrote something this code did not expect):
-        # parse the chunk properly and apply that.
-        log.warning("results.reparsed_chunk", batch_id=str(batch.id), lines=len(raw))
-        rows = reparse(raw, batch.tag)
-        changed = await _apply_rows(ctx, batch, rows)
+        changed = await _apply_setting_aside(ctx, batch, rows)
     if changed:
         # Counted once committed. A chunk applied again after a failure changes nothing and is not counted
         # again (one that changes some of its jobs, after a partial overlap, is counted whole: rare).
@@ -246,6 +264,41 @@ async def _apply_chunk(
         ctx.metrics.applied(applied)
         if types is not None:
             types.update(applied)
+
+
+async def _apply_setting_aside(ctx: Context, batch: Batch, rows: list[Row]) -> int:
+    """Applies the rows, setting aside those whose own job makes the statement fail: halves the rows until
+    each failing one is alone, and fails that job with the database's reason. Returns how many changed."""
+    try:
+        return await _apply_rows(ctx, batch, rows)
+    except asyncpg.PostgresError as error:
+        if not row_fault(error):
+            raise
+        if len(rows) > 1:
+            half = len(rows) // 2
+            return await _apply_setting_aside(ctx, batch, rows[:half]) + await _apply_setting_aside(
+                ctx, batch, rows[half:]
+            )
+        return await set_aside(ctx, rows[0][0], error, batch_id=batch.id)
+
+
+async def set_aside(
+    ctx: Context, job_id: UUID, error: asyncpg.PostgresError, *, batch_id: UUID | None
+) -> int:
+    """Fails a job whose own row the apply could not write, with the database's reason: still `submitted`
+    in batch `batch_id` (whose lease this process holds), or (batch_id None) `sending` under this process's
+    lease. Returns 1 if it did."""
+    reason = f"batchd could not record this job's result: {error.sqlstate}: {error}"[:1000]
+    async with ctx.pool.acquire() as connection, connection.transaction():
+        changed = await connection.fetchval(sql("set_aside_job"), batch_id, job_id, reason, ctx.instance_id)
+        await connection.execute(sql("notify_events"))
+    log.warning(
+        "job.set_aside",
+        job_id=str(job_id),
+        batch_id=None if batch_id is None else str(batch_id),
+        error=str(error)[:200],
+    )
+    return int(changed)
 
 
 async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:

@@ -44,7 +44,7 @@ from . import budgets, store
 from .config import API_MAX_BYTES
 from .context import Context, wait_for_event
 from .provider import call_status, retry_after
-from .results import apply_rows, plain_counts
+from .results import apply_rows, plain_counts, row_fault, set_aside
 from .store import DB_ERRORS, sql
 from .templates import BODY_OVERHEAD, Prepared, prepare
 
@@ -222,16 +222,27 @@ class SyncSender:
         return (job_id, "retry", None, _error(kind, f"{error.status_code}: {message}"), delay)
 
     async def _apply(self, row: SyncRow) -> int:
-        """Records the outcome, trying again through a database outage; 0 when the job was no longer ours."""
+        """Records the outcome, trying again through a database outage; 0 when the job was no longer ours.
+        A job whose own row cannot be written (results.row_fault) is set aside: failed with the database's
+        reason, not left to be taken back and sent again until max_attempts."""
         ctx = self.ctx
+        zeroed = False
         for attempt in range(APPLY_ATTEMPTS):
             try:
                 return await apply_rows(ctx, [row], SYNC_COLUMNS, batch_id=None, owner=ctx.instance_id)
-            except asyncpg.DataError:
-                # A usage with odd counts (the ledger casts them plainly): zeroed, as results.py does.
-                message = json.loads(row[2] or "null")
-                plain_counts(message)
-                row = (row[0], row[1], json.dumps(message), row[3], row[4])
+            except asyncpg.PostgresError as error:
+                if isinstance(error, asyncpg.DataError) and not zeroed:
+                    # A usage with odd counts (the ledger casts them plainly): zeroed, as results.py does.
+                    zeroed = True
+                    message = json.loads(row[2] or "null")
+                    plain_counts(message)
+                    row = (row[0], row[1], json.dumps(message), row[3], row[4])
+                    continue
+                if row_fault(error):
+                    return await set_aside(ctx, row[0], error, batch_id=None)
+                log.warning("sync.apply_failed", job_id=str(row[0]), error=str(error), attempt=attempt + 1)
+                if await ctx.sleep(1.0):
+                    break
             except DB_ERRORS as error:
                 log.warning("sync.apply_failed", job_id=str(row[0]), error=str(error), attempt=attempt + 1)
                 if await ctx.sleep(1.0):

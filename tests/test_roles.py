@@ -254,14 +254,15 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
     )
     assert [tuple(row.values()) for row in security] == [
         ("jobs_canceled", True, ["search_path=pg_catalog, pg_temp"]),
+        ("jobs_guard_insert", False, ["search_path=pg_catalog, pg_temp"]),
+        ("jobs_guard_update", False, ["search_path=pg_catalog, pg_temp"]),
         ("jobs_inserted", True, ["search_path=pg_catalog, pg_temp"]),
         ("jobs_status_changed", False, None),
-        ("jobs_status_refused", False, None),
         ("max_queued_changed", True, ["search_path=pg_catalog, pg_temp"]),
     ]
 
     # The daemon: DML on every table and view (those of migrations to come included), only SELECT on
-    # batchd.migrations; every function but the triggers'.
+    # batchd.migrations and batchd.daemon_roles (which names it); every function but the triggers'.
     tables = [
         row["relname"]
         for row in await db.fetch(
@@ -273,7 +274,9 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
         tables
     )
     assert await table_privileges(db, deployment.daemon) == {
-        table: {"SELECT"} if table == "migrations" else {"SELECT", "INSERT", "UPDATE", "DELETE"}
+        table: {"SELECT"}
+        if table in {"migrations", "daemon_roles"}
+        else {"SELECT", "INSERT", "UPDATE", "DELETE"}
         for table in tables
     }
     assert await table_privileges(db, deployment.producer) == {"jobs": {"SELECT", "INSERT"}}
@@ -290,7 +293,17 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
     daemon_functions = await executable(db, deployment.daemon)
     assert daemon_functions == {row["proname"] for row in functions if not row["is_trigger"]}
     assert {"publish_events", "request_problem", "cancel_job"} <= daemon_functions
-    assert await executable(db, deployment.producer) == {"request_problem", "cancel_job"}
+    # And the predicates that run on behalf of whoever writes batchd.jobs (anyone may call them).
+    assert await executable(db, deployment.producer) == {
+        "request_problem",
+        "cancel_job",
+        "trusted_writer",
+        "trusted_writer_now",
+        "plausible_time",
+    }
+    assert [r["role_name"] for r in await db.fetch("SELECT role_name FROM batchd.daemon_roles")] == [
+        deployment.daemon
+    ]
 
     checks = await db.fetchrow(
         "SELECT has_database_privilege($1, current_database(), 'CREATE') AS owner_creates,"

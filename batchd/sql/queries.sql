@@ -368,20 +368,26 @@ CREATE TEMPORARY TABLE batchd_results (
 -- price), so events, the ledger and spend are the same whichever way a job went: there, only jobs still
 -- `sending` under this process's lease ($17) change, and a retried job waits retry_in_s before it is sent
 -- again. For batches $16 = 'batch' and $17 is the batch's lease owner, this process.
+-- A job's attempts + 1 is least(attempts, 2147483646) + 1: a row holding the integer's top (written by a
+-- producer before 0008, or by hand) fails at max_attempts like any other instead of overflowing, which
+-- failed the whole statement, and with it the batch's apply and every job in it, forever.
 WITH applied AS (
     UPDATE batchd.jobs AS j
        SET status = CASE
                WHEN r.outcome = 'succeeded' THEN 'succeeded'
-               WHEN r.outcome = 'failed' OR j.attempts + 1 >= $2 THEN 'failed'
+               WHEN r.outcome = 'failed' OR least(j.attempts, 2147483646) + 1 >= $2 THEN 'failed'
                ELSE 'queued'
            END,
-           attempts = CASE WHEN r.outcome = 'retry' THEN j.attempts + 1 ELSE j.attempts END,
-           batch_id = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.batch_id END,
-           params = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE j.params END,
+           attempts = CASE WHEN r.outcome = 'retry' THEN least(j.attempts, 2147483646) + 1 ELSE j.attempts END,
+           batch_id = CASE WHEN r.outcome = 'retry' AND least(j.attempts, 2147483646) + 1 < $2 THEN NULL
+                           ELSE j.batch_id END,
+           params = CASE WHEN r.outcome = 'retry' AND least(j.attempts, 2147483646) + 1 < $2 THEN NULL
+                         ELSE j.params END,
            result = r.result,
            error = r.error,
            usage = r.result -> 'usage',
-           completed_at = CASE WHEN r.outcome = 'retry' AND j.attempts + 1 < $2 THEN NULL ELSE now() END,
+           completed_at = CASE WHEN r.outcome = 'retry' AND least(j.attempts, 2147483646) + 1 < $2 THEN NULL
+                               ELSE now() END,
            sync_owner = NULL,
            sync_lease_until = NULL,
            not_before = CASE WHEN r.outcome = 'retry' AND r.retry_in_s IS NOT NULL
@@ -462,6 +468,29 @@ WITH applied AS (
 )
 SELECT (SELECT count(*) FROM applied) AS changed,
        (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
+
+-- name: set_aside_job
+-- A job whose own row made apply_results fail (results.py): failed with the database's reason ($3) if it
+-- is still `submitted` in batch $1 and this process ($4) holds that batch's lease, so that its batch's other
+-- results are applied and the batch ends; on the sync path ($1 null), if it is still `sending` under this
+-- process's lease, so that it is not sent again and again. Its event carries no metadata, which may be what failed. Returns how many jobs
+-- changed (0 or 1).
+WITH failed AS (
+    UPDATE batchd.jobs
+       SET status = 'failed', completed_at = now(), sync_owner = NULL, sync_lease_until = NULL,
+           error = jsonb_build_object('type', 'set_aside', 'message', $3::text)
+     WHERE id = $2
+       AND (batch_id = $1 AND status = 'submitted'
+            AND EXISTS (SELECT FROM batchd.batches WHERE id = $1 AND owner = $4::text)
+            OR $1 IS NULL AND batch_id IS NULL AND status = 'sending' AND sync_owner = $4::text)
+    RETURNING id, tenant_id, error, attempts
+), failed_events AS (
+    INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
+    SELECT 'job.failed', tenant_id, id, $1,
+           jsonb_build_object('status', 'failed', 'error', error, 'attempts', attempts)
+      FROM failed
+)
+SELECT count(*) FROM failed;
 
 -- name: route_sync
 -- The sync sender's decision, made again every time it looks while jobs wait: queued jobs that must not
@@ -547,14 +576,17 @@ UPDATE batchd.jobs SET sync_lease_until = now() + make_interval(secs => $2) WHER
 -- Jobs whose sender's lease ran out (it was killed mid-call): back to the queue, still routed sync, and sent
 -- again. Their call may have reached the API (the Messages API takes no idempotency key), so it counts as an
 -- attempt: a job whose call kills its daemon every time fails at max_attempts ($1), not paid for forever.
+-- least(attempts, 2147483646) + 1, as in apply_results: a row at the integer's top fails with its reason
+-- instead of overflowing, which failed this statement once a second and stopped the sync path for everyone.
 WITH expired AS (
     UPDATE batchd.jobs
-       SET status = CASE WHEN attempts + 1 >= $1 THEN 'failed' ELSE 'queued' END,
-           attempts = attempts + 1, sync_owner = NULL, sync_lease_until = NULL,
-           completed_at = CASE WHEN attempts + 1 >= $1 THEN now() END,
-           error = CASE WHEN attempts + 1 >= $1
+       SET status = CASE WHEN least(attempts, 2147483646) + 1 >= $1 THEN 'failed' ELSE 'queued' END,
+           attempts = least(attempts, 2147483646) + 1, sync_owner = NULL, sync_lease_until = NULL,
+           completed_at = CASE WHEN least(attempts, 2147483646) + 1 >= $1 THEN now() END,
+           error = CASE WHEN least(attempts, 2147483646) + 1 >= $1
                         THEN jsonb_build_object('type', 'sender_lost', 'message', format(
-                            'the daemon sending it stopped mid-call %s times (max_attempts)', attempts + 1))
+                            'the daemon sending it stopped mid-call %s times (max_attempts)',
+                            least(attempts, 2147483646) + 1))
                         ELSE error END
      WHERE status = 'sending' AND sync_lease_until < now()
     RETURNING id, tenant_id, status, metadata, error, attempts
@@ -699,8 +731,8 @@ INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata) VALUES ($1, $2, $
 -- name: usage_totals
 SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
-       coalesce(sum((usage ->> 'input_tokens')::bigint), 0) AS input_tokens,
-       coalesce(sum((usage ->> 'output_tokens')::bigint), 0) AS output_tokens,
+       coalesce(sum(batchd.usage_tokens(usage -> 'input_tokens')), 0) AS input_tokens,
+       coalesce(sum(batchd.usage_tokens(usage -> 'output_tokens')), 0) AS output_tokens,
        (SELECT count(*) FROM batchd.batches WHERE status = 'applied') AS batches
   FROM batchd.jobs;
 
@@ -766,10 +798,13 @@ SELECT j.tenant_id,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'canceled') AS canceled,
-       coalesce(sum((usage ->> 'input_tokens')::bigint), 0)::bigint AS input_tokens,
-       coalesce(sum((usage ->> 'output_tokens')::bigint), 0)::bigint AS output_tokens,
-       coalesce(sum((usage ->> 'cache_read_input_tokens')::bigint), 0)::bigint AS cache_read_input_tokens,
-       coalesce(sum((usage ->> 'cache_creation_input_tokens')::bigint), 0)::bigint
+       -- batchd.usage_tokens: 0 for a count that is not a plausible number. A usage of text, or past bigint,
+       -- in one row (written by a producer before 0008) failed this statement: every tenant's dashboard.
+       coalesce(sum(batchd.usage_tokens(usage -> 'input_tokens')), 0)::bigint AS input_tokens,
+       coalesce(sum(batchd.usage_tokens(usage -> 'output_tokens')), 0)::bigint AS output_tokens,
+       coalesce(sum(batchd.usage_tokens(usage -> 'cache_read_input_tokens')), 0)::bigint
+           AS cache_read_input_tokens,
+       coalesce(sum(batchd.usage_tokens(usage -> 'cache_creation_input_tokens')), 0)::bigint
            AS cache_creation_input_tokens,
        -- From the ledger (a succeeded job has its one row): what it cost, and saved against the sync API.
        coalesce(sum(c.cost_usd), 0)::float8 AS cost_usd,

@@ -26,6 +26,10 @@
 --             batchd.cancel_job(uuid) and batchd.request_problem(jsonb); nothing on any other table. The
 --             triggers on batchd.jobs do their work as the owner (migration 0004). One producer role per
 --             tenant, with row-level security: deploy/sql/rls.sql and deploy/sql/tenant_producer.sql.
+--             Whatever it is granted, the database lets a producer's INSERT set only tenant_id, request,
+--             job_type, input, metadata, idempotency_key, deadline and route, and its UPDATE only cancel
+--             (migration 0008): every role but the owner, superusers and the daemon named here (recorded
+--             in batchd.daemon_roles) is a producer there.
 --
 -- Tables and functions that later migrations add get the daemon's privileges by default privileges, so a new
 -- version runs before this script is run again; run it again for what producers may need of them.
@@ -159,11 +163,26 @@ SELECT to_regclass('batchd.migrations') IS NOT NULL AS batchd_has_migrations \gs
     $$;
 
     -- The producer: the contract in README.md, and nothing more.
-    -- Table-wide INSERT: it covers the columns later migrations add, such as `route` (0007).
+    -- Table-wide INSERT: it covers the columns later migrations add, such as `route` (0007). The columns a
+    -- producer may set are enforced by a trigger (0008), whatever the grants, whose refusal names the
+    -- column; a column grant's says only "permission denied for table jobs".
     GRANT SELECT, INSERT ON batchd.jobs TO :"producer";
     GRANT UPDATE (status) ON batchd.jobs TO :"producer";
     GRANT USAGE ON SEQUENCE batchd.jobs_seq_seq TO :"producer";
     GRANT EXECUTE ON FUNCTION batchd.cancel_job(uuid), batchd.request_problem(jsonb) TO :"producer";
+
+    -- Who the daemon is, for the triggers that keep producers to their columns (0008): this run's daemon,
+    -- and no one else. Only the owner writes the list.
+    SELECT to_regclass('batchd.daemon_roles') IS NOT NULL AS batchd_has_daemon_roles \gset
+    \if :batchd_has_daemon_roles
+        DELETE FROM batchd.daemon_roles;
+        INSERT INTO batchd.daemon_roles (role_name) VALUES (:'daemon');
+        REVOKE INSERT, UPDATE, DELETE ON batchd.daemon_roles FROM :"daemon";
+        -- Predicates that run on behalf of whoever writes batchd.jobs (a check, a trigger's WHEN), and
+        -- hide nothing.
+        GRANT EXECUTE ON FUNCTION batchd.trusted_writer(name), batchd.trusted_writer_now(),
+            batchd.plausible_time(timestamptz) TO PUBLIC;
+    \endif
     \echo batchd roles: :owner owns schema batchd; :daemon and :producer have their privileges.
 \else
     \echo batchd roles: the schema is not migrated yet. Run batchd migrate as :owner, then this script again

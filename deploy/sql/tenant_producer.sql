@@ -33,6 +33,7 @@ SELECT set_config('batchd_roles.role', :'role', true) AS batchd_roles_role,
 DO $$
 DECLARE
     new_role text := current_setting('batchd_roles.role');
+    trusted boolean;
 BEGIN
     IF current_setting('batchd_roles.tenant') = '' THEN
         RAISE EXCEPTION 'the tenant must not be empty';
@@ -42,6 +43,16 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = new_role AND (rolsuper OR rolbypassrls)) THEN
         RAISE EXCEPTION 'refusing to use %: a superuser or BYPASSRLS role sees every tenant', new_role;
+    END IF;
+    -- A member of the owner or of the daemon role writes any column of batchd.jobs (migration 0008; the
+    -- question is asked dynamically, since a schema from before 0008 has no such function).
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = new_role)
+       AND to_regprocedure('batchd.trusted_writer(name)') IS NOT NULL THEN
+        EXECUTE 'SELECT batchd.trusted_writer($1)' INTO trusted USING new_role::name;
+        IF trusted THEN
+            RAISE EXCEPTION 'refusing to use %: it is a member of batchd''s owner or daemon role, which may '
+                            'write every column of batchd.jobs', new_role;
+        END IF;
     END IF;
 END
 $$;
