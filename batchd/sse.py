@@ -1,17 +1,22 @@
 """`GET /v1/events`: a tenant's events as Server-Sent Events, resumable with no gap and no duplicate.
 
+A tenant's stream carries its tenant's own count as ids (`tenant_seq`: 1, 2, 3, ... whatever other tenants
+do), the admin's the log's `seq` (migration 0008 says why, and how ids sent before it still resume).
+
 A stream resumed with `Last-Event-ID` (or `last_event_id`, for a first connection that must not miss
-anything since a snapshot) replays what the client missed from the table, page by page, up to the hub's
-head, then subscribes to the hub at that very head without yielding in between: every event after the id,
-once. An id older than the retained log (or from another database) gets `event: reset` with the current
-head as its id, then live events: the client should reload its state.
+anything since a snapshot) turns the id into a position of the log (`resume_point`), replays what the
+client missed from the table, page by page, up to the hub's head, then subscribes to the hub at that very
+head without yielding in between: every event after the id, once, on whichever instance. An id older than
+the retained log, or one this client was never sent (another tenant's, another database's, forged), gets
+`event: reset` with its current position as its id, then live events: the client should reload its state.
 
 Memory per stream is bounded: live events wait in a buffer of at most `client_buffer_bytes`; a burst
 that would overflow it drops the buffer and the stream goes on from the table, from the last event it
 wrote, at the client's pace (then live again), or, with `on_full_buffer = "cut"`, ends as a slow consumer.
 A client that does not read for `send_timeout_s` is cut off. A stream ends with `event: disconnect` (no
 id, so the client's last id stands) for such a client (`slow_consumer`) or when the server stops
-(`shutdown`); EventSource then reconnects with its last id and misses nothing.
+(`shutdown`); EventSource then reconnects with its last id and misses nothing. It also ends when the token
+it was opened with is revoked (`revoked`, events.py); reconnecting with it is a 401.
 """
 
 from __future__ import annotations
