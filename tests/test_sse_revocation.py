@@ -83,6 +83,9 @@ async def test_revoking_a_tenant_ends_its_open_streams_and_no_one_elses(
         await ended_revoked(acme)
         await ended_revoked(acme_query)
         assert hub.revoked == 2
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with session.get(f"{url}/metrics", headers=headers) as response:
+            assert "batchd_sse_streams_revoked_total 2.0" in (await response.text()).splitlines()
 
         # The others go on: new events reach them, and they are still open.
         await add_events(db, "globex", 1)
