@@ -16,7 +16,9 @@
 --    at most the base is an old one and means the same events as before, an id above it is a new one, and in
 --    both cases "the tenant's events with tenant_seq > id" is exactly what the client missed. The price: a
 --    tenant's first new id, base + 1, shows how many events there were in all at the upgrade, once. This
---    rewrites every kept event row once (retention bounds how many).
+--    rewrites every kept event row once (retention bounds how many). An older daemon still running after
+--    this migration would send tenants seq values above the base, which mean something else now: stop
+--    every instance before migrating (deploy/README.md, Upgrade).
 ALTER TABLE batchd.event_log ADD COLUMN tenant_seq_base bigint NOT NULL DEFAULT 0;
 UPDATE batchd.event_log SET tenant_seq_base = published_seq;
 
