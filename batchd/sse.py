@@ -300,11 +300,9 @@ def resume_point(point: asyncpg.Record, last: int, *, admin: bool) -> tuple[int,
     the event before its next one, or up to the head when it has them all. An admin's id, or a tenant's id
     below the base (sent before migration 0008), is a seq of the log: it is its own position."""
     head, oldest, tenant_head = point["head"], point["oldest"], point["tenant_head"]
-    if last > (head if admin else tenant_head):
-        return (
-            0,
-            f"event {last} was never sent by this database (its last is {head if admin else tenant_head})",
-        )
+    newest = head if admin else tenant_head
+    if last > newest:
+        return 0, f"event {last} was never sent by this database (its last is {newest})"
     if admin or last < point["base"]:
         if last < head and (oldest is None or oldest > last + 1):
             return 0, f"events after {last} are past the retention"
