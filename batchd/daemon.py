@@ -24,7 +24,7 @@ from aiohttp import web
 from . import fairness, migrate, pruner, status, store, systemd
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
-from .events import EventHub
+from .events import TOKENS_CHANNEL, EventHub
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
 from .metrics import Metrics
@@ -159,6 +159,7 @@ class Daemon:
         channels = {JOBS_CHANNEL: on_jobs, EVENTS_CHANNEL: publisher.wake}
         if hub is not None:
             channels[PUBLISHED_CHANNEL] = hub.wake
+            channels[TOKENS_CHANNEL] = hub.tokens_changed
 
         def on_connect() -> None:
             flusher.wake()
@@ -167,6 +168,7 @@ class Daemon:
             publisher.wake()
             if hub is not None:
                 hub.wake()
+                hub.tokens_changed()  # a revocation may have come while the listener was away
 
         listener = self.listener = Listener(ctx.settings.database.url, channels, on_connect=on_connect)
         tasks = {

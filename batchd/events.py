@@ -6,17 +6,28 @@ a stream that would overflow it goes on from the table instead (or is cut off, i
 
 The hub's `head` is the last seq it has fanned out. Subscribing is synchronous and takes effect at `head`:
 a stream that has replayed everything up to `head` from the table and subscribes without yielding in
-between misses nothing and gets nothing twice.
+between misses nothing and gets nothing twice. A stream that resumes on an instance whose hub is behind the
+point it has reached (another instance sent it further) subscribes with that point as its floor: the hub's
+events up to it are not its to send again.
+
+An event has two ids (migration 0009): `seq`, the log's, which the admin's streams carry, and `tenant_seq`,
+its tenant's own gap-free count, which the tenant's streams carry; each is framed once.
+
+The hub also ends the streams of revoked tokens: it knows which token opened each stream, and checks them
+against the table when told (NOTIFY batchd_tokens, or a reconnected listener) and every `poll_interval_s`:
+one query for all open streams' tokens, nothing per event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -28,22 +39,37 @@ from .store import DB_ERRORS, sql
 log = structlog.get_logger("batchd.events")
 
 FETCH_PAGE = 2_000
+TOKENS_CHANNEL = "batchd_tokens"  # a trigger on batchd.tokens NOTIFYs it (migration 0009)
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int
+    tenant_seq: int | None  # None: an event of no tenant, which only the admin sees
     type: str
     tenant_id: str | None
     job_id: uuid.UUID | None
     batch_id: uuid.UUID | None
-    frame: bytes
+    frame: bytes  # as its tenant's streams carry it (id: tenant_seq)
+    admin_frame: bytes  # as the admin's carry it (id: seq)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Event:
         # jsonb's text form is one line (newlines in strings are escaped), as a data: field needs.
-        frame = f"id: {row['seq']}\nevent: {row['type']}\ndata: {row['data']}\n\n".encode()
-        return cls(row["seq"], row["type"], row["tenant_id"], row["job_id"], row["batch_id"], frame)
+        seq, tenant_seq = row["seq"], row["tenant_seq"]
+        body = f"event: {row['type']}\ndata: {row['data']}\n\n"
+        admin_frame = f"id: {seq}\n{body}".encode()
+        # The same bytes where the two ids agree (events from before migration 0009, or a single tenant).
+        frame = (
+            admin_frame if tenant_seq is None or tenant_seq == seq else f"id: {tenant_seq}\n{body}".encode()
+        )
+        return cls(
+            seq, tenant_seq, row["type"], row["tenant_id"], row["job_id"], row["batch_id"], frame, admin_frame
+        )
+
+    def id_for(self, admin: bool) -> int:
+        """The event's id on an admin's stream (seq) or on its tenant's (tenant_seq)."""
+        return self.seq if admin or self.tenant_seq is None else self.tenant_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +80,10 @@ class Filter:
     job_id: uuid.UUID | None = None
     batch_id: uuid.UUID | None = None
     types: frozenset[str] | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.tenant_id is None
 
     def matches(self, event: Event) -> bool:
         return (
@@ -76,8 +106,11 @@ class Subscriber:
         self, event_filter: Filter, limit_bytes: int, start_seq: int, *, cut_when_full: bool = False
     ) -> None:
         self.filter = event_filter
+        self.admin = event_filter.admin
         self.limit_bytes = limit_bytes
         self.cut_when_full = cut_when_full
+        # Events up to start_seq are not this subscriber's (the hub's head when it subscribed, or further
+        # when the stream had already been sent further: see the module's doc).
         self.start_seq = start_seq
         self.ready = asyncio.Event()
         self.behind = False
@@ -85,12 +118,13 @@ class Subscriber:
         self.peak_bytes = 0
         self._frames: list[bytes] = []
         self._bytes = 0
-        self._last_seq = start_seq
+        self._last: Event | None = None
 
     def offer(self, event: Event) -> None:
-        if self.behind or self.cut_reason is not None:
+        if self.behind or self.cut_reason is not None or event.seq <= self.start_seq:
             return
-        size = self._bytes + len(event.frame)
+        frame = event.admin_frame if self.admin else event.frame
+        size = self._bytes + len(frame)
         if size > self.limit_bytes:
             if self.cut_when_full:
                 self.cut("slow_consumer")
@@ -98,9 +132,9 @@ class Subscriber:
                 self.behind = True
                 self._drop()
             return
-        self._frames.append(event.frame)
+        self._frames.append(frame)
         self._bytes = size
-        self._last_seq = event.seq
+        self._last = event
         self.peak_bytes = max(self.peak_bytes, size)
         self.ready.set()
 
@@ -110,18 +144,25 @@ class Subscriber:
             self.cut_reason = reason
         self._drop()
 
-    def take(self) -> tuple[bytes, int]:
-        """The frames waiting, and the seq of the last of them."""
+    def take(self) -> tuple[bytes, Event | None]:
+        """The frames waiting, and the last of their events (None: nothing waited)."""
         data = b"".join(self._frames)
+        last, self._last = self._last, None
         self._frames.clear()
         self._bytes = 0
         self.ready.clear()
-        return data, self._last_seq
+        return data, last
 
     def _drop(self) -> None:
         self._frames.clear()
         self._bytes = 0
         self.ready.set()
+
+
+class Endable(Protocol):
+    """An open stream, as the hub ends it (sse.Stream)."""
+
+    def end(self, reason: str) -> None: ...
 
 
 class EventHub:
@@ -133,6 +174,7 @@ class EventHub:
         self.fanned_out = 0
         self.cut_off = 0
         self.fell_behind = 0
+        self.revoked = 0  # streams ended because their token was revoked
         # The most any one stream has had waiting in its buffer (bounded by client_buffer_bytes).
         self.peak_buffered_bytes = 0
         self._tenants: dict[str | None, set[Subscriber]] = {}
@@ -140,6 +182,10 @@ class EventHub:
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()
+        # Open streams by the tenant token that opened them (the admin's are not here: nothing revokes it).
+        self._by_token: dict[int, set[Endable]] = {}
+        self._tokens_changed = False
+        self._next_token_check = 0.0
 
     @property
     def subscribers(self) -> int:
@@ -156,11 +202,34 @@ class EventHub:
     def wake(self) -> None:
         self._wake.set()
 
-    def subscribe(self, event_filter: Filter) -> Subscriber:
+    def tokens_changed(self) -> None:
+        """A token was revoked or deleted somewhere (NOTIFY batchd_tokens), or a notification may have been
+        missed (the listener reconnected): check the open streams' tokens now."""
+        self._tokens_changed = True
+        self._wake.set()
+
+    @contextmanager
+    def opened_with(self, token_id: int | None, stream: Endable) -> Iterator[None]:
+        """Keeps `stream` where a revocation of `token_id` finds it, while the block runs."""
+        if token_id is None:
+            yield
+            return
+        self._by_token.setdefault(token_id, set()).add(stream)
+        try:
+            yield
+        finally:
+            streams = self._by_token.get(token_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._by_token[token_id]
+
+    def subscribe(self, event_filter: Filter, reached: int = 0) -> Subscriber:
+        """Live events after the hub's head, or after `reached` (a seq) when the stream is already there."""
         subscriber = Subscriber(
             event_filter,
             self.settings.client_buffer_bytes,
-            self.head,
+            max(self.head, reached),
             cut_when_full=self.settings.on_full_buffer == "cut",
         )
         self._tenants.setdefault(event_filter.tenant_id, set()).add(subscriber)
@@ -199,6 +268,7 @@ class EventHub:
             self._wake.clear()
             try:
                 await self._catch_up()
+                await self._check_tokens()
             except DB_ERRORS as error:
                 log.warning("events.database_error", error=str(error))
                 if await _sleep_unless(stopping, 1.0):
@@ -220,6 +290,21 @@ class EventHub:
                 self._fan_out([Event.from_row(row) for row in rows])
                 if len(rows) < FETCH_PAGE:
                     return
+
+    async def _check_tokens(self) -> None:
+        """Ends the streams whose token no longer stands for anyone, when told to or every poll_interval_s."""
+        now = time.monotonic()
+        if not self._tokens_changed and now < self._next_token_check:
+            return
+        self._tokens_changed = False
+        self._next_token_check = now + self.settings.poll_interval_s
+        if not self._by_token:
+            return
+        revoked = await self.pool.fetch(sql("revoked_tokens"), list(self._by_token))
+        for row in revoked:
+            for stream in self._by_token.pop(row["id"], ()):
+                self.revoked += 1
+                stream.end("revoked")
 
     def _fan_out(self, events: list[Event]) -> None:
         admins = self._tenants.get(None, ())

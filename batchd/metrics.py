@@ -481,19 +481,24 @@ class _HubCollector:
         self.metrics = metrics
 
     def describe(self) -> Iterator[Metric]:
-        return self._families(0, 0, 0, 0, 0)
+        return self._families(0, 0, 0, 0, 0, revoked=0)
 
     def collect(self) -> Iterator[Metric]:
         hub = self.metrics.hub
         if hub is None:
             return iter(())
         return self._families(
-            hub.open_streams, hub.fanned_out, hub.cut_off, hub.fell_behind, hub.peak_buffered_bytes
+            hub.open_streams,
+            hub.fanned_out,
+            hub.cut_off,
+            hub.fell_behind,
+            hub.peak_buffered_bytes,
+            revoked=hub.revoked,
         )
 
     @staticmethod
     def _families(
-        streams: int, fanned_out: int, cut_off: int, fell_behind: int, peak: int
+        streams: int, fanned_out: int, cut_off: int, fell_behind: int, peak: int, *, revoked: int
     ) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "batchd_sse_clients",
@@ -515,6 +520,11 @@ class _HubCollector:
             "batchd_sse_streams_fell_behind",
             "Times a stream's buffer would have overflowed and the stream went back to reading the table.",
             value=fell_behind,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_revoked",
+            "Streams ended because the token they were opened with was revoked (or deleted).",
+            value=revoked,
         )
         yield GaugeMetricFamily(
             "batchd_sse_buffer_peak_bytes",

@@ -153,7 +153,7 @@ async def overview(request: web.Request) -> web.Response:
         request.app[POOL].acquire() as connection,
         connection.transaction(isolation="repeatable_read", readonly=True),
     ):
-        head = await connection.fetchval(sql("overview_head"))
+        head = await connection.fetchval(sql("overview_head"), principal.tenant_id)
         queued = await connection.fetch(sql("overview_queued"), principal.tenant_id)
         batches = await connection.fetch(sql("overview_batches"), principal.tenant_id)
         totals = await connection.fetch(sql("overview_totals"), principal.tenant_id)

@@ -32,9 +32,11 @@ def token_hash(token: str) -> bytes:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is asking: a tenant, or the admin (tenant None), who sees every tenant."""
+    """Who is asking: a tenant, or the admin (tenant None), who sees every tenant. `token_id` is the tenant's
+    token (batchd.tokens.id): an open event stream ends when it is revoked (events.py)."""
 
     tenant_id: str | None
+    token_id: int | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -63,7 +65,8 @@ async def list_tenants(connection: Connection) -> list[dict[str, Any]]:
 
 
 async def revoke(connection: Connection, name: str) -> int:
-    """Revokes every token of the tenant; returns how many."""
+    """Revokes every token of the tenant; returns how many. New requests with them get a 401 at once; the
+    event streams they opened end within seconds, on every instance (a trigger NOTIFYs batchd_tokens)."""
     return len(await connection.fetch(sql("revoke_tokens"), name))
 
 
@@ -75,5 +78,5 @@ async def authenticate(
         return None
     if admin_token and hmac.compare_digest(token_hash(token), token_hash(admin_token)):
         return ADMIN
-    tenant_id = await db.fetchval(sql("token_tenant"), token_hash(token))
-    return None if tenant_id is None else Principal(tenant_id)
+    row = await db.fetchrow(sql("token_tenant"), token_hash(token))
+    return None if row is None else Principal(row["tenant_id"], row["id"])

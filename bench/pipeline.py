@@ -116,7 +116,8 @@ UPDATE batchd.jobs AS j SET status = 'succeeded', result = r.result::jsonb, comp
  WHERE j.id = r.job_id AND j.batch_id = $1 AND j.status = 'submitted'
 """
 RESET = (
-    "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events RESTART IDENTITY;"
+    "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events, batchd.tenant_event_log"
+    " RESTART IDENTITY;"
     "UPDATE batchd.event_log SET published_seq = 0;"
     "UPDATE batchd.wakeup SET armed = true, wake_seq = 0"
 )

@@ -646,7 +646,8 @@ class ClientSpec:
 
 @dataclass(frozen=True)
 class EventRow:
-    seq: int
+    seq: int  # the id the admin's streams carry
+    tenant_seq: int  # the id its tenant's streams carry (migration 0009)
     job_id: UUID
     tenant: str
     type: str
@@ -767,12 +768,16 @@ async def phase_events(run: Run, head: int, count: int) -> list[EventRow]:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         rows = await connection.fetch(
-            "SELECT seq, job_id, tenant_id, type, extract(epoch FROM published_at)::float8 AS published"
+            "SELECT seq, tenant_seq, job_id, tenant_id, type,"
+            "       extract(epoch FROM published_at)::float8 AS published"
             "  FROM batchd.events WHERE seq > $1 ORDER BY seq",
             head,
         )
         if len(rows) >= count or time.monotonic() > deadline:
-            return [EventRow(r["seq"], r["job_id"], r["tenant_id"], r["type"], r["published"]) for r in rows]
+            return [
+                EventRow(r["seq"], r["tenant_seq"], r["job_id"], r["tenant_id"], r["type"], r["published"])
+                for r in rows
+            ]
         await asyncio.sleep(0.1)
 
 
@@ -870,11 +875,12 @@ def check_and_measure(
     """Every stream got every event of its tenant once, in order, and nothing else; latencies of each."""
     by_tenant: dict[str, list[int]] = defaultdict(list)
     for event in events:
-        by_tenant[event.tenant].append(event.seq)
+        by_tenant[event.tenant].append(event.tenant_seq)
         if event.type != EVENT_TYPE:
             result.problems.append(f"event {event.seq} is {event.type}")
     every = [event.seq for event in events]
-    by_seq = {event.seq: event for event in events}
+    # What a stream's id stands for: the admin's (None) is the log's seq, a tenant's its own count.
+    by_id = {(None, event.seq): event for event in events} | {(e.tenant, e.tenant_seq): e for e in events}
     missing = duplicates = foreign = disordered = 0
     known = {spec.index for spec in specs}
     for index in received.keys() - known:
@@ -890,7 +896,7 @@ def check_and_measure(
             foreign += sum(1 for seq in counts if seq not in wanted)
             disordered += seqs != sorted(seqs)
         for seq, arrived in zip(seqs, times, strict=True):
-            row = by_seq.get(seq)
+            row = by_id.get((spec.tenant, seq))
             if row is None:
                 continue
             result.latencies.append(arrived - commits[row.job_id])

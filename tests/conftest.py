@@ -93,7 +93,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)
     await init_connection(connection)
     await connection.execute(
-        "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events,"
+        "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events, batchd.tenant_event_log,"
         " batchd.costs, batchd.spend, batchd.configured_limits RESTART IDENTITY;"
         "UPDATE batchd.event_log SET published_seq = 0;"
         "UPDATE batchd.wakeup SET armed = true, wake_seq = 0;"

@@ -113,13 +113,14 @@ async def settled(db: Any) -> bool:
 
 async def logged(db: Any, tenant: str | None = None) -> list[tuple[int, str, str | None]]:
     """The published events a stream of `tenant` (None: the admin) must carry once the run has settled:
-    (seq, type, job id)."""
+    (id, type, job id), the id being the tenant's own count (tenant_seq) or, for the admin, the log's seq."""
     await wait_until(lambda: settled(db), timeout=30)
     rows = await db.fetch(
-        "SELECT seq, type, job_id FROM batchd.events WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY seq",
+        "SELECT CASE WHEN $1::text IS NULL THEN seq ELSE tenant_seq END AS id, type, job_id"
+        "  FROM batchd.events WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY seq",
         tenant,
     )
-    return [(row["seq"], row["type"], str(row["job_id"]) if row["job_id"] else None) for row in rows]
+    return [(row["id"], row["type"], str(row["job_id"]) if row["job_id"] else None) for row in rows]
 
 
 def carried(collector: Collector) -> list[tuple[int, str, str | None]]:

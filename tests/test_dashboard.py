@@ -25,6 +25,7 @@ from support import (
     wait_until,
 )
 
+from batchd import tenants
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
@@ -338,6 +339,20 @@ async def test_the_status_shows_the_server_going_away(
         assert title.startswith("The server is restarting"), title
         assert await browser.evaluate("document.getElementById('dashboard-view').hidden") is False
         assert_clean_console(browser, allowed=("ERR_CONNECTION_REFUSED",))
+
+
+async def test_a_revoked_token_signs_the_page_out_at_once(
+    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+) -> None:
+    async with serve(poll_interval_s=60.0) as (_, url), dashboard() as browser:
+        await browser.navigate(f"{url}/#token={tokens['acme']}")
+        await browser.wait_for(f"{CONNECTION} === 'live'")
+        await tenants.revoke(db, "acme")
+        # The stream's `disconnect` (revoked) signs the page out, rather than a reconnection that is refused.
+        error = await browser.wait_for(f"!{SIGN_IN_ERROR}.hidden && {SIGN_IN_ERROR}.textContent", timeout=10)
+        assert error == "This token was revoked: sign in with another."
+        assert await browser.evaluate(CONNECTION) == "signed-out"
+        assert await browser.evaluate("document.getElementById('dashboard-view').hidden") is True
 
 
 async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(

@@ -259,6 +259,7 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
         ("jobs_inserted", True, ["search_path=pg_catalog, pg_temp"]),
         ("jobs_status_changed", False, None),
         ("max_queued_changed", True, ["search_path=pg_catalog, pg_temp"]),
+        ("tokens_changed", False, None),  # only notifies, for the daemon's or an operator's revocations
     ]
 
     # The daemon: DML on every table and view (those of migrations to come included), only SELECT on

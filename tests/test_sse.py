@@ -92,7 +92,10 @@ def filter_params(job_id: Any, batch_id: Any) -> dict[str, str]:
 async def expected_per_filter(db: Any, full: list[Any], job_id: Any, batch_id: Any) -> dict[str, list[Any]]:
     """What each filter of filter_params must carry of `full`, the tenant's whole log."""
     batch_seqs = {
-        row["seq"] for row in await db.fetch("SELECT seq FROM batchd.events WHERE batch_id = $1", batch_id)
+        row["tenant_seq"]
+        for row in await db.fetch(
+            "SELECT tenant_seq FROM batchd.events WHERE batch_id = $1 AND tenant_id = 'acme'", batch_id
+        )
     }
     return {
         "job_id": [e for e in full if e[2] == str(job_id)],

@@ -409,6 +409,11 @@
         } catch {
           data = {};
         }
+        if (data.reason === "revoked") {
+          // Reconnecting with this token would only be refused: sign in again, with another.
+          showSignIn("This token was revoked: sign in with another.");
+          return;
+        }
         // The server ends the stream; EventSource reconnects by itself and resumes after the last event.
         const reason =
           {

@@ -669,7 +669,7 @@ SELECT min(seq) FROM batchd.events;
 
 -- name: published_events
 -- What the SSE hub fans out: every tenant's events after the last it has, in seq order, as each is sent.
-SELECT seq, type, tenant_id, job_id, batch_id,
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
        (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
                                              'batch_id', batch_id, 'at', created_at)) || data)::text AS data
   FROM batchd.events
@@ -678,18 +678,56 @@ SELECT seq, type, tenant_id, job_id, batch_id,
  LIMIT $2;
 
 -- name: replay_events
--- What a resuming client missed, up to where the hub has got ($2), with its filters (null: any).
-SELECT seq, type, tenant_id, job_id, batch_id,
+-- What a resuming admin missed, up to where the hub has got ($2), with its filters (null: any).
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
        (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
                                              'batch_id', batch_id, 'at', created_at)) || data)::text AS data
   FROM batchd.events
  WHERE seq > $1 AND seq <= $2
-   AND ($3::text IS NULL OR tenant_id = $3)
-   AND ($4::uuid IS NULL OR job_id = $4)
-   AND ($5::uuid IS NULL OR batch_id = $5)
-   AND ($6::text[] IS NULL OR type = ANY ($6))
+   AND ($3::uuid IS NULL OR job_id = $3)
+   AND ($4::uuid IS NULL OR batch_id = $4)
+   AND ($5::text[] IS NULL OR type = ANY ($5))
  ORDER BY seq
- LIMIT $7;
+ LIMIT $6;
+
+-- name: replay_tenant_events
+-- What a resuming tenant missed: its events after its id $2 (and after seq $3, the same point), up to where
+-- the hub has got ($4), with its filters (null: any). tenant_seq grows with seq within a tenant, so the two
+-- bounds cut one range of the index on (tenant_id, tenant_seq).
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
+       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
+                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
+  FROM batchd.events
+ WHERE tenant_id = $1 AND tenant_seq > $2 AND seq > $3 AND seq <= $4
+   AND ($5::uuid IS NULL OR job_id = $5)
+   AND ($6::uuid IS NULL OR batch_id = $6)
+   AND ($7::text[] IS NULL OR type = ANY ($7))
+ ORDER BY tenant_seq
+ LIMIT $8;
+
+-- name: resume_point
+-- Where a stream resuming after id $2 starts (see sse.py), all from one snapshot: the log's head and oldest
+-- seq, and for a tenant ($1) its last id, the ids' base, and the seq of its event right after $2 ($2 is
+-- capped so that the client's largest id cannot overflow the sum; such an id is above any tenant_head).
+SELECT l.published_seq AS head,
+       (SELECT min(seq) FROM batchd.events) AS oldest,
+       l.tenant_seq_base AS base,
+       coalesce(t.published_seq, l.tenant_seq_base) AS tenant_head,
+       (SELECT seq FROM batchd.events
+         WHERE tenant_id = $1 AND tenant_seq = least($2::bigint, 9223372036854775806) + 1) AS next_seq
+  FROM batchd.event_log AS l
+  LEFT JOIN batchd.tenant_event_log AS t ON t.tenant_id = $1::text;
+
+-- name: tenant_event_position
+-- A tenant's id at the log's seq $2: its last event's at or before $2. Without one still kept, the id just
+-- before its oldest kept event (all of which are after $2), else its last id given out, else the base.
+SELECT coalesce(
+    (SELECT tenant_seq FROM batchd.events
+      WHERE tenant_id = $1 AND tenant_seq IS NOT NULL AND seq <= $2
+      ORDER BY tenant_seq DESC LIMIT 1),
+    (SELECT min(tenant_seq) - 1 FROM batchd.events WHERE tenant_id = $1),
+    (SELECT published_seq FROM batchd.tenant_event_log WHERE tenant_id = $1),
+    (SELECT tenant_seq_base FROM batchd.event_log));
 
 -- name: notify_events
 SELECT pg_notify('batchd_events', '');
@@ -767,11 +805,19 @@ SELECT t.name, t.created_at,
 UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id;
 
 -- name: token_tenant
-SELECT tenant_id FROM batchd.tokens WHERE token_sha256 = $1 AND revoked_at IS NULL;
+SELECT id, tenant_id FROM batchd.tokens WHERE token_sha256 = $1 AND revoked_at IS NULL;
+
+-- name: revoked_tokens
+-- Which of the tokens of open streams ($1) no longer stand for anyone (revoked, or deleted).
+SELECT id FROM unnest($1::bigint[]) AS open (id)
+ WHERE NOT EXISTS (SELECT 1 FROM batchd.tokens AS t WHERE t.id = open.id AND t.revoked_at IS NULL);
 
 -- name: overview_head
--- The dashboard's snapshot starts here (read first, in the same REPEATABLE READ transaction as the rest).
-SELECT published_seq FROM batchd.event_log;
+-- The dashboard's snapshot starts here (read first, in the same REPEATABLE READ transaction as the rest): the
+-- id of the asker's stream at this point, the log's head for the admin, the tenant's last id for a tenant.
+SELECT CASE WHEN $1::text IS NULL THEN l.published_seq ELSE coalesce(t.published_seq, l.tenant_seq_base) END
+  FROM batchd.event_log AS l
+  LEFT JOIN batchd.tenant_event_log AS t ON t.tenant_id = $1::text;
 
 -- name: overview_queued
 SELECT tenant_id, count(*) AS jobs, extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
