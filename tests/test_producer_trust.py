@@ -453,17 +453,21 @@ async def test_the_migration_makes_rows_written_before_it_sane_and_keeps_them_so
         await connection.close()
 
 
+# A trigger that refuses to record a job marked "poison" as succeeded: a row the apply cannot write.
+POISON_SUCCESS = (
+    "CREATE FUNCTION public.poisoned() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$ BEGIN RAISE EXCEPTION 'poisoned row %', NEW.id; END $$;"
+    "CREATE TRIGGER poisoned BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
+    " WHEN (NEW.metadata ? 'poison' AND NEW.status = 'succeeded') EXECUTE FUNCTION public.poisoned()"
+)
+
+
 async def test_a_row_that_fails_the_apply_is_set_aside_and_its_batch_ends(
     db: Any, emulator: EmulatorHandle, daemon_settings: Any, start_daemon: Any
 ) -> None:
     # A row no statement foresaw: here, one that a trigger refuses to record as succeeded (as a value the
     # apply cannot write would). It used to fail its whole chunk, and the batch was retried every 2 s forever.
-    await db.execute(
-        "CREATE FUNCTION public.poisoned() RETURNS trigger LANGUAGE plpgsql AS"
-        " $$ BEGIN RAISE EXCEPTION 'poisoned row %', NEW.id; END $$;"
-        "CREATE TRIGGER poisoned BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
-        " WHEN (NEW.metadata ? 'poison' AND NEW.status = 'succeeded') EXECUTE FUNCTION public.poisoned()"
-    )
+    await db.execute(POISON_SUCCESS)
     try:
         good = await insert_raw(db, "globex", [f"good {i}" for i in range(3)])
         poisoned = await db.fetchval(
@@ -576,12 +580,7 @@ async def test_a_sync_job_whose_row_fails_the_apply_is_set_aside_not_sent_again(
 ) -> None:
     # As above, on the sync path: the call was made and paid for; sending it again until max_attempts (its
     # lease taken back each time) would pay again and fail the same way.
-    await db.execute(
-        "CREATE FUNCTION public.poisoned() RETURNS trigger LANGUAGE plpgsql AS"
-        " $$ BEGIN RAISE EXCEPTION 'poisoned row %', NEW.id; END $$;"
-        "CREATE TRIGGER poisoned BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
-        " WHEN (NEW.metadata ? 'poison' AND NEW.status = 'succeeded') EXECUTE FUNCTION public.poisoned()"
-    )
+    await db.execute(POISON_SUCCESS)
     try:
         insert = (
             "INSERT INTO batchd.jobs (tenant_id, request, route, metadata)"
