@@ -1,8 +1,13 @@
-"""The package's shape, read from its source: no import cycle among batchd's modules."""
+"""The package's shape, read from its source: no import cycle among batchd's modules, the development tools
+kept out of what the daemon imports, and docs/architecture.md's module table naming every module."""
 
 from __future__ import annotations
 
 import ast
+import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +106,61 @@ def test_the_import_graph_is_read() -> None:
 
 def test_no_module_of_batchd_imports_itself_back() -> None:
     assert cycles(import_graph()) == []
+
+
+def test_the_daemon_imports_nothing_from_the_development_tools() -> None:
+    """What a production host loads to run the daemon (`batchd run`: the command line, then the daemon and
+    everything it imports) holds none of batchd.dev: the embedded PostgreSQL that, as root, creates an account
+    and widens permissions; the demo; the emulator's tour; the SSE reader."""
+    script = (
+        "import json, sys\n"
+        "import batchd.cli\n"
+        "batchd.cli.build_parser().parse_args(['run'])\n"
+        "import batchd.daemon, batchd.server\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'batchd' or m.startswith('batchd.'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(done.stdout)
+    assert "batchd.daemon" in loaded
+    assert "batchd.events" in loaded
+    assert [name for name in loaded if name == "batchd.dev" or name.startswith("batchd.dev.")] == []
+
+
+def test_the_development_tools_are_in_their_own_subpackage() -> None:
+    modules = package_modules()
+    for tool in ("embedded_pg", "demo", "tour", "sse_client"):
+        assert f"batchd.dev.{tool}" in modules
+        elsewhere = [name for name in modules if name.endswith(f".{tool}") and name != f"batchd.dev.{tool}"]
+        assert elsewhere == []
+    runtime = {name for name in modules if not name.startswith("batchd.dev")}
+    graph = import_graph()
+    leaks = {name: sorted(t for t in graph[name] if t.startswith("batchd.dev")) for name in runtime}
+    # The command line names the development commands (`batchd demo`), importing them when one runs.
+    assert {name: found for name, found in leaks.items() if found} == {
+        "batchd.cli": ["batchd.dev.demo", "batchd.dev.tour"]
+    }
+
+
+# A row of the module table: | `flusher.py` | … | or | `sql/queries.sql`, `store.py` | … |
+TABLE_ROW = re.compile(r"^\| ((?:`[^`]+`(?:, )?)+) \|", re.MULTILINE)
+
+
+def test_the_architecture_table_names_every_module() -> None:
+    named: set[str] = set()
+    for cell in TABLE_ROW.findall(ARCHITECTURE.read_text()):
+        named.update(re.findall(r"`([^`]+)`", cell))
+    on_disk = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py") and path.parent.name not in ("emulator", "sql")
+    }
+    # Each module by its path under batchd/; a subpackage (`emulator/`, `dashboard/`) by its folder.
+    assert on_disk - named == set(), "modules missing from docs/architecture.md's table"
+    stale = {
+        name
+        for name in named
+        if not (PACKAGE / name).exists() and not name.startswith(("sql/", "`"))  # sql/ rows name files too
+    }
+    assert stale == set(), "docs/architecture.md's table names modules that are gone"
