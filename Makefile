@@ -92,7 +92,7 @@ typecheck: $(VENV)/.installed
 
 # The tests use $(DATABASE_URL) when it answers, else an embedded PostgreSQL in .batchd/pgdata.
 pytest: $(VENV)/.installed postgres chromium systemd
-	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.embedded_pg ensure --url $(DATABASE_URL)) \
+	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.dev.embedded_pg ensure --url $(DATABASE_URL)) \
 		$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # Start the machine's local cluster when it is installed but stopped; with none, the embedded one serves.

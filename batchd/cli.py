@@ -162,8 +162,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
 
     from . import log  # noqa: PLC0415
-    from .demo import run_demo  # noqa: PLC0415
-    from .emulator.tour import run_tour  # noqa: PLC0415
+    from .dev.demo import run_demo  # noqa: PLC0415
+    from .dev.tour import run_tour  # noqa: PLC0415
 
     if args.emulator_only:
         asyncio.run(run_tour())

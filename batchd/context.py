@@ -24,7 +24,7 @@ class Context:
     settings: Settings
     provider: Provider
     instance_id: str = field(default_factory=new_instance_id)
-    metrics: Metrics = field(default_factory=Metrics)  # the daemon's: the same as its provider's
+    metrics: Metrics = field(default_factory=Metrics)  # the daemon's: its provider reports calls to it
     # Set when the daemon is stopping: loops finish the step they are in and do not start another.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 

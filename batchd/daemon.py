@@ -24,13 +24,14 @@ from aiohttp import web
 from . import fairness, migrate, pruner, status, store, systemd
 from .config import ConfigError, Settings, admin_token, api_key
 from .context import Context
-from .events import TOKENS_CHANNEL, EventHub
+from .events import TOKENS_CHANNEL, EventHub, HubCollector
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
 from .metrics import Metrics
 from .provider import Provider
 from .publisher import EVENTS_CHANNEL, PUBLISHED_CHANNEL, Publisher
 from .ratelimit import RateLimiter
+from .readings import Readings
 from .server import create_app
 from .supervisor import Supervisor
 from .sync import SyncSender
@@ -69,6 +70,7 @@ class Daemon:
         self.hub: EventHub | None = None
         self.http_url: str | None = None
         self.metrics = Metrics()  # this daemon's own registry, served at GET /metrics
+        self.readings = Readings(self.metrics.registry)  # what the database says, read at scrape time
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""
@@ -85,7 +87,7 @@ class Daemon:
             base_url=settings.anthropic.base_url,
             limiter=RateLimiter(settings.anthropic.requests_per_minute),
             timeout_s=settings.anthropic.timeout_s,
-            metrics=self.metrics,
+            on_call=self.metrics.api_call,
         )
         runner: web.AppRunner | None = None
         tasks: set[asyncio.Task[None]] = set()
@@ -224,7 +226,7 @@ class Daemon:
     async def _start_http(
         self, pool: asyncpg.Pool, listener: Listener, hub: EventHub, admin: str | None
     ) -> web.AppRunner:
-        self.metrics.hub = hub
+        self.metrics.registry.register(HubCollector(hub))  # the streams, read at scrape time
         app = create_app(
             pool,
             listener.connected.is_set,
@@ -232,6 +234,7 @@ class Daemon:
             hub,
             self.settings.http.secure_cookie,
             metrics=self.metrics,
+            readings=self.readings,
             session_max_age_s=self.settings.http.session_max_age_s,
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next

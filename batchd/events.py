@@ -31,6 +31,7 @@ from typing import Protocol
 
 import asyncpg
 import structlog
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .config import EventsSettings
 from .context import wait_for_any
@@ -157,6 +158,65 @@ class Subscriber:
         self._frames.clear()
         self._bytes = 0
         self.ready.set()
+
+
+class HubCollector:
+    """The hub's streams and counters for Prometheus, read from memory at each scrape (the daemon registers it
+    on its registry, metrics.py, beside the instruments the other parts update)."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(0, 0, 0, 0, 0, revoked=0)
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        return self._families(
+            hub.open_streams,
+            hub.fanned_out,
+            hub.cut_off,
+            hub.fell_behind,
+            hub.peak_buffered_bytes,
+            revoked=hub.revoked,
+        )
+
+    @staticmethod
+    def _families(
+        streams: int, fanned_out: int, cut_off: int, fell_behind: int, peak: int, *, revoked: int
+    ) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "batchd_sse_clients",
+            "Open GET /v1/events streams (every tenant's and the admin's).",
+            value=streams,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_events_fanned_out",
+            "Events the hub read from the log and handed to the open streams (each counted once, however "
+            "many streams it went to).",
+            value=fanned_out,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_cut_off",
+            "Streams ended because their client read nothing for events.send_timeout_s (slow_consumer).",
+            value=cut_off,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_fell_behind",
+            "Times a stream's buffer would have overflowed and the stream went back to reading the table.",
+            value=fell_behind,
+        )
+        yield CounterMetricFamily(
+            "batchd_sse_streams_revoked",
+            "Streams ended because the token they were opened with was revoked (or deleted).",
+            value=revoked,
+        )
+        yield GaugeMetricFamily(
+            "batchd_sse_buffer_peak_bytes",
+            "The most any closed stream ever had waiting in its buffer (bounded by "
+            "events.client_buffer_bytes).",
+            value=peak,
+        )
 
 
 class Endable(Protocol):

@@ -4,16 +4,16 @@ The SDK's own retries are off: a retried create after a lost response makes a se
 no idempotency key), and a retry the limiter does not see spends the per-minute budget twice. The callers
 decide what to retry and when.
 
-Every call is counted in the daemon's metrics (`batchd_api_calls_total` by endpoint and status, see
-metrics.py): a success as 200 (every batch endpoint answers 200), a failure by its HTTP status, or as
-`connection_error` / `timeout` when none came back.
+Every call is reported to `on_call` as (endpoint, status, seconds): the daemon counts them in its metrics
+(`batchd_api_calls_total` by endpoint and status, metrics.py). A success is 200 (every batch endpoint
+answers 200), a failure its HTTP status, or `connection_error` / `timeout` when none came back.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,10 +22,11 @@ import httpx2
 from anthropic.resources.messages import AsyncMessages
 from anthropic.types.messages import DeletedMessageBatch, MessageBatch
 
-from .metrics import Metrics
 from .ratelimit import RateLimiter
 
 DEFAULT_RETRY_AFTER_S = 5.0
+# Told of each API call once answered or failed: its endpoint, its status (call_status), its seconds.
+OnCall = Callable[[str, str, float], None]
 # The Messages API params the installed SDK takes as arguments of messages.create.
 _MESSAGE_ARGUMENTS = frozenset(inspect.signature(AsyncMessages.create).parameters) - {
     "self",
@@ -44,10 +45,10 @@ class Provider:
         base_url: str | None,
         limiter: RateLimiter,
         timeout_s: float,
-        metrics: Metrics | None = None,
+        on_call: OnCall | None = None,
     ) -> None:
         self.limiter = limiter
-        self.metrics = metrics or Metrics()
+        self.on_call: OnCall = on_call or _not_counted
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
         )
@@ -63,9 +64,9 @@ class Provider:
         except Exception as error:
             if isinstance(error, anthropic.RateLimitError):
                 self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
-            self.metrics.api_call(endpoint, call_status(error), time.monotonic() - started)
+            self.on_call(endpoint, call_status(error), time.monotonic() - started)
             raise
-        self.metrics.api_call(endpoint, "200", time.monotonic() - started)
+        self.on_call(endpoint, "200", time.monotonic() - started)
         return result
 
     async def create_message(self, params: dict[str, Any]) -> str:
@@ -83,9 +84,9 @@ class Provider:
             text: str = await raw.text()
         except Exception as error:
             # A 429 here does not pause the batch endpoints' limiter: the Messages API's limits are others.
-            self.metrics.api_call("messages", call_status(error), time.monotonic() - started)
+            self.on_call("messages", call_status(error), time.monotonic() - started)
             raise
-        self.metrics.api_call("messages", "200", time.monotonic() - started)
+        self.on_call("messages", "200", time.monotonic() - started)
         return text
 
     async def create_batch(self, body: bytes) -> MessageBatch:
@@ -126,7 +127,7 @@ class Provider:
         """The results file's lines, raw, streamed; the response is closed however the reading ends.
 
         Two API calls (the SDK retrieves the batch for its results_url first), so two tokens, but one
-        `results` in the metrics: its status is the response's, or what broke the body's stream (an error
+        `results` call reported: its status is the response's, or what broke the body's stream (an error
         raised by the reader of the lines is the reader's, not the call's). Lines are not built into SDK
         models: the message goes to the database as JSON anyway (see results.py).
         """
@@ -149,7 +150,11 @@ class Provider:
             raise
         finally:
             if status is not None:
-                self.metrics.api_call("results", broken[0] if broken else status, elapsed)
+                self.on_call("results", broken[0] if broken else status, elapsed)
+
+
+def _not_counted(_endpoint: str, _status: str, _seconds: float) -> None:
+    """A provider nobody counts the calls of (a test's, a benchmark's)."""
 
 
 async def _noting_failure(chunks: AsyncIterator[bytes], failures: list[str]) -> AsyncIterator[bytes]:

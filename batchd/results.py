@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -31,7 +32,6 @@ import structlog
 
 from . import pricing
 from .context import Context
-from .metrics import result_types
 from .poller import batch_gone
 from .store import Batch, sql
 from .templates import job_id_from
@@ -83,6 +83,21 @@ def reparse(lines: list[bytes], tag: str) -> list[Row]:
     """The slow, sure way: every line parsed as JSON."""
     rows = (classify_parsed(json.loads(raw), tag) for raw in lines)
     return [row for row in rows if row is not None]
+
+
+def result_types(rows: Iterable[Row]) -> Counter[str]:
+    """What the provider said of each row (as `classify` made it), for the metrics: succeeded, errored,
+    canceled, expired or missing. Only rows that are not successes are parsed, and those are few."""
+    types: Counter[str] = Counter()
+    for _, outcome, _, error in rows:
+        if outcome == "succeeded":
+            types["succeeded"] += 1
+        elif outcome == "failed" or error is None:
+            types["errored"] += 1
+        else:
+            kind = json.loads(error).get("type")
+            types[kind if kind in ("canceled", "expired", "missing") else "errored"] += 1
+    return types
 
 
 def classify_parsed(line: dict[str, Any], tag: str) -> Row | None:

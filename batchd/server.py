@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from .config import HttpSettings
 from .events import EventHub
 from .metrics import Metrics
+from .readings import Readings
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
@@ -36,6 +37,7 @@ ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
 SECURE_COOKIE: web.AppKey[bool | None] = web.AppKey("secure_cookie")
 SESSION_MAX_AGE_S: web.AppKey[int] = web.AppKey("session_max_age_s")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+READINGS: web.AppKey[Readings] = web.AppKey("readings", Readings)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -127,7 +129,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def scrape(request: web.Request) -> web.Response:
     """Prometheus' scrape, in the text format (or OpenMetrics when asked for). The admin token only: the
     metrics name every tenant and its volume. A scrape reads the database at most once per
-    metrics.SNAPSHOT_TTL_S, however many come at once."""
+    readings.SNAPSHOT_TTL_S, however many come at once."""
     principal = await authenticate(request.app[POOL], _token(request), request.app[ADMIN_TOKEN])
     if principal is None:
         response = _error(401, "the admin token is required (Authorization: Bearer)")
@@ -136,7 +138,9 @@ async def scrape(request: web.Request) -> web.Response:
     if not principal.is_admin:
         return _error(403, "metrics are for the admin token only")
     metrics = request.app[METRICS]
-    await metrics.refresh(request.app[POOL])
+    readings = request.app.get(READINGS)
+    if readings is not None:
+        await readings.refresh(request.app[POOL])
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return web.Response(body=encode(metrics.registry), headers={"Content-Type": content_type})
 
@@ -219,6 +223,7 @@ def create_app(
     secure_cookie: bool | None = None,
     *,
     metrics: Metrics | None = None,
+    readings: Readings | None = None,
     session_max_age_s: int = HttpSettings().session_max_age_s,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
@@ -231,6 +236,8 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     if metrics is not None:
         app[METRICS] = metrics
+        if readings is not None:
+            app[READINGS] = readings  # the database's side, registered on the metrics' registry
         app.router.add_get("/metrics", scrape)
     # Any segment reaches get_job, which reads every spelling uuid.UUID does and answers 404 in JSON for the
     # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.

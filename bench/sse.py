@@ -7,7 +7,7 @@ and `batchd run` as subprocesses (stopped however the run ends):
 - The daemon is configured through the environment (BATCHD_*): max_wait_s an hour and max_requests 100,000,
   so the jobs the benchmark inserts stay queued; a per-tenant stream limit above the clients per tenant.
 - The clients are aiohttp streams (one ClientSession, TCPConnector(limit=0)) parsed with
-  `batchd.sse_client`, spread round-robin over tenants (`tenants.add_tenant`) and over client worker
+  `batchd.dev.sse_client`, spread round-robin over tenants (`tenants.add_tenant`) and over client worker
   processes (this script again, `--child clients`), so parsing 1,000 streams does not run on one core.
   A worker stamps each event with time.time() when the chunk holding its last byte was read.
 - An event is made as a producer makes one: a queued job is canceled (`SELECT batchd.cancel_job($1)`, or one
@@ -68,7 +68,7 @@ import asyncpg
 from benchlib import EmulatorProcess, free_port
 
 from batchd import tenants
-from batchd.sse_client import messages
+from batchd.dev.sse_client import messages
 
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_KEY = "bench-key"

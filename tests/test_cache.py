@@ -69,7 +69,9 @@ async def test_a_cached_job_type_writes_once_reads_after_and_is_reported_and_scr
         got = await scrape(http, daemon.http_url)
         again = await scrape(http, daemon.http_url)
         assert again.by_labels("batchd_cost_usd_total") == got.by_labels("batchd_cost_usd_total")
-        assert daemon.metrics.ledger_queries == 1, "the whole ledger is scanned at most once per LEDGER_TTL_S"
+        assert daemon.readings.ledger_queries == 1, (
+            "the whole ledger is scanned at most once per LEDGER_TTL_S"
+        )
 
     # The params as sent: the system prompt as one text block marked for the 1-hour cache.
     faq = await db.fetch(

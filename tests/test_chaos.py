@@ -34,7 +34,7 @@ from support import (
     wait_until,
 )
 
-from batchd.embedded_pg import EmbeddedPostgres
+from batchd.dev.embedded_pg import EmbeddedPostgres
 from batchd.emulator import EmulatorConfig
 from batchd.emulator.app import EMULATOR
 from batchd.migrate import migrate

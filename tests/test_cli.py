@@ -206,7 +206,7 @@ async def test_the_demo_starts_an_embedded_postgresql_when_none_answers(tmp_path
     finally:
         stopped, _, stop_err = await run_batchd(
             "-m",
-            "batchd.embedded_pg",
+            "batchd.dev.embedded_pg",
             "stop",
             "--data-dir",
             str(tmp_path / ".batchd" / "pgdata"),

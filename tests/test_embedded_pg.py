@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from support import run_python
 
-from batchd import embedded_pg
-from batchd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresMissingError, reachable
+from batchd.dev import embedded_pg
+from batchd.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresMissingError, reachable
 
 # Port 1 is reserved and never has a PostgreSQL behind it.
 NOWHERE = "postgresql://postgres@127.0.0.1:1/postgres"
@@ -63,7 +63,7 @@ async def _fetchval(url: str, query: str) -> object:
 
 
 async def _embedded_pg(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    return await run_python("-m", "batchd.embedded_pg", *args, timeout=timeout)
+    return await run_python("-m", "batchd.dev.embedded_pg", *args, timeout=timeout)
 
 
 async def test_reachable_is_false_where_nothing_listens_and_a_bad_url_raises() -> None:

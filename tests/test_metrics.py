@@ -18,11 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse_support import sse_stream
 from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
 
-from batchd import metrics as metrics_module
+from batchd import readings as readings_module
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
-from batchd.metrics import JOB_STATUSES, Metrics, Snapshot
+from batchd.metrics import Metrics
 from batchd.provider import call_status
+from batchd.readings import JOB_STATUSES, Readings, Snapshot
 
 
 @pytest.fixture
@@ -264,8 +265,8 @@ async def test_a_scrape_storm_reads_the_database_once_per_ttl(
         assert daemon.http_url is not None
         started = time.monotonic()
         scrapes = await asyncio.gather(*(scrape(http, daemon.http_url) for _ in range(20)))
-        if time.monotonic() - started < metrics_module.SNAPSHOT_TTL_S:
-            assert daemon.metrics.snapshot_queries == 1
+        if time.monotonic() - started < readings_module.SNAPSHOT_TTL_S:
+            assert daemon.readings.snapshot_queries == 1
         for got in scrapes:
             assert got.value("batchd_jobs", tenant="acme", status="queued") == 3
             age = got.value("batchd_queue_oldest_job_age_seconds")
@@ -281,30 +282,31 @@ async def test_a_scrape_storm_reads_the_database_once_per_ttl(
             ) == 1
 
         await wait_until(seen, timeout=10, interval=0.2)
-        assert daemon.metrics.snapshot_queries >= 2
+        assert daemon.readings.snapshot_queries >= 2
 
 
 async def test_a_failed_database_read_leaves_the_database_metrics_out() -> None:
     metrics = Metrics()
+    readings = Readings(metrics.registry)
 
     class Broken:
         async def fetch(self, *_: Any, **__: Any) -> Any:
             raise ConnectionRefusedError("the database is away")
 
-    await metrics.refresh(Broken())  # type: ignore[arg-type]
+    await readings.refresh(Broken())  # type: ignore[arg-type]
     text = generate_latest(metrics.registry).decode()
     got = Scrape(text)
     assert got.value("batchd_metrics_database_errors_total") == 1
     assert "batchd_jobs" not in got.families
     assert "batchd_queue_oldest_job_age_seconds" not in got.families
-    await metrics.refresh(Broken())  # type: ignore[arg-type]
-    assert metrics.snapshot_queries == 1, "a failure is kept for the TTL too"
+    await readings.refresh(Broken())  # type: ignore[arg-type]
+    assert readings.snapshot_queries == 1, "a failure is kept for the TTL too"
 
 
 def test_tenants_past_the_cap_are_summed_under_an_empty_label(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics_module, "MAX_TENANTS", 2)
+    monkeypatch.setattr(readings_module, "MAX_TENANTS", 2)
     metrics = Metrics()
-    metrics.snapshot = Snapshot(
+    Readings(metrics.registry).snapshot = Snapshot(
         jobs={
             ("big", "succeeded"): 100,
             ("mid", "queued"): 10,

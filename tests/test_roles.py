@@ -37,8 +37,8 @@ from support import (
 
 from batchd import migrate, pruner, tenants
 from batchd.daemon import Daemon
+from batchd.dev.sse_client import messages
 from batchd.emulator import EmulatorConfig
-from batchd.sse_client import messages
 from batchd.store import init_connection
 
 SQL = Path(__file__).resolve().parent.parent / "deploy" / "sql"

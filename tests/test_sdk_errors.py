@@ -18,21 +18,29 @@ import httpx2
 import pytest
 from support import EmulatorHandle, request
 
+from batchd.metrics import Metrics
 from batchd.provider import CONNECTION_ERRORS, Provider, call_status
 from batchd.ratelimit import RateLimiter
 
 
 @pytest.fixture
-async def provider(emulator: EmulatorHandle) -> AsyncIterator[Provider]:
-    client = Provider("test-key", base_url=emulator.url, limiter=RateLimiter(6000), timeout_s=10.0)
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def provider(emulator: EmulatorHandle, metrics: Metrics) -> AsyncIterator[Provider]:
+    client = Provider(
+        "test-key", base_url=emulator.url, limiter=RateLimiter(6000), timeout_s=10.0, on_call=metrics.api_call
+    )
     try:
         yield client
     finally:
         await client.close()
 
 
-def calls(provider: Provider, endpoint: str, status: str) -> float:
-    value = provider.metrics.registry.get_sample_value(
+def calls(metrics: Metrics, endpoint: str, status: str) -> float:
+    value = metrics.registry.get_sample_value(
         "batchd_api_calls_total", {"endpoint": endpoint, "status": status}
     )
     return value or 0.0
@@ -45,7 +53,7 @@ async def ended_batch(emulator: EmulatorHandle, provider: Provider, size: int) -
 
 
 async def test_a_results_body_broken_midway_is_a_connection_error_to_batchd(
-    emulator: EmulatorHandle, provider: Provider
+    emulator: EmulatorHandle, provider: Provider, metrics: Metrics
 ) -> None:
     batch_id = await ended_batch(emulator, provider, 600)
     await emulator.set_faults(results_break_after=200, results_break_count=1)
@@ -60,11 +68,11 @@ async def test_a_results_body_broken_midway_is_a_connection_error_to_batchd(
         await read_all()
     assert 0 < len(lines) <= 200
     assert call_status(raised.value) == "connection_error"
-    assert calls(provider, "results", "connection_error") == 1
+    assert calls(metrics, "results", "connection_error") == 1
     # The next download is whole: the break was one fault, not a state batchd must clear.
     async with provider.results(batch_id) as body:
         assert len([line async for line in body]) == 600
-    assert calls(provider, "results", "200") == 1
+    assert calls(metrics, "results", "200") == 1
 
 
 def test_both_shapes_of_a_broken_body_count_as_connection_errors() -> None:
@@ -83,7 +91,7 @@ def test_both_shapes_of_a_broken_body_count_as_connection_errors() -> None:
 
 
 async def test_a_create_whose_answer_is_lost_is_a_connection_error_and_is_not_retried(
-    emulator: EmulatorHandle, provider: Provider
+    emulator: EmulatorHandle, provider: Provider, metrics: Metrics
 ) -> None:
     """The submitter reconciles on APIConnectionError: it must come, and the SDK must not have sent the
     create again by itself (its retries are off in Provider)."""
@@ -93,18 +101,18 @@ async def test_a_create_whose_answer_is_lost_is_a_connection_error_and_is_not_re
     stats = await emulator.stats()
     assert stats["calls"]["create"] == 1
     assert stats["batches_created"] == 1
-    assert calls(provider, "create", "connection_error") == 1
+    assert calls(metrics, "create", "connection_error") == 1
 
 
 async def test_a_poll_answered_5xx_is_a_status_error_and_a_gone_provider_a_connection_error(
-    emulator: EmulatorHandle, provider: Provider
+    emulator: EmulatorHandle, provider: Provider, metrics: Metrics
 ) -> None:
     batch_id = await ended_batch(emulator, provider, 1)
     await emulator.set_faults(http=[{"endpoint": "retrieve", "status": 503, "count": 1}])
     with pytest.raises(anthropic.APIStatusError) as raised:
         await provider.retrieve(batch_id)
     assert raised.value.status_code == 503
-    assert calls(provider, "retrieve", "503") == 1
+    assert calls(metrics, "retrieve", "503") == 1
     assert (await provider.retrieve(batch_id)).processing_status == "ended"
 
     closed = Provider("test-key", base_url="http://127.0.0.1:9", limiter=RateLimiter(6000), timeout_s=5.0)

@@ -103,6 +103,8 @@ def test_the_sdist_and_the_wheel_carry_the_sql_the_dashboard_and_the_deployment_
     (sdist,) = dist.glob(f"batchd-{version}.tar.gz")
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
     assert set(PACKAGE_DATA) <= in_wheel
+    # `batchd demo` ships too: the development tools, in a subpackage of their own (batchd/dev/).
+    assert {f"batchd/dev/{path.name}" for path in (ROOT / "batchd/dev").glob("*.py")} <= in_wheel
     assert {f"batchd-{version}.data/data/share/batchd/{path}" for path in SHARED} <= in_wheel
     assert not [name for name in in_wheel if "/tests/" in name or name.startswith("tests/")]
     with tarfile.open(sdist) as archive:

@@ -20,12 +20,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from . import embedded_pg, migrate
-from .config import Settings
-from .daemon import Daemon
-from .emulator import EmulatorConfig, serve
+from batchd import migrate
+from batchd.config import Settings
+from batchd.daemon import Daemon
+from batchd.emulator import EmulatorConfig, serve
+from batchd.store import init_connection, sql
+
+from . import embedded_pg
 from .sse_client import messages
-from .store import init_connection, sql
 
 TENANTS = ("acme", "globex", "initech")
 DOCUMENTS = [
@@ -55,7 +57,7 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
         server_url = await embedded_pg.ensure_database(server_url, data_dir)
         say(
             f"Embedded PostgreSQL: {embedded_pg.redact(server_url)} (it keeps running; stop it with "
-            f"`python -m batchd.embedded_pg stop --data-dir {data_dir}`)"
+            f"`python -m batchd.dev.embedded_pg stop --data-dir {data_dir}`)"
         )
     name = f"batchd_demo_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)

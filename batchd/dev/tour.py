@@ -16,7 +16,7 @@ import anthropic
 from aiohttp import web
 from anthropic.types.messages.batch_create_params import Request
 
-from . import EMULATOR, EmulatorConfig, FaultPlan, serve
+from batchd.emulator import EMULATOR, EmulatorConfig, FaultPlan, serve
 
 MODEL = "claude-haiku-4-5"
 PROMPTS = {

@@ -8,14 +8,14 @@ adds a user with a login shell and makes every parent directory readable by ever
 - listens on 127.0.0.1 only, on a free port (the same one again on the next start when it is still free), so
   the URL is an ordinary `postgresql://postgres@127.0.0.1:PORT/postgres` that asyncpg and the test fixtures'
   URL arithmetic understand;
-- runs detached from the process that started it, until `stop()` (or `python -m batchd.embedded_pg stop`);
+- runs detached from the process that started it, until `stop()` (or `python -m batchd.dev.embedded_pg stop`);
 - keeps its data in the data directory across restarts, and starts again after being killed with SIGKILL;
 - runs as a dedicated unprivileged account when started by root, since PostgreSQL refuses to run as root.
 
 Usage: `url = EmbeddedPostgres(Path(".batchd/pgdata")).start()`, or `await ensure_database(url, data_dir)`
 which prefers a configured server that answers. From a Makefile:
-`python -m batchd.embedded_pg ensure [--data-dir DIR] [--url URL]` prints the URL to use on stdout, and
-`python -m batchd.embedded_pg stop [--data-dir DIR]` stops the embedded server.
+`python -m batchd.dev.embedded_pg ensure [--data-dir DIR] [--url URL]` prints the URL to use on stdout, and
+`python -m batchd.dev.embedded_pg stop [--data-dir DIR]` stops the embedded server.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
-from . import log
+from batchd import log
 
 DEFAULT_DATA_DIR = Path(".batchd") / "pgdata"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -68,7 +68,7 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.05
 
-logger = structlog.get_logger("batchd.embedded_pg")
+logger = structlog.get_logger("batchd.dev.embedded_pg")
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -508,7 +508,8 @@ class EmbeddedPostgres:
             return subprocess.Popen(  # noqa: S603
                 command,
                 stdin=subprocess.DEVNULL,
-                # Nothing may hold our stdout: `URL=$(python -m batchd.embedded_pg ensure)` waits for its end.
+                # Nothing may hold our stdout: `URL=$(python -m batchd.dev.embedded_pg ensure)`
+                # waits for its end.
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
@@ -604,7 +605,7 @@ async def ensure_database(url: str = DEFAULT_URL, data_dir: Path | str = DEFAULT
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batchd.embedded_pg",
+        prog="python -m batchd.dev.embedded_pg",
         description="Run PostgreSQL from a wheel when no server is at hand.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -625,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif not EmbeddedPostgres(args.data_dir).stop():
             logger.info("embedded_pg.not_running", data_dir=str(Path(args.data_dir).resolve()))
     except (EmbeddedPostgresError, ValueError) as error:
-        sys.stderr.write(f"batchd.embedded_pg: {error}\n")
+        sys.stderr.write(f"batchd.dev.embedded_pg: {error}\n")
         return 1
     return 0
 
