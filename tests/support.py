@@ -93,7 +93,15 @@ def make_settings(database_url: str, emulator_url: str, **sections: dict[str, An
         "anthropic": {"base_url": emulator_url, "requests_per_minute": 6000, "timeout_s": 10},
         "batching": {"max_requests": 100, "max_wait_s": 0.2, "deadline_slack_s": 60},
         "polling": {"min_interval_s": 0.05, "max_interval_s": 0.2},
-        "daemon": {"lease_s": 30, "sweep_interval_s": 5, "reconcile_grace_s": 0.2, "clock_skew_s": 2},
+        # A failing step backs off up to retry_max_s: 4 s here, so that tests that wait for the next try
+        # (chaos) see it within their deadlines; test_batch_lifecycle checks the growth itself.
+        "daemon": {
+            "lease_s": 30,
+            "sweep_interval_s": 5,
+            "reconcile_grace_s": 0.2,
+            "clock_skew_s": 2,
+            "retry_max_s": 4,
+        },
         "http": {"host": "127.0.0.1", "port": 0},
         "job_types": {
             "summarize": {
@@ -232,8 +240,16 @@ def daemon_config(
 ) -> Path:
     """A batchd.toml for `batchd run` in tests: small batches, quick polls and leases; `extra` is more TOML
     (whole sections), `daemon` overrides keys of [daemon]."""
-    # The create window (timeout_s + clock_skew_s) short, as in make_settings.
-    values = {"lease_s": 2, "sweep_interval_s": 1, "reconcile_grace_s": 0.3, "clock_skew_s": 2, **daemon}
+    # The create window (timeout_s + clock_skew_s) short, and the back-off of failing steps capped, as in
+    # make_settings.
+    values = {
+        "lease_s": 2,
+        "sweep_interval_s": 1,
+        "reconcile_grace_s": 0.3,
+        "clock_skew_s": 2,
+        "retry_max_s": 4,
+        **daemon,
+    }
     path.write_text(
         f"""
 [database]
