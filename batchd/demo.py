@@ -25,6 +25,7 @@ from .config import Settings
 from .daemon import Daemon
 from .emulator import EmulatorConfig, serve
 from .sse_client import messages
+from .statuses import FINAL_JOB_STATUSES
 from .store import init_connection, sql
 
 TENANTS = ("acme", "globex", "initech")
@@ -138,7 +139,7 @@ def progress_line(table: dict[str, dict[str, int]]) -> str:
     parts = []
     for tenant in TENANTS:
         counts = table.get(tenant, {})
-        in_flight = counts.get("queued", 0) + counts.get("submitting", 0) + counts.get("submitted", 0)
+        in_flight = sum(jobs for status, jobs in counts.items() if status not in FINAL_JOB_STATUSES)
         done, failed = counts.get("succeeded", 0), counts.get("failed", 0)
         parts.append(f"{tenant}: {in_flight} waiting, {done} done, {failed} failed")
     return "  " + " | ".join(parts)

@@ -45,6 +45,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from . import __version__
 from .report import cache_hit_ratio
+from .statuses import BATCH_STATUSES, JOB_STATUSES
 from .store import DB_ERRORS, sql
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_rea
 PROMPT_KINDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 SNAPSHOT_TIMEOUT_S = 5.0
 MAX_TENANTS = 500
-JOB_STATUSES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")
-BATCH_STATUSES = ("pending", "in_progress", "ended", "applied", "abandoned")
 RESULT_TYPES = ("succeeded", "errored", "canceled", "expired", "missing")
 LOOP_LAG_INTERVAL_S = 0.5
 LOOP_LAG_WARNING_S = 1.0
@@ -367,7 +366,7 @@ class _DatabaseCollector:
         jobs = GaugeMetricFamily(
             "batchd_jobs",
             "Jobs in batchd.jobs by tenant and status, finished ones included (database-wide; every tenant "
-            f"with a job has all six statuses; past {MAX_TENANTS} tenants the smallest are summed under "
+            f"with a job has every status; past {MAX_TENANTS} tenants the smallest are summed under "
             'tenant="").',
             labels=["tenant", "status"],
         )
@@ -379,8 +378,8 @@ class _DatabaseCollector:
         batches = GaugeMetricFamily(
             "batchd_batches", "Batches in batchd.batches by status (database-wide).", labels=["status"]
         )
-        for status in BATCH_STATUSES:
-            batches.add_metric([status], snapshot.batches.get(status, 0))
+        for batch_status in BATCH_STATUSES:
+            batches.add_metric([batch_status], snapshot.batches.get(batch_status, 0))
         yield batches
         yield GaugeMetricFamily(
             "batchd_queue_oldest_job_age_seconds",
