@@ -246,9 +246,7 @@ async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
     monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
     # The page names statuses as the server does (batchd/statuses.py, through the overview), not from a list
     # of its own: a label changed on the server is the one shown.
-    monkeypatch.setitem(
-        statuses.BATCH_LABELS, statuses.BatchStatus.IN_PROGRESS, ("Working", "hint")
-    )
+    monkeypatch.setitem(statuses.BATCH_LABELS, statuses.BatchStatus.IN_PROGRESS, ("Working", "hint"))
     await emulator.admin("PATCH", "settings", {"processing_time_s": [3600, 3600]})  # the batch stays open
     # Flushed only once the oldest job has waited an hour: what is flushed is decided by the jobs' age.
     daemon = Daemon(daemon_settings(batching={"max_wait_s": 3600}, events={"poll_interval_s": 1.0}))
