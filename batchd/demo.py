@@ -24,6 +24,7 @@ from . import embedded_pg, migrate
 from .config import Settings
 from .daemon import Daemon
 from .emulator import EmulatorConfig, serve
+from .redact import redact_url
 from .sse_client import messages
 from .statuses import FINAL_JOB_STATUSES
 from .store import init_connection, sql
@@ -51,11 +52,11 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
     """A database of the demo's own on the configured server, or on an embedded one when none answers."""
     if not await embedded_pg.reachable(server_url):
         data_dir = embedded_pg.DEFAULT_DATA_DIR.resolve()
-        nobody = embedded_pg.redact(server_url)
+        nobody = redact_url(server_url)
         say(f"No PostgreSQL answers at {nobody}: starting an embedded one in {data_dir}")
         server_url = await embedded_pg.ensure_database(server_url, data_dir)
         say(
-            f"Embedded PostgreSQL: {embedded_pg.redact(server_url)} (it keeps running; stop it with "
+            f"Embedded PostgreSQL: {redact_url(server_url)} (it keeps running; stop it with "
             f"`python -m batchd.embedded_pg stop --data-dir {data_dir}`)"
         )
     name = f"batchd_demo_{uuid.uuid4().hex[:8]}"
@@ -66,12 +67,12 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
         await admin.close()
     base, _, _ = server_url.rpartition("/")
     url = f"{base}/{name}"
-    say(f"Demo database: {embedded_pg.redact(url)}")
+    say(f"Demo database: {redact_url(url)}")
     try:
         yield url
     finally:
         if keep:
-            say(f"Kept the demo database: {embedded_pg.redact(url)}")
+            say(f"Kept the demo database: {redact_url(url)}")
         else:
             admin = await asyncpg.connect(server_url)
             try:
