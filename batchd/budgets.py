@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from .store import Connection, sql
+from .unset import UNSET, Unset, update_parameters
 
 log = structlog.get_logger("batchd.budgets")
 
@@ -56,27 +57,17 @@ async def check(db: asyncpg.Pool | Connection, now: datetime | None = None) -> C
     return Checked(failed=row["failed"], transitions=transitions)
 
 
-_UNSET: Any = object()  # a setting not given (None removes the budget)
-
-
 async def set_budget(
     connection: Connection,
     name: str,
     *,
-    day: Decimal | Any | None = _UNSET,
-    month: Decimal | Any | None = _UNSET,
-    over_budget: str | Any = _UNSET,
+    day: Decimal | Unset | None = UNSET,
+    month: Decimal | Unset | None = UNSET,
+    over_budget: str | Unset = UNSET,
 ) -> dict[str, Any]:
     """Sets what is given (None removes a budget), adding the tenant if new; wakes the daemons to check."""
     row = await connection.fetchrow(
-        sql("set_tenant_budget"),
-        name,
-        None if day is _UNSET else day,
-        None if month is _UNSET else month,
-        None if over_budget is _UNSET else over_budget,
-        day is not _UNSET,
-        month is not _UNSET,
-        over_budget is not _UNSET,
+        sql("set_tenant_budget"), name, *update_parameters(day, month, over_budget)
     )
     await connection.execute(sql("wake_daemons"))
     assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row

@@ -195,24 +195,15 @@ def run_daemon(args: argparse.Namespace) -> int:
 async def _connect(settings: Settings) -> asyncpg.Connection:
     import asyncpg  # noqa: PLC0415 - see the imports above
 
+    from .redact import redact_url  # noqa: PLC0415
     from .store import init_connection  # noqa: PLC0415
 
     try:
         connection: asyncpg.Connection = await asyncpg.connect(settings.database.url)
     except (OSError, asyncpg.PostgresError) as error:
-        raise DatabaseUnavailable(f"cannot connect to {_safe_url(settings.database.url)}: {error}") from None
+        raise DatabaseUnavailable(f"cannot connect to {redact_url(settings.database.url)}: {error}") from None
     await init_connection(connection)
     return connection
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}@{host}"
 
 
 class DatabaseUnavailable(Exception):  # noqa: N818 - reads as the condition it reports

@@ -21,6 +21,7 @@ import structlog
 
 from .config import Settings, TenantLimits
 from .store import Connection, sql
+from .unset import UNSET, Unset, update_parameters
 
 log = structlog.get_logger("batchd.fairness")
 
@@ -47,25 +48,18 @@ async def publish(db: asyncpg.Pool | Connection, settings: Settings) -> None:
     log.info("fairness.limits_published", tenants=len(settings.tenants))
 
 
-_UNSET: Any = object()  # a setting not given (None goes back to batchd.toml's value)
-
-
 async def set_limits(
     connection: Connection,
     name: str,
     *,
-    weight: int | Any | None = _UNSET,
-    max_queued: int | Any | None = _UNSET,
-    max_in_flight: int | Any | None = _UNSET,
+    weight: int | Unset | None = UNSET,
+    max_queued: int | Unset | None = UNSET,
+    max_in_flight: int | Unset | None = UNSET,
 ) -> dict[str, Any]:
     """Sets what is given (None: back to batchd.toml's value), adding the tenant if new; wakes the daemons,
     since a higher limit lets jobs go at once. Returns the limits now in force."""
-    values = (weight, max_queued, max_in_flight)
     await connection.execute(
-        sql("set_tenant_limits"),
-        name,
-        *(None if value is _UNSET else value for value in values),
-        *(value is not _UNSET for value in values),
+        sql("set_tenant_limits"), name, *update_parameters(weight, max_queued, max_in_flight)
     )
     await connection.execute(sql("wake_daemons"))
     return await limits_of(connection, name)

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .report import cache_hit_ratio
+from .statuses import BATCH_STATUSES, JOB_STATUSES
 from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.readings")
@@ -44,8 +45,6 @@ LEDGER_TIMEOUT_S = 30.0
 TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 PROMPT_KINDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 MAX_TENANTS = 500
-JOB_STATUSES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")
-BATCH_STATUSES = ("pending", "in_progress", "ended", "applied", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ class _DatabaseCollector:
         jobs = GaugeMetricFamily(
             "batchd_jobs",
             "Jobs in batchd.jobs by tenant and status, finished ones included (database-wide; every tenant "
-            f"with a job has all six statuses; past {MAX_TENANTS} tenants the smallest are summed under "
+            f"with a job has every status; past {MAX_TENANTS} tenants the smallest are summed under "
             'tenant="").',
             labels=["tenant", "status"],
         )
@@ -242,8 +241,8 @@ class _DatabaseCollector:
         batches = GaugeMetricFamily(
             "batchd_batches", "Batches in batchd.batches by status (database-wide).", labels=["status"]
         )
-        for status in BATCH_STATUSES:
-            batches.add_metric([status], snapshot.batches.get(status, 0))
+        for batch_status in BATCH_STATUSES:
+            batches.add_metric([batch_status], snapshot.batches.get(batch_status, 0))
         yield batches
         yield GaugeMetricFamily(
             "batchd_queue_oldest_job_age_seconds",

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client.exposition import choose_encoder
 
+from . import statuses
 from .config import HttpSettings
 from .events import EventHub
 from .metrics import Metrics
@@ -151,7 +152,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def overview(request: web.Request) -> web.Response:
     """What the dashboard shows when it opens: queued jobs, open batches, totals, all of one snapshot, and
-    the event id it was taken at (the page then asks for the events after it)."""
+    the event id it was taken at (the page then asks for the events after it); and every job and batch
+    status with the label the page shows for it."""
     principal = request[PRINCIPAL]
     async with (
         request.app[POOL].acquire() as connection,
@@ -172,6 +174,7 @@ async def overview(request: web.Request) -> web.Response:
         "queued": [dict(row) for row in queued],
         "open_batches": open_batches,
         "totals": [dict(row) for row in totals],
+        "statuses": statuses.described(),  # the page's names for them: it keeps no list of its own
     }
     return web.json_response(body, dumps=_dumps)
 

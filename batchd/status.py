@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from .statuses import JOB_STATUSES
 from .store import DB_ERRORS, Connection, sql
 
 
@@ -52,15 +53,12 @@ async def summary_line(pool: asyncpg.Pool, streams: int, timeout_s: float) -> st
     return f"queued {queued}, open batches {open_batches}, streams {streams}"
 
 
-STATES = ("queued", "submitting", "submitted", "succeeded", "failed", "canceled")
-
-
 def render(report: dict[str, Any]) -> str:
     lines = ["Jobs by tenant:"]
-    header = f"  {'tenant':<20}" + "".join(f"{state:>12}" for state in STATES)
+    header = f"  {'tenant':<20}" + "".join(f"{state:>12}" for state in JOB_STATUSES)
     lines.append(header)
     for tenant, counts in sorted(report["tenants"].items()):
-        lines.append(f"  {tenant:<20}" + "".join(f"{counts.get(state, 0):>12}" for state in STATES))
+        lines.append(f"  {tenant:<20}" + "".join(f"{counts.get(state, 0):>12}" for state in JOB_STATUSES))
     if not report["tenants"]:
         lines.append("  (no jobs)")
     lines.extend(_render_budgets(report.get("budgets", [])))

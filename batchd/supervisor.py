@@ -24,6 +24,7 @@ from .context import Context, wait_for_event
 from .poller import poll_until_ended
 from .provider import CONNECTION_ERRORS
 from .results import NotOurBatch, apply_results
+from .statuses import FINAL_BATCH_STATUSES
 from .store import DB_ERRORS, sql
 from .submitter import reconcile, submit
 
@@ -112,7 +113,7 @@ class Supervisor:
         """One step of the batch's life; False when there is nothing more for this process to do."""
         ctx = self.ctx
         batch = await store.get_batch(ctx.pool, batch_id)
-        if batch is None or batch.status in ("applied", "abandoned") or batch.owner != ctx.instance_id:
+        if batch is None or batch.status in FINAL_BATCH_STATUSES or batch.owner != ctx.instance_id:
             return False
         if batch.wait_s > 0 and batch.status == "pending":
             return not await ctx.sleep(batch.wait_s)

@@ -28,6 +28,7 @@ from support import (
 
 from batchd.config import CREDENTIAL_NAME
 from batchd.migrate import shipped_migrations
+from batchd.statuses import JOB_STATUSES
 from batchd.store import init_connection
 
 EX_CONFIG = 78
@@ -375,6 +376,8 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
     await insert_raw(db, "acme", ["a", "b", "c"])
     globex = await insert_raw(db, "globex", ["d", "e"])
     await db.execute("UPDATE batchd.jobs SET status = 'failed' WHERE id = $1", globex[0])
+    # In flight on the sync path: shown like every other status (batchd/statuses.py).
+    await db.execute("UPDATE batchd.jobs SET status = 'sending' WHERE id = $1", globex[1])
     batch = await db.fetchval(
         "INSERT INTO batchd.batches (tag, request_count, bytes, provider_batch_id, status, request_counts,"
         " last_error) VALUES ('abcdefghijkl', 2, 300, 'msgbatch_x', 'in_progress', $1, 'poll failed: 500')"
@@ -391,10 +394,21 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
     )
     assert code == 0, err
     lines = out.splitlines()
+    header = next(line for line in lines if line.strip().startswith("tenant"))
+    assert header.split()[1:] == list(JOB_STATUSES)
+    assert "sending" in header
     acme = next(line for line in lines if line.strip().startswith("acme"))
-    assert acme.split()[1:] == ["3", "0", "0", "0", "0", "0"]
+    assert acme.split()[1:] == ["3", "0", "0", "0", "0", "0", "0"]
     globex_line = next(line for line in lines if line.strip().startswith("globex"))
-    assert globex_line.split()[1:] == ["1", "0", "0", "0", "1", "0"]
+    assert dict(zip(JOB_STATUSES, globex_line.split()[1:], strict=True)) == {
+        "queued": "0",
+        "submitting": "0",
+        "submitted": "0",
+        "sending": "1",
+        "succeeded": "0",
+        "failed": "1",
+        "canceled": "0",
+    }
     assert "Open batches:" in out
     assert str(batch) in out
     assert "msgbatch_x" in out
@@ -403,7 +417,7 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
 
     assert json_code == 0, json_err
     report = json.loads(json_out)
-    assert report["tenants"] == {"acme": {"queued": 3}, "globex": {"queued": 1, "failed": 1}}
+    assert report["tenants"] == {"acme": {"queued": 3}, "globex": {"sending": 1, "failed": 1}}
     assert [b["id"] for b in report["open_batches"]] == [str(batch)]
     assert report["open_batches"][0]["status"] == "in_progress"
     assert report["open_batches"][0]["request_counts"]["processing"] == 2

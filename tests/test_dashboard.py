@@ -25,7 +25,7 @@ from support import (
     wait_until,
 )
 
-from batchd import tenants
+from batchd import statuses, tenants
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
@@ -244,6 +244,9 @@ async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
 ) -> None:
     """Jobs queued for two tenants and an open batch, as the admin and as a tenant see them on the page."""
     monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+    # The page names statuses as the server does (batchd/statuses.py, through the overview), not from a list
+    # of its own: a label changed on the server is the one shown.
+    monkeypatch.setitem(statuses.BATCH_LABELS, statuses.BatchStatus.IN_PROGRESS, ("Working", "hint"))
     await emulator.admin("PATCH", "settings", {"processing_time_s": [3600, 3600]})  # the batch stays open
     # Flushed only once the oldest job has waited an hour: what is flushed is decided by the jobs' age.
     daemon = Daemon(daemon_settings(batching={"max_wait_s": 3600}, events={"poll_interval_s": 1.0}))
@@ -277,6 +280,9 @@ async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
             (batch,) = await browser.evaluate(table_cells("table-batches"))
             # batch (id, provider id), status, in flight, requests, age
             assert batch[2:4] == ["5", "5"], batch
+            assert batch[1] == "Working", batch
+            badge = "document.querySelector('[data-testid=table-batches] tbody tr .badge')"
+            assert await browser.evaluate(f"{badge}.title") == "hint"
             assert re.fullmatch(r"1m [3-5]\ds", batch[4]), batch
             assert await browser.evaluate(
                 "document.querySelector('[data-testid=table-batches] tbody tr').dataset.batchId"

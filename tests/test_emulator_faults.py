@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -12,6 +13,9 @@ from packaging.version import Version
 from support import EmulatorHandle, request
 
 from batchd.emulator import EmulatorConfig, FaultPlan, HttpFault
+from batchd.emulator.config import checked_processing_time
+
+PROCESSING_TIME_RULE = "processing_time_s must be (low, high) with 0 <= low <= high"
 
 FAST_RETRY = 0.01  # seconds the emulator asks the SDK to wait before retrying
 
@@ -313,3 +317,19 @@ async def test_settings_clock_and_reset_through_the_admin_api(
         inverted = await http.patch(f"{emulator.url}/_emulator/settings", json={"processing_time_s": [9, 1]})
     assert backwards.status_code == 400
     assert inverted.status_code == 400
+
+
+@pytest.mark.parametrize("bad", [(9, 1), (-1, 2)])
+async def test_a_processing_time_is_checked_alike_at_start_and_while_running(
+    emulator: EmulatorHandle, bad: tuple[float, float]
+) -> None:
+    """One check (emulator/config.py, checked_processing_time) for both ways in, with one message."""
+    with pytest.raises(ValueError, match=re.escape(PROCESSING_TIME_RULE)):
+        EmulatorConfig(processing_time_s=bad)
+    with pytest.raises(ValueError, match=re.escape(PROCESSING_TIME_RULE)):
+        checked_processing_time(bad)
+    async with httpx2.AsyncClient() as http:
+        answer = await http.patch(f"{emulator.url}/_emulator/settings", json={"processing_time_s": list(bad)})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == {"type": "invalid_request_error", "message": PROCESSING_TIME_RULE}
+    assert checked_processing_time((0, 0)) == (0, 0)

@@ -24,6 +24,7 @@ from batchd import fairness, store
 from batchd.config import RoutingSettings
 from batchd.emulator import EmulatorConfig
 from batchd.store import init_connection, sql
+from batchd.unset import UNSET, update_parameters
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)  # no job is urgent
 ROUTING = store.Routing.from_settings(RoutingSettings())
@@ -384,3 +385,8 @@ async def test_the_first_batch_holds_the_small_tenants_jobs(
 
 async def _true(value: Any) -> bool:
     return bool(await value)
+
+
+def test_a_partial_update_passes_each_value_and_whether_it_was_given() -> None:
+    """budgets.set_budget and fairness.set_limits share one sentinel: not given (UNSET) is not None."""
+    assert update_parameters(UNSET, None, 3) == [None, None, 3, False, True, True]

@@ -23,7 +23,8 @@ from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 from batchd.metrics import Metrics
 from batchd.provider import call_status
-from batchd.readings import JOB_STATUSES, Readings, Snapshot
+from batchd.readings import Readings, Snapshot
+from batchd.statuses import BATCH_STATUSES, JOB_STATUSES
 
 
 @pytest.fixture
@@ -301,6 +302,25 @@ async def test_a_failed_database_read_leaves_the_database_metrics_out() -> None:
     assert "batchd_queue_oldest_job_age_seconds" not in got.families
     await readings.refresh(Broken())  # type: ignore[arg-type]
     assert readings.snapshot_queries == 1, "a failure is kept for the TTL too"
+
+
+async def test_every_status_is_exported_sync_jobs_in_flight_included(db: Any) -> None:
+    """batchd_jobs and batchd_batches name every status of batchd/statuses.py, `sending` (a sync job whose
+    call is in flight) too, with the database's counts."""
+    acme = await insert_raw(db, "acme", ["a", "b", "c"])
+    await db.execute("UPDATE batchd.jobs SET status = 'sending' WHERE id = ANY($1)", acme[:2])
+    await db.execute(
+        "INSERT INTO batchd.batches (tag, request_count, bytes, status)"
+        " VALUES ('abcdefghijkl', 0, 0, 'abandoned')"
+    )
+    metrics = Metrics()
+    await Readings(metrics.registry).refresh(db)
+    got = Scrape(generate_latest(metrics.registry).decode())
+    assert got.value("batchd_jobs", tenant="acme", status="sending") == 2
+    assert got.value("batchd_jobs", tenant="acme", status="queued") == 1
+    assert {s.labels["status"] for s in got.samples if s.name == "batchd_jobs"} == set(JOB_STATUSES)
+    assert {s.labels["status"] for s in got.samples if s.name == "batchd_batches"} == set(BATCH_STATUSES)
+    assert got.value("batchd_batches", status="abandoned") == 1
 
 
 def test_tenants_past_the_cap_are_summed_under_an_empty_label(monkeypatch: pytest.MonkeyPatch) -> None:

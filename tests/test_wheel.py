@@ -43,6 +43,7 @@ LOCAL = (
 PACKAGE_DATA = [
     "batchd/py.typed",
     "batchd/sql/queries.sql",
+    "batchd/sql/schema.sql",
     *(f"batchd/sql/migrations/{path.name}" for path in (ROOT / "batchd/sql/migrations").glob("*.sql")),
     *(f"batchd/dashboard/{path.name}" for path in sorted((ROOT / "batchd/dashboard").iterdir())),
 ]

@@ -27,21 +27,9 @@
     "cost_usd", // from the ledger, in each overview (job events carry no cost: it moves when batches end)
     "saved_usd",
   ];
-  const BATCH_STATUS = { pending: "Pending", in_progress: "In progress", ended: "Applying" };
-  const BATCH_HINT = {
-    pending: "Not sent to the provider yet",
-    in_progress: "The provider is working on it",
-    ended: "The provider finished; its results are being applied",
-  };
-  const JOB_STATUS = {
-    succeeded: "Succeeded",
-    failed: "Failed",
-    canceled: "Canceled",
-    retrying: "Retrying",
-    queued: "Queued",
-    submitting: "Submitting",
-    submitted: "Submitted",
-  };
+  // The statuses' labels come with every overview (batchd/statuses.py): the page keeps no list of its own.
+  // `retrying` is an event (job.retrying: the job is queued again), not a status.
+  const EVENT_LABELS = { retrying: { label: "Retrying", hint: "Queued again, to be tried once more" } };
 
   const $ = (selector, root = document) => root.querySelector(selector);
   const byTestId = (id) => $(`[data-testid="${id}"]`);
@@ -52,6 +40,8 @@
     session: null, // {tenant, admin} once signed in
     generation: 0, // bumped on every sign-in / sign-out: late answers of an older session are dropped
     snapshot: null, // the last overview
+    jobLabels: new Map(Object.entries(EVENT_LABELS)), // status -> {label, hint}, from the overviews
+    batchLabels: new Map(),
     snapshotAt: 0, // performance.now() when it arrived (ages tick from there)
     snapshotWallClock: null,
     baseId: 0, // the snapshot's last_event_id: events up to it are in the snapshot's numbers
@@ -133,6 +123,21 @@
     return Object.entries(metadata)
       .map(([key, value]) => `${key}=${typeof value === "string" ? value : JSON.stringify(value)}`)
       .join("  ·  ");
+  }
+
+  /** A status's label as the server names it (a status it did not name: as it is). */
+  function statusLabel(labels, status) {
+    const known = labels.get(status);
+    return known ? known.label : status;
+  }
+
+  function badge(labels, status, title) {
+    const known = labels.get(status);
+    return el("span", {
+      className: `badge badge-${status}`,
+      text: statusLabel(labels, status),
+      title: title ?? (known ? known.hint : ""),
+    });
   }
 
   function emptyTotals() {
@@ -333,6 +338,12 @@
     state.snapshotWallClock = new Date();
     state.baseId = overview.last_event_id;
     state.deltas = state.deltas.filter((delta) => delta.id > state.baseId);
+    for (const [labels, described] of [
+      [state.jobLabels, overview.statuses.jobs],
+      [state.batchLabels, overview.statuses.batches],
+    ]) {
+      for (const { status, label, hint } of described) labels.set(status, { label, hint });
+    }
     const totals = new Map();
     for (const row of overview.totals) {
       const entry = emptyTotals();
@@ -638,11 +649,7 @@
         el(
           "td",
           {},
-          el("span", {
-            className: `badge badge-${batch.status}`,
-            text: BATCH_STATUS[batch.status] || batch.status,
-            title: BATCH_HINT[batch.status] || "",
-          }),
+          badge(state.batchLabels, batch.status),
         ),
         el("td", { className: "num strong", text: num(batch.in_flight) }),
         el("td", {
@@ -722,11 +729,7 @@
       el(
         "td",
         { className: "col-status" },
-        el("span", {
-          className: `badge badge-${status}`,
-          text: JOB_STATUS[status] || status,
-          title: `${status}${attempts}`,
-        }),
+        badge(state.jobLabels, status, `${status}${attempts}`),
       ),
       el("td", { className: "num col-tokens", text: tokens }),
       detail,
@@ -812,7 +815,7 @@
     const facts = [
       ["Job", job.id],
       ["Tenant", job.tenant_id],
-      ["Status", `${job.status} (attempts: ${job.attempts})`],
+      ["Status", `${statusLabel(state.jobLabels, job.status)} (attempts: ${job.attempts})`],
       ["Batch", job.batch_id || "—"],
       ["Type", job.job_type || "raw request"],
       ["Created", job.created_at ? new Date(job.created_at).toLocaleString() : "—"],

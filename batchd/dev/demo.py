@@ -24,6 +24,8 @@ from batchd import migrate
 from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, serve
+from batchd.redact import redact_url
+from batchd.statuses import FINAL_JOB_STATUSES
 from batchd.store import init_connection, sql
 
 from . import embedded_pg
@@ -52,11 +54,11 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
     """A database of the demo's own on the configured server, or on an embedded one when none answers."""
     if not await embedded_pg.reachable(server_url):
         data_dir = embedded_pg.DEFAULT_DATA_DIR.resolve()
-        nobody = embedded_pg.redact(server_url)
+        nobody = redact_url(server_url)
         say(f"No PostgreSQL answers at {nobody}: starting an embedded one in {data_dir}")
         server_url = await embedded_pg.ensure_database(server_url, data_dir)
         say(
-            f"Embedded PostgreSQL: {embedded_pg.redact(server_url)} (it keeps running; stop it with "
+            f"Embedded PostgreSQL: {redact_url(server_url)} (it keeps running; stop it with "
             f"`python -m batchd.dev.embedded_pg stop --data-dir {data_dir}`)"
         )
     name = f"batchd_demo_{uuid.uuid4().hex[:8]}"
@@ -67,12 +69,12 @@ async def demo_database(server_url: str, say: Say, *, keep: bool) -> AsyncIterat
         await admin.close()
     base, _, _ = server_url.rpartition("/")
     url = f"{base}/{name}"
-    say(f"Demo database: {embedded_pg.redact(url)}")
+    say(f"Demo database: {redact_url(url)}")
     try:
         yield url
     finally:
         if keep:
-            say(f"Kept the demo database: {embedded_pg.redact(url)}")
+            say(f"Kept the demo database: {redact_url(url)}")
         else:
             admin = await asyncpg.connect(server_url)
             try:
@@ -140,7 +142,7 @@ def progress_line(table: dict[str, dict[str, int]]) -> str:
     parts = []
     for tenant in TENANTS:
         counts = table.get(tenant, {})
-        in_flight = counts.get("queued", 0) + counts.get("submitting", 0) + counts.get("submitted", 0)
+        in_flight = sum(jobs for status, jobs in counts.items() if status not in FINAL_JOB_STATUSES)
         done, failed = counts.get("succeeded", 0), counts.get("failed", 0)
         parts.append(f"{tenant}: {in_flight} waiting, {done} done, {failed} failed")
     return "  " + " | ".join(parts)

@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
 
 from batchd import log
+from batchd.redact import redact_url
 
 DEFAULT_DATA_DIR = Path(".batchd") / "pgdata"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -94,20 +94,11 @@ async def _connect_error(url: str, timeout_s: float) -> str | None:
     try:
         connection = await asyncpg.connect(url, timeout=timeout_s)
     except ValueError as error:  # asyncpg's ClientConfigurationError is one too
-        raise ValueError(f"not a usable database URL: {redact(url)}: {error}") from error
+        raise ValueError(f"not a usable database URL: {redact_url(url)}: {error}") from error
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     await connection.close()
     return None
-
-
-def redact(url: str) -> str:
-    """The URL with its password, if any, replaced, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def find_binaries() -> Path:
@@ -597,9 +588,9 @@ async def ensure_database(url: str = DEFAULT_URL, data_dir: Path | str = DEFAULT
     """`url` when a server answers there, else the embedded server's URL (started first if need be)."""
     error = await _connect_error(url, 3.0)
     if error is None:
-        logger.info("embedded_pg.not_needed", url=redact(url))
+        logger.info("embedded_pg.not_needed", url=redact_url(url))
         return url
-    logger.info("embedded_pg.fallback", unreachable=redact(url), error=error)
+    logger.info("embedded_pg.fallback", unreachable=redact_url(url), error=error)
     return await asyncio.to_thread(EmbeddedPostgres(data_dir).start)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .batches import Batch, BatchStore
 from .clock import EmulatedClock, rfc3339
-from .config import EmulatorConfig
+from .config import EmulatorConfig, checked_processing_time
 from .faults import Endpoint, FaultPlan, Faults
 from .responder import Responder
 from .stats import Stats
@@ -421,10 +421,10 @@ async def patch_settings(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
     settings = await _parse_body(request, Settings, "emulator settings")
     if settings.processing_time_s is not None:
-        low, high = settings.processing_time_s
-        if not 0 <= low <= high:
-            raise invalid_request("processing_time_s must be (low, high) with 0 <= low <= high")
-        emulator.store.processing_time_s = settings.processing_time_s
+        try:
+            emulator.store.processing_time_s = checked_processing_time(settings.processing_time_s)
+        except ValueError as error:
+            raise invalid_request(str(error)) from None
     if settings.cancel_time_s is not None:
         emulator.store.cancel_time_s = settings.cancel_time_s
     if "rate_limit_rpm" in settings.model_fields_set:

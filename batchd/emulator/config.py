@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .faults import FaultPlan
 
 MAX_BATCH_REQUESTS = 100_000
 MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
+def checked_processing_time(processing_time_s: tuple[float, float]) -> tuple[float, float]:
+    """A batch's processing time range, as given at start (EmulatorConfig) or while the emulator runs
+    (PATCH /_emulator/settings); ValueError says what is wrong with it."""
+    low, high = processing_time_s
+    if not 0 <= low <= high:
+        raise ValueError("processing_time_s must be (low, high) with 0 <= low <= high")
+    return processing_time_s
 
 
 class EmulatorConfig(BaseModel):
@@ -18,7 +29,7 @@ class EmulatorConfig(BaseModel):
     api_key: str | None = Field(
         default=None, description="the one key accepted; unset: any non-empty key is accepted"
     )
-    processing_time_s: tuple[float, float] = Field(
+    processing_time_s: Annotated[tuple[float, float], AfterValidator(checked_processing_time)] = Field(
         default=(2.0, 6.0), description="emulated seconds a batch takes: drawn from this range"
     )
     cancel_time_s: float = Field(default=1.0, ge=0.0, description="emulated seconds from cancel to ended")
@@ -31,10 +42,3 @@ class EmulatorConfig(BaseModel):
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024)
     extra_models: frozenset[str] = Field(default=frozenset(), description="accepted besides the SDK's models")
     faults: FaultPlan = Field(default_factory=FaultPlan)
-
-    @model_validator(mode="after")
-    def _range_ordered(self) -> EmulatorConfig:
-        low, high = self.processing_time_s
-        if not 0 <= low <= high:
-            raise ValueError("processing_time_s must be (low, high) with 0 <= low <= high")
-        return self

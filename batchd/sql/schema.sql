@@ -1,0 +1,646 @@
+-- batchd's schema as it stands after the last migration (0009): the whole of it, in one place, to read.
+--
+-- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
+-- says what they add up to. Each migration that changes the schema changes this file the same way, in the
+-- same commit: tests/test_schema.py builds one database from this file and one from the migrations and
+-- fails unless they are identical (pg_dump of both, schema and rows). Why things are as they are is told
+-- in the migration that made them, named in brackets below.
+--
+-- Not here: the roles, their grants and row-level security (deploy/sql/), and batchd.migrations, the record
+-- of what `batchd migrate` applied (queries.sql, create_migrations_table).
+
+CREATE SCHEMA IF NOT EXISTS batchd;
+
+-- ---- functions the tables' checks use ---------------------------------------------------------------------
+
+-- Whether a timestamp is one batchd can compute with and hand to Python (years 1 to 9999). [0008]
+CREATE FUNCTION batchd.plausible_time(t timestamptz) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT t OPERATOR(pg_catalog.>=) '0001-01-02 00:00:00+00'::pg_catalog.timestamptz
+           AND t OPERATOR(pg_catalog.<=) '9999-12-30 00:00:00+00'::pg_catalog.timestamptz
+$$;
+
+-- ---- tables -----------------------------------------------------------------------------------------------
+
+-- One row per provider batch that batchd made or is making. A batch is recorded (pending) before the API
+-- is called, so that a crash or a lost response can always be reconciled against the provider's list. [0001]
+CREATE TABLE batchd.batches (
+    id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    -- Short, unique and part of every custom_id in the batch: proof that a provider batch is ours.
+    tag                 text NOT NULL UNIQUE CHECK (tag ~ '^[a-z0-9]{12}$'),
+    provider_batch_id   text UNIQUE,
+    -- batchd/statuses.py, BatchStatus (tests/test_statuses.py compares).
+    status              text NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'in_progress', 'ended', 'applied', 'abandoned')),
+    request_count       integer NOT NULL CHECK (request_count >= 0),
+    bytes               bigint NOT NULL,
+    -- The process (one id per start) responsible for the batch, until lease_until.
+    owner               text,
+    lease_until         timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    -- Set, and committed, just before a create call; cleared when the provider refused the create.
+    -- Set at a restart means: the provider may or may not have made this batch.
+    create_attempted_at timestamptz,
+    create_attempts     integer NOT NULL DEFAULT 0,
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    submitted_at        timestamptz,
+    ended_at            timestamptz,
+    applied_at          timestamptz,
+    provider_ended_at   timestamptz,
+    request_counts      jsonb,
+    -- Provider batches that looked like this one but proved not to be (never adopted again).
+    rejected_provider_ids text[] NOT NULL DEFAULT '{}',
+    provider_deleted_at timestamptz,
+    last_error          text
+);
+
+-- What producers write (tenant_id, request, job_type, input, metadata, idempotency_key, deadline, route)
+-- and what batchd alone writes (every other column: the triggers jobs_guard_insert and jobs_guard_update
+-- refuse anyone else, whatever the grants). [0001, 0007, 0008]
+CREATE TABLE batchd.jobs (
+    -- Both made by jobs_guard_insert: a column default could not tell a producer's value from its own. [0008]
+    id              uuid PRIMARY KEY,
+    -- Claim order: a sequence, not created_at, so that producers' clocks and ties do not matter.
+    seq             bigint NOT NULL,
+    tenant_id       text NOT NULL CHECK (tenant_id <> ''),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    request         jsonb,
+    job_type        text,
+    input           jsonb,
+    metadata        jsonb,
+    idempotency_key text,
+    deadline        timestamptz,
+    -- batchd/statuses.py, JobStatus (tests/test_statuses.py compares). `sending`: a sync job whose Messages
+    -- API call is in flight. [0007]
+    status          text NOT NULL DEFAULT 'queued'
+                    CONSTRAINT jobs_status_check
+                    CHECK (status IN ('queued', 'submitting', 'submitted', 'sending', 'succeeded', 'failed', 'canceled')),
+    attempts        integer NOT NULL DEFAULT 0,
+    batch_id        uuid REFERENCES batchd.batches (id),
+    -- The Messages API params as sent (rendered from the job type's template; null for raw requests).
+    params          jsonb,
+    result          jsonb,
+    error           jsonb,
+    usage           jsonb,
+    submitted_at    timestamptz,
+    completed_at    timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- How the job wants to go: a batch (half the price), the synchronous Messages API, or `auto`: a batch
+    -- unless its deadline cannot be met that way. [0007]
+    route           text NOT NULL DEFAULT 'batch' CHECK (route IN ('batch', 'sync', 'auto')),
+    -- Which path the job took, and why: set by the daemon when it decides. Null while undecided.
+    path            text CHECK (path IN ('batch', 'sync')),
+    path_reason     text,
+    -- The sync path's lease: the process sending the job, and until when.
+    sync_owner      text,
+    sync_lease_until timestamptz,
+    -- A sync job refused for a passing reason is not sent again before this time.
+    not_before      timestamptz,
+    CONSTRAINT jobs_request_or_job_type CHECK ((request IS NULL) <> (job_type IS NULL)),
+    CONSTRAINT jobs_input_with_job_type CHECK (input IS NULL OR job_type IS NOT NULL),
+    CONSTRAINT jobs_batch_when_in_flight CHECK (status NOT IN ('submitting', 'submitted') OR batch_id IS NOT NULL),
+    CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
+    CONSTRAINT jobs_times_plausible
+        CHECK (batchd.plausible_time(created_at) AND batchd.plausible_time(updated_at)
+               AND batchd.plausible_time(submitted_at) AND batchd.plausible_time(completed_at)
+               AND batchd.plausible_time(sync_lease_until) AND batchd.plausible_time(not_before))
+);
+CREATE SEQUENCE batchd.jobs_seq_seq OWNED BY batchd.jobs.seq;
+
+-- Every state change a client cares about, written in the transaction that makes it. Streams are served by
+-- seq (the admin's) and tenant_seq (a tenant's), which batchd.publish_events gives out in commit order.
+-- [0001, 0003, 0009]
+CREATE TABLE batchd.events (
+    id          bigserial PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    type        text NOT NULL,
+    tenant_id   text,
+    job_id      uuid,
+    batch_id    uuid,
+    data        jsonb NOT NULL DEFAULT '{}',
+    seq         bigint,
+    -- Set by the publisher: grows with seq, so retention cuts a prefix.
+    published_at timestamptz,
+    -- The event's number among its tenant's events: gap-free per tenant, growing with seq.
+    tenant_seq  bigint
+);
+
+-- When producers' INSERTs should wake the daemon (the trigger jobs_inserted reads it), and whether any
+-- max_queued is set anywhere. One row. [0001, 0006]
+CREATE TABLE batchd.wakeup (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    armed       boolean NOT NULL DEFAULT true,
+    wake_seq    bigint NOT NULL DEFAULT 0,
+    queue_limited boolean NOT NULL DEFAULT false
+);
+
+-- Tenants: their budgets (USD per UTC day and month; over either, their queued jobs are held or failed)
+-- and their limits (set with `batchd tenant set`; batchd.toml's are in batchd.configured_limits).
+-- [0002, 0005, 0006]
+CREATE TABLE batchd.tenants (
+    name        text PRIMARY KEY CHECK (name <> ''),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    budget_day_usd   numeric CHECK (budget_day_usd >= 0),
+    budget_month_usd numeric CHECK (budget_month_usd >= 0),
+    over_budget      text NOT NULL DEFAULT 'hold' CHECK (over_budget IN ('hold', 'fail')),
+    hold_reason      text,
+    held_since       timestamptz,
+    weight        integer CHECK (weight BETWEEN 1 AND 10000),
+    max_queued    bigint CHECK (max_queued >= 0),
+    max_in_flight bigint CHECK (max_in_flight >= 0)
+);
+
+-- Tenants' API tokens, stored only as their SHA-256. [0002]
+CREATE TABLE batchd.tokens (
+    id            bigserial PRIMARY KEY,
+    tenant_id     text NOT NULL REFERENCES batchd.tenants (name),
+    token_sha256  bytea NOT NULL UNIQUE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz
+);
+
+-- The head of the event log: the highest seq given out, and where tenants' counts started. One row.
+-- [0003, 0009]
+CREATE TABLE batchd.event_log (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- The highest seq given out; every seq from 1 to here was given to exactly one event.
+    published_seq   bigint NOT NULL DEFAULT 0,
+    -- The head at the upgrade to 0009 (0 on a database made since): tenant ids up to it were seq values.
+    tenant_seq_base bigint NOT NULL DEFAULT 0
+);
+
+-- Each tenant's share of a batch, written when the batch is submitted. [0003]
+CREATE TABLE batchd.batch_tenants (
+    batch_id    uuid NOT NULL REFERENCES batchd.batches (id) ON DELETE CASCADE,
+    tenant_id   text NOT NULL,
+    requests    integer NOT NULL CHECK (requests > 0),
+    PRIMARY KEY (batch_id, tenant_id)
+);
+
+-- The cost ledger: one row per request the provider billed, keyed by (job_id, attempt) so nothing is
+-- counted twice; no foreign key to batchd.jobs: the money history outlives the jobs. [0005]
+CREATE TABLE batchd.costs (
+    job_id                  uuid NOT NULL,
+    attempt                 integer NOT NULL,
+    tenant_id               text NOT NULL,
+    -- The model the provider billed (the result's `model`), and the job type, if any.
+    model                   text NOT NULL,
+    job_type                text,
+    batch_id                uuid,
+    -- How the request went: through a batch (at the batch price), or synchronously (for routing).
+    via                     text NOT NULL DEFAULT 'batch' CHECK (via IN ('batch', 'sync')),
+    at                      timestamptz NOT NULL DEFAULT now(),
+    input_tokens            bigint NOT NULL,
+    output_tokens           bigint NOT NULL,
+    cache_write_5m_tokens   bigint NOT NULL,
+    cache_write_1h_tokens   bigint NOT NULL,
+    cache_read_tokens       bigint NOT NULL,
+    -- USD, exact. Null when batchd.toml has no price for the model (the tokens are still here to reprice).
+    cost_usd                numeric,
+    -- What the same call would have cost through the synchronous Messages API.
+    sync_cost_usd           numeric,
+    PRIMARY KEY (job_id, attempt)
+);
+
+-- What budgets are checked against: one row per tenant per applied chunk of results. [0005]
+CREATE TABLE batchd.spend (
+    tenant_id   text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    cost_usd    numeric NOT NULL
+);
+
+-- batchd.toml's limits as the last daemon to start read them: tenant_id '' holds [tenant_defaults], the
+-- other rows [tenants.NAME]. [0006]
+CREATE TABLE batchd.configured_limits (
+    tenant_id     text PRIMARY KEY,
+    weight        integer CHECK (weight BETWEEN 1 AND 10000),
+    max_queued    bigint CHECK (max_queued >= 0),
+    max_in_flight bigint CHECK (max_in_flight >= 0)
+);
+
+-- The roles that run batchd (deploy/sql/roles.sql writes its daemon here); written by its owner only.
+-- [0008]
+CREATE TABLE batchd.daemon_roles (
+    role_name text PRIMARY KEY CHECK (role_name <> '')
+);
+
+-- Each tenant's last tenant_seq given out; written only by the publisher. [0009]
+CREATE TABLE batchd.tenant_event_log (
+    tenant_id       text PRIMARY KEY,
+    published_seq   bigint NOT NULL
+);
+
+-- The one row of each singleton table.
+INSERT INTO batchd.wakeup DEFAULT VALUES;
+INSERT INTO batchd.event_log DEFAULT VALUES;
+
+-- ---- indexes ----------------------------------------------------------------------------------------------
+
+CREATE INDEX batches_open ON batchd.batches (status) WHERE status IN ('pending', 'in_progress', 'ended');
+-- The recent batches the turnaround is measured on. [0007]
+CREATE INDEX batches_applied_at ON batchd.batches (applied_at) WHERE applied_at IS NOT NULL;
+
+-- A producer that retries its INSERT ... ON CONFLICT DO NOTHING makes no duplicate.
+CREATE UNIQUE INDEX jobs_idempotency_key ON batchd.jobs (tenant_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- The claim reads queued rows only: a partial index keeps it fast under a large finished history.
+CREATE INDEX jobs_queued ON batchd.jobs (seq) WHERE status = 'queued';
+CREATE INDEX jobs_queued_deadline ON batchd.jobs (deadline) WHERE status = 'queued' AND deadline IS NOT NULL;
+CREATE INDEX jobs_batch ON batchd.jobs (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX jobs_tenant_status ON batchd.jobs (tenant_id, status);
+-- The fair claim skips through this one per tenant, and reads each tenant's queue head from it. [0006]
+CREATE INDEX jobs_queued_tenant ON batchd.jobs (tenant_id, seq) WHERE status = 'queued';
+-- The sync sender's reads: queued jobs that may not batch, nearest deadline first. [0007]
+CREATE INDEX jobs_queued_routed ON batchd.jobs (deadline, seq) WHERE status = 'queued' AND route <> 'batch';
+-- Jobs in flight through the Messages API, for lease renewal and taking back a dead daemon's. [0007]
+CREATE INDEX jobs_sending ON batchd.jobs (sync_lease_until) WHERE status = 'sending';
+
+CREATE UNIQUE INDEX events_seq ON batchd.events (seq);
+CREATE INDEX events_unpublished ON batchd.events (id) WHERE seq IS NULL;
+-- A tenant's replay reads by tenant_seq; a resume looks up the event after the client's id. [0009]
+CREATE UNIQUE INDEX events_tenant ON batchd.events (tenant_id, tenant_seq);
+-- Time windows (retention, `batchd status`) follow published_at. [0003]
+CREATE INDEX events_published_at ON batchd.events (published_at);
+
+-- Reports read a time window; rows arrive in time order, so a BRIN index costs the apply almost nothing.
+CREATE INDEX costs_at ON batchd.costs USING brin (at);
+CREATE INDEX spend_tenant_at ON batchd.spend (tenant_id, at);
+
+-- ---- views ------------------------------------------------------------------------------------------------
+
+-- The tenants whose jobs must not be claimed now. The flusher's claim leaves their jobs in the queue. [0005]
+CREATE VIEW batchd.held_tenants AS
+    SELECT name AS tenant_id, hold_reason, held_since, over_budget
+      FROM batchd.tenants
+     WHERE hold_reason IS NOT NULL;
+
+-- ---- functions --------------------------------------------------------------------------------------------
+
+-- Why a raw request cannot be sent in a batch, or null. [0001]
+CREATE FUNCTION batchd.request_problem(request jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(request) <> 'object' THEN 'request must be a JSON object of Messages API params'
+        WHEN NOT request ? 'model' THEN 'request lacks model'
+        WHEN jsonb_typeof(request -> 'model') <> 'string' THEN 'request.model must be a string'
+        WHEN NOT request ? 'max_tokens' THEN 'request lacks max_tokens'
+        WHEN jsonb_typeof(request -> 'max_tokens') <> 'number'
+             OR (request ->> 'max_tokens')::numeric <> trunc((request ->> 'max_tokens')::numeric)
+             THEN 'request.max_tokens must be an integer'
+        WHEN (request ->> 'max_tokens')::numeric < 1 THEN 'request.max_tokens must be at least 1 in a batch'
+        WHEN NOT request ? 'messages' THEN 'request lacks messages'
+        WHEN jsonb_typeof(request -> 'messages') <> 'array' OR jsonb_array_length(request -> 'messages') = 0
+             THEN 'request.messages must be a non-empty array'
+        WHEN request ? 'stream' AND request -> 'stream' <> 'false'::jsonb
+             THEN 'request.stream is not allowed in a batch'
+    END
+$$;
+
+-- A producer cancels a queued job with UPDATE ... SET status = 'canceled' or batchd.cancel_job(id). [0001]
+CREATE FUNCTION batchd.cancel_job(job uuid) RETURNS boolean LANGUAGE sql AS $$
+    WITH canceled AS (
+        UPDATE batchd.jobs SET status = 'canceled' WHERE id = job AND status = 'queued' RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM canceled)
+$$;
+
+-- Publishes up to `max_events` committed events, numbering each with seq and its tenant's tenant_seq;
+-- returns how many. Must run in READ COMMITTED. [0003, 0009]
+CREATE FUNCTION batchd.publish_events(max_events integer) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    head        bigint;
+    base        bigint;
+    published   integer;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'batchd.publish_events must run in READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    SELECT published_seq, tenant_seq_base INTO head, base FROM batchd.event_log FOR UPDATE;
+    -- One statement, so one snapshot (taken after the lock): `pending` is read once (a CTE used twice is
+    -- materialized), and each tenant's counter moves by exactly the events numbered for it.
+    WITH pending AS (
+        SELECT id, tenant_id, head + row_number() OVER (ORDER BY id) AS seq
+          FROM batchd.events
+         WHERE seq IS NULL
+         ORDER BY id
+         LIMIT max_events
+    ), numbered AS (
+        SELECT id, tenant_id, seq,
+               row_number() OVER (PARTITION BY tenant_id ORDER BY seq) AS n,
+               count(*) OVER (PARTITION BY tenant_id) AS total
+          FROM pending
+    ), tenant_heads AS (
+        INSERT INTO batchd.tenant_event_log AS l (tenant_id, published_seq)
+        SELECT tenant_id, base + count(*) FROM pending WHERE tenant_id IS NOT NULL GROUP BY tenant_id
+            ON CONFLICT (tenant_id) DO UPDATE SET published_seq = l.published_seq + (excluded.published_seq - base)
+        RETURNING tenant_id, published_seq
+    )
+    UPDATE batchd.events AS e
+       SET seq = numbered.seq,
+           tenant_seq = tenant_heads.published_seq - numbered.total + numbered.n,
+           published_at = clock_timestamp()
+      FROM numbered
+      LEFT JOIN tenant_heads ON tenant_heads.tenant_id = numbered.tenant_id
+     WHERE e.id = numbered.id;
+    GET DIAGNOSTICS published = ROW_COUNT;
+    IF published > 0 THEN
+        UPDATE batchd.event_log SET published_seq = head + published;
+        PERFORM pg_notify('batchd_published', (head + published)::text);
+    END IF;
+    RETURN published;
+END
+$$;
+
+-- A token count from a result's usage, for the ledger: 0 unless it is a plausible number. [0005]
+CREATE FUNCTION batchd.usage_tokens(value jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(value) = 'number' AND value::numeric BETWEEN 0 AND 1e15
+                THEN trunc(value::numeric)::bigint ELSE 0 END
+$$;
+
+-- A tenant's limits in force: `batchd tenant set`, else batchd.toml's [tenants.NAME], else its defaults.
+-- [0006]
+CREATE FUNCTION batchd.tenant_limits(tenant text)
+    RETURNS TABLE (weight integer, max_queued bigint, max_in_flight bigint)
+    LANGUAGE sql STABLE ROWS 1 AS $$
+    SELECT coalesce(t.weight, c.weight, d.weight, 1),
+           coalesce(t.max_queued, c.max_queued, d.max_queued),
+           coalesce(t.max_in_flight, c.max_in_flight, d.max_in_flight)
+      FROM (SELECT) AS one
+      LEFT JOIN batchd.tenants AS t ON t.name = tenant
+      LEFT JOIN batchd.configured_limits AS c ON c.tenant_id = tenant
+      LEFT JOIN batchd.configured_limits AS d ON d.tenant_id = ''
+$$;
+
+-- The batch path's turnaround (p90 of the last `window_n` applied batches, or `prior_s`). [0007]
+CREATE FUNCTION batchd.batch_turnaround(window_n integer, min_samples integer, prior_s float8)
+RETURNS TABLE (p90_s float8, samples integer, measured boolean) LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN count(*) >= greatest(min_samples, 1)
+                THEN percentile_cont(0.9) WITHIN GROUP (ORDER BY r.turnaround_s)
+                ELSE prior_s
+           END,
+           count(*)::integer,
+           count(*) >= greatest(min_samples, 1)
+      FROM (SELECT extract(epoch FROM b.applied_at - b.created_at)::float8 AS turnaround_s
+              FROM batchd.batches AS b
+             WHERE b.applied_at IS NOT NULL
+             ORDER BY b.applied_at DESC
+             LIMIT window_n) AS r
+$$;
+
+-- The routing rule, in one place: may this queued job go into a batch now? [0007]
+CREATE FUNCTION batchd.batch_bound(route text, path text, deadline timestamptz, threshold_s float8)
+RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT route = 'batch'
+           OR (route = 'auto' AND path IS DISTINCT FROM 'sync'
+               AND (deadline IS NULL OR deadline >= now() + make_interval(secs => threshold_s)))
+$$;
+
+-- Why a job takes its path, as recorded in batchd.jobs.path_reason. [0007]
+CREATE FUNCTION batchd.route_reason(route text, deadline timestamptz, flush_in_s float8, p90_s float8,
+                                    samples integer, measured boolean, margin_s float8, min_samples integer)
+RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN route = 'batch' THEN 'batch: route = batch'
+        WHEN route = 'sync' THEN 'sync: route = sync'
+        WHEN deadline IS NULL THEN 'auto: no deadline, so the batch'
+        ELSE format('auto: deadline in %s s %s flush in %s s + batch p90 %s s + margin %s s (%s)',
+                    trim_scale(round(d.left_s::numeric, 1)),
+                    CASE WHEN d.left_s < flush_in_s + p90_s + margin_s THEN '<' ELSE '>=' END,
+                    trim_scale(round(flush_in_s::numeric, 1)), trim_scale(round(p90_s::numeric, 1)),
+                    trim_scale(round(margin_s::numeric, 1)),
+                    CASE WHEN measured THEN format('%s batches', samples)
+                         ELSE format('prior: %s of %s batches measured', samples, min_samples) END)
+    END
+      -- Clamped: a producer may write any timestamptz ('infinity', year 294276), whose distance from now
+      -- does not fit an interval.
+      FROM (SELECT extract(epoch FROM least(greatest(deadline, now() - interval '100 years'),
+                                            now() + interval '100 years') - now())::float8 AS left_s) AS d
+$$;
+
+-- Whether `who` may write any column of batchd.jobs (its owner or a member, or a member of a role in
+-- batchd.daemon_roles). [0008]
+CREATE FUNCTION batchd.trusted_writer(who name) RETURNS boolean LANGUAGE sql STABLE
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role(who, c.relowner, 'MEMBER')
+           OR EXISTS (SELECT 1 FROM batchd.daemon_roles AS d JOIN pg_roles AS r ON r.rolname = d.role_name
+                       WHERE pg_has_role(who, r.oid, 'MEMBER'))
+      FROM pg_class AS c
+     WHERE c.oid = 'batchd.jobs'::regclass
+$$;
+
+-- The same question for a trigger's WHEN, asked once per statement: nowhere else (see 0008). [0008]
+CREATE FUNCTION batchd.trusted_writer_now() RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT batchd.trusted_writer(current_user)
+$$;
+
+-- ---- triggers ---------------------------------------------------------------------------------------------
+
+-- INSERT on batchd.jobs, once per statement: refuses jobs past a tenant's max_queued, and notifies
+-- batchd_jobs when the daemon asked for it (idle, a batch's worth, a deadline, a job that may go sync).
+-- Runs as the schema's owner. [0001, 0004, 0006, 0007]
+CREATE FUNCTION batchd.jobs_inserted() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    armed boolean;
+    wake_seq bigint;
+    limited boolean;
+    tenant record;
+    queued bigint;
+BEGIN
+    SELECT w.armed, w.wake_seq, w.queue_limited INTO armed, wake_seq, limited FROM batchd.wakeup AS w;
+    IF limited THEN
+        FOR tenant IN
+            SELECT n.tenant_id, l.max_queued
+              FROM (SELECT DISTINCT new_jobs.tenant_id FROM new_jobs WHERE new_jobs.status = 'queued') AS n
+             CROSS JOIN LATERAL batchd.tenant_limits(n.tenant_id) AS l
+             WHERE l.max_queued IS NOT NULL
+             ORDER BY n.tenant_id  -- the same lock order in every transaction: no deadlock between them
+        LOOP
+            PERFORM pg_advisory_xact_lock(hashtext('batchd.max_queued'), hashtext(tenant.tenant_id));
+            SELECT count(*) INTO queued
+              FROM (SELECT 1 FROM batchd.jobs AS j
+                     WHERE j.tenant_id = tenant.tenant_id AND j.status = 'queued'
+                     LIMIT tenant.max_queued + 1) AS q;
+            IF queued > tenant.max_queued THEN
+                RAISE EXCEPTION 'tenant % may have at most % queued jobs', tenant.tenant_id, tenant.max_queued
+                    USING ERRCODE = 'configuration_limit_exceeded',
+                          DETAIL = 'This INSERT would leave more than max_queued of its jobs waiting; none of its rows was added.',
+                          HINT = 'Insert again once batchd has sent some of them, or raise the limit: batchd tenant set '
+                                 || tenant.tenant_id || ' --max-queued N (or [tenants] in batchd.toml).';
+            END IF;
+        END LOOP;
+        -- Read again: the flusher may have armed the trigger while this one waited for a tenant's lock.
+        SELECT w.armed, w.wake_seq INTO armed, wake_seq FROM batchd.wakeup AS w;
+    END IF;
+    IF armed OR EXISTS (
+        SELECT 1 FROM new_jobs
+         WHERE new_jobs.seq >= wake_seq OR new_jobs.deadline IS NOT NULL OR new_jobs.route <> 'batch'
+    ) THEN
+        PERFORM pg_notify('batchd_jobs', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_inserted AFTER INSERT ON batchd.jobs
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.jobs_inserted();
+
+-- INSERT on batchd.jobs, per row: makes id and seq, and refuses a producer's row that sets a column only
+-- batchd writes. [0008]
+CREATE FUNCTION batchd.jobs_guard_insert() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    forged text;
+BEGIN
+    IF NEW.id IS NULL THEN
+        NEW.id := gen_random_uuid();
+    ELSE
+        forged := 'id';
+    END IF;
+    IF NEW.seq IS NULL THEN
+        NEW.seq := nextval('batchd.jobs_seq_seq');
+    ELSE
+        forged := coalesce(forged, 'seq');
+    END IF;
+    forged := coalesce(forged, CASE
+        WHEN NEW.status IS DISTINCT FROM 'queued' THEN 'status'
+        WHEN NEW.attempts IS DISTINCT FROM 0 THEN 'attempts'
+        WHEN NEW.batch_id IS NOT NULL THEN 'batch_id'
+        WHEN NEW.params IS NOT NULL THEN 'params'
+        WHEN NEW.result IS NOT NULL THEN 'result'
+        WHEN NEW.error IS NOT NULL THEN 'error'
+        WHEN NEW.usage IS NOT NULL THEN 'usage'
+        WHEN NEW.created_at IS DISTINCT FROM now() THEN 'created_at'
+        WHEN NEW.updated_at IS DISTINCT FROM now() THEN 'updated_at'
+        WHEN NEW.submitted_at IS NOT NULL THEN 'submitted_at'
+        WHEN NEW.completed_at IS NOT NULL THEN 'completed_at'
+        WHEN NEW.path IS NOT NULL THEN 'path'
+        WHEN NEW.path_reason IS NOT NULL THEN 'path_reason'
+        WHEN NEW.sync_owner IS NOT NULL THEN 'sync_owner'
+        WHEN NEW.sync_lease_until IS NOT NULL THEN 'sync_lease_until'
+        WHEN NEW.not_before IS NOT NULL THEN 'not_before'
+    END);
+    IF forged IS NOT NULL AND NOT batchd.trusted_writer(current_user) THEN
+        RAISE EXCEPTION 'a producer may not set batchd.jobs.% (role %)', forged, current_user
+            USING ERRCODE = 'insufficient_privilege', COLUMN = forged, TABLE = 'jobs', SCHEMA = 'batchd',
+                  DETAIL = 'batchd alone writes ' || forged || '. No row of this INSERT was added.',
+                  HINT = 'A producer''s INSERT names only tenant_id, request, job_type, input, metadata, '
+                         'idempotency_key, deadline and route; leave ' || forged || ' out.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER jobs_guard_insert BEFORE INSERT ON batchd.jobs
+    FOR EACH ROW EXECUTE FUNCTION batchd.jobs_guard_insert();
+
+-- UPDATE on batchd.jobs by a writer that is not trusted: it may only cancel. Sorts before
+-- jobs_status_changed, so it sees the row as the UPDATE wrote it. [0008]
+CREATE FUNCTION batchd.jobs_guard_update() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    changed text;
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status AND NEW.status IS DISTINCT FROM 'canceled' THEN
+        RAISE EXCEPTION 'a producer may only cancel a job, not set its status to %', NEW.status
+            USING ERRCODE = 'insufficient_privilege', COLUMN = 'status', TABLE = 'jobs', SCHEMA = 'batchd',
+                  HINT = 'UPDATE batchd.jobs SET status = ''canceled'' WHERE id = ... '
+                         '(or batchd.cancel_job(id)) cancels a queued job; batchd sets every other status.';
+    END IF;
+    SELECT string_agg(n.key, ', ' ORDER BY n.key) INTO changed
+      FROM jsonb_each(to_jsonb(NEW)) AS n
+      JOIN jsonb_each(to_jsonb(OLD)) AS o USING (key)
+     WHERE n.key <> 'status' AND n.value IS DISTINCT FROM o.value;
+    IF changed IS NOT NULL THEN
+        RAISE EXCEPTION 'a producer may not change batchd.jobs.% (role %)', changed, current_user
+            USING ERRCODE = 'insufficient_privilege', TABLE = 'jobs', SCHEMA = 'batchd',
+                  DETAIL = 'batchd alone writes ' || changed || '. No row of this UPDATE was changed.',
+                  HINT = 'A producer may only cancel a queued job: UPDATE batchd.jobs '
+                         'SET status = ''canceled'' WHERE id = ..., or SELECT batchd.cancel_job(id).';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER jobs_guard_update BEFORE UPDATE ON batchd.jobs
+    FOR EACH ROW WHEN (NOT batchd.trusted_writer_now())
+    EXECUTE FUNCTION batchd.jobs_guard_update();
+
+-- A status change: only a queued job can be canceled; timestamps. Runs as the caller. [0001, 0004]
+CREATE FUNCTION batchd.jobs_status_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status = 'canceled' AND OLD.status <> 'canceled' THEN
+        IF OLD.status <> 'queued' THEN
+            RAISE EXCEPTION 'job % is %, and only a queued job can be canceled', OLD.id, OLD.status
+                USING ERRCODE = 'check_violation';
+        END IF;
+        NEW.completed_at := coalesce(NEW.completed_at, now());
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER jobs_status_changed BEFORE UPDATE OF status ON batchd.jobs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION batchd.jobs_status_changed();
+
+-- A cancel's event. [0004]
+CREATE FUNCTION batchd.jobs_canceled() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO batchd.events (type, tenant_id, job_id, data)
+    VALUES ('job.canceled', NEW.tenant_id, NEW.id,
+            jsonb_build_object('status', 'canceled', 'metadata', NEW.metadata));
+    PERFORM pg_notify('batchd_events', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_canceled AFTER UPDATE OF status ON batchd.jobs
+    FOR EACH ROW WHEN (NEW.status = 'canceled' AND OLD.status <> 'canceled')
+    EXECUTE FUNCTION batchd.jobs_canceled();
+
+-- Keeps batchd.wakeup.queue_limited: whether any max_queued is set anywhere. [0006]
+CREATE FUNCTION batchd.max_queued_changed() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- The row's lock first, the look after (a statement of its own, so a snapshot of its own): of two
+    -- changes at once, the second sees the first's.
+    PERFORM 1 FROM batchd.wakeup FOR UPDATE;
+    UPDATE batchd.wakeup
+       SET queue_limited = EXISTS (SELECT 1 FROM batchd.configured_limits WHERE max_queued IS NOT NULL)
+                           OR EXISTS (SELECT 1 FROM batchd.tenants WHERE max_queued IS NOT NULL);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tenants_max_queued AFTER INSERT OR DELETE OR UPDATE OF max_queued OR TRUNCATE ON batchd.tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.max_queued_changed();
+CREATE TRIGGER configured_limits_max_queued
+    AFTER INSERT OR DELETE OR UPDATE OF max_queued OR TRUNCATE ON batchd.configured_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.max_queued_changed();
+
+-- Any change of tokens NOTIFYs batchd_tokens: every instance ends the streams of revoked tokens. [0009]
+CREATE FUNCTION batchd.tokens_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('batchd_tokens', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tokens_changed AFTER UPDATE OR DELETE ON batchd.tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd.tokens_changed();
+
+-- ---- privileges -------------------------------------------------------------------------------------------
+
+-- Firing a trigger needs no EXECUTE privilege; nobody needs to call these by hand. [0004, 0006, 0008, 0009]
+REVOKE EXECUTE ON FUNCTION batchd.jobs_inserted(), batchd.jobs_status_changed(), batchd.jobs_canceled(),
+    batchd.max_queued_changed(), batchd.jobs_guard_insert(), batchd.jobs_guard_update(),
+    batchd.tokens_changed() FROM PUBLIC;
+
+-- These run on behalf of any role that writes batchd.jobs (a check, a trigger's WHEN): anyone may call
+-- them. [0008]
+GRANT EXECUTE ON FUNCTION batchd.trusted_writer(name), batchd.trusted_writer_now(),
+    batchd.plausible_time(timestamptz) TO PUBLIC;
