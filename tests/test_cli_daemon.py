@@ -449,3 +449,93 @@ async def test_cancel_a_queued_job_and_refuse_the_rest(db: Any, config: Path, tm
     code, _, err = await run_batchd(*base, str(queued), cwd=tmp_path)
     assert code == 1
     assert "is canceled; only a queued job can be canceled" in err
+
+
+# -- every command: the global options, and how it fails -----------------------------------------------------
+
+
+def test_the_global_options_go_before_or_after_the_command() -> None:
+    from batchd.cli import build_parser  # noqa: PLC0415 - the parser alone, no database
+
+    def parsed(*argv: str) -> tuple[str | None, str]:
+        args = build_parser().parse_args(argv)
+        return args.config, args.log_level
+
+    assert parsed("status") == (None, "info")
+    assert parsed("--config", "a.toml", "--log-level", "debug", "status") == ("a.toml", "debug")
+    assert parsed("status", "--config", "a.toml", "--log-level", "error") == ("a.toml", "error")
+    assert parsed("--log-level", "debug", "tenant", "set", "acme", "--config", "a.toml") == (
+        "a.toml",
+        "debug",
+    )
+    assert parsed("tenant", "--config", "a.toml", "list") == ("a.toml", "info")
+    assert parsed("--config", "a.toml", "emulator", "--log-level", "warning") == ("a.toml", "warning")
+
+
+async def test_the_config_file_from_before_or_after_the_command_or_batchd_config(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    await insert_raw(db, "acme", ["a", "b"])
+    runs = await asyncio.gather(
+        run_batchd("--config", str(config), "status", "--json", cwd=tmp_path),
+        run_batchd("status", "--json", "--config", str(config), "--log-level", "error", cwd=tmp_path),
+        run_batchd(
+            "--log-level", "warning", "status", "--json", cwd=tmp_path, env={"BATCHD_CONFIG": str(config)}
+        ),
+    )
+    for code, out, err in runs:
+        assert code == 0, err
+        assert json.loads(out)["tenants"] == {"acme": {"queued": 2}}
+
+
+def unreachable_config(tmp_path: Path) -> Path:
+    """Nothing listens on port 1; the password must never be shown."""
+    return write_config(tmp_path / "down.toml", "postgresql://batchd:hunter2@127.0.0.1:1/batchd")
+
+
+async def test_each_expected_failure_is_one_line_and_its_exit_status(
+    config: Path, blank_database_url: str, tmp_path: Path
+) -> None:
+    down = str(unreachable_config(tmp_path))
+    blank = str(write_config(tmp_path / "blank.toml", blank_database_url))
+    key = {"ANTHROPIC_API_KEY": "k"}
+    cases: list[tuple[list[str], dict[str, str], int, str]] = [
+        (["status", "--config", str(tmp_path / "absent.toml")], {}, EX_CONFIG, "no such configuration file"),
+        (["status", "--config", down], {}, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/batchd: "),
+        (["tenant", "list", "--config", down], {}, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/"),
+        (["run", "--config", down], key, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/batchd: "),
+        (["status", "--config", blank], {}, EX_CONFIG, "migration(s) not applied; run `batchd migrate`"),
+        (["cancel", "job-42", "--config", str(config)], {}, EX_DATAERR, "'job-42' is not a job id"),
+        (["cancel", str(uuid.UUID(int=7)), "--config", str(config)], {}, 1, "no job 00000000-0000"),
+        (["report", "--since", "soonish", "--config", str(config)], {}, EX_DATAERR, "soonish"),
+        (
+            ["enqueue", "--file", "absent.jsonl", "--config", str(config)],
+            {},
+            EX_DATAERR,
+            "cannot read absent",
+        ),
+        (["enqueue", "--request", "{", "--config", str(config)], {}, EX_DATAERR, "--request is not JSON"),
+    ]
+    results = await asyncio.gather(*(run_batchd(*argv, cwd=tmp_path, env=env) for argv, env, _, _ in cases))
+    for (code, out, err), (argv, _, expected_code, message) in zip(results, cases, strict=True):
+        assert (code, out) == (expected_code, ""), (argv, out, err)
+        assert err.startswith("batchd: "), (argv, err)
+        assert err.count("\n") == 1, (argv, err)  # one line: no traceback
+        assert message in err, (argv, err)
+        assert "hunter2" not in err
+
+
+async def test_a_migration_changed_after_it_was_applied_is_one_line_exit_78(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "batchd.toml", blank_database_url)
+    code, _, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
+    assert code == 0, err
+    connection = await connect(blank_database_url)
+    try:
+        await connection.execute("UPDATE batchd.migrations SET checksum = 'edited' WHERE version = 1")
+    finally:
+        await connection.close()
+    code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
+    assert (code, out) == (EX_CONFIG, ""), err
+    assert err == f"batchd: migration 0001_{MIGRATIONS[0].name} was changed after it was applied\n"
