@@ -7,7 +7,7 @@ import json
 import sys
 from argparse import Namespace
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,8 +62,15 @@ def execute_command(handler: Handler, args: argparse.Namespace, *, migrated: boo
         connection = await _connect(settings)
         try:
             if migrated:
-                await migrate.require_current(connection)
+                # A producer's role may not read batchd.migrations (roles.sql): its `enqueue` goes unchecked.
+                with suppress(asyncpg.InsufficientPrivilegeError):
+                    await migrate.require_current(connection)
             return await handler(connection, settings, args)
+        except (ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            if not _connection_lost(error, connection):
+                raise
+            message = f"lost the connection to {_safe_url(settings.database.url)}: {error}"
+            raise CommandError(message, EX_UNAVAILABLE) from None
         finally:
             await connection.close()
 
@@ -71,14 +78,22 @@ def execute_command(handler: Handler, args: argparse.Namespace, *, migrated: boo
         return asyncio.run(run())
     except migrate.MigrationError as error:
         raise CommandError(str(error), EX_CONFIG) from None
-    except (
-        ConnectionError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.AdminShutdownError,
-        asyncpg.CrashShutdownError,
-    ) as error:
-        message = f"lost the connection to {_safe_url(settings.database.url)}: {error}"
-        raise CommandError(message, EX_UNAVAILABLE) from None
+
+
+def _connection_lost(error: Exception, connection: Connection) -> bool:
+    """Whether `error` says the connection is gone (the server restarted, the session was ended, the network
+    broke) rather than that a statement failed."""
+    import asyncpg  # noqa: PLC0415 - see the imports above
+
+    if isinstance(error, asyncpg.InterfaceError):  # e.g. ending a transaction on the closed connection
+        return connection.is_closed()
+    return isinstance(
+        error,
+        ConnectionError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError,
+    )
 
 
 def database_command(handler: Handler, *, migrated: bool = True) -> Callable[[argparse.Namespace], int]:
@@ -317,9 +332,9 @@ async def cmd_enqueue(conn: Connection, _settings: Settings, args: Namespace) ->
             raise CommandError(
                 f"nothing was enqueued: {args.file} is not UTF-8: {error}", EX_DATAERR
             ) from None
-        except (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError):
-            raise  # the database went away: execute_command says so
         except asyncpg.PostgresError as error:
+            if _connection_lost(error, conn):
+                raise  # execute_command says so
             message = f"nothing was enqueued: the database refused a job: {error}"
             raise CommandError(message, EX_DATAERR) from None
     print(

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from support import (
+    BATCHD,
     QUICK,
     daemon_config,
     daemon_env,
@@ -539,3 +540,44 @@ async def test_a_migration_changed_after_it_was_applied_is_one_line_exit_78(
     code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
     assert (code, out) == (EX_CONFIG, ""), err
     assert err == f"batchd: migration 0001_{MIGRATIONS[0].name} was changed after it was applied\n"
+
+
+async def test_a_connection_lost_during_a_command_is_one_line_exit_69(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    """`enqueue --file -` holds its transaction open while it reads standard input: the server ends that
+    session (as a restart or an administrator would) before the first line arrives."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
+    process = await asyncio.create_subprocess_exec(
+        *BATCHD, "enqueue", "--tenant", "acme", "--file", "-", "--config", str(config),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=clean, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.stdin is not None
+    try:
+
+        async def waiting_in_its_transaction() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+                )
+            )
+
+        await wait_until(waiting_in_its_transaction, timeout=30)
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+        )
+        line = jsonl([{"request": raw_request("hi")}]).encode()
+        out, err = await asyncio.wait_for(process.communicate(line), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 69, err
+    assert out == b""
+    message = err.decode()
+    assert message.startswith("batchd: lost the connection to postgresql://"), message
+    assert message.count("\n") == 1, message
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 0
