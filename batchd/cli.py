@@ -47,7 +47,7 @@ class CommandError(Exception):
 Handler = Callable[["Connection", "Settings", Namespace], Awaitable[int]]
 
 
-def execute_command(handler: Handler, args: argparse.Namespace, *, migrated: bool = True) -> int:
+def execute_command(handler: Handler, args: Namespace, *, migrated: bool = True) -> int:
     """Loads the settings, connects, runs `handler`, closes the connection. The database's expected failures
     (unreachable, lost, not migrated) become a CommandError; `main` prints those."""
     import asyncio  # noqa: PLC0415 - see the imports above
@@ -96,16 +96,16 @@ def _connection_lost(error: Exception, connection: Connection) -> bool:
     )
 
 
-def database_command(handler: Handler, *, migrated: bool = True) -> Callable[[argparse.Namespace], int]:
+def database_command(handler: Handler, *, migrated: bool = True) -> Callable[[Namespace], int]:
     """`handler` as a parser's `run`: through execute_command."""
 
-    def run(args: argparse.Namespace) -> int:
+    def run(args: Namespace) -> int:
         return execute_command(handler, args, migrated=migrated)
 
     return run
 
 
-def _load_settings(args: argparse.Namespace) -> Settings:
+def _load_settings(args: Namespace) -> Settings:
     from .config import load_settings  # noqa: PLC0415 - see the imports above
 
     return load_settings(args.config)
@@ -158,7 +158,7 @@ def _faults(text: str) -> dict[str, Any]:
     return value
 
 
-def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
+def emulator_config(args: Namespace) -> EmulatorConfig:
     """The settings' [emulator] (batchd.toml, then BATCHD_EMULATOR__*), then the command line's options."""
     import os  # noqa: PLC0415 - see the imports above
 
@@ -223,7 +223,7 @@ def _add_emulator_parser(commands: Any) -> None:
     parser.set_defaults(run=run_emulator)
 
 
-def run_emulator(args: argparse.Namespace) -> int:
+def run_emulator(args: Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
 
     import structlog  # noqa: PLC0415
@@ -271,7 +271,7 @@ def _add_demo_parser(commands: Any) -> None:
     parser.set_defaults(run=run_demo_command)
 
 
-def run_demo_command(args: argparse.Namespace) -> int:
+def run_demo_command(args: Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
 
     from . import log  # noqa: PLC0415
@@ -285,7 +285,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(_load_settings(args), keep=args.keep))
 
 
-def run_daemon(args: argparse.Namespace) -> int:
+def run_daemon(args: Namespace) -> int:
     """The daemon holds a pool of its own; only its first connection's failure is the command's."""
     import asyncio  # noqa: PLC0415 - see the imports above
 
@@ -345,7 +345,7 @@ async def cmd_enqueue(conn: Connection, _settings: Settings, args: Namespace) ->
 
 
 @contextmanager
-def _jobs_to_enqueue(args: argparse.Namespace) -> Iterator[tuple[Iterator[NewJob], int | None]]:
+def _jobs_to_enqueue(args: Namespace) -> Iterator[tuple[Iterator[NewJob], int | None]]:
     """(the jobs, how many when known): one from the options, or --file's lines (read as they are sent)."""
     from . import enqueue  # noqa: PLC0415 - see the imports above
 
