@@ -362,9 +362,10 @@ def _jobs_to_enqueue(args: Namespace) -> Iterator[tuple[Iterator[NewJob], int | 
             if getattr(args, key) is not None:
                 job[key] = getattr(args, key)
         try:
-            yield iter([enqueue.parse_job(job)]), 1
+            parsed = enqueue.parse_job(job)
         except enqueue.BadJob as error:
             raise CommandError(f"nothing was enqueued: {error}", EX_DATAERR) from None
+        yield iter([parsed]), 1
         return
     if args.file == "-":
         yield enqueue.read_jsonl(sys.stdin, args.tenant), None
