@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from argparse import Namespace
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,13 +19,115 @@ from . import __version__
 # uses, so `status` or `report` do not pay for the SDK either.
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg import Connection
 
     from .config import Settings
     from .emulator import EmulatorConfig
+    from .enqueue import NewJob
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
 EX_DATAERR = 65  # sysexits: bad input data
 EX_UNAVAILABLE = 69  # sysexits: a service (the database) is not available
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class CommandError(Exception):
+    """An expected failure: `batchd: MESSAGE`, one line on stderr, and `code` as the exit status (1: the
+    command was refused, e.g. canceling a job that is not queued)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- running a command ---------------------------------------------------------------------------------------
+
+# A command that works on the database: it gets an open connection (to a database with every migration
+# applied) and the settings, and returns the exit status.
+Handler = Callable[["Connection", "Settings", Namespace], Awaitable[int]]
+
+
+def execute_command(handler: Handler, args: Namespace, *, migrated: bool = True) -> int:
+    """Loads the settings, connects, runs `handler`, closes the connection. The database's expected failures
+    (unreachable, lost, not migrated) become a CommandError; `main` prints those."""
+    import asyncio  # noqa: PLC0415 - see the imports above
+
+    import asyncpg  # noqa: PLC0415
+
+    from . import migrate  # noqa: PLC0415
+    from .redact import redact_url  # noqa: PLC0415
+
+    settings = _load_settings(args)
+
+    async def run() -> int:
+        connection = await _connect(settings)
+        try:
+            if migrated:
+                # A producer's role may not read batchd.migrations (roles.sql): its `enqueue` goes unchecked.
+                with suppress(asyncpg.InsufficientPrivilegeError):
+                    await migrate.require_current(connection)
+            return await handler(connection, settings, args)
+        except (ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            if not _connection_lost(error, connection):
+                raise
+            message = f"lost the connection to {redact_url(settings.database.url)}: {error}"
+            raise CommandError(message, EX_UNAVAILABLE) from None
+        finally:
+            await connection.close()
+
+    try:
+        return asyncio.run(run())
+    except migrate.MigrationError as error:
+        raise CommandError(str(error), EX_CONFIG) from None
+
+
+def _connection_lost(error: Exception, connection: Connection) -> bool:
+    """Whether `error` says the connection is gone (the server restarted, the session was ended, the network
+    broke) rather than that a statement failed."""
+    import asyncpg  # noqa: PLC0415 - see the imports above
+
+    if isinstance(error, asyncpg.InterfaceError):  # e.g. ending a transaction on the closed connection
+        return connection.is_closed()
+    return isinstance(
+        error,
+        ConnectionError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError,
+    )
+
+
+def database_command(handler: Handler, *, migrated: bool = True) -> Callable[[Namespace], int]:
+    """`handler` as a parser's `run`: through execute_command."""
+
+    def run(args: Namespace) -> int:
+        return execute_command(handler, args, migrated=migrated)
+
+    return run
+
+
+def _load_settings(args: Namespace) -> Settings:
+    from .config import load_settings  # noqa: PLC0415 - see the imports above
+
+    return load_settings(args.config)
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    from . import store  # noqa: PLC0415 - see the imports above
+
+    try:
+        return await store.connect(settings.database.url)
+    except store.DatabaseUnavailable as error:
+        raise _unreachable(settings, error) from None
+
+
+def _unreachable(settings: Settings, error: Exception) -> CommandError:
+    from .redact import redact_url  # noqa: PLC0415 - see the imports above
+
+    return CommandError(f"cannot connect to {redact_url(settings.database.url)}: {error}", EX_UNAVAILABLE)
+
+
+# -- the commands without a database connection of their own ------------------------------------------------
 
 
 def _processing_time(text: str) -> tuple[float, float]:
@@ -47,18 +151,15 @@ def _faults(text: str) -> dict[str, Any]:
     return value
 
 
-def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
-    """[emulator] from the config file, then the command line's options over it."""
+def emulator_config(args: Namespace) -> EmulatorConfig:
+    """The settings' [emulator] (batchd.toml, then BATCHD_EMULATOR__*), then the command line's options."""
     import os  # noqa: PLC0415 - see the imports above
 
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from .config import ConfigError, config_path, describe, read_toml  # noqa: PLC0415
+    from .config import ConfigError, describe  # noqa: PLC0415
     from .emulator import EmulatorConfig  # noqa: PLC0415
 
-    values = read_toml(config_path(args.config)).get("emulator", {})
-    if not isinstance(values, dict):
-        raise ConfigError("[emulator] must be a table")
     overrides = {
         "host": args.host,
         "port": args.port,
@@ -72,6 +173,7 @@ def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
         "extra_models": frozenset(args.model) if args.model else None,
         "faults": args.faults,
     }
+    values = _load_settings(args).emulator.model_dump(exclude_unset=True)
     values.update({key: value for key, value in overrides.items() if value is not None})
     try:
         return EmulatorConfig.model_validate(values)
@@ -80,12 +182,13 @@ def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
 
 
 def _add_emulator_parser(commands: Any) -> None:
-    parser = commands.add_parser(
+    parser = _add_command(
+        commands,
         "emulator",
         help="serve an emulator of the Message Batches API",
-        description="Serve an emulator of Anthropic's Message Batches API for development, demos and tests.",
+        description="Serve an emulator of Anthropic's Message Batches API for development, demos and tests. "
+        "Its settings are batchd.toml's [emulator]; these options win over them.",
     )
-    parser.add_argument("--config", help="configuration file (default: $BATCHD_CONFIG, else ./batchd.toml)")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8787; 0 picks a free one)")
     parser.add_argument("--api-key", help="the only API key accepted (default: any non-empty key)")
@@ -113,7 +216,7 @@ def _add_emulator_parser(commands: Any) -> None:
     parser.set_defaults(run=run_emulator)
 
 
-def run_emulator(args: argparse.Namespace) -> int:
+def run_emulator(args: Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
 
     import structlog  # noqa: PLC0415
@@ -125,12 +228,15 @@ def run_emulator(args: argparse.Namespace) -> int:
 
 async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bool) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
+    import logging  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
     from aiohttp.log import access_logger  # noqa: PLC0415
 
     from .emulator import serve  # noqa: PLC0415
 
+    if access_log:  # the libraries' info lines are off (log.configure); these were asked for
+        access_logger.setLevel(logging.INFO)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -143,14 +249,14 @@ async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bo
 
 
 def _add_demo_parser(commands: Any) -> None:
-    parser = commands.add_parser(
+    parser = _add_command(
+        commands,
         "demo",
         help="run everything on this machine: emulator, daemon, a producer",
         description="Start the emulator and the daemon against a demo database (on the configured "
         "PostgreSQL, or an embedded one when none answers), insert jobs for three tenants and show them "
         "finishing.",
     )
-    _add_config_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the demo database afterwards")
     parser.add_argument(
         "--emulator-only", action="store_true", help="only a scripted tour of the emulator with the SDK"
@@ -158,7 +264,7 @@ def _add_demo_parser(commands: Any) -> None:
     parser.set_defaults(run=run_demo_command)
 
 
-def run_demo_command(args: argparse.Namespace) -> int:
+def run_demo_command(args: Namespace) -> int:
     import asyncio  # noqa: PLC0415 - see the imports above
 
     from . import log  # noqa: PLC0415
@@ -169,60 +275,34 @@ def run_demo_command(args: argparse.Namespace) -> int:
         asyncio.run(run_tour())
         return 0
     log.configure("warning")  # the demo narrates; the daemon's own log would drown it
-    return asyncio.run(run_demo(_settings(args), keep=args.keep))
+    return asyncio.run(run_demo(_load_settings(args), keep=args.keep))
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    from .config import load_settings  # noqa: PLC0415 - see the imports above
-
-    return load_settings(args.config)
-
-
-def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="configuration file (default: $BATCHD_CONFIG, else ./batchd.toml)")
-
-
-def run_daemon(args: argparse.Namespace) -> int:
+def run_daemon(args: Namespace) -> int:
+    """The daemon holds a pool of its own; only its first connection's failure is the command's."""
     import asyncio  # noqa: PLC0415 - see the imports above
 
     from .daemon import Daemon  # noqa: PLC0415
+    from .migrate import MigrationError  # noqa: PLC0415
+    from .store import DatabaseUnavailable  # noqa: PLC0415
 
-    settings = _settings(args)
-    asyncio.run(Daemon(settings).run())
+    settings = _load_settings(args)
+    try:
+        asyncio.run(Daemon(settings).run())
+    except DatabaseUnavailable as error:
+        raise _unreachable(settings, error) from None
+    except MigrationError as error:
+        raise CommandError(str(error), EX_CONFIG) from None
     return 0
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    import asyncpg  # noqa: PLC0415 - see the imports above
-
-    from .redact import redact_url  # noqa: PLC0415
-    from .store import init_connection  # noqa: PLC0415
-
-    try:
-        connection: asyncpg.Connection = await asyncpg.connect(settings.database.url)
-    except (OSError, asyncpg.PostgresError) as error:
-        raise DatabaseUnavailable(f"cannot connect to {redact_url(settings.database.url)}: {error}") from None
-    await init_connection(connection)
-    return connection
+# -- the database commands -----------------------------------------------------------------------------------
 
 
-class DatabaseUnavailable(Exception):  # noqa: N818 - reads as the condition it reports
-    pass
+async def cmd_migrate(conn: Connection, _settings: Settings, _args: Namespace) -> int:
+    from . import migrate  # noqa: PLC0415 - see the imports above
 
-
-def run_migrate(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
-
-    from . import migrate  # noqa: PLC0415
-
-    async def go() -> list[migrate.Migration]:
-        connection = await _connect(_settings(args))
-        try:
-            return await migrate.migrate(connection)
-        finally:
-            await connection.close()
-
-    applied = asyncio.run(go())
+    applied = await migrate.migrate(conn)
     if applied:
         for migration in applied:
             print(f"applied {migration.version:04d}_{migration.name}")
@@ -231,55 +311,25 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_enqueue(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
-
-    import asyncpg  # noqa: PLC0415
+async def cmd_enqueue(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    import asyncpg  # noqa: PLC0415 - see the imports above
 
     from . import enqueue  # noqa: PLC0415
 
-    if args.file is not None:
-        total = enqueue.count_lines(args.file) if args.file != "-" else None
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, PTH123
-        jobs = enqueue.read_jsonl(stream, args.tenant)
-    else:
-        job: dict[str, Any] = {"tenant_id": args.tenant}
-        for key in ("request", "input", "metadata"):
-            value = getattr(args, key)
-            if value is not None:
-                try:
-                    job[key] = json.loads(value)
-                except json.JSONDecodeError as error:
-                    print(f"batchd: --{key} is not JSON: {error}", file=sys.stderr)
-                    return EX_DATAERR
-        for key in ("job_type", "idempotency_key", "deadline"):
-            if getattr(args, key) is not None:
-                job[key] = getattr(args, key)
-        total, stream = 1, None
+    with _jobs_to_enqueue(args) as (jobs, total):
         try:
-            jobs = iter([enqueue.parse_job(job)])
+            inserted, skipped = await enqueue.insert_jobs(conn, jobs, progress=sys.stderr, total=total)
         except enqueue.BadJob as error:
-            print(f"batchd: nothing was enqueued: {error}", file=sys.stderr)
-            return EX_DATAERR
-
-    async def go() -> tuple[int, int]:
-        connection = await _connect(_settings(args))
-        try:
-            return await enqueue.insert_jobs(connection, jobs, progress=sys.stderr, total=total)
-        finally:
-            await connection.close()
-
-    try:
-        inserted, skipped = asyncio.run(go())
-    except enqueue.BadJob as error:
-        print(f"batchd: nothing was enqueued: {error}", file=sys.stderr)
-        return EX_DATAERR
-    except asyncpg.PostgresError as error:
-        print(f"batchd: nothing was enqueued: the database refused a job: {error}", file=sys.stderr)
-        return EX_DATAERR
-    finally:
-        if stream is not None and stream is not sys.stdin:
-            stream.close()
+            raise CommandError(f"nothing was enqueued: {error}", EX_DATAERR) from None
+        except UnicodeDecodeError as error:
+            raise CommandError(
+                f"nothing was enqueued: {args.file} is not UTF-8: {error}", EX_DATAERR
+            ) from None
+        except asyncpg.PostgresError as error:
+            if _connection_lost(error, conn):
+                raise  # execute_command says so
+            message = f"nothing was enqueued: the database refused a job: {error}"
+            raise CommandError(message, EX_DATAERR) from None
     print(
         f"enqueued {inserted} job(s)"
         + (f", skipped {skipped} already queued (same idempotency key)" if skipped else "")
@@ -287,85 +337,97 @@ def run_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_status(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
+@contextmanager
+def _jobs_to_enqueue(args: Namespace) -> Iterator[tuple[Iterator[NewJob], int | None]]:
+    """(the jobs, how many when known): one from the options, or --file's lines (read as they are sent)."""
+    from . import enqueue  # noqa: PLC0415 - see the imports above
 
-    from . import status  # noqa: PLC0415
-
-    async def go() -> dict[str, Any]:
-        connection = await _connect(_settings(args))
+    if args.file is None:
+        job: dict[str, Any] = {"tenant_id": args.tenant}
+        for key in ("request", "input", "metadata"):
+            value = getattr(args, key)
+            if value is not None:
+                try:
+                    job[key] = json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise CommandError(f"--{key} is not JSON: {error}", EX_DATAERR) from None
+        for key in ("job_type", "idempotency_key", "deadline"):
+            if getattr(args, key) is not None:
+                job[key] = getattr(args, key)
         try:
-            return await status.collect(connection, args.window)
-        finally:
-            await connection.close()
+            parsed = enqueue.parse_job(job)
+        except enqueue.BadJob as error:
+            raise CommandError(f"nothing was enqueued: {error}", EX_DATAERR) from None
+        yield iter([parsed]), 1
+        return
+    if args.file == "-":
+        yield enqueue.read_jsonl(sys.stdin, args.tenant), None
+        return
+    try:
+        total = enqueue.count_lines(args.file)
+        stream = open(args.file, encoding="utf-8")  # noqa: SIM115, PTH123 - closed below
+    except OSError as error:
+        raise CommandError(
+            f"nothing was enqueued: cannot read {args.file}: {error.strerror}", EX_DATAERR
+        ) from None
+    with stream:
+        yield enqueue.read_jsonl(stream, args.tenant), total
 
-    report = asyncio.run(go())
+
+async def cmd_status(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import status  # noqa: PLC0415 - see the imports above
+
+    report = await status.collect(conn, args.window)
     print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
     return 0
 
 
-def run_cancel(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
-    import uuid  # noqa: PLC0415
+async def cmd_cancel(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    import uuid  # noqa: PLC0415 - see the imports above
 
     from .store import sql  # noqa: PLC0415
 
     try:
         job_id = uuid.UUID(args.job_id)
     except ValueError:
-        print(f"batchd: {args.job_id!r} is not a job id (a UUID)", file=sys.stderr)
-        return EX_DATAERR
-
-    async def go() -> tuple[bool, str | None]:
-        connection = await _connect(_settings(args))
-        try:
-            canceled = await connection.fetchval(sql("cancel_job"), job_id)
-            job = await connection.fetchrow(sql("get_job"), job_id)
-            return bool(canceled), None if job is None else job["status"]
-        finally:
-            await connection.close()
-
-    canceled, current = asyncio.run(go())
-    if canceled:
+        raise CommandError(f"{args.job_id!r} is not a job id (a UUID)", EX_DATAERR) from None
+    if await conn.fetchval(sql("cancel_job"), job_id):
         print(f"canceled {job_id}")
         return 0
-    if current is None:
-        print(f"batchd: no job {job_id}", file=sys.stderr)
-    else:
-        print(f"batchd: job {job_id} is {current}; only a queued job can be canceled", file=sys.stderr)
-    return 1
+    job = await conn.fetchrow(sql("get_job"), job_id)
+    if job is None:
+        raise CommandError(f"no job {job_id}")
+    raise CommandError(f"job {job_id} is {job['status']}; only a queued job can be canceled")
 
 
-def run_tenant(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
+async def cmd_tenant_add(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import tenants  # noqa: PLC0415 - see the imports above
 
-    from . import tenants  # noqa: PLC0415
+    try:
+        token = await tenants.add_tenant(conn, args.name)
+    except ValueError as error:
+        raise CommandError(str(error), EX_DATAERR) from None
+    print(token)
+    print(f"a new token for tenant {args.name!r}: it is shown this once", file=sys.stderr)
+    return 0
 
-    async def go() -> int:
-        connection = await _connect(_settings(args))
-        try:
-            if args.action == "add":
-                try:
-                    token = await tenants.add_tenant(connection, args.name)
-                except ValueError as error:
-                    print(f"batchd: {error}", file=sys.stderr)
-                    return EX_DATAERR
-                print(token)
-                print(f"a new token for tenant {args.name!r}: it is shown this once", file=sys.stderr)
-            elif args.action == "list":
-                for row in await tenants.list_tenants(connection):
-                    print(f"{row['name']}\t{row['active_tokens']} active\t{row['revoked_tokens']} revoked")
-            else:
-                revoked = await tenants.revoke(connection, args.name)
-                if revoked == 0:
-                    print(f"batchd: tenant {args.name!r} has no active token", file=sys.stderr)
-                    return 1
-                print(f"revoked {revoked} token(s) of {args.name!r}")
-            return 0
-        finally:
-            await connection.close()
 
-    return asyncio.run(go())
+async def cmd_tenant_list(conn: Connection, _settings: Settings, _args: Namespace) -> int:
+    from . import tenants  # noqa: PLC0415 - see the imports above
+
+    for row in await tenants.list_tenants(conn):
+        print(f"{row['name']}\t{row['active_tokens']} active\t{row['revoked_tokens']} revoked")
+    return 0
+
+
+async def cmd_tenant_revoke(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import tenants  # noqa: PLC0415 - see the imports above
+
+    revoked = await tenants.revoke(conn, args.name)
+    if revoked == 0:
+        raise CommandError(f"tenant {args.name!r} has no active token")
+    print(f"revoked {revoked} token(s) of {args.name!r}")
+    return 0
 
 
 # `batchd tenant set NAME [options]`: every per-tenant setting. An option not given is not in the namespace
@@ -406,12 +468,12 @@ def _count(minimum: int, maximum: int | None = None) -> Any:
 
 
 def _add_tenant_set_parser(tenant_actions: Any) -> None:
-    parser = tenant_actions.add_parser(
+    parser = _add_command(
+        tenant_actions,
         "set",
         help="change a tenant's settings (budgets, weight, limits); adds the tenant if new",
         description="Change a tenant's settings; options not given stay as they are.",
     )
-    _add_config_option(parser)
     parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
     unset = argparse.SUPPRESS
     budget = parser.add_argument_group("budgets (USD, per UTC day and month; `none` removes one)")
@@ -449,68 +511,45 @@ def _add_tenant_set_parser(tenant_actions: Any) -> None:
         metavar="N",
         help="the most of its requests in open batches; past it its jobs wait",
     )
-    parser.set_defaults(run=run_tenant_set)
+    parser.set_defaults(run=database_command(cmd_tenant_set))
 
 
-def run_tenant_set(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
-
-    from . import budgets, fairness  # noqa: PLC0415
+async def cmd_tenant_set(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import budgets, fairness  # noqa: PLC0415 - see the imports above
     from .store import sql  # noqa: PLC0415
 
     if not args.name or args.name != args.name.strip():
-        print("batchd: a tenant name must be non-empty, without surrounding spaces", file=sys.stderr)
-        return EX_DATAERR
+        raise CommandError("a tenant name must be non-empty, without surrounding spaces", EX_DATAERR)
     budget = {setting: getattr(args, key) for key, setting in BUDGET_OPTIONS.items() if key in args}
     limits = {key: getattr(args, key) for key in LIMIT_OPTIONS if key in args}
     if not budget and not limits:
-        print("batchd: nothing to set (see batchd tenant set --help)", file=sys.stderr)
-        return EX_DATAERR
-
-    async def go() -> int:
-        connection = await _connect(_settings(args))
-        try:
-            async with connection.transaction():
-                if budget:
-                    await budgets.set_budget(connection, args.name, **budget)
-                if limits:
-                    await fairness.set_limits(connection, args.name, **limits)
-            # Held or released at once (the daemons are woken too), so `batchd status` shows the verdict.
-            await budgets.check(connection)
-            for row in await connection.fetch(sql("tenant_budgets")):
-                if row["tenant_id"] == args.name:
-                    print(budgets.describe({**row, "name": args.name}))
-                    break
-            else:
-                print(f"{args.name}: no budget")
-            print(fairness.describe(args.name, await fairness.limits_of(connection, args.name)))
-            return 0
-        finally:
-            await connection.close()
-
-    return asyncio.run(go())
+        raise CommandError("nothing to set (see batchd tenant set --help)", EX_DATAERR)
+    async with conn.transaction():
+        if budget:
+            await budgets.set_budget(conn, args.name, **budget)
+        if limits:
+            await fairness.set_limits(conn, args.name, **limits)
+    # Held or released at once (the daemons are woken too), so `batchd status` shows the verdict.
+    await budgets.check(conn)
+    for row in await conn.fetch(sql("tenant_budgets")):
+        if row["tenant_id"] == args.name:
+            print(budgets.describe({**row, "name": args.name}))
+            break
+    else:
+        print(f"{args.name}: no budget")
+    print(fairness.describe(args.name, await fairness.limits_of(conn, args.name)))
+    return 0
 
 
-def run_report(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - see the imports above
-
-    from . import report  # noqa: PLC0415
+async def cmd_report(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import report  # noqa: PLC0415 - see the imports above
 
     try:
         since = None if args.since is None else report.parse_since(args.since)
     except ValueError as error:
-        print(f"batchd: {error}", file=sys.stderr)
-        return EX_DATAERR
-
-    async def go() -> dict[str, Any]:
-        connection = await _connect(_settings(args))
-        try:
-            return await report.collect(connection, since, args.tenant)
-        finally:
-            await connection.close()
-
+        raise CommandError(str(error), EX_DATAERR) from None
     render = report.RENDER_CACHE if args.cache else report.RENDER
-    print(render[args.format](asyncio.run(go())))
+    print(render[args.format](await report.collect(conn, since, args.tenant)))
     return 0
 
 
@@ -518,7 +557,8 @@ REPORT_FORMATS = ("csv", "json", "table")  # report.RENDER's keys (tests/test_cl
 
 
 def _add_report_parser(commands: Any) -> None:
-    parser = commands.add_parser(
+    parser = _add_command(
+        commands,
         "report",
         help="costs and savings per tenant and model, from the ledger",
         description="What the ledger recorded per tenant and model: jobs, tokens, cost at batch prices, the "
@@ -526,7 +566,6 @@ def _add_report_parser(commands: Any) -> None:
         "prompt cache per job type: its reads and writes, and the hit ratio, cache read / (input + cache "
         "writes + cache read).",
     )
-    _add_config_option(parser)
     parser.add_argument(
         "--since", metavar="WHEN", help="7d, 12h, 30m, 2w ago, or an ISO date (UTC); default: everything"
     )
@@ -535,26 +574,24 @@ def _add_report_parser(commands: Any) -> None:
     parser.add_argument(
         "--cache", action="store_true", help="only the prompt cache per job type (a CSV holds one table)"
     )
-    parser.set_defaults(run=run_report)
+    parser.set_defaults(run=database_command(cmd_report))
 
 
-def _add_daemon_parsers(commands: Any) -> None:
-    run = commands.add_parser("run", help="run the daemon", description="Run the batchd daemon.")
-    _add_config_option(run)
+def _add_database_parsers(commands: Any) -> None:
+    run = _add_command(commands, "run", help="run the daemon", description="Run the batchd daemon.")
     run.set_defaults(run=run_daemon)
 
-    migrate_parser = commands.add_parser("migrate", help="create or upgrade batchd's schema")
-    _add_config_option(migrate_parser)
-    migrate_parser.set_defaults(run=run_migrate)
+    migrate_parser = _add_command(commands, "migrate", help="create or upgrade batchd's schema")
+    migrate_parser.set_defaults(run=database_command(cmd_migrate, migrated=False))
 
-    enqueue_parser = commands.add_parser(
+    enqueue_parser = _add_command(
+        commands,
         "enqueue",
         help="queue one job, or a JSONL file of jobs",
         description="Queue jobs as a producer would. One job from the options, or --file with one JSON job a "
         'line: {"tenant_id", "request"} or {"tenant_id", "job_type", "input"}, with optional "metadata", '
         '"idempotency_key", "deadline".',
     )
-    _add_config_option(enqueue_parser)
     enqueue_parser.add_argument("--tenant", help="the tenant (for a file: the default for lines without one)")
     enqueue_parser.add_argument("--request", metavar="JSON", help="Messages API params")
     enqueue_parser.add_argument("--job-type", metavar="NAME", help="a job type from batchd.toml")
@@ -563,42 +600,70 @@ def _add_daemon_parsers(commands: Any) -> None:
     enqueue_parser.add_argument("--idempotency-key", metavar="KEY", help="unique per tenant")
     enqueue_parser.add_argument("--deadline", metavar="ISO8601", help="by when the result is wanted")
     enqueue_parser.add_argument("--file", metavar="PATH", help="a JSONL file of jobs (- for standard input)")
-    enqueue_parser.set_defaults(run=run_enqueue)
+    enqueue_parser.set_defaults(run=database_command(cmd_enqueue))
 
-    status_parser = commands.add_parser("status", help="queued jobs, open batches, recent outcomes")
-    _add_config_option(status_parser)
+    status_parser = _add_command(commands, "status", help="queued jobs, open batches, recent outcomes")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     status_parser.add_argument(
         "--window", type=float, default=3600.0, metavar="SECONDS", help="recent = this long"
     )
-    status_parser.set_defaults(run=run_status)
+    status_parser.set_defaults(run=database_command(cmd_status))
 
-    tenant_parser = commands.add_parser("tenant", help="tenants' tokens for batchd's HTTP API")
+    tenant_parser = _add_command(commands, "tenant", help="tenants' tokens for batchd's HTTP API")
     tenant_actions = tenant_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (
-        ("add", "add a tenant (or another token for it); prints the token once"),
-        ("revoke", "revoke every token of a tenant"),
+    for action, text, handler in (
+        ("add", "add a tenant (or another token for it); prints the token once", cmd_tenant_add),
+        ("revoke", "revoke every token of a tenant", cmd_tenant_revoke),
     ):
-        action_parser = tenant_actions.add_parser(action, help=text)
-        _add_config_option(action_parser)
+        action_parser = _add_command(tenant_actions, action, help=text)
         action_parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
-    _add_config_option(tenant_actions.add_parser("list", help="tenants and how many tokens each has"))
-    tenant_parser.set_defaults(run=run_tenant)
-    _add_tenant_set_parser(tenant_actions)  # after: its own `run` wins over the group's
+        action_parser.set_defaults(run=database_command(handler))
+    list_parser = _add_command(tenant_actions, "list", help="tenants and how many tokens each has")
+    list_parser.set_defaults(run=database_command(cmd_tenant_list))
+    _add_tenant_set_parser(tenant_actions)
     _add_report_parser(commands)
 
-    cancel_parser = commands.add_parser("cancel", help="cancel a queued job")
-    _add_config_option(cancel_parser)
+    cancel_parser = _add_command(commands, "cancel", help="cancel a queued job")
     cancel_parser.add_argument("job_id", metavar="JOB_ID")
-    cancel_parser.set_defaults(run=run_cancel)
+    cancel_parser.set_defaults(run=database_command(cmd_cancel))
+
+
+# -- the parser ----------------------------------------------------------------------------------------------
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, on_root: bool) -> None:
+    """The options every command takes, before or after its name. A subcommand's parser fills a namespace of
+    its own that argparse then copies over the root's: there they default to SUPPRESS, so an option given
+    before the command is not overwritten by the subcommand's default."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None if on_root else argparse.SUPPRESS,
+        help="configuration file (default: $BATCHD_CONFIG, else ./batchd.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info" if on_root else argparse.SUPPRESS,
+        help="the least level logged (default info)",
+    )
+
+
+_COMMAND_OPTIONS = argparse.ArgumentParser(add_help=False)
+_add_global_options(_COMMAND_OPTIONS, on_root=False)
+
+
+def _add_command(commands: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, parents=[_COMMAND_OPTIONS], **kwargs)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"batchd {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_global_options(parser, on_root=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_daemon_parsers(commands)
+    _add_database_parsers(commands)
     _add_emulator_parser(commands)
     _add_demo_parser(commands)
     return parser
@@ -615,9 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"batchd: configuration error: {error}", file=sys.stderr)
         return EX_CONFIG
-    except DatabaseUnavailable as error:
+    except CommandError as error:
         print(f"batchd: {error}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return error.code
     except KeyboardInterrupt:
         return 0
     return code

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .emulator import EmulatorConfig
 from .pricing import PricingSettings
 
 DEFAULT_CONFIG = Path("batchd.toml")
@@ -275,7 +276,7 @@ class Settings(BaseSettings):
     tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
     tenants: dict[str, TenantLimits] = Field(default_factory=dict)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
-    emulator: dict[str, Any] = Field(default_factory=dict, description="read by `batchd emulator`")
+    emulator: EmulatorConfig = Field(default_factory=EmulatorConfig, description="read by `batchd emulator`")
 
     @field_validator("job_types")
     @classmethod

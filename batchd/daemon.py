@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from . import fairness, migrate, pruner, status, store, systemd
-from .config import ConfigError, Settings, admin_token, api_key
+from .config import Settings, admin_token, api_key
 from .context import Context
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
 from .flusher import Flusher
@@ -94,9 +94,7 @@ class Daemon:
         notifier = systemd.Notifier.from_environment()
         try:
             async with pool.acquire() as connection:
-                missing = await migrate.pending(connection)
-            if missing:
-                raise ConfigError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
+                await migrate.require_current(connection)
             await fairness.publish(pool, settings)
             ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider, metrics=self.metrics)
             self.metrics.identify(ctx.instance_id)

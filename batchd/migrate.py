@@ -75,3 +75,10 @@ async def pending(connection: Connection) -> list[Migration]:
         {row["version"] for row in await connection.fetch(sql("applied_migrations"))} if exists else set()
     )
     return [m for m in shipped_migrations() if m.version not in versions]
+
+
+async def require_current(connection: Connection) -> None:
+    """Refuses a database this code's queries would fail on: one without every shipped migration."""
+    missing = await pending(connection)
+    if missing:
+        raise MigrationError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")

@@ -60,8 +60,27 @@ async def init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+class DatabaseUnavailable(Exception):  # noqa: N818 - reads as the condition it reports
+    """Connecting failed: the server is down or unreachable, or refused us (credentials, no such database).
+    The message is the driver's; the URL is left to the caller, which knows how to show it without its
+    password."""
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """A connection of one's own, set up as the pool's are."""
+    try:
+        connection: asyncpg.Connection = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailable(str(error)) from error
+    await init_connection(connection)
+    return connection
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init_connection)
+    try:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init_connection)
+    except (OSError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailable(str(error)) from error
     if pool is None:  # pragma: no cover - only when asyncpg is given a custom connection class
         raise RuntimeError("asyncpg returned no pool")
     return pool

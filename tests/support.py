@@ -294,11 +294,24 @@ BATCHD = (sys.executable, "-m", "batchd")
 
 
 @asynccontextmanager
-async def running_emulator(*args: str, batchd: Sequence[str] = BATCHD) -> AsyncIterator[str]:
-    """Starts `batchd emulator --port 0 ARGS`, yields its URL from the `emulator.listening` log line; at the
-    end, SIGTERM must stop it cleanly (killed if it does not, or if the block failed)."""
+async def running_emulator(
+    *args: str,
+    batchd: Sequence[str] = BATCHD,
+    port: str | None = "0",
+    env: dict[str, str] | None = None,
+    log: list[str] | None = None,
+) -> AsyncIterator[str]:
+    """Starts `batchd emulator --port 0 ARGS` (no --port when `port` is None; `env` over the test's own
+    environment), yields its URL from the `emulator.listening` log line; at the end, SIGTERM must stop it
+    cleanly (killed if it does not, or if the block failed). `log` gets the log's lines after the first."""
+    options = ["--port", port] if port is not None else []
     process = await asyncio.create_subprocess_exec(
-        *batchd, "emulator", "--port", "0", *args, stderr=asyncio.subprocess.PIPE
+        *batchd,
+        "emulator",
+        *options,
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     assert process.stderr is not None
     try:
@@ -310,6 +323,8 @@ async def running_emulator(*args: str, batchd: Sequence[str] = BATCHD) -> AsyncI
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
         rest = (await process.stderr.read()).decode()
         assert "emulator.stopped" in rest
+        if log is not None:
+            log.extend(rest.splitlines())
     finally:
         if process.returncode is None:
             process.kill()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import asyncpg
 import pytest
 from conftest import SERVER_URL
 from support import request, run_python, running_emulator
+
+from batchd.emulator import EmulatorConfig
 
 EX_CONFIG = 78
 REPOSITORY_CONFIG = Path(__file__).resolve().parent.parent / "batchd.toml"
@@ -57,6 +61,57 @@ async def test_settings_come_from_the_config_file_and_options_override_them(tmp_
         assert (await client.messages.batches.list()).data == []
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def emulator_settings(*args: str, env: dict[str, str], port: int) -> tuple[int, float]:
+    """(rate_limit_rpm, time_scale) of `batchd emulator ARGS` without --port; it must listen on `port`."""
+    async with (
+        running_emulator(*args, port=None, env=env) as url,
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/_emulator/settings") as answer,
+    ):
+        assert url == f"http://127.0.0.1:{port}"
+        settings = await answer.json()
+    return settings["rate_limit_rpm"], settings["time_scale"]
+
+
+async def test_the_environment_overrides_the_emulator_section_as_any_other(tmp_path: Path) -> None:
+    """[emulator] is a section of Settings: BATCHD_EMULATOR__<KEY> wins over the file, an option over both."""
+    config = tmp_path / "batchd.toml"
+    config.write_text("[emulator]\nport = 1\ntime_scale = 7.0\nrate_limit_rpm = 5\n")
+    port = free_port()
+    env = {"BATCHD_CONFIG": str(config), "BATCHD_EMULATOR__PORT": str(port), "BATCHD_EMULATOR__SEED": "3"}
+    assert await emulator_settings("--rate-limit-rpm", "42", env=env, port=port) == (42, 7.0)  # the option's
+    assert await emulator_settings(env=env, port=port) == (5, 7.0)  # the file's rate limit
+
+
+def test_the_readme_lists_every_emulator_key() -> None:
+    readme = (REPOSITORY_CONFIG.parent / "README.md").read_text()
+    table = readme.split("`[emulator]`", 1)[1].split("\n\n", 2)[1]
+    documented = {key for row in table.splitlines()[2:] for key in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == set(EmulatorConfig.model_fields)
+
+
+async def test_the_access_log_is_json_events_as_the_rest() -> None:
+    log: list[str] = []
+    async with (
+        running_emulator("--access-log", log=log) as url,
+        anthropic.AsyncAnthropic(api_key="k", base_url=url) as client,
+    ):
+        await client.messages.batches.list()
+    events = [json.loads(line) for line in log]  # every line is JSON
+    (access,) = [event for event in events if event.get("logger") == "aiohttp.access"]
+    assert "GET /v1/messages/batches" in access["event"]
+    assert access["level"] == "info"
+    assert access["response_status"] == 200
+    assert {"event", "level", "timestamp"} <= set(access)
+
+
 async def test_faults_given_at_start() -> None:
     faults = json.dumps({"http": [{"endpoint": "list", "status": 529, "count": 1}]})
     async with (
@@ -75,7 +130,7 @@ async def test_faults_given_at_start() -> None:
         ("[emulator]\nbogus = 1\n", "emulator.bogus"),
         ("[emulator]\nprocessing_time_s = [5, 1]\n", "processing_time_s"),
         ("[emulator\n", "not valid TOML"),
-        ('emulator = "flat"\n', "[emulator] must be a table"),
+        ('emulator = "flat"\n', "emulator: Input should be a valid dictionary"),
     ],
 )
 async def test_a_bad_config_stops_at_start_naming_the_key(tmp_path: Path, content: str, message: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from support import (
+    BATCHD,
     QUICK,
     daemon_config,
     daemon_env,
@@ -105,7 +106,7 @@ APPLIED_ALL = "\n".join(f"applied {m.version:04d}_{m.name}" for m in MIGRATIONS)
 SCHEMA = (len(MIGRATIONS), sum(m.text.count("CREATE TABLE batchd.") for m in MIGRATIONS))
 
 
-async def test_migrate_installs_the_schema_then_says_it_is_up_to_date(
+async def test_migrate_installs_the_schema_says_it_is_up_to_date_and_refuses_an_edited_one(
     blank_database_url: str, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "batchd.toml", blank_database_url)
@@ -116,6 +117,16 @@ async def test_migrate_installs_the_schema_then_says_it_is_up_to_date(
     assert code == 0, err
     assert out.strip() == "the database is up to date"
     assert await schema_state(blank_database_url) == SCHEMA
+
+    # A migration edited after it was applied: the database no longer matches the files.
+    connection = await connect(blank_database_url)
+    try:
+        await connection.execute("UPDATE batchd.migrations SET checksum = 'edited' WHERE version = 1")
+    finally:
+        await connection.close()
+    code, out, err = await run_batchd("migrate", "--config", str(config), cwd=tmp_path)
+    assert (code, out) == (EX_CONFIG, ""), err
+    assert err == f"batchd: migration 0001_{MIGRATIONS[0].name} was changed after it was applied\n"
 
 
 async def test_two_migrates_at_once_on_a_blank_database_both_succeed_and_apply_once(
@@ -463,3 +474,118 @@ async def test_cancel_a_queued_job_and_refuse_the_rest(db: Any, config: Path, tm
     code, _, err = await run_batchd(*base, str(queued), cwd=tmp_path)
     assert code == 1
     assert "is canceled; only a queued job can be canceled" in err
+
+
+# -- every command: the global options, and how it fails -----------------------------------------------------
+
+
+def test_the_global_options_go_before_or_after_the_command() -> None:
+    from batchd.cli import build_parser  # noqa: PLC0415 - the parser alone, no database
+
+    def parsed(*argv: str) -> tuple[str | None, str]:
+        args = build_parser().parse_args(argv)
+        return args.config, args.log_level
+
+    assert parsed("status") == (None, "info")
+    assert parsed("--config", "a.toml", "--log-level", "debug", "status") == ("a.toml", "debug")
+    assert parsed("status", "--config", "a.toml", "--log-level", "error") == ("a.toml", "error")
+    assert parsed("--log-level", "debug", "tenant", "set", "acme", "--config", "a.toml") == (
+        "a.toml",
+        "debug",
+    )
+    assert parsed("tenant", "--config", "a.toml", "list") == ("a.toml", "info")
+    assert parsed("--config", "a.toml", "emulator", "--log-level", "warning") == ("a.toml", "warning")
+
+
+async def test_the_config_file_from_before_or_after_the_command_or_batchd_config(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    await insert_raw(db, "acme", ["a", "b"])
+    runs = await asyncio.gather(
+        run_batchd("--config", str(config), "status", "--json", cwd=tmp_path),
+        run_batchd("status", "--json", "--config", str(config), "--log-level", "error", cwd=tmp_path),
+        run_batchd(
+            "--log-level", "warning", "status", "--json", cwd=tmp_path, env={"BATCHD_CONFIG": str(config)}
+        ),
+    )
+    for code, out, err in runs:
+        assert code == 0, err
+        assert json.loads(out)["tenants"] == {"acme": {"queued": 2}}
+
+
+def unreachable_config(tmp_path: Path) -> Path:
+    """Nothing listens on port 1; the password must never be shown."""
+    return write_config(tmp_path / "down.toml", "postgresql://batchd:hunter2@127.0.0.1:1/batchd")
+
+
+async def test_each_expected_failure_is_one_line_and_its_exit_status(
+    config: Path, blank_database_url: str, tmp_path: Path
+) -> None:
+    down = str(unreachable_config(tmp_path))
+    blank = str(write_config(tmp_path / "blank.toml", blank_database_url))
+    key = {"ANTHROPIC_API_KEY": "k"}
+    cases: list[tuple[list[str], dict[str, str], int, str]] = [
+        (["status", "--config", str(tmp_path / "absent.toml")], {}, EX_CONFIG, "no such configuration file"),
+        (["status", "--config", down], {}, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/batchd: "),
+        (["tenant", "list", "--config", down], {}, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/"),
+        (["run", "--config", down], key, 69, "cannot connect to postgresql://batchd@127.0.0.1:1/batchd: "),
+        (["status", "--config", blank], {}, EX_CONFIG, "migration(s) not applied; run `batchd migrate`"),
+        (["cancel", "job-42", "--config", str(config)], {}, EX_DATAERR, "'job-42' is not a job id"),
+        (["cancel", str(uuid.UUID(int=7)), "--config", str(config)], {}, 1, "no job 00000000-0000"),
+        (["report", "--since", "soonish", "--config", str(config)], {}, EX_DATAERR, "soonish"),
+        (
+            ["enqueue", "--file", "absent.jsonl", "--config", str(config)],
+            {},
+            EX_DATAERR,
+            "cannot read absent",
+        ),
+        (["enqueue", "--request", "{", "--config", str(config)], {}, EX_DATAERR, "--request is not JSON"),
+    ]
+    results = await asyncio.gather(*(run_batchd(*argv, cwd=tmp_path, env=env) for argv, env, _, _ in cases))
+    for (code, out, err), (argv, _, expected_code, message) in zip(results, cases, strict=True):
+        assert (code, out) == (expected_code, ""), (argv, out, err)
+        assert err.startswith("batchd: "), (argv, err)
+        assert err.count("\n") == 1, (argv, err)  # one line: no traceback
+        assert message in err, (argv, err)
+        assert "hunter2" not in err
+
+
+async def test_a_connection_lost_during_a_command_is_one_line_exit_69(
+    db: Any, config: Path, tmp_path: Path
+) -> None:
+    """`enqueue --file -` holds its transaction open while it reads standard input: the server ends that
+    session (as a restart or an administrator would) before the first line arrives."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
+    process = await asyncio.create_subprocess_exec(
+        *BATCHD, "enqueue", "--tenant", "acme", "--file", "-", "--config", str(config),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=clean, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.stdin is not None
+    try:
+
+        async def waiting_in_its_transaction() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+                )
+            )
+
+        await wait_until(waiting_in_its_transaction, timeout=30)
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+        )
+        line = jsonl([{"request": raw_request("hi")}]).encode()
+        out, err = await asyncio.wait_for(process.communicate(line), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 69, err
+    assert out == b""
+    message = err.decode()
+    assert message.startswith("batchd: lost the connection to postgresql://"), message
+    assert message.count("\n") == 1, message
+    assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 0

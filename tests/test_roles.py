@@ -653,3 +653,23 @@ async def test_the_owner_migrates_an_empty_database_and_the_daemon_sees_it_up_to
     finally:
         await daemon.close()
         await producer.close()
+
+
+async def test_the_operators_commands_run_as_the_daemon_and_enqueue_as_a_producer(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Every database command checks the schema is migrated first, but a producer may not read
+    batchd.migrations (roles.sql): its `batchd enqueue` goes on without the check."""
+    await deployment.roles()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
+
+    async def batchd(role: str, *args: str) -> tuple[int, str, str]:
+        env = {**environment, "BATCHD_DATABASE__URL": deployment.url_as(role)}
+        return await run_python("-m", "batchd", *args, env=env, cwd=tmp_path)
+
+    request = json.dumps(raw_request("from the command line"))
+    code, out, err = await batchd(deployment.producer, "enqueue", "--tenant", "acme", "--request", request)
+    assert (code, out.strip()) == (0, "enqueued 1 job(s)"), err
+    code, out, err = await batchd(deployment.daemon, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tenants"] == {"acme": {"queued": 1}}

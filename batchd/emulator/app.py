@@ -407,8 +407,8 @@ async def delete_faults(request: web.Request) -> web.StreamResponse:
     return json_response(emulator.faults.plan.model_dump(mode="json"))
 
 
-class Settings(BaseModel):
-    """What may change while the emulator runs."""
+class SettingsChange(BaseModel):
+    """A PATCH of /_emulator/settings: what may change while the emulator runs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -419,7 +419,7 @@ class Settings(BaseModel):
 
 async def patch_settings(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
-    settings = await _parse_body(request, Settings, "emulator settings")
+    settings = await _parse_body(request, SettingsChange, "emulator settings")
     if settings.processing_time_s is not None:
         try:
             emulator.store.processing_time_s = checked_processing_time(settings.processing_time_s)
