@@ -579,7 +579,11 @@ async def pipeline_benchmark(url: str, emulator: EmulatorProcess, requests: list
         for size in sizes:
             for chunk in chunked(requests[:size], CHUNK_ROWS):
                 await connection.execute(INSERT_CHUNK, chunk)
-            sized = Context(pool=pool, settings=bench_settings(url, emulator.url, size), provider=provider)
+            # The same owner as `ctx`'s batch: polling and applying write only a batch whose lease they hold.
+            sized_settings = bench_settings(url, emulator.url, size)
+            sized = Context(
+                pool=pool, settings=sized_settings, provider=provider, instance_id=ctx.instance_id
+            )
             batches[size] = (await make_batch(sized))[0]
 
         await emulator.end_all_batches()
@@ -621,12 +625,13 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
     provider = new_provider(args.emulator_url)
     try:
         settings = bench_settings(args.database_url, args.emulator_url, 1)
-        ctx = Context(pool=pool, settings=settings, provider=provider)
         async with pool.acquire() as connection:
             await pricing.publish(connection, settings.pricing)  # as the daemon does when it starts
         batch = await store.get_batch(pool, UUID(args.batch_id))
-        if batch is None:
-            raise RuntimeError(f"no batch {args.batch_id}")
+        if batch is None or batch.owner is None:
+            raise RuntimeError(f"no batch {args.batch_id} with an owner")
+        # As the daemon that made the batch: applying writes only a batch whose lease it holds.
+        ctx = Context(pool=pool, settings=settings, provider=provider, instance_id=batch.owner)
         gc.collect()
         rss_before = read_status_mib("self", "VmRSS")
         reset_peak_rss()

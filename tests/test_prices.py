@@ -117,9 +117,8 @@ async def test_two_daemons_with_different_prices_each_bill_what_it_applies_at_it
     assert costs[0]["cost_usd"] == plain_cost(costs[0], "2", "8", BATCH), "old's prices, published first"
     for row in costs[1:]:
         assert row["cost_usd"] == plain_cost(row, "3", "9", D("0.4"))
-    assert all(
-        row["sync_cost_usd"] == row["cost_usd"] / row["cost_usd"] * row["sync_cost_usd"] for row in costs
-    )
+    assert costs[0]["sync_cost_usd"] == plain_cost(costs[0], "2", "8", D(1))
+    assert all(row["sync_cost_usd"] == plain_cost(row, "3", "9", D(1)) for row in costs[1:])
 
 
 # -- the statement, driven directly ------------------------------------------------------------------------
