@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from pricing_by_hand import BATCH, MTOK, RATES, D
 from support import QUICK, insert_raw, wait_for_jobs
+from test_costs import OWNER, submitted_batch
 
 from batchd import pricing, results
 from batchd.config import Settings
@@ -131,26 +132,6 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-OWNER = "batchd-test00000000"
-
-
-async def submitted_batch(db: Any, count: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    batch_id = await db.fetchval(
-        "INSERT INTO batchd.batches (tag, request_count, bytes, status, owner)"
-        " VALUES ($1, $2, 0, 'ended', $3) RETURNING id",
-        uuid.uuid4().hex[:12],
-        count,
-        OWNER,
-    )
-    job_ids = await insert_raw(db, "acme", [f"job {i}" for i in range(count)])
-    await db.execute(
-        "UPDATE batchd.jobs SET status = 'submitted', batch_id = $1 WHERE id = ANY($2::uuid[])",
-        batch_id,
-        job_ids,
-    )
-    return batch_id, job_ids
-
-
 def succeeded(job_id: uuid.UUID, model: str = "claude-haiku-4-5") -> results.Row:
     usage = {"input_tokens": 1000, "output_tokens": 100}
     message = {
@@ -179,9 +160,9 @@ async def test_an_apply_into_a_database_without_the_set_publishes_it_and_prices_
     await db.execute("TRUNCATE batchd.price_sets CASCADE")
     settings = Settings(pricing=CHEAP)
     ctx: Any = SimpleNamespace(pool=pool, settings=settings, instance_id=OWNER)
-    batch_id, job_ids = await submitted_batch(db, 3)
+    batch, job_ids = await submitted_batch(db, "acme", 3)
     rows = [succeeded(job_ids[0]), succeeded(job_ids[1]), succeeded(job_ids[2], "claude-sonnet-4-5")]
-    changed = await results.apply_rows(ctx, rows, results.RESULT_COLUMNS, batch_id=batch_id, owner=OWNER)
+    changed = await results.apply_rows(ctx, rows, results.RESULT_COLUMNS, batch_id=batch.id, owner=OWNER)
     assert changed == 3
     assert (await price_set(db, settings.pricing.price_set))[0] == BATCH
     costs = await db.fetch("SELECT model, cost_usd, sync_cost_usd FROM batchd.costs ORDER BY model")
