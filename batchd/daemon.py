@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import fairness, migrate, pruner, status, store, systemd
+from . import fairness, migrate, pricing, pruner, status, store, systemd
 from .config import Settings, admin_token, api_key
 from .context import Context
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
@@ -95,7 +95,7 @@ class Daemon:
         try:
             async with pool.acquire() as connection:
                 await migrate.require_current(connection)
-            await fairness.publish(pool, settings)
+            await _publish_settings(pool, settings)
             ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider, metrics=self.metrics)
             self.metrics.identify(ctx.instance_id)
             hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None
@@ -270,6 +270,14 @@ def _freeze_startup_objects() -> None:
     delivery under load (docs/benchmarks.md); frozen, a full collection takes ~20 ms."""
     gc.collect()
     gc.freeze()
+
+
+async def _publish_settings(pool: asyncpg.Pool, settings: Settings) -> None:
+    """Writes what of batchd.toml the database uses itself: the tenant limits (it refuses INSERTs past
+    max_queued) and the prices (the statement that applies results joins them)."""
+    async with pool.acquire() as connection:
+        await fairness.publish(connection, settings)
+        await pricing.publish(connection, settings.pricing)
 
 
 def _stop_on_signals() -> asyncio.Event:

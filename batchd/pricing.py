@@ -8,20 +8,30 @@ Batches API's 50% discount) multiplies every rate, so inside a batch a cache rea
 the base input price.
 
 The cost is computed in the database, in the statement that applies results (queries.sql, apply_results),
-from the rows `sql_params` makes of this table: a result's `model` is matched exactly, or without a date
-suffix (`claude-haiku-4-5-20251001` is priced as `claude-haiku-4-5`). A model with no price here is
-recorded with its tokens and a null cost, and logged once per process (`cost.unpriced_model`); a job type
-whose model has no price is a configuration error at start.
+which joins this table as the daemon published it when it started (`publish`: batchd.price_sets and
+batchd.prices, migration 0010). A table is published as a *price set* named by a digest of its contents
+(`PricingSettings.price_set`), and each daemon prices what it applies with its own set: daemons sharing a
+database with different prices (a rolling change of batchd.toml) each bill as their own file says, and
+those with the same prices share one set. A result's `model` is matched exactly, or without a date suffix
+(`claude-haiku-4-5-20251001` is priced as `claude-haiku-4-5`). A model with no price here is recorded with
+its tokens and a null cost, and logged once per process (`cost.unpriced_model`); a job type whose model has
+no price is a configuration error at start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from decimal import Decimal
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .store import Connection
 
 log = structlog.get_logger("batchd.pricing")
 
@@ -126,24 +136,50 @@ class PricingSettings(BaseModel):
         """The rates a model is billed at: by its name, else by its name without a date suffix."""
         return self.models.get(model) or self.models.get(_DATED.sub("", model))
 
+    def price_rows(self) -> list[tuple[Any, ...]]:
+        """The table as batchd.prices holds it, by model name: the name, its five rates, then its long-prompt
+        tier's threshold and rates, or nulls."""
+        rows = []
+        for name, rates in sorted(self.models.items()):
+            long = rates.long_prompt
+            rows.append(
+                (
+                    name,
+                    *(getattr(rates, field) for field in RATE_FIELDS),
+                    None if long is None else long.above_tokens,
+                    *(None if long is None else getattr(long, field) for field in RATE_FIELDS),
+                )
+            )
+        return rows
+
+    @cached_property
+    def price_set(self) -> str:
+        """This table's name in batchd.price_sets: a digest of everything it prices with, exactly as the
+        database receives it (str of each Decimal, so 0.50 and 0.5 are two sets, as they are two numerics).
+        Worked out once: settings do not change while a process runs."""
+        rows = [[None if value is None else str(value) for value in row] for row in self.price_rows()]
+        text = json.dumps([str(self.batch_factor), rows])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
 
 def _validated(models: dict[str, dict[str, Any]]) -> dict[str, ModelRates]:
     return {name: ModelRates.model_validate(rates) for name, rates in models.items()}
 
 
-def sql_params(pricing: PricingSettings, *, sync: bool = False) -> list[Any]:
-    """The pricing table as apply_results' parameters $3..$15: one row per model (its name, its five rates,
-    then its long-prompt tier's threshold and rates, or nulls), then the batch factor — 1 for a request sent
-    through the synchronous Messages API (`sync`), which has no discount."""
-    columns: list[list[Any]] = [[] for _ in range(12)]
-    for name, rates in pricing.models.items():
-        long = rates.long_prompt
-        row = [name, *(getattr(rates, field) for field in RATE_FIELDS)]
-        row.append(None if long is None else long.above_tokens)
-        row.extend(None if long is None else getattr(long, field) for field in RATE_FIELDS)
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    return [*columns, Decimal(1) if sync else pricing.batch_factor]
+async def publish(connection: Connection, pricing: PricingSettings) -> str:
+    """Writes the table to the database as its price set (replacing that set's rows, which are the same
+    unless edited by hand), in one transaction; returns the set's name. Other sets are left alone: they are
+    the prices of other daemons, or of this one before it restarted with new ones."""
+    from .store import sql  # noqa: PLC0415 - the emulator and config.py import this module without asyncpg
+
+    rows = pricing.price_rows()
+    async with connection.transaction():
+        await connection.execute(sql("publish_price_set"), pricing.price_set, pricing.batch_factor)
+        await connection.execute(sql("clear_prices"), pricing.price_set)
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        await connection.execute(sql("insert_prices"), pricing.price_set, *columns)
+    log.info("pricing.published", price_set=pricing.price_set, models=len(rows))
+    return pricing.price_set
 
 
 _warned: set[str] = set()

@@ -332,19 +332,19 @@ async def apply_rows(
     """Applies outcomes in one transaction with the one statement that writes results, the cost ledger,
     spend and events (queries.sql, apply_results): a batch's (`batch_id`), while `owner` holds its lease,
     or the sync path's (`batch_id` None), for jobs still sent under the lease of `owner` (priced without the
-    batch discount). Returns how many jobs changed."""
-    sync = batch_id is None
+    batch discount). Prices are this process's own set (pricing.publish). Returns how many jobs changed."""
+    prices = ctx.settings.pricing
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
         await connection.copy_records_to_table("batchd_results", records=rows, columns=columns)
-        applied = await connection.fetchrow(
-            sql("apply_results"),
-            batch_id,
-            ctx.settings.batching.max_attempts,
-            *pricing.sql_params(ctx.settings.pricing, sync=sync),
-            "sync" if sync else "batch",
-            owner,
-        )
+        arguments = (batch_id, ctx.settings.batching.max_attempts, prices.price_set, owner)
+        applied = await connection.fetchrow(sql("apply_results"), *arguments)
+        if applied is not None and not applied["priced"]:
+            # The daemon published its prices when it started, but this database has not got them (a
+            # process that applies without starting a daemon, or a set removed by hand): nothing was
+            # applied; publish them and apply.
+            await pricing.publish(connection, prices)
+            applied = await connection.fetchrow(sql("apply_results"), *arguments)
         await connection.execute(sql("notify_events"))
     assert applied is not None  # noqa: S101 - the statement ends in a one-row SELECT
     if applied["unpriced"]:

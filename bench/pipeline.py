@@ -57,7 +57,7 @@ import asyncpg
 from benchlib import EmulatorProcess, text_pool
 
 from batchd import log as batchd_log
-from batchd import migrate, store
+from batchd import migrate, pricing, store
 from batchd.config import Settings
 from batchd.context import Context
 from batchd.daemon import Daemon
@@ -579,7 +579,11 @@ async def pipeline_benchmark(url: str, emulator: EmulatorProcess, requests: list
         for size in sizes:
             for chunk in chunked(requests[:size], CHUNK_ROWS):
                 await connection.execute(INSERT_CHUNK, chunk)
-            sized = Context(pool=pool, settings=bench_settings(url, emulator.url, size), provider=provider)
+            # The same owner as `ctx`'s batch: polling and applying write only a batch whose lease they hold.
+            sized_settings = bench_settings(url, emulator.url, size)
+            sized = Context(
+                pool=pool, settings=sized_settings, provider=provider, instance_id=ctx.instance_id
+            )
             batches[size] = (await make_batch(sized))[0]
 
         await emulator.end_all_batches()
@@ -621,10 +625,13 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
     provider = new_provider(args.emulator_url)
     try:
         settings = bench_settings(args.database_url, args.emulator_url, 1)
-        ctx = Context(pool=pool, settings=settings, provider=provider)
+        async with pool.acquire() as connection:
+            await pricing.publish(connection, settings.pricing)  # as the daemon does when it starts
         batch = await store.get_batch(pool, UUID(args.batch_id))
-        if batch is None:
-            raise RuntimeError(f"no batch {args.batch_id}")
+        if batch is None or batch.owner is None:
+            raise RuntimeError(f"no batch {args.batch_id} with an owner")
+        # As the daemon that made the batch: applying writes only a batch whose lease it holds.
+        ctx = Context(pool=pool, settings=settings, provider=provider, instance_id=batch.owner)
         gc.collect()
         rss_before = read_status_mib("self", "VmRSS")
         reset_peak_rss()
@@ -911,6 +918,36 @@ def report_rows(
             "raw create",
         )
     )
+    rows += apply_rows(n, pipeline)
+    rows.append(
+        Row(
+            f"burst of {n:,} jobs: first INSERT to a created provider batch",
+            f"{burst.total_s:.2f} s",
+            f"inserted {burst.insert_s:.2f} s, flush began {burst.recorded_s:.2f} s, create sent "
+            f"{burst.create_started_s:.2f} s, answered {burst.created_s:.2f} s",
+            "",
+            f"< {MAX_BURST_S:.0f} s",
+            burst.total_s < MAX_BURST_S,
+        )
+    )
+    claim_rate, pgq_rate = per_s(n, pipeline.claim_s), per_s(pgq["jobs"], pgq["seconds"])
+    rows.append(
+        Row(
+            "batchd's claim path (Flusher.flush_one) next to pgqueuer draining the same jobs",
+            f"{claim_rate:,.0f} jobs/s",
+            f"pgqueuer, {PGQUEUER_CONSUMERS} consumers x {PGQUEUER_BATCH_SIZE}: {pgq_rate:,.0f} jobs/s "
+            f"({pgq['seconds']:.2f} s)",
+            f"{claim_rate / pgq_rate:.1f}x" if pgq_rate else "",
+            f">= {MIN_PGQUEUER_RATIO:.0f}x",
+            claim_rate >= MIN_PGQUEUER_RATIO * pgq_rate,
+        )
+    )
+    return rows
+
+
+def apply_rows(n: int, pipeline: PipelineResults) -> list[Row]:
+    """Stage 3's rows: the apply next to the raw one, its publish, its memory."""
+    rows = []
     full = next(report for report in pipeline.applies if report.jobs == n)
     rows.append(
         rate_row(
@@ -943,31 +980,7 @@ def report_rows(
             None,
         )
     )
-    rows += memory_rows(pipeline.applies, pipeline.result_line_bytes)
-    rows.append(
-        Row(
-            f"burst of {n:,} jobs: first INSERT to a created provider batch",
-            f"{burst.total_s:.2f} s",
-            f"inserted {burst.insert_s:.2f} s, flush began {burst.recorded_s:.2f} s, create sent "
-            f"{burst.create_started_s:.2f} s, answered {burst.created_s:.2f} s",
-            "",
-            f"< {MAX_BURST_S:.0f} s",
-            burst.total_s < MAX_BURST_S,
-        )
-    )
-    claim_rate, pgq_rate = per_s(n, pipeline.claim_s), per_s(pgq["jobs"], pgq["seconds"])
-    rows.append(
-        Row(
-            "batchd's claim path (Flusher.flush_one) next to pgqueuer draining the same jobs",
-            f"{claim_rate:,.0f} jobs/s",
-            f"pgqueuer, {PGQUEUER_CONSUMERS} consumers x {PGQUEUER_BATCH_SIZE}: {pgq_rate:,.0f} jobs/s "
-            f"({pgq['seconds']:.2f} s)",
-            f"{claim_rate / pgq_rate:.1f}x" if pgq_rate else "",
-            f">= {MIN_PGQUEUER_RATIO:.0f}x",
-            claim_rate >= MIN_PGQUEUER_RATIO * pgq_rate,
-        )
-    )
-    return rows
+    return rows + memory_rows(pipeline.applies, pipeline.result_line_bytes)
 
 
 async def describe_server(url: str) -> str:
@@ -1000,6 +1013,10 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"scratch database: {url}\nemulator: {shlex.join(emulator.command)}", flush=True)
                 await emulator.start()
 
+                if args.apply_only:
+                    print(f"\n== 2./3. claim, submit, apply: {n:,} jobs (--apply-only)", flush=True)
+                    pipeline = await pipeline_benchmark(url, emulator, requests)
+                    return finish(started, pipeline.failures, apply_rows(n, pipeline))
                 print(
                     f"\n== 1. producers' INSERTs of {REQUEST_BYTES:,} B requests, by trigger mode: "
                     f"{args.rounds} "
@@ -1033,7 +1050,11 @@ async def main(args: argparse.Namespace) -> int:
         failures.append(f"the burst made {burst.batches} batch(es), the first of {burst.batch_jobs} jobs")
     if pgq["done"] != n or pgq["remaining"] != 0:
         failures.append(f"pgqueuer ran {pgq['done']} of {n} jobs, {pgq['remaining']} left")
-    rows = report_rows(n, inserts, pipeline, burst, pgq)
+    return finish(started, failures, report_rows(n, inserts, pipeline, burst, pgq))
+
+
+def finish(started: float, failures: list[str], rows: list[Row]) -> int:
+    """Prints the table and the verdict; the exit status."""
     print("\n" + table(rows))
     elapsed = time.perf_counter() - started
     print(
@@ -1064,6 +1085,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--database-url", default=DEFAULT_SERVER_URL, help="a server database to create the scratch one from"
+    )
+    parser.add_argument(
+        "--apply-only",
+        action="store_true",
+        help="stages 2 and 3 only (claim, submit, apply), reporting the apply's measures",
     )
     parser.add_argument("--child", choices=["apply", "pgqueuer"], help=argparse.SUPPRESS)
     parser.add_argument("--emulator-url", help=argparse.SUPPRESS)

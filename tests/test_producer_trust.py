@@ -419,7 +419,9 @@ async def test_the_migration_makes_rows_written_before_it_sane_and_keeps_them_so
                 raw_request("usage"),
             ),
         }
-        assert [m.version for m in await migrate.migrate(connection)] == [8, 9]
+        assert [m.version for m in await migrate.migrate(connection)] == [
+            m.version for m in migrate.shipped_migrations() if m.version >= 8
+        ]
 
         rows = {
             row["id"]: row
@@ -532,7 +534,9 @@ async def test_an_upgraded_deployment_keeps_its_daemon_working_before_roles_sql_
         await deployment.roles()
         await deployment.tenant("acme")
         # The upgrade: batchd migrate, and roles.sql not yet run again.
-        assert [m.version for m in await migrate.migrate(owner)] == [8, 9]
+        assert [m.version for m in await migrate.migrate(owner)] == [
+            m.version for m in migrate.shipped_migrations() if m.version >= 8
+        ]
     finally:
         await owner.close()
     daemon = await deployment.connect(deployment.daemon)

@@ -212,7 +212,9 @@ async def test_ids_sent_before_the_upgrade_still_resume_exactly_after_it(
         base = await connection.fetchval("SELECT published_seq FROM batchd.event_log")
         # Left unpublished at the upgrade: numbered after it, as new events are.
         await add_events(connection, "acme", 2, notify=False)
-        assert [m.version for m in await migrate.migrate(connection)] == [9]
+        assert [m.version for m in await migrate.migrate(connection)] == [
+            m.version for m in migrate.shipped_migrations() if m.version >= 9
+        ]
         await interleave(connection, [("globex", 3), ("acme", 2), ("globex", 1), ("acme", 1)])
         acme_token = await tenants.add_tenant(connection, "acme")
         rows = await connection.fetch(

@@ -361,13 +361,15 @@ CREATE TEMPORARY TABLE batchd_results (
 -- One statement for a whole chunk of results. Only jobs still `submitted` in this batch change, so a
 -- chunk applied twice (a crash between chunks, a restart) changes nothing the second time. A succeeded
 -- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and its
--- tenant's spend, in this same statement, priced by the table in $3..$14 (pricing.py: one row per model,
--- with its long-prompt tier if it has one) and the batch factor $15. Returns how many jobs changed, and the
--- models billed without a price.
--- The sync path applies its outcomes with this same statement ($1 null, $16 = 'sync', $15 = 1: the full
--- price), so events, the ledger and spend are the same whichever way a job went: there, only jobs still
--- `sending` under this process's lease ($17) change, and a retried job waits retry_in_s before it is sent
--- again. For batches $16 = 'batch' and $17 is the batch's lease owner, this process.
+-- tenant's spend, in this same statement, priced by the applying daemon's price set $3 (batchd.prices,
+-- which pricing.publish writes: one row per model, with its long-prompt tier if it has one, and the set's
+-- batch factor). Returns how many jobs changed, the models billed without a price, and whether set $3 was
+-- there: when it is not (a database this process has not published to, or rows removed by hand) nothing
+-- changes, and the caller publishes it and applies again.
+-- The sync path applies its outcomes with this same statement ($1 null: `via` 'sync', priced at the
+-- factor 1, the full price), so events, the ledger and spend are the same whichever way a job went: there,
+-- only jobs still `sending` under this process's lease ($4) change, and a retried job waits retry_in_s
+-- before it is sent again. For batches `via` is 'batch' and $4 is the batch's lease owner, this process.
 -- A job's attempts + 1 is least(attempts, 2147483646) + 1: a row holding the integer's top (written by a
 -- producer before 0008, or by hand) fails at max_attempts like any other instead of overflowing, which
 -- failed the whole statement, and with it the batch's apply and every job in it, forever.
@@ -397,11 +399,12 @@ WITH applied AS (
      -- Written as an OR that the planner folds away once it knows $1: a batch's jobs are found on
      -- jobs_batch as before (an IS NOT DISTINCT FROM read every submitted job of every open batch), a sync
      -- job on jobs_sending.
-     -- $17 is who applies: a batch's jobs change only while this process holds the batch's lease.
+     -- $4 is who applies: a batch's jobs change only while this process holds the batch's lease.
      WHERE j.id = r.job_id
        AND (j.batch_id = $1 AND j.status = 'submitted'
-            AND EXISTS (SELECT 1 FROM batchd.batches AS b WHERE b.id = $1 AND b.owner = $17::text)
-            OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $17::text)
+            AND EXISTS (SELECT 1 FROM batchd.batches AS b WHERE b.id = $1 AND b.owner = $4::text)
+            OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $4::text)
+       AND EXISTS (SELECT 1 FROM batchd.prices AS p WHERE p.price_set = $3::text)
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
               r.result ->> 'model' AS model
 ), billed AS MATERIALIZED (
@@ -427,22 +430,26 @@ WITH applied AS (
       LEFT JOIN LATERAL (
         SELECT p.input, p.output, p.write_5m, p.write_1h, p.read, p.long_above, p.long_input, p.long_output,
                p.long_write_5m, p.long_write_1h, p.long_read
-          FROM unnest($3::text[], $4::numeric[], $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
-                      $9::bigint[], $10::numeric[], $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[])
-               AS p (model, input, output, write_5m, write_1h, read, long_above, long_input, long_output,
-                     long_write_5m, long_write_1h, long_read)
-         WHERE p.model IN (m.model, regexp_replace(m.model, '-[0-9]{8}$', ''))
+          FROM batchd.prices AS p
+         WHERE p.price_set = $3::text AND p.model IN (m.model, regexp_replace(m.model, '-[0-9]{8}$', ''))
          ORDER BY p.model = m.model DESC
          LIMIT 1
       ) AS p ON true
+), factor AS (
+    -- Batch price / synchronous price: the set's for a batch, 1 on the sync path (no discount there).
+    SELECT CASE WHEN $1 IS NULL THEN 1::numeric ELSE s.batch_factor END AS factor
+      FROM batchd.price_sets AS s
+     WHERE s.id = $3::text
 ), ledger AS (
     INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, via, input_tokens,
                               output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
                               cost_usd, sync_cost_usd)
-    SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1, $16::text, b.input_tokens, b.output_tokens,
-           b.write_5m, b.write_1h, b.read, s.usd * $15::numeric, s.usd
+    SELECT b.id, b.attempts, b.tenant_id, b.model, b.job_type, $1,
+           CASE WHEN $1 IS NULL THEN 'sync' ELSE 'batch' END, b.input_tokens, b.output_tokens,
+           b.write_5m, b.write_1h, b.read, s.usd * f.factor, s.usd
       FROM billed AS b
       JOIN rates AS r ON r.model = b.model
+     CROSS JOIN factor AS f
      CROSS JOIN LATERAL (
         -- A prompt (input, cache writes and reads) longer than the model's long_above is billed, every
         -- token of it, at the long-prompt rates.
@@ -467,7 +474,8 @@ WITH applied AS (
       FROM applied
 )
 SELECT (SELECT count(*) FROM applied) AS changed,
-       (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced;
+       (SELECT array_agg(DISTINCT model) FROM ledger WHERE cost_usd IS NULL) AS unpriced,
+       EXISTS (SELECT 1 FROM batchd.prices AS p WHERE p.price_set = $3::text) AS priced;
 
 -- name: set_aside_job
 -- A job whose own row made apply_results fail (results.py): failed with the database's reason ($3) if it
@@ -1020,6 +1028,25 @@ DELETE FROM batchd.configured_limits;
 -- name: insert_configured_limits
 INSERT INTO batchd.configured_limits (tenant_id, weight, max_queued, max_in_flight)
 SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bigint[]);
+
+-- name: publish_price_set
+-- A daemon starting writes its [pricing] table whole, as the set its digest names (pricing.publish), in one
+-- transaction: this row first, whose lock (taken by the insert, or by the update when the set is there)
+-- makes daemons publishing the same set at once do it one after another, the second rewriting the rows the
+-- first committed instead of colliding with them. Daemons with other prices write other sets, untouched.
+INSERT INTO batchd.price_sets AS s (id, batch_factor)
+VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET batch_factor = excluded.batch_factor, published_at = now();
+
+-- name: clear_prices
+DELETE FROM batchd.prices WHERE price_set = $1;
+
+-- name: insert_prices
+INSERT INTO batchd.prices (price_set, model, input, output, write_5m, write_1h, read, long_above, long_input,
+                           long_output, long_write_5m, long_write_1h, long_read)
+SELECT $1, *
+  FROM unnest($2::text[], $3::numeric[], $4::numeric[], $5::numeric[], $6::numeric[], $7::numeric[],
+              $8::bigint[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[], $13::numeric[]);
 
 -- name: set_tenant_limits
 -- `batchd tenant set NAME --weight/--max-queued/--max-in-flight`: $2..$4 change only when their flag ($5..$7)

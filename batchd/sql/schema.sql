@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0009): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0010): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -228,6 +228,34 @@ CREATE TABLE batchd.daemon_roles (
 CREATE TABLE batchd.tenant_event_log (
     tenant_id       text PRIMARY KEY,
     published_seq   bigint NOT NULL
+);
+
+-- Each daemon's [pricing] table as it published it at start, a *price set* named by a digest of its
+-- contents; apply_results joins the set of the daemon applying. Sets are never removed by batchd. [0010]
+CREATE TABLE batchd.price_sets (
+    id           text PRIMARY KEY,  -- pricing.PriceSet: a digest of batch_factor and every row below
+    batch_factor numeric NOT NULL CHECK (batch_factor > 0 AND batch_factor <= 1),
+    published_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- USD per million tokens through the synchronous API, one row per model of a set; long_* is the model's
+-- long-prompt tier, all null when it has none. [0010]
+CREATE TABLE batchd.prices (
+    price_set     text NOT NULL REFERENCES batchd.price_sets ON DELETE CASCADE,
+    model         text NOT NULL,
+    input         numeric NOT NULL CHECK (input >= 0),
+    output        numeric NOT NULL CHECK (output >= 0),
+    write_5m      numeric NOT NULL CHECK (write_5m >= 0),
+    write_1h      numeric NOT NULL CHECK (write_1h >= 0),
+    read          numeric NOT NULL CHECK (read >= 0),
+    long_above    bigint CHECK (long_above >= 1),
+    long_input    numeric CHECK (long_input >= 0),
+    long_output   numeric CHECK (long_output >= 0),
+    long_write_5m numeric CHECK (long_write_5m >= 0),
+    long_write_1h numeric CHECK (long_write_1h >= 0),
+    long_read     numeric CHECK (long_read >= 0),
+    PRIMARY KEY (price_set, model),
+    CHECK (num_nulls(long_above, long_input, long_output, long_write_5m, long_write_1h, long_read) IN (0, 6))
 );
 
 -- The one row of each singleton table.
