@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import fairness, migrate, pricing, pruner, status, store, systemd
+from . import fairness, migrate, pruner, results, status, store, systemd
 from .config import Settings, admin_token, api_key
 from .context import Context
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
@@ -277,7 +277,7 @@ async def _publish_settings(pool: asyncpg.Pool, settings: Settings) -> None:
     max_queued) and the prices (the statement that applies results joins them)."""
     async with pool.acquire() as connection:
         await fairness.publish(connection, settings)
-        await pricing.publish(connection, settings.pricing)
+        await results.publish_prices(connection, settings.pricing)
 
 
 def _stop_on_signals() -> asyncio.Event:

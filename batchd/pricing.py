@@ -25,13 +25,10 @@ import json
 import re
 from decimal import Decimal
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-if TYPE_CHECKING:
-    from .store import Connection
 
 log = structlog.get_logger("batchd.pricing")
 
@@ -164,22 +161,6 @@ class PricingSettings(BaseModel):
 
 def _validated(models: dict[str, dict[str, Any]]) -> dict[str, ModelRates]:
     return {name: ModelRates.model_validate(rates) for name, rates in models.items()}
-
-
-async def publish(connection: Connection, pricing: PricingSettings) -> str:
-    """Writes the table to the database as its price set (replacing that set's rows, which are the same
-    unless edited by hand), in one transaction; returns the set's name. Other sets are left alone: they are
-    the prices of other daemons, or of this one before it restarted with new ones."""
-    from .store import sql  # noqa: PLC0415 - the emulator and config.py import this module without asyncpg
-
-    rows = pricing.price_rows()
-    async with connection.transaction():
-        await connection.execute(sql("publish_price_set"), pricing.price_set, pricing.batch_factor)
-        await connection.execute(sql("clear_prices"), pricing.price_set)
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        await connection.execute(sql("insert_prices"), pricing.price_set, *columns)
-    log.info("pricing.published", price_set=pricing.price_set, models=len(rows))
-    return pricing.price_set
 
 
 _warned: set[str] = set()

@@ -33,7 +33,8 @@ import structlog
 from . import pricing
 from .context import Context
 from .poller import batch_gone
-from .store import Batch, sql
+from .pricing import PricingSettings
+from .store import Batch, Connection, sql
 from .templates import job_id_from
 
 log = structlog.get_logger("batchd.results")
@@ -321,6 +322,20 @@ async def _apply_rows(ctx: Context, batch: Batch, rows: list[Row]) -> int:
     return await apply_rows(ctx, rows, RESULT_COLUMNS, batch_id=batch.id, owner=ctx.instance_id)
 
 
+async def publish_prices(connection: Connection, prices: PricingSettings) -> str:
+    """Writes the table to the database as its price set (replacing that set's rows, which are the same
+    unless edited by hand), in one transaction; returns the set's name. Other sets are left alone: they are
+    the prices of other daemons, or of this one before it restarted with new ones."""
+    rows = prices.price_rows()
+    async with connection.transaction():
+        await connection.execute(sql("publish_price_set"), prices.price_set, prices.batch_factor)
+        await connection.execute(sql("clear_prices"), prices.price_set)
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        await connection.execute(sql("insert_prices"), prices.price_set, *columns)
+    log.info("pricing.published", price_set=prices.price_set, models=len(rows))
+    return prices.price_set
+
+
 async def apply_rows(
     ctx: Context,
     rows: list[Any],
@@ -332,7 +347,7 @@ async def apply_rows(
     """Applies outcomes in one transaction with the one statement that writes results, the cost ledger,
     spend and events (queries.sql, apply_results): a batch's (`batch_id`), while `owner` holds its lease,
     or the sync path's (`batch_id` None), for jobs still sent under the lease of `owner` (priced without the
-    batch discount). Prices are this process's own set (pricing.publish). Returns how many jobs changed."""
+    batch discount). Prices are this process's own set (publish_prices). Returns how many jobs changed."""
     prices = ctx.settings.pricing
     async with ctx.pool.acquire() as connection, connection.transaction():
         await connection.execute(sql("create_results_table"))
@@ -343,7 +358,7 @@ async def apply_rows(
             # The daemon published its prices when it started, but this database has not got them (a
             # process that applies without starting a daemon, or a set removed by hand): nothing was
             # applied; publish them and apply.
-            await pricing.publish(connection, prices)
+            await publish_prices(connection, prices)
             applied = await connection.fetchrow(sql("apply_results"), *arguments)
         await connection.execute(sql("notify_events"))
     assert applied is not None  # noqa: S101 - the statement ends in a one-row SELECT

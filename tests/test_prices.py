@@ -19,7 +19,7 @@ from pricing_by_hand import BATCH, MTOK, RATES, D
 from support import QUICK, insert_raw, wait_for_jobs
 from test_costs import OWNER, submitted_batch
 
-from batchd import pricing, results
+from batchd import results
 from batchd.config import Settings
 from batchd.emulator import EmulatorConfig
 from batchd.store import create_pool, sql
@@ -186,7 +186,7 @@ async def test_daemons_starting_together_all_publish_their_prices(db: Any, datab
     try:
         for _ in range(10):
             names = await asyncio.gather(
-                *(pricing.publish(c, configs[n % 3].pricing) for n, c in enumerate(connections))
+                *(results.publish_prices(c, configs[n % 3].pricing) for n, c in enumerate(connections))
             )
             assert names == [configs[n % 3].pricing.price_set for n in range(6)]
             for config in configs:

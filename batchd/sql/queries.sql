@@ -362,7 +362,7 @@ CREATE TEMPORARY TABLE batchd_results (
 -- chunk applied twice (a crash between chunks, a restart) changes nothing the second time. A succeeded
 -- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and its
 -- tenant's spend, in this same statement, priced by the applying daemon's price set $3 (batchd.prices,
--- which pricing.publish writes: one row per model, with its long-prompt tier if it has one, and the set's
+-- which results.publish_prices writes: one row per model, with its long-prompt tier if it has one, and the set's
 -- batch factor). Returns how many jobs changed, the models billed without a price, and whether set $3 was
 -- there: when it is not (a database this process has not published to, or rows removed by hand) nothing
 -- changes, and the caller publishes it and applies again.
@@ -1030,7 +1030,7 @@ INSERT INTO batchd.configured_limits (tenant_id, weight, max_queued, max_in_flig
 SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bigint[]);
 
 -- name: publish_price_set
--- A daemon starting writes its [pricing] table whole, as the set its digest names (pricing.publish), in one
+-- A daemon starting writes its [pricing] table whole, as the set its digest names (results.publish_prices), in one
 -- transaction: this row first, whose lock (taken by the insert, or by the update when the set is there)
 -- makes daemons publishing the same set at once do it one after another, the second rewriting the rows the
 -- first committed instead of colliding with them. Daemons with other prices write other sets, untouched.
