@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .context import wait_for_any, wait_for_event
+from .aio import wait_for_any, wait_for_event
 from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.listener")
