@@ -211,23 +211,23 @@ async def test_every_loop_of_the_daemon_stops_at_once_when_it_is_stopping(
     provider = Provider("test-key", base_url="http://127.0.0.1:9", limiter=RateLimiter(60), timeout_s=1)
     ctx = Context(pool=pool, settings=settings, provider=provider)
     hub = EventHub(pool, settings.events)
-    loops: list[Awaitable[None]] = [
-        Flusher(ctx, on_batch=lambda *_: None).run(),
-        SyncSender(ctx).run(),
-        Supervisor(ctx).run(),
-        Publisher(ctx).run(),
-        hub.run(ctx.stopping, ctx.backoff),
-        pruner.run(ctx),
-    ]
+    loops: dict[str, Awaitable[None]] = {
+        "flusher": Flusher(ctx, on_batch=lambda *_: None).run(),
+        "sync": SyncSender(ctx).run(),
+        "supervisor": Supervisor(ctx).run(),
+        "publisher": Publisher(ctx).run(),
+        "events": hub.run(ctx.stopping, ctx.backoff),
+        "pruner": pruner.run(ctx),
+    }
     tasks: list[asyncio.Task[Any]] = []
     try:
         await hub.start()
-        tasks = [asyncio.create_task(_as_coroutine(loop)) for loop in loops]
+        tasks = [asyncio.create_task(_as_coroutine(loop), name=name) for name, loop in loops.items()]
         # Every loop has looked once and waits its hour.
         await wait_until(lambda: _true(sum(w >= LONG_S for w in waits) == len(loops)), timeout=SLACK_S)
         ctx.stopping.set()
         _, pending = await asyncio.wait(tasks, timeout=SLACK_S)
-        assert not pending, [task.get_coro() for task in pending]
+        assert not pending, sorted(task.get_name() for task in pending)
         for task in tasks:
             task.result()
     finally:
