@@ -9,7 +9,9 @@ that keeps failing spends less and less of the per-minute budget every batch cal
 
 from __future__ import annotations
 
+import math
 import random
+from typing import NamedTuple
 
 JITTER = 0.25  # a wait is drawn from [1 - JITTER, 1] times the exponential value
 
@@ -20,6 +22,17 @@ def backoff_s(failures: int, low: float, high: float, rng: random.Random | None 
     exponent = min(max(failures, 1) - 1, 62)  # 2**62 seconds is past any cap; no overflow beyond it
     ceiling = min(high, low * 2.0**exponent)
     return ceiling * (1.0 - JITTER * (rng or random).random())
+
+
+class Backoff(NamedTuple):
+    """A failing step's waits: `low` seconds after its first failure in a row, up to `high` (backoff_s)."""
+
+    low: float
+    high: float
+
+    def wait_s(self, failures: int, cap: float = math.inf) -> float:
+        """The wait after the `failures`-th failure in a row, at most `cap` (and `high`)."""
+        return backoff_s(failures, self.low, min(self.high, cap))
 
 
 def jittered(seconds: float) -> float:

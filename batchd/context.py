@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from .aio import wait_for_event
+from .backoff import Backoff
 from .config import Settings
 from .metrics import Metrics
 from .provider import Provider
@@ -32,23 +34,8 @@ class Context:
         """Waits, but wakes at once on shutdown; True when the daemon is stopping."""
         return await wait_for_event(self.stopping, seconds)
 
-
-async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
-    """Waits up to `seconds` for `event`; True if it is set."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout=max(0.0, seconds))
-    except TimeoutError:
-        return False
-    return True
-
-
-async def wait_for_any(*events: asyncio.Event, seconds: float) -> None:
-    """Waits up to `seconds` for the first of `events` to be set."""
-    if any(event.is_set() for event in events):
-        return
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+    @property
+    def backoff(self) -> Backoff:
+        """How long a failing step waits before it is tried again ([daemon] retry_min_s to retry_max_s)."""
+        daemon = self.settings.daemon
+        return Backoff(daemon.retry_min_s, daemon.retry_max_s)

@@ -181,7 +181,7 @@ class Daemon:
             asyncio.create_task(ctx.metrics.watch_loop_lag(ctx.stopping), name="loop-lag"),
         }
         if hub is not None:
-            tasks.add(asyncio.create_task(hub.run(ctx.stopping), name="events"))
+            tasks.add(asyncio.create_task(hub.run(ctx.stopping, ctx.backoff), name="events"))
         if notifier.enabled:
 
             def status_line() -> Awaitable[str]:

@@ -33,8 +33,9 @@ import asyncpg
 import structlog
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .aio import run_loop
+from .backoff import Backoff
 from .config import EventsSettings
-from .context import wait_for_any
 from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.events")
@@ -323,18 +324,20 @@ class EventHub:
             if not self._streams:
                 self._idle.set()
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            self._wake.clear()
-            try:
-                await self._catch_up()
-                await self._check_tokens()
-            except DB_ERRORS as error:
-                log.warning("events.database_error", error=str(error))
-                if await _sleep_unless(stopping, 1.0):
-                    return
-                continue
-            await wait_for_any(self._wake, stopping, seconds=self.settings.poll_interval_s)
+    async def run(self, stopping: asyncio.Event, backoff: Backoff) -> None:
+        await run_loop(
+            "events",
+            self._look,
+            stopping=stopping,
+            wake=self._wake,
+            idle_s=self.settings.poll_interval_s,
+            backoff=backoff,
+            errors=DB_ERRORS,
+        )
+
+    async def _look(self) -> None:
+        await self._catch_up()
+        await self._check_tokens()
 
     async def _catch_up(self) -> None:
         async with self.pool.acquire() as connection:
@@ -386,8 +389,3 @@ class EventHub:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
         except TimeoutError:
             log.warning("events.streams_still_open", streams=self.open_streams)
-
-
-async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> bool:
-    await wait_for_any(stopping, seconds=seconds)
-    return stopping.is_set()

@@ -25,8 +25,9 @@ from uuid import UUID
 import structlog
 
 from . import budgets, store
+from .aio import run_loop
 from .config import API_MAX_BYTES
-from .context import Context, wait_for_event
+from .context import Context
 from .store import DB_ERRORS, sql
 from .templates import BODY_OVERHEAD, Prepared, create_body, custom_id, new_tag, prepare
 
@@ -63,21 +64,23 @@ class Flusher:
         return self._between_looks and not self._wake.is_set()
 
     async def run(self) -> None:
-        sweep = self.ctx.settings.daemon.sweep_interval_s
-        while not self.ctx.stopping.is_set():
-            self._wake.clear()
-            try:
-                delay = await self.flush_due()
-            except DB_ERRORS as error:
-                log.warning("flusher.database_error", error=str(error))
-                delay = 1.0
-            wait = sweep if delay is None else min(delay, sweep)
-            if wait > 0:
-                self._between_looks = True
-                try:
-                    await wait_for_event(self._wake, wait)
-                finally:
-                    self._between_looks = False
+        """Looks at the queue when woken, when the next flush comes due, and every `sweep_interval_s`."""
+        await run_loop(
+            "flusher",
+            self._look,
+            stopping=self.ctx.stopping,
+            wake=self._wake,
+            idle_s=self.ctx.settings.daemon.sweep_interval_s,
+            backoff=self.ctx.backoff,
+            errors=DB_ERRORS,
+        )
+
+    async def _look(self) -> float | None:
+        self._between_looks = False
+        try:
+            return await self.flush_due()
+        finally:
+            self._between_looks = True
 
     async def flush_due(self) -> float | None:
         """Flush while something is due. Returns seconds until the next flush is due, None when idle."""

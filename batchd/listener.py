@@ -15,13 +15,15 @@ from typing import Any
 import asyncpg
 import structlog
 
-from .context import wait_for_any, wait_for_event
+from .aio import wait_for_any, wait_for_event
+from .backoff import Backoff
 from .store import DB_ERRORS, sql
 
 log = structlog.get_logger("batchd.listener")
 
 JOBS_CHANNEL = "batchd_jobs"
 PROBE_CHANNEL = "batchd_probe"
+RECONNECT_MIN_S = 0.2  # then twice as long after each failure in a row, up to max_backoff_s
 
 
 class Listener:
@@ -46,7 +48,8 @@ class Listener:
         self._probe_answered = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        backoff = 0.2
+        backoff = Backoff(RECONNECT_MIN_S, self.max_backoff_s)
+        failures = 0  # connections failed in a row
         while not stopping.is_set():
             try:
                 connection = await asyncpg.connect(
@@ -60,12 +63,13 @@ class Listener:
                     },
                 )
             except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-                log.warning("listener.connect_failed", error=str(error), retry_in_s=backoff)
-                if await wait_for_event(stopping, backoff):
+                failures += 1
+                wait = backoff.wait_s(failures)
+                log.warning("listener.connect_failed", error=str(error), retry_in_s=round(wait, 3))
+                if await wait_for_event(stopping, wait):
                     return
-                backoff = min(backoff * 2, self.max_backoff_s)
                 continue
-            backoff = 0.2
+            failures = 0
             try:
                 await self._serve(connection, stopping)
             except DB_ERRORS as error:

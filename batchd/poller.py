@@ -10,7 +10,7 @@ from __future__ import annotations
 import anthropic
 import structlog
 
-from .backoff import backoff_s, jittered
+from .backoff import jittered
 from .context import Context
 from .store import Batch, sql
 
@@ -39,7 +39,6 @@ async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
     its jobs are then retried like any others that came back without a result.
     """
     polling = ctx.settings.polling
-    daemon = ctx.settings.daemon
     interval = polling.min_interval_s
     failures = 0
     assert batch.provider_batch_id is not None  # noqa: S101 - in_progress batches always have one
@@ -53,7 +52,7 @@ async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
             return True
         except (anthropic.APIStatusError, anthropic.APIConnectionError) as error:
             failures += 1
-            wait = max(wait, backoff_s(failures, daemon.retry_min_s, daemon.retry_max_s))
+            wait = max(wait, ctx.backoff.wait_s(failures))
             bound.warning("batch.poll_failed", error=str(error), failures=failures, retry_in_s=round(wait, 3))
         else:
             failures = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import structlog
 
+from .aio import run_loop
 from .context import Context
 from .store import DB_ERRORS, Connection, sql
 
@@ -26,14 +27,21 @@ async def prune_events(db: Connection, retention_s: float, chunk: int) -> int:
 
 
 async def run(ctx: Context) -> None:
+    """Prunes at start, then every `prune_interval_s`."""
     events = ctx.settings.events
-    while not ctx.stopping.is_set():
-        try:
-            async with ctx.pool.acquire() as connection:
-                deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
-            if deleted:
-                log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
-        except DB_ERRORS as error:
-            log.warning("pruner.database_error", error=str(error))
-        if await ctx.sleep(events.prune_interval_s):
-            return
+
+    async def prune() -> None:
+        async with ctx.pool.acquire() as connection:
+            deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
+        if deleted:
+            log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
+
+    await run_loop(
+        "pruner",
+        prune,
+        stopping=ctx.stopping,
+        wake=None,
+        idle_s=events.prune_interval_s,
+        backoff=ctx.backoff,
+        errors=DB_ERRORS,
+    )

@@ -15,12 +15,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import structlog
-
-from .context import Context, wait_for_any
+from .aio import run_loop
+from .context import Context
 from .store import DB_ERRORS, Connection, sql
-
-log = structlog.get_logger("batchd.publisher")
 
 EVENTS_CHANNEL = "batchd_events"
 PUBLISHED_CHANNEL = "batchd_published"
@@ -46,18 +43,18 @@ class Publisher:
         self._wake.set()
 
     async def run(self) -> None:
-        settings = self.ctx.settings.events
-        while not self.ctx.stopping.is_set():
-            # Cleared before the query: a NOTIFY arriving while it runs means one more round, not a miss.
-            self._wake.clear()
-            try:
-                async with self.ctx.pool.acquire() as connection:
-                    published = await publish(connection, settings.publish_chunk)
-                if published:
-                    self.on_published()
-            except DB_ERRORS as error:
-                log.warning("publisher.database_error", error=str(error))
-                if await self.ctx.sleep(1.0):
-                    return
-                continue
-            await wait_for_any(self._wake, self.ctx.stopping, seconds=settings.poll_interval_s)
+        await run_loop(
+            "publisher",
+            self._publish,
+            stopping=self.ctx.stopping,
+            wake=self._wake,
+            idle_s=self.ctx.settings.events.poll_interval_s,
+            backoff=self.ctx.backoff,
+            errors=DB_ERRORS,
+        )
+
+    async def _publish(self) -> None:
+        async with self.ctx.pool.acquire() as connection:
+            published = await publish(connection, self.ctx.settings.events.publish_chunk)
+        if published:
+            self.on_published()

@@ -19,7 +19,6 @@ applied: the chunk is halved until the row is found, so one odd row costs a few 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -194,10 +193,20 @@ async def _download(ctx: Context, batch: Batch, chunk_size: int, types: Counter[
     applied = foreign = 0
     # Chunks are applied while the next are read, up to IN_FLIGHT_CHUNKS at once on their own connections,
     # so that reading and parsing (here) and applying (in the database, on every core) overlap instead of
-    # taking turns. Chunks touch disjoint jobs; each is one transaction.
-    applying: set[asyncio.Task[None]] = set()
+    # taking turns. Chunks touch disjoint jobs; each is one transaction. The reader takes a slot before it
+    # hands a chunk over, so at most IN_FLIGHT_CHUNKS + 1 chunks are in memory. A chunk that fails stops the
+    # apply: the task group cancels the reading and the other chunks (their transactions roll back), and
+    # the batch's next step applies it all again (applying twice changes nothing).
+    slots = asyncio.Semaphore(IN_FLIGHT_CHUNKS)
+
+    async def apply_in_slot(chunk: list[Row], raw: list[bytes]) -> None:
+        try:
+            await _apply_chunk(ctx, batch, chunk, raw, types)
+        finally:
+            slots.release()
+
     try:
-        async with ctx.provider.results(batch.provider_batch_id) as lines:
+        async with asyncio.TaskGroup() as applying, ctx.provider.results(batch.provider_batch_id) as lines:
             chunk: list[Row] = []
             raw: list[bytes] = []
             async for line in lines:
@@ -208,28 +217,17 @@ async def _download(ctx: Context, batch: Batch, chunk_size: int, types: Counter[
                 chunk.append(row)
                 raw.append(line)
                 if len(chunk) >= chunk_size:
-                    if len(applying) >= IN_FLIGHT_CHUNKS:
-                        done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
-                        for task in done:
-                            task.result()  # a failed chunk stops the apply; it is retried whole
-                    applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
+                    await slots.acquire()
+                    applying.create_task(apply_in_slot(chunk, raw))
                     applied += len(chunk)
                     chunk, raw = [], []
             if chunk:
-                applying.add(asyncio.create_task(_apply_chunk(ctx, batch, chunk, raw, types)))
+                await slots.acquire()
+                applying.create_task(apply_in_slot(chunk, raw))
                 applied += len(chunk)
-            while applying:
-                done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-    finally:
-        # Stopped or failed with chunks in the database: their transactions roll back, and they are applied
-        # again next time (applying twice changes nothing).
-        for task in applying:
-            task.cancel()
-        for task in applying:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    except BaseExceptionGroup as failed:
+        # The first failure, as the caller expects it (a database error is retried, a 404 means vanished).
+        raise failed.exceptions[0] from None
     return applied, foreign
 
 

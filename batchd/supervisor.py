@@ -19,8 +19,8 @@ import anthropic
 import structlog
 
 from . import store
-from .backoff import backoff_s
-from .context import Context, wait_for_event
+from .aio import run_loop
+from .context import Context
 from .poller import poll_until_ended
 from .provider import CONNECTION_ERRORS
 from .results import NotOurBatch, apply_results
@@ -52,23 +52,26 @@ class Supervisor:
         self._wake.set()
 
     async def run(self) -> None:
-        """Take and renew leases; start a task for every batch this process holds."""
-        period = self.ctx.settings.daemon.lease_s / 3
-        while not self.ctx.stopping.is_set():
-            self._wake.clear()
-            try:
-                rows = await self.ctx.pool.fetch(
-                    sql("take_batches"), self.ctx.instance_id, self.ctx.settings.daemon.lease_s
-                )
-            except DB_ERRORS as error:
-                log.warning("supervisor.database_error", error=str(error))
-            else:
-                for row in rows:
-                    if row["id"] not in self.workers:
-                        # At start, when a dead daemon's lease ran out, or when a batch's task ended early.
-                        log.info("batch.leased", batch_id=str(row["id"]), status=row["status"])
-                    self.start(row["id"])
-            await wait_for_event(self._wake, period)
+        """Take and renew leases, three times a lease; start a task for every batch this process holds."""
+        await run_loop(
+            "supervisor",
+            self._take_leases,
+            stopping=self.ctx.stopping,
+            wake=self._wake,
+            idle_s=self.ctx.settings.daemon.lease_s / 3,
+            backoff=self.ctx.backoff,
+            errors=DB_ERRORS,
+        )
+
+    async def _take_leases(self) -> None:
+        rows = await self.ctx.pool.fetch(
+            sql("take_batches"), self.ctx.instance_id, self.ctx.settings.daemon.lease_s
+        )
+        for row in rows:
+            if row["id"] not in self.workers:
+                # At start, when a dead daemon's lease ran out, or when a batch's task ended early.
+                log.info("batch.leased", batch_id=str(row["id"]), status=row["status"])
+            self.start(row["id"])
 
     async def stop(self) -> None:
         """Cancel every batch task (each is safe to stop at any await) and hand the leases back."""
@@ -83,7 +86,6 @@ class Supervisor:
             log.info("supervisor.leases_released", batches=int(status.split()[-1]))  # "UPDATE n"
 
     async def _drive(self, batch_id: UUID) -> None:
-        daemon = self.ctx.settings.daemon
         failures = 0  # steps failed in a row: a step that keeps failing is tried less and less often
         try:
             while not self.ctx.stopping.is_set():
@@ -92,7 +94,7 @@ class Supervisor:
                         return
                 except STEP_ERRORS as error:
                     failures += 1
-                    wait = backoff_s(failures, daemon.retry_min_s, daemon.retry_max_s)
+                    wait = self.ctx.backoff.wait_s(failures)
                     log.warning(
                         "batch.step_failed",
                         batch_id=str(batch_id),

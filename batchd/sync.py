@@ -41,8 +41,9 @@ import asyncpg
 import structlog
 
 from . import budgets, store
+from .aio import run_loop
 from .config import API_MAX_BYTES
-from .context import Context, wait_for_event
+from .context import Context
 from .provider import call_status, retry_after
 from .results import apply_rows, plain_counts, row_fault, set_aside
 from .store import DB_ERRORS, sql
@@ -57,6 +58,7 @@ ROUTE_CHUNK = 1_000
 # Statuses that say the request itself is wrong: sending it again would get the same answer.
 REQUEST_REFUSED = frozenset({400, 404, 413, 422})
 MAX_BACKOFF_S = 300.0
+MIN_LOOK_S = 0.05
 APPLY_ATTEMPTS = 5  # an outcome not recorded is a call paid for and made again: try hard to record it
 SyncRow = tuple[UUID, str, str | None, str | None, float | None]
 
@@ -76,20 +78,28 @@ class SyncSender:
         self._wake.set()
 
     async def run(self) -> None:
+        await run_loop(
+            "sync",
+            self._look,
+            stopping=self.ctx.stopping,
+            wake=self._wake,
+            idle_s=self._idle_s,
+            backoff=self.ctx.backoff,
+            errors=DB_ERRORS,
+        )
+
+    def _idle_s(self) -> float:
+        """Looks every sweep_interval_s, and while calls in flight hold leases (renewed at each look) at
+        least three times a lease."""
         settings = self.ctx.settings
-        while not self.ctx.stopping.is_set():
-            self._wake.clear()
-            try:
-                delay = await self.step()
-            except DB_ERRORS as error:
-                log.warning("sync.database_error", error=str(error))
-                delay = 1.0
-            wait = settings.daemon.sweep_interval_s if delay is None else delay
-            if self.calls:
-                # Calls in flight hold leases, renewed at each look: look at least three times a lease.
-                wait = min(wait, settings.routing.lease_s / 3)
-            # A floor, so that a deadline already due (a job another daemon holds) is not spun on.
-            await wait_for_event(self._wake, min(max(wait, 0.05), settings.daemon.sweep_interval_s))
+        if self.calls:
+            return min(settings.daemon.sweep_interval_s, settings.routing.lease_s / 3)
+        return settings.daemon.sweep_interval_s
+
+    async def _look(self) -> float | None:
+        delay = await self.step()
+        # A floor, so that a deadline already due (a job another daemon holds) is not spun on.
+        return None if delay is None else max(delay, MIN_LOOK_S)
 
     async def step(self) -> float | None:
         """Take back, route, claim and start what is due. Returns seconds until something more is due by

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import asyncpg
 import pytest
 from aiohttp import web
 from support import QUICK, EmulatorHandle, insert_raw, job_counts, make_settings, wait_until
@@ -273,6 +275,65 @@ async def test_a_daemon_that_lost_its_lease_changes_nothing_at_any_step(
         assert await snapshot(db, batch_id) == before, f"{step} changed the new owner's batch or its jobs"
         after = (await emulator.stats())["calls"].get("delete", 0)
         assert after == deletes, "nor deleted the provider's copy, which the new owner may still be reading"
+
+
+async def test_a_chunk_that_fails_stops_the_apply_and_the_next_applies_every_job_once(
+    db: Any, emulator: EmulatorHandle, database_url: str
+) -> None:
+    """Chunks are applied two at a time beside the reading: one that fails (a fault of the server, not of a
+    row) stops the whole apply with that error, as the batch's step expects it, and leaves no chunk half
+    applied; the next try applies the rest, every job once."""
+    settings = make_settings(database_url, emulator.url, results={"apply_chunk": 3})
+    pool = await store.create_pool(database_url, max_size=4)
+    provider = Provider("test-key", base_url=emulator.url, limiter=RateLimiter(6000), timeout_s=10)
+    ctx = Context(pool=pool, settings=settings, provider=provider, instance_id=OLD)
+    try:
+        batch_id, ids, body = await pending_batch(db, ctx, 20)
+        created = await provider.create_batch(body)
+        await db.execute(
+            "UPDATE batchd.batches SET status = 'ended', provider_batch_id = $2 WHERE id = $1",
+            batch_id,
+            created.id,
+        )
+        await db.execute("UPDATE batchd.jobs SET status = 'submitted' WHERE batch_id = $1", batch_id)
+
+        async def ended_at_provider() -> bool:
+            return (await provider.retrieve(created.id)).processing_status == "ended"
+
+        await wait_until(ended_at_provider, timeout=20)
+        # The job ids in the results file's order (custom ids are bd-<tag>-<job id>), in chunks as applied.
+        async with provider.results(created.id) as lines:
+            order = [str(uuid.UUID(json.loads(line)["custom_id"].split("-", 2)[2])) async for line in lines]
+        chunks = [order[i : i + 3] for i in range(0, len(order), 3)]
+        victim = order[10]  # in the fourth chunk: the first ones may be applied by then, or cancelled
+        await db.execute(
+            "CREATE FUNCTION batchd.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'a deadlock, say' USING ERRCODE = '40P01'; END $$;"
+            "CREATE TRIGGER test_refuse BEFORE UPDATE ON batchd.jobs FOR EACH ROW"
+            f" WHEN (OLD.id = '{victim}') EXECUTE FUNCTION batchd.test_refuse()"
+        )
+        try:
+            batch = await store.get_batch(pool, batch_id)
+            assert batch is not None
+            with pytest.raises(asyncpg.DeadlockDetectedError):
+                await apply_results(ctx, batch)
+            status = {
+                str(row["id"]): row["status"]
+                for row in await db.fetch("SELECT id, status FROM batchd.jobs WHERE batch_id = $1", batch_id)
+            }
+            assert status[victim] == "submitted"
+            for chunk in chunks:
+                assert len({status[job] for job in chunk}) == 1, f"a chunk half applied: {status}"
+        finally:
+            await db.execute("DROP TRIGGER test_refuse ON batchd.jobs; DROP FUNCTION batchd.test_refuse()")
+        await apply_results(ctx, batch)
+        assert await job_counts(db) == {"succeeded": 20}
+        assert await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch_id) == "applied"
+        succeeded = await db.fetch("SELECT job_id FROM batchd.events WHERE type = 'job.succeeded'")
+        assert sorted(str(row["job_id"]) for row in succeeded) == sorted(str(i) for i in ids)
+    finally:
+        await provider.close()
+        await pool.close()
 
 
 # -- 4. a batch the provider deleted never strands its jobs -------------------------------------------------

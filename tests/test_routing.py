@@ -27,6 +27,7 @@ from support import (
 )
 
 from batchd.emulator import EmulatorConfig
+from batchd.store import sql
 
 SLOW = EmulatorConfig(processing_time_s=(3600.0, 3600.0), cancel_time_s=1.0, seed=7)
 ROUTING = {"prior_turnaround_s": 900.0, "min_samples": 3, "margin_s": 30.0, "lease_s": 5.0, "window": 50}
@@ -135,6 +136,19 @@ async def test_an_insert_without_a_route_is_a_batch_job(db: Any) -> None:
     assert (row["route"], row["path"], row["path_reason"]) == ("batch", None, None)
     with pytest.raises(asyncpg.CheckViolationError):
         await insert_job(db, "a route that does not exist", route="carrier-pigeon")
+
+
+async def test_the_sync_senders_clock_has_nothing_due_when_nothing_waits(db: Any) -> None:
+    """sync_next_wake is the seconds until the sync sender must look again unwoken, null for never: with no
+    `auto` job waiting it read as 100 years ago, and an idle sync sender looked every 50 ms."""
+    params = (50, 3, 900.0, 30.0)  # window, min_samples, prior p90, margin
+    assert await db.fetchval(sql("sync_next_wake"), *params) is None
+    await insert_job(db, "a batch job, no deadline")
+    assert await db.fetchval(sql("sync_next_wake"), *params) is None
+    # An auto job due in an hour goes sync when the batch p90 (the prior, 900 s) + margin no longer fit.
+    await insert_job(db, "an auto job", route="auto", deadline_s=3600.0)
+    due_in = await db.fetchval(sql("sync_next_wake"), *params)
+    assert 3600.0 - 930.0 - 5.0 < due_in <= 3600.0 - 930.0
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------

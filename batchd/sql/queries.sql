@@ -541,7 +541,8 @@ SELECT least(
                                      now() + interval '100 years') - now())::float8
             - (SELECT p90_s FROM batchd.batch_turnaround($1, $2, $3)) - $4
        FROM batchd.jobs
-      WHERE status = 'queued' AND route = 'auto' AND path IS DISTINCT FROM 'sync' AND deadline IS NOT NULL),
+      WHERE status = 'queued' AND route = 'auto' AND path IS DISTINCT FROM 'sync' AND deadline IS NOT NULL
+     HAVING count(*) > 0),  -- none: null (greatest() would make it 100 years ago, a look every 50 ms)
     (SELECT extract(epoch FROM min(not_before) - now())::float8
        FROM batchd.jobs
       WHERE status = 'queued' AND route <> 'batch' AND path = 'sync' AND not_before > now()),
