@@ -57,7 +57,7 @@ import asyncpg
 from benchlib import EmulatorProcess, text_pool
 
 from batchd import log as batchd_log
-from batchd import migrate, pricing, store
+from batchd import migrate, store
 from batchd.config import Settings
 from batchd.context import Context
 from batchd.daemon import Daemon
@@ -66,7 +66,7 @@ from batchd.poller import poll_until_ended
 from batchd.provider import Provider
 from batchd.publisher import publish
 from batchd.ratelimit import RateLimiter
-from batchd.results import apply_results
+from batchd.results import apply_results, publish_prices
 from batchd.store import sql
 from batchd.submitter import submit
 
@@ -626,7 +626,7 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
     try:
         settings = bench_settings(args.database_url, args.emulator_url, 1)
         async with pool.acquire() as connection:
-            await pricing.publish(connection, settings.pricing)  # as the daemon does when it starts
+            await publish_prices(connection, settings.pricing)  # as the daemon does when it starts
         batch = await store.get_batch(pool, UUID(args.batch_id))
         if batch is None or batch.owner is None:
             raise RuntimeError(f"no batch {args.batch_id} with an owner")
