@@ -268,6 +268,20 @@ class EmulatorProcess(ServiceProcess):
         await self.admin("POST", "clock/advance", {"seconds": self.processing_time_s * 10 + 5})
 
 
+@contextlib.asynccontextmanager
+async def running(emulator: EmulatorProcess) -> AsyncIterator[EmulatorProcess]:
+    """The emulator started, and stopped however the block ends; its last lines printed if the block fails."""
+    print(f"emulator: {shlex.join(emulator.command)}", flush=True)
+    try:
+        await emulator.start()
+        yield emulator
+    except BaseException:
+        print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        emulator.stop()
+
+
 class DaemonProcess(ServiceProcess):
     """`batchd run`, configured by the environment only (run in an empty directory, so no batchd.toml is
     read)."""
@@ -399,6 +413,15 @@ async def migrate_for_timing(url: str) -> None:
         await connection.execute("ALTER TABLE batchd.jobs SET (autovacuum_enabled = false)")
     finally:
         await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def timing_database(server_url: str) -> AsyncIterator[str]:
+    """A scratch database for the pipeline benchmarks (`migrate_for_timing`), its server described."""
+    async with scratch_database(server_url, "batchd_bench", migrate_for_timing) as url:
+        print(await describe_server(url), flush=True)
+        print(f"scratch database: {url}", flush=True)
+        yield url
 
 
 async def settle(connection: asyncpg.Connection) -> None:

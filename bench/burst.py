@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -35,13 +34,12 @@ from benchlib import (
     bench_settings,
     build_requests,
     chunked,
-    describe_server,
     finish,
     interrupt_on_sigterm,
     machine,
-    migrate_for_timing,
-    scratch_database,
+    running,
     settle,
+    timing_database,
 )
 
 from batchd import log as batchd_log
@@ -157,18 +155,9 @@ async def main(args: argparse.Namespace) -> int:
     requests = build_requests(args.jobs)
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
         emulator = EmulatorProcess(Path(log_dir) / "emulator.log", processing_time_s=EMULATOR_PROCESSING_S)
-        try:
-            async with scratch_database(args.database_url, "batchd_bench", migrate_for_timing) as url:
-                print(await describe_server(url), flush=True)
-                print(f"scratch database: {url}\nemulator: {shlex.join(emulator.command)}", flush=True)
-                await emulator.start()
-                print(f"\n== a burst of {args.jobs:,} jobs into a running daemon", flush=True)
-                burst = await burst_benchmark(url, emulator, requests)
-        except BaseException:
-            print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            emulator.stop()
+        async with timing_database(args.database_url) as url, running(emulator):
+            print(f"\n== a burst of {args.jobs:,} jobs into a running daemon", flush=True)
+            burst = await burst_benchmark(url, emulator, requests)
     return finish(started, burst_failures(burst), [burst_row(burst)])
 
 

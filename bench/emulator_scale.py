@@ -29,7 +29,7 @@ from pathlib import Path
 import anthropic
 import httpx2
 from anthropic.types.messages.batch_create_params import Request
-from benchlib import MIB, EmulatorProcess, free_port, machine, markdown, status_mib, text_pool
+from benchlib import MIB, EmulatorProcess, free_port, machine, markdown, running, status_mib, text_pool
 
 MODEL = "claude-sonnet-4-5"
 PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
@@ -152,9 +152,8 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
     emulator = EmulatorProcess(
         log_dir / f"emulator-{port}.log", processing_time_s=PROCESSING_TIME_S, port=port
     )
-    print(f"\n== N = {n:,}: {shlex.join(emulator.command)}", flush=True)
-    try:
-        await emulator.start()
+    print(f"\n== N = {n:,}", flush=True)
+    async with running(emulator):
         await asyncio.sleep(0.5)  # let start-up settle before the idle reading
         run.idle = read_memory(emulator.pid)
         watcher = CreateWatcher()
@@ -168,11 +167,6 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
             await end_batch(run, client, emulator, batch_id)
             received = await download(run, client, emulator, batch_id, expected)
         await check_results(run, emulator, expected, received)
-    except BaseException:
-        print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        emulator.stop()
     return run
 
 

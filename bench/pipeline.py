@@ -35,7 +35,6 @@ import asyncio
 import gc
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -59,17 +58,16 @@ from benchlib import (
     bench_settings,
     build_requests,
     chunked,
-    describe_server,
     finish,
     fresh_queue,
     interrupt_on_sigterm,
     machine,
-    migrate_for_timing,
     per_s,
     run_json_child,
-    scratch_database,
+    running,
     settle,
     status_mib,
+    timing_database,
 )
 from pgqueuer_drain import PGQUEUER_BATCH_SIZE, PGQUEUER_CONSUMERS
 
@@ -515,41 +513,29 @@ async def main(args: argparse.Namespace) -> int:
     requests = build_requests(n)
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
         emulator = EmulatorProcess(Path(log_dir) / "emulator.log", processing_time_s=EMULATOR_PROCESSING_S)
-        try:
-            async with scratch_database(args.database_url, "batchd_bench", migrate_for_timing) as url:
-                print(await describe_server(url), flush=True)
-                print(f"scratch database: {url}\nemulator: {shlex.join(emulator.command)}", flush=True)
-                await emulator.start()
-
-                if args.apply_only:
-                    print(f"\n== 2./3. claim, submit, apply: {n:,} jobs (--apply-only)", flush=True)
-                    pipeline = await pipeline_benchmark(url, emulator, requests)
-                    return finish(started, pipeline.failures, apply_rows(n, pipeline))
-                print(f"\n== 1. {trigger_cost.describe(args)}", flush=True)
-                inserts = await trigger_cost.insert_benchmark(
-                    url, requests, args.rounds, args.producer_seconds
-                )
-                print(f"  notifications heard: {inserts.notifications}", flush=True)
-
-                print(f"\n== 2./3. claim, submit, apply: {n:,} jobs", flush=True)
+        async with timing_database(args.database_url) as url, running(emulator):
+            if args.apply_only:
+                print(f"\n== 2./3. claim, submit, apply: {n:,} jobs (--apply-only)", flush=True)
                 pipeline = await pipeline_benchmark(url, emulator, requests)
+                return finish(started, pipeline.failures, apply_rows(n, pipeline))
+            print(f"\n== 1. {trigger_cost.describe(args)}", flush=True)
+            inserts = await trigger_cost.insert_benchmark(url, requests, args.rounds, args.producer_seconds)
+            print(f"  notifications heard: {inserts.notifications}", flush=True)
 
-                print(f"\n== 4. a burst of {n:,} jobs into a running daemon", flush=True)
-                burst = await burst_stage.burst_benchmark(url, emulator, requests)
+            print(f"\n== 2./3. claim, submit, apply: {n:,} jobs", flush=True)
+            pipeline = await pipeline_benchmark(url, emulator, requests)
 
-                print(
-                    f"\n== 5. pgqueuer: {n:,} jobs drained by {PGQUEUER_CONSUMERS} consumers, "
-                    f"batch size {PGQUEUER_BATCH_SIZE}",
-                    flush=True,
-                )
-                pgq = await run_json_child(
-                    PGQUEUER_SCRIPT, ["--database-url", url, "--jobs", str(n)], CHILD_TIMEOUT_S
-                )
-        except BaseException:
-            print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            emulator.stop()
+            print(f"\n== 4. a burst of {n:,} jobs into a running daemon", flush=True)
+            burst = await burst_stage.burst_benchmark(url, emulator, requests)
+
+            print(
+                f"\n== 5. pgqueuer: {n:,} jobs drained by {PGQUEUER_CONSUMERS} consumers, "
+                f"batch size {PGQUEUER_BATCH_SIZE}",
+                flush=True,
+            )
+            pgq = await run_json_child(
+                PGQUEUER_SCRIPT, ["--database-url", url, "--jobs", str(n)], CHILD_TIMEOUT_S
+            )
 
     failures = [*pipeline.failures, *burst_stage.burst_failures(burst)]
     if pgq["done"] != n or pgq["remaining"] != 0:

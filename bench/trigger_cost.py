@@ -33,14 +33,12 @@ from benchlib import (
     Row,
     build_requests,
     chunked,
-    describe_server,
     finish,
     interrupt_on_sigterm,
     machine,
-    migrate_for_timing,
     per_s,
-    scratch_database,
     spread,
+    timing_database,
 )
 
 from batchd import log as batchd_log
@@ -236,9 +234,8 @@ async def main(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}", flush=True)
     started = time.perf_counter()
     requests = build_requests(args.jobs)
-    async with scratch_database(args.database_url, "batchd_bench", migrate_for_timing) as url:
-        print(await describe_server(url), flush=True)
-        print(f"scratch database: {url}\n\n== {describe(args)}", flush=True)
+    async with timing_database(args.database_url) as url:
+        print(f"\n== {describe(args)}", flush=True)
         inserts = await insert_benchmark(url, requests, args.rounds, args.producer_seconds)
         print(f"  notifications heard: {inserts.notifications}", flush=True)
     return finish(started, [], insert_rows(inserts))
