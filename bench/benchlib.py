@@ -1,22 +1,43 @@
-"""What the benchmark scripts share: a free port, and `batchd emulator` run as a subprocess."""
+"""What the benchmark scripts share: the processes they start (the emulator, the daemon), scratch databases,
+the description of the machine, a few statistics and the Markdown tables they print."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
+import os
+import platform
 import random
+import shlex
+import signal
 import socket
+import statistics
 import string
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 
+from batchd.config import Settings
+
+SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"  # the server scratch databases are made on
+API_KEY = "bench-key"  # the emulator takes any key; the daemon and the SDK insist on one
+MIB = 1024 * 1024
 STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 15.0
+
+
+# -- small things ------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -37,35 +58,151 @@ def text_pool(rng: random.Random, size: int = 256 * 1024) -> str:
     return " ".join(words)
 
 
-class EmulatorProcess:
-    """`batchd emulator` in a subprocess, its output kept in a log file for when something goes wrong."""
+def per_s(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
 
-    def __init__(self, log_path: Path, *, processing_time_s: float, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.processing_time_s = processing_time_s
-        self.command = [
-            sys.executable,
-            "-m",
-            "batchd",
-            "emulator",
-            "--port",
-            str(self.port),
-            "--processing-time",
-            str(processing_time_s),
-        ]
+
+def spread(values: Sequence[float], unit: str = "") -> str:
+    """The median and the range: "75,948 rows/s (69,529-80,787)"."""
+    return f"{statistics.median(values):,.0f}{unit} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def status_mib(pid: int | str, key: str) -> float:
+    """A memory line of /proc/PID/status (VmRSS, VmHWM), in MiB; `pid` may be "self". NaN when the process
+    is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return math.nan
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) * 1024 / MIB  # the kernel reports kB
+    return math.nan
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A Markdown table, ready to paste into docs/benchmarks.md; `align` defaults to a left-aligned first
+    column and right-aligned numbers."""
+    rule = list(align) if align is not None else ["---"] + ["---:"] * (len(header) - 1)
+    return "\n".join("| " + " | ".join(line) + " |" for line in [list(header), rule, *map(list, rows)])
+
+
+# -- the machine -------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """Cores, memory, load, and the versions the numbers depend on: the header of every report."""
+    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("anthropic", "aiohttp", "asyncpg"))
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.1f} GiB RAM, load average {load}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, {versions}"
+    )
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+# -- scratch databases -------------------------------------------------------------------------------------
+
+
+def database_url(server_url: str, name: str) -> str:
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+async def admin_execute(server_url: str, statement: str) -> None:
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def migrate_in_process(url: str) -> None:
+    """batchd's schema, by `batchd.migrate` in this process."""
+    from batchd import migrate  # noqa: PLC0415 - only the scripts that migrate this way pay for the import
+
+    connection = await asyncpg.connect(url)
+    try:
+        await migrate.migrate(connection)
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(
+    server_url: str, prefix: str, prepare: Callable[[str], Awaitable[None]] | None = migrate_in_process
+) -> AsyncIterator[str]:
+    """A fresh database on the server, `prepare`d (migrated, by default), dropped however the block ends."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = database_url(server_url, name)
+        if prepare is not None:
+            await prepare(url)
+        yield url
+    finally:
+        await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no output)"
+
+
+class ServiceProcess:
+    """A batchd command in a subprocess that serves HTTP (`batchd emulator`, `batchd run`), its output kept in
+    a log file for when something goes wrong; started once `ready_path` answers 200."""
+
+    name = "the process"
+    ready_path = "/"
+
+    def __init__(
+        self,
+        command: list[str],
+        log_path: Path,
+        url: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.command = command
         self.log_path = log_path
+        self.url = url
+        self.env = env
+        self.cwd = cwd
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         if self._process is None:
-            raise RuntimeError("the emulator is not running")
+            raise RuntimeError(f"{self.name} is not running")
         return self._process.pid
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log_path.open("wb") as log:
-            return subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+            return subprocess.Popen(  # noqa: S603
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
 
     async def start(self) -> None:
         self._process = self._spawn()
@@ -74,32 +211,49 @@ class EmulatorProcess:
             while True:
                 if self._process.poll() is not None:
                     raise RuntimeError(
-                        f"the emulator exited with {self._process.returncode}:\n{self.log_tail()}"
+                        f"{self.name} exited with {self._process.returncode}:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"{self.url}/_emulator/stats") as response:
+                    async with session.get(f"{self.url}{self.ready_path}") as response:
                         if response.status == 200:
                             return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the emulator did not answer within {STARTUP_TIMEOUT_S:.0f} s")
+                    raise RuntimeError(f"{self.name} was not ready within {STARTUP_TIMEOUT_S:.0f} s")
                 await asyncio.sleep(0.1)
 
-    def stop(self) -> None:
+    def terminate(self) -> float:
+        """SIGTERM, as systemd stops it (SIGKILL if it lingers); returns how long it took to exit."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
-            return
+            return 0.0
+        started = time.monotonic()
         process.terminate()
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        return time.monotonic() - started
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no output)"
+        return log_tail(self.log_path, lines)
+
+
+class EmulatorProcess(ServiceProcess):
+    """`batchd emulator`."""
+
+    name = "the emulator"
+    ready_path = "/_emulator/stats"
+
+    def __init__(self, log_path: Path, *, processing_time_s: float, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.processing_time_s = processing_time_s
+        command = [sys.executable, "-m", "batchd", "emulator", "--port", str(self.port)]
+        command += ["--processing-time", str(processing_time_s)]
+        super().__init__(command, log_path, f"http://127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        self.terminate()
 
     async def admin(self, method: str, path: str, payload: Any = None) -> Any:
         async with (
@@ -112,3 +266,221 @@ class EmulatorProcess:
     async def end_all_batches(self) -> None:
         """Push the emulated clock past every batch's processing time."""
         await self.admin("POST", "clock/advance", {"seconds": self.processing_time_s * 10 + 5})
+
+
+@contextlib.asynccontextmanager
+async def running(emulator: EmulatorProcess) -> AsyncIterator[EmulatorProcess]:
+    """The emulator started, and stopped however the block ends; its last lines printed if the block fails."""
+    print(f"emulator: {shlex.join(emulator.command)}", flush=True)
+    try:
+        await emulator.start()
+        yield emulator
+    except BaseException:
+        print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        emulator.stop()
+
+
+class DaemonProcess(ServiceProcess):
+    """`batchd run`, configured by the environment only (run in an empty directory, so no batchd.toml is
+    read)."""
+
+    name = "the daemon"
+    ready_path = "/readyz"
+
+    def __init__(self, log_path: Path, workdir: Path, env: dict[str, str], port: int) -> None:
+        command = [sys.executable, "-m", "batchd", "--log-level", "warning", "run"]
+        super().__init__(command, log_path, f"http://127.0.0.1:{port}", env=env, cwd=workdir)
+
+    async def stop(self) -> float:
+        """Returns how long it took to exit, without blocking the event loop meanwhile."""
+        return await asyncio.to_thread(self.terminate)
+
+
+async def run_json_child(script: str, args: list[str], timeout_s: float) -> dict[str, Any]:
+    """A bench script in a subprocess of its own (its memory its own, its imports too); the last line of its
+    output is a JSON report."""
+    command = [sys.executable, script, *args]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(command)} exited with {process.returncode}:\n{stderr.decode()[-3000:]}"
+        )
+    report: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return report
+
+
+# -- verdicts ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a benchmark's verdict table: batchd's figure next to its baseline, and the target."""
+
+    measure: str
+    batchd: str
+    baseline: str
+    comparison: str
+    target: str
+    ok: bool | None  # None: for information, no target
+
+
+def verdict_table(rows: list[Row]) -> str:
+    header = ["measure", "batchd", "baseline", "comparison", "target", "verdict"]
+    align = ["---", "---:", "---:", "---:", "---", "---"]
+    return markdown(
+        header,
+        [
+            [row.measure, row.batchd, row.baseline, row.comparison, row.target, _verdict(row.ok)]
+            for row in rows
+        ],
+        align,
+    )
+
+
+def _verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def finish(started: float, failures: list[str], rows: list[Row]) -> int:
+    """Prints the table and the verdict; the exit status."""
+    print("\n" + verdict_table(rows))
+    elapsed = time.perf_counter() - started
+    print(
+        f"\nthis process's peak VmHWM: {status_mib('self', 'VmHWM'):.0f} MiB; the whole run: {elapsed:.0f} s"
+    )
+    missed = [f"target: {row.measure}" for row in rows if row.ok is False]
+    if failures or missed:
+        print("\nFAILED:\n" + "\n".join([*(f"check: {f}" for f in failures), *missed]))
+        return 1
+    print("\nall targets met, all checks passed")
+    return 0
+
+
+# -- the queue the pipeline benchmarks fill ----------------------------------------------------------------
+
+MODEL = "claude-sonnet-4-5"
+REQUEST_BYTES = 1_000  # the raw request's JSON, as the producer writes it
+CHUNK_ROWS = 1_000  # rows per bulk INSERT statement
+STEADY_WAKE_SEQ = 1 << 62  # "wake me at a job number far ahead": the trigger never notifies
+INSERT_CHUNK = (
+    "INSERT INTO batchd.jobs (tenant_id, request) SELECT 'bench', r::jsonb FROM unnest($1::text[]) AS r"
+)
+RESET = (
+    "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events, batchd.tenant_event_log"
+    " RESTART IDENTITY;"
+    "UPDATE batchd.event_log SET published_seq = 0;"
+    "UPDATE batchd.wakeup SET armed = true, wake_seq = 0"
+)
+
+
+def build_requests(n: int) -> list[str]:
+    """n raw requests (Messages API params), REQUEST_BYTES of JSON each."""
+    pool = text_pool(random.Random(20_250_101))
+    envelope = {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content": ""}]}
+    room = REQUEST_BYTES - len(json.dumps(envelope, separators=(",", ":")))
+    requests = []
+    for i in range(n):
+        head = f"Job {i}: "
+        start = (i * 7919) % (len(pool) - room)
+        content = head + pool[start : start + room - len(head)]
+        envelope["messages"] = [{"role": "user", "content": content}]
+        requests.append(json.dumps(envelope, separators=(",", ":")))
+    return requests
+
+
+def chunked(items: Sequence[str], size: int) -> list[list[str]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+async def migrate_for_timing(url: str) -> None:
+    """batchd's schema, with autovacuum off on the jobs: a vacuum waking in the middle of a timed run is
+    noise, the same for batchd and the baselines, so the benchmarks vacuum and analyze before each timed
+    step instead (`settle`)."""
+    await migrate_in_process(url)
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("ALTER TABLE batchd.jobs SET (autovacuum_enabled = false)")
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def timing_database(server_url: str) -> AsyncIterator[str]:
+    """A scratch database for the pipeline benchmarks (`migrate_for_timing`), its server described."""
+    async with scratch_database(server_url, "batchd_bench", migrate_for_timing) as url:
+        print(await describe_server(url), flush=True)
+        print(f"scratch database: {url}", flush=True)
+        yield url
+
+
+async def settle(connection: asyncpg.Connection) -> None:
+    await connection.execute("VACUUM (ANALYZE) batchd.jobs")
+    await connection.execute("CHECKPOINT")
+
+
+async def fresh_queue(connection: asyncpg.Connection, chunks: list[list[str]]) -> None:
+    """Empties the tables, enqueues the jobs (trigger enabled, daemon busy), vacuums and checkpoints: every
+    timed step on a queue starts from the same state."""
+    await connection.execute(RESET)
+    await connection.execute("ALTER TABLE batchd.jobs ENABLE TRIGGER jobs_inserted")
+    await connection.execute("UPDATE batchd.wakeup SET armed = false, wake_seq = $1", STEADY_WAKE_SEQ)
+    for chunk in chunks:
+        await connection.execute(INSERT_CHUNK, chunk)
+    await settle(connection)
+
+
+async def describe_server(url: str) -> str:
+    connection = await asyncpg.connect(url)
+    try:
+        server = await connection.fetchval("SHOW server_version")
+        settings = await connection.fetch(
+            "SELECT name, setting, unit FROM pg_settings WHERE name IN"
+            " ('shared_buffers', 'synchronous_commit', 'fsync', 'max_wal_size', 'work_mem')"
+        )
+    finally:
+        await connection.close()
+    return f"PostgreSQL {server}: " + ", ".join(
+        f"{r['name']}={r['setting']}{r['unit'] or ''}" for r in settings
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt  # so that SIGTERM, too, stops the processes and drops the database
+
+
+def interrupt_on_sigterm() -> None:
+    """Prints the command line, and makes SIGTERM end the run as Ctrl-C does: through every `finally`."""
+    print("$ " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+MAX_BYTES = 256_000_000
+
+
+def bench_settings(url: str, emulator_url: str, max_requests: int) -> Settings:
+    """The daemon's settings for the pipeline benchmarks: a batch of `max_requests` is made by count alone."""
+    return Settings(
+        database={"url": url, "pool_min_size": 2, "pool_max_size": 10},
+        anthropic={"base_url": emulator_url, "requests_per_minute": 6000, "timeout_s": 600},
+        batching={
+            "max_requests": max_requests,
+            "max_bytes": MAX_BYTES,
+            "max_wait_s": 3600,
+            "deadline_slack_s": 60,
+            "max_in_flight_requests": 10_000_000,
+        },
+        polling={"min_interval_s": 30, "max_interval_s": 60},
+        daemon={"lease_s": 60, "sweep_interval_s": 30, "reconcile_grace_s": 1},
+        http={"host": "127.0.0.1", "port": 0},
+    )

@@ -14,13 +14,13 @@ import argparse
 import asyncio
 import statistics
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from benchlib import SERVER_URL, machine, scratch_database
 
 from batchd import migrate, store
 from batchd.config import RoutingSettings
@@ -76,11 +76,9 @@ async def timed(
 
 
 async def main(url: str, batch: int, rounds: int, lookahead: float) -> None:
-    name = f"batchd_bench_claim_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        connection = await asyncpg.connect(url.rsplit("/", 1)[0] + "/" + name)
+    print(f"machine: {machine()}")
+    async with scratch_database(url, "batchd_bench_claim", prepare=None) as scratch:
+        connection = await asyncpg.connect(scratch)
         await init_connection(connection)
         await migrate.migrate(connection)
         routing = store.Routing.from_settings(RoutingSettings())
@@ -114,14 +112,11 @@ async def main(url: str, batch: int, rounds: int, lookahead: float) -> None:
                 f"   x{fair_median / fifo_median:4.2f}   fair shares: {top}"
             )
         await connection.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--url", default=SERVER_URL)
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--lookahead", type=float, default=1.0, help="batching.cache_lookahead")

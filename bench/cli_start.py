@@ -21,15 +21,11 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
-
-from batchd import migrate
+from benchlib import SERVER_URL, machine, scratch_database
 
 TARGET_S = 0.3
-SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -38,28 +34,21 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-async def scratch_database() -> str:
-    name = f"batchd_bench_cli_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(SERVER_URL)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = f"{SERVER_URL.rpartition('/')[0]}/{name}"
-    connection = await asyncpg.connect(url)
-    try:
-        await migrate.migrate(connection)
-    finally:
-        await connection.close()
-    return url
+def measure(commands: dict[str, list[str]], url: str, runs: int) -> dict[str, list[float]]:
+    """Every command `runs` times, in turns, after one run each to warm the file cache."""
+    env = {**os.environ, "BATCHD_DATABASE__URL": url}
+    for command in commands.values():  # the first run of each reads from disk
+        timed(command, env)
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, command in commands.items():
+            samples[name].append(timed(command, env))
+    return samples
 
 
-async def drop_database(url: str) -> None:
-    admin = await asyncpg.connect(SERVER_URL)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {url.rpartition('/')[2]} WITH (FORCE)")
-    finally:
-        await admin.close()
+async def measure_on_scratch(commands: dict[str, list[str]], runs: int) -> dict[str, list[float]]:
+    async with scratch_database(SERVER_URL, "batchd_bench_cli") as url:
+        return await asyncio.to_thread(measure, commands, url, runs)
 
 
 def main() -> int:
@@ -73,8 +62,6 @@ def main() -> int:
     if batchd is None:
         print("no batchd console script beside this Python: install batchd into this environment first")
         return 2
-    url = args.database_url or asyncio.run(scratch_database())
-    env = {**os.environ, "BATCHD_DATABASE__URL": url}
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "batchd --version": [batchd, "--version"],
@@ -83,19 +70,13 @@ def main() -> int:
         "batchd tenant list": [batchd, "tenant", "list"],
         "batchd report": [batchd, "report"],
     }
-    try:
-        for command in commands.values():  # warm the file cache: the first run of each reads from disk
-            timed(command, env)
-        samples: dict[str, list[float]] = {name: [] for name in commands}
-        for _ in range(args.runs):
-            for name, command in commands.items():
-                samples[name].append(timed(command, env))
-    finally:
-        if args.database_url is None:
-            asyncio.run(drop_database(url))
+    if args.database_url:
+        samples = measure(commands, args.database_url, args.runs)
+    else:
+        samples = asyncio.run(measure_on_scratch(commands, args.runs))
 
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"{args.runs} runs each, in turns; load average before the verdict: {load}; {sys.executable}")
+    print(f"machine: {machine()}")
+    print(f"{args.runs} runs each, in turns; {sys.executable}")
     print(f"{'command':<22}{'min':>9}{'median':>9}{'max':>9}{'median - python':>18}")
     baseline = statistics.median(samples["python -c pass"])
     for name, values in samples.items():

@@ -29,14 +29,13 @@ from pathlib import Path
 import anthropic
 import httpx2
 from anthropic.types.messages.batch_create_params import Request
-from benchlib import EmulatorProcess, free_port, text_pool
+from benchlib import MIB, EmulatorProcess, free_port, machine, markdown, running, status_mib, text_pool
 
 MODEL = "claude-sonnet-4-5"
 PROMPT_CHARS = 900  # with the custom_id and params, each request is about 1 KB of JSON
 EXCERPT_CHARS = 120  # how much of the prompt the emulator echoes back
 PROCESSING_TIME_S = 5
 SAMPLE_EVERY_LINES = 5_000
-MIB = 1024 * 1024
 
 
 # -- the emulator process and its memory -----------------------------------------------------------------
@@ -50,12 +49,7 @@ class Memory:
 
 def read_memory(pid: int | str) -> Memory:
     """From /proc/PID/status; `pid` may be "self"."""
-    values: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in {"VmRSS", "VmHWM"}:
-            values[key] = int(value.split()[0]) * 1024 / MIB  # the kernel reports kB
-    return Memory(rss_mib=values["VmRSS"], hwm_mib=values["VmHWM"])
+    return Memory(rss_mib=status_mib(pid, "VmRSS"), hwm_mib=status_mib(pid, "VmHWM"))
 
 
 def prompt_for(custom_id: str, index: int, pool: str) -> str:
@@ -158,9 +152,8 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
     emulator = EmulatorProcess(
         log_dir / f"emulator-{port}.log", processing_time_s=PROCESSING_TIME_S, port=port
     )
-    print(f"\n== N = {n:,}: {shlex.join(emulator.command)}", flush=True)
-    try:
-        await emulator.start()
+    print(f"\n== N = {n:,}", flush=True)
+    async with running(emulator):
         await asyncio.sleep(0.5)  # let start-up settle before the idle reading
         run.idle = read_memory(emulator.pid)
         watcher = CreateWatcher()
@@ -174,11 +167,6 @@ async def run_size(n: int, port: int, pool: str, log_dir: Path) -> Run:
             await end_batch(run, client, emulator, batch_id)
             received = await download(run, client, emulator, batch_id, expected)
         await check_results(run, emulator, expected, received)
-    except BaseException:
-        print(f"emulator output (last lines):\n{emulator.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        emulator.stop()
     return run
 
 
@@ -290,8 +278,7 @@ COLUMNS = [
 
 def table(runs: list[Run]) -> str:
     """A Markdown table, one row per size, ready to paste into docs/benchmarks.md."""
-    rows = [COLUMNS, ["---:"] * len(COLUMNS)]
-    rows.extend(
+    rows = (
         [
             f"{run.n:,}",
             f"{run.json_bytes / MIB:.1f}",
@@ -307,10 +294,11 @@ def table(runs: list[Run]) -> str:
         ]
         for run in runs
     )
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return markdown(COLUMNS, list(rows), ["---:"] * len(COLUMNS))
 
 
 async def main(args: argparse.Namespace) -> int:
+    print(f"machine: {machine()}", flush=True)
     pool = text_pool(random.Random(20_250_101))
     sizes = [max(1, args.requests // 10), args.requests]
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:

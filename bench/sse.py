@@ -45,19 +45,17 @@ import contextlib
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +63,23 @@ from uuid import UUID
 
 import aiohttp
 import asyncpg
-from benchlib import EmulatorProcess, free_port
+from benchlib import (
+    API_KEY,
+    SERVER_URL,
+    STOP_TIMEOUT_S,
+    DaemonProcess,
+    EmulatorProcess,
+    free_port,
+    log_tail,
+    machine,
+    markdown,
+    scratch_database,
+    status_mib,
+)
 
 from batchd import tenants
 from batchd.dev.sse_client import messages
 
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-API_KEY = "bench-key"
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
 EVENT_TYPE = "job.canceled"
 REQUEST = json.dumps(
@@ -79,15 +87,12 @@ REQUEST = json.dumps(
 )
 SCRIPT = str(Path(__file__).resolve())
 SAMPLE_INTERVAL_S = 0.1
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
 DRAIN_TIMEOUT_S = 60.0  # after the last commit, for every stream to get every event
 OPEN_CONCURRENCY = 100  # streams being opened at once, per worker
 PRODUCER_CONNECTIONS = 8  # paced cancels in flight at once
 IDLE_S = 5.0
 SETTLE_S = 0.5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-MIB = 1024 * 1024
 NOTIFY_CHANNEL = "bench_sse"
 INSERT_JOBS = """
 INSERT INTO batchd.jobs (tenant_id, request)
@@ -113,33 +118,12 @@ def ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 1000:.1f}"
 
 
-def database_url(server_url: str, name: str) -> str:
-    base, _, _ = server_url.rpartition("/")
-    return f"{base}/{name}"
-
-
 def raise_open_files_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every subprocess
         soft = hard
     return soft
-
-
-def machine() -> str:
-    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.1f} GiB RAM, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}"
-    )
 
 
 # -- the client worker (a child process) -------------------------------------------------------------------
@@ -367,68 +351,7 @@ class Worker:
             await process.wait()
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no output)"
-
-
-class DaemonProcess:
-    """`batchd run` in a subprocess, configured by the environment only (run in an empty directory, so no
-    batchd.toml is read); its output goes to a log file."""
-
-    def __init__(self, log_path: Path, workdir: Path, env: dict[str, str], port: int) -> None:
-        self.log_path = log_path
-        self.workdir = workdir
-        self.env = env
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = [sys.executable, "-m", "batchd", "--log-level", "warning", "run"]
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    async def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603, ASYNC220 - started once, returns at once
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"the daemon exited with {self._process.returncode}:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"{self.url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the daemon was not ready within {STARTUP_TIMEOUT_S:.0f} s")
-                await asyncio.sleep(0.1)
-
-    async def stop(self) -> float:
-        """SIGTERM, as systemd stops it; returns how long it took to exit."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return 0.0
-        started = time.monotonic()
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        return time.monotonic() - started
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no output)"
+        return log_tail(self.log_path, lines)
 
 
 # -- CPU and memory ----------------------------------------------------------------------------------------
@@ -442,19 +365,6 @@ def cpu_ticks(pid: int) -> int:
         return 0
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
-
-
-def status_mib(pid: int, key: str) -> float:
-    """A memory line of /proc/PID/status (VmRSS, VmHWM), in MiB; NaN when the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return math.nan
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name == key:
-            return int(value.split()[0]) * 1024 / MIB
-    return math.nan
 
 
 def machine_busy_ticks() -> int:
@@ -691,21 +601,10 @@ class Run:
 # -- the scratch database ----------------------------------------------------------------------------------
 
 
-async def admin_execute(server_url: str, statement: str) -> None:
-    connection = await asyncpg.connect(server_url)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
+def migrate_by_command(workdir: Path) -> Callable[[str], Awaitable[None]]:
+    """`batchd migrate`, as an operator runs it, in an empty directory (so no batchd.toml is read)."""
 
-
-@contextlib.asynccontextmanager
-async def scratch_database(server_url: str, workdir: Path) -> AsyncIterator[str]:
-    """A fresh database migrated by `batchd migrate`, dropped however the block ends."""
-    name = f"batchd_bench_sse_{uuid.uuid4().hex[:12]}"
-    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = database_url(server_url, name)
+    async def migrate(url: str) -> None:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -719,9 +618,8 @@ async def scratch_database(server_url: str, workdir: Path) -> AsyncIterator[str]
         output, _ = await process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"batchd migrate exited with {process.returncode}:\n{output.decode()}")
-        yield url
-    finally:
-        await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return migrate
 
 
 def clean_env() -> dict[str, str]:
@@ -1050,11 +948,6 @@ def usage_cells(usage: Usage | None) -> list[str]:
     ]
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
 def latency_table(results: list[PhaseResult]) -> str:
     header = [
         "phase",
@@ -1267,7 +1160,9 @@ async def main(args: argparse.Namespace) -> int:
         producers: list[asyncpg.Connection] = []
         sampling: asyncio.Task[None] | None = None
         stop_s = math.nan
-        async with scratch_database(args.database_url, workdir) as url:
+        async with scratch_database(
+            args.database_url, "batchd_bench_sse", migrate_by_command(workdir)
+        ) as url:
             try:
                 print(f"scratch database: {url}", flush=True)
                 await emulator.start()
@@ -1332,7 +1227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", type=Path, help="record the daemon with py-spy into this directory")
     parser.add_argument(
-        "--database-url", default=DEFAULT_SERVER_URL, help="a server database to create the scratch one from"
+        "--database-url", default=SERVER_URL, help="a server database to create the scratch one from"
     )
     parser.add_argument("--child", choices=["clients"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
