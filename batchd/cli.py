@@ -490,27 +490,12 @@ def _add_tenant_set_parser(tenant_actions: Any) -> None:
     limits = parser.add_argument_group(
         "sharing and limits (`none` goes back to batchd.toml's [tenants.NAME] or [tenant_defaults])"
     )
-    limits.add_argument(
-        "--weight",
-        type=_count(1, 10_000),
-        default=unset,
-        metavar="N",
-        help="its share of a batch when several tenants are queued (default 1)",
-    )
-    limits.add_argument(
-        "--max-queued",
-        type=_count(0),
-        default=unset,
-        metavar="N",
-        help="the most queued jobs; an INSERT past it is refused by the database",
-    )
-    limits.add_argument(
-        "--max-in-flight",
-        type=_count(0),
-        default=unset,
-        metavar="N",
-        help="the most of its requests in open batches; past it its jobs wait",
-    )
+    for option, kind, text in (
+        ("--weight", _count(1, 10_000), "its share of a batch when several tenants are queued (default 1)"),
+        ("--max-queued", _count(0), "the most queued jobs; an INSERT past it is refused by the database"),
+        ("--max-in-flight", _count(0), "the most of its requests in open batches; past it its jobs wait"),
+    ):
+        limits.add_argument(option, type=kind, default=unset, metavar="N", help=text)
     parser.set_defaults(run=database_command(cmd_tenant_set))
 
 
