@@ -206,7 +206,8 @@ async def test_run_reads_the_api_key_from_a_systemd_credential_or_a_key_file(
         async with daemon_process(config, log, env=env) as process:
 
             async def succeeded() -> bool:
-                return await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job) == "succeeded"
+                status: str = await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job)
+                return status == "succeeded"
 
             await wait_until(succeeded, timeout=30)
             process.send_signal(signal.SIGTERM)

@@ -126,7 +126,7 @@ async def test_requests_end_errored_or_expired_at_the_planned_rates(
     kinds: dict[str, int] = {}
     try:
         async for line in decoder:
-            kind = line.result.type
+            kind: str = line.result.type
             if line.result.type == "errored":
                 kind = line.result.error.error.type
             kinds[kind] = kinds.get(kind, 0) + 1

@@ -6,19 +6,22 @@ status codes, headers and authentication."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx2
 import pytest
+from anthropic.types import TextBlockParam
+from anthropic.types.messages import MessageBatchResult
+from anthropic.types.messages.batch_create_params import Request
 from support import MODEL, EmulatorHandle, request
 
 from batchd.emulator import EmulatorConfig
 
 
 async def errored_results(
-    emulator: EmulatorHandle, client: anthropic.AsyncAnthropic, requests: list[dict[str, Any]]
-) -> dict[str, Any]:
+    emulator: EmulatorHandle, client: anthropic.AsyncAnthropic, requests: list[Request]
+) -> dict[str, MessageBatchResult]:
     batch = await client.messages.batches.create(requests=requests)
     assert batch.processing_status == "in_progress", "bad params never fail the create itself"
     await emulator.advance(61)
@@ -191,7 +194,10 @@ async def test_bad_params_end_as_errored_invalid_request_results(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle, params: dict[str, Any], reason: str
 ) -> None:
     results = await errored_results(
-        emulator, anthropic_client, [request("good"), {"custom_id": "bad", "params": params}]
+        # The bad params are ill-typed on purpose: the emulator, not the SDK's types, must refuse them.
+        emulator,
+        anthropic_client,
+        [request("good"), cast("Request", {"custom_id": "bad", "params": params})],
     )
     assert results["good"].type == "succeeded", "one bad request does not spoil the batch"
     bad = results["bad"]
@@ -205,7 +211,9 @@ async def test_max_tokens_cuts_the_reply_short(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
     results = await errored_results(emulator, anthropic_client, [request("short", max_tokens=3)])
-    message = results["short"].message
+    short = results["short"]
+    assert short.type == "succeeded", "a reply cut short still succeeds"
+    message = short.message
     assert message.stop_reason == "max_tokens"
     assert message.usage.output_tokens == 3
 
@@ -290,7 +298,7 @@ async def test_the_synchronous_messages_endpoint(anthropic_client: anthropic.Asy
 async def test_prompt_cache_writes_then_reads_a_marked_prefix(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
-    system = [
+    system: list[TextBlockParam] = [
         {
             "type": "text",
             "text": "You are a careful analyst. " * 400,
