@@ -57,7 +57,7 @@ import asyncpg
 from benchlib import EmulatorProcess, text_pool
 
 from batchd import log as batchd_log
-from batchd import migrate, pricing, store
+from batchd import migrate, store
 from batchd.config import Settings
 from batchd.context import Context
 from batchd.daemon import Daemon
@@ -66,7 +66,7 @@ from batchd.poller import poll_until_ended
 from batchd.provider import Provider
 from batchd.publisher import publish
 from batchd.ratelimit import RateLimiter
-from batchd.results import apply_results
+from batchd.results import apply_results, publish_prices
 from batchd.store import sql
 from batchd.submitter import submit
 
@@ -542,7 +542,7 @@ async def make_batch(ctx: Context) -> tuple[UUID, float, float]:
     return flushed.batch_id, claim_s, submit_s
 
 
-async def job_statuses(connection: asyncpg.Connection, batch_id: UUID) -> dict[str, int]:
+async def job_statuses(connection: store.Connection, batch_id: UUID) -> dict[str, int]:
     rows = await connection.fetch(
         "SELECT status, count(*) AS n FROM batchd.jobs WHERE batch_id = $1 GROUP BY status", batch_id
     )
@@ -626,7 +626,7 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
     try:
         settings = bench_settings(args.database_url, args.emulator_url, 1)
         async with pool.acquire() as connection:
-            await pricing.publish(connection, settings.pricing)  # as the daemon does when it starts
+            await publish_prices(connection, settings.pricing)  # as the daemon does when it starts
         batch = await store.get_batch(pool, UUID(args.batch_id))
         if batch is None or batch.owner is None:
             raise RuntimeError(f"no batch {args.batch_id} with an owner")
@@ -640,7 +640,7 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         peak = read_status_mib("self", "VmHWM")
         async with pool.acquire() as connection:
-            statuses = await job_statuses(connection, batch.id)  # type: ignore[arg-type]
+            statuses = await job_statuses(connection, batch.id)
             status = await connection.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch.id)
             # What the daemon's publisher does next for SSE: number the new events in commit order.
             publish_started = time.perf_counter()
@@ -770,9 +770,11 @@ async def child_pgqueuer(args: argparse.Namespace) -> dict[str, Any]:
         done = [0]
         for consumer in consumers:
 
-            @consumer.entrypoint("noop")
             async def noop(job: Job) -> None:  # noqa: ARG001
                 done[0] += 1
+
+            # Registered by a call, not as a decorator: without pgqueuer installed, mypy sees it untyped.
+            consumer.entrypoint("noop")(noop)
 
         started = time.perf_counter()
         await asyncio.gather(
