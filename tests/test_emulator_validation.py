@@ -48,7 +48,9 @@ async def test_custom_id_must_match_the_pattern(
     with pytest.raises(anthropic.BadRequestError, match=message) as caught:
         await anthropic_client.messages.batches.create(requests=[request("fine"), request(custom_id)])
     assert caught.value.status_code == 400
-    assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["error"]["type"] == "invalid_request_error"
     assert "requests.1.custom_id" in caught.value.message
     assert (await emulator.stats())["batches_created"] == 0
 
@@ -129,7 +131,9 @@ async def test_a_body_over_the_size_limit_is_413_request_too_large(
     with pytest.raises(anthropic.RequestTooLargeError) as caught:
         await anthropic_client.messages.batches.create(requests=big)
     assert caught.value.status_code == 413
-    assert caught.value.body["error"]["type"] == "request_too_large"  # type: ignore[index]
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["error"]["type"] == "request_too_large"
     assert (await emulator.stats())["batches_created"] == 0
 
 
@@ -283,7 +287,9 @@ async def test_the_synchronous_messages_endpoint(anthropic_client: anthropic.Asy
         model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "What is a lighthouse?"}]
     )
     assert message.type == "message"
-    assert "What is a lighthouse?" in message.content[0].text  # type: ignore[union-attr]
+    block = message.content[0]
+    assert block.type == "text"
+    assert "What is a lighthouse?" in block.text
     assert message.usage.service_tier == "standard"
     with pytest.raises(anthropic.NotFoundError, match="claude-nope"):
         await anthropic_client.messages.create(
