@@ -197,12 +197,9 @@ async def test_a_declared_body_over_256_mb_is_refused_before_it_is_read(emulator
 async def test_bad_params_end_as_errored_invalid_request_results(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle, params: dict[str, Any], reason: str
 ) -> None:
-    results = await errored_results(
-        # The bad params are ill-typed on purpose: the emulator, not the SDK's types, must refuse them.
-        emulator,
-        anthropic_client,
-        [request("good"), cast("Request", {"custom_id": "bad", "params": params})],
-    )
+    # The bad params are ill-typed on purpose: the emulator, not the SDK's types, must refuse them.
+    ill_typed = cast("Request", {"custom_id": "bad", "params": params})
+    results = await errored_results(emulator, anthropic_client, [request("good"), ill_typed])
     assert results["good"].type == "succeeded", "one bad request does not spoil the batch"
     bad = results["bad"]
     assert bad.type == "errored"
