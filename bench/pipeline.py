@@ -260,7 +260,7 @@ async def make_batch(ctx: Context) -> tuple[UUID, float, float]:
     return flushed.batch_id, claim_s, submit_s
 
 
-async def job_statuses(connection: asyncpg.Connection, batch_id: UUID) -> dict[str, int]:
+async def job_statuses(connection: store.Connection, batch_id: UUID) -> dict[str, int]:
     rows = await connection.fetch(
         "SELECT status, count(*) AS n FROM batchd.jobs WHERE batch_id = $1 GROUP BY status", batch_id
     )
@@ -358,7 +358,7 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         peak = status_mib("self", "VmHWM")
         async with pool.acquire() as connection:
-            statuses = await job_statuses(connection, batch.id)  # type: ignore[arg-type]
+            statuses = await job_statuses(connection, batch.id)
             status = await connection.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch.id)
             # What the daemon's publisher does next for SSE: number the new events in commit order.
             publish_started = time.perf_counter()

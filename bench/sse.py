@@ -778,7 +778,9 @@ def check_and_measure(
             result.problems.append(f"event {event.seq} is {event.type}")
     every = [event.seq for event in events]
     # What a stream's id stands for: the admin's (None) is the log's seq, a tenant's its own count.
-    by_id = {(None, event.seq): event for event in events} | {(e.tenant, e.tenant_seq): e for e in events}
+    by_id: dict[tuple[str | None, int], EventRow] = {(None, event.seq): event for event in events} | {
+        (e.tenant, e.tenant_seq): e for e in events
+    }
     missing = duplicates = foreign = disordered = 0
     known = {spec.index for spec in specs}
     for index in received.keys() - known:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -68,6 +68,22 @@ class Collector:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+# Conditions for `Collector.until`, bound to a value (a lambda in a loop would see the loop's last one).
+def ends_at(event_id: int) -> Callable[[Collector], bool]:
+    """The last event carried is `event_id`."""
+    return lambda collector: collector.last_id == event_id
+
+
+def reached(event_id: int) -> Callable[[Collector], bool]:
+    """`event_id`, or a later event, has been carried."""
+    return lambda collector: (collector.last_id or 0) >= event_id
+
+
+def carried_events(count: int) -> Callable[[Collector], bool]:
+    """Exactly `count` events have been carried."""
+    return lambda collector: len(collector.ids) == count
+
+
 @asynccontextmanager
 async def sse_stream(
     session: aiohttp.ClientSession,
@@ -77,8 +93,10 @@ async def sse_stream(
     last_event_id: int | None = None,
     in_query: bool = False,
     expect_status: int = 200,
-    **params: str,
+    query: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Collector]:
+    """A stream of GET /v1/events; `query` holds its filters (and, if any, the token as `access_token`)."""
+    params = dict(query or {})
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if last_event_id is not None:
         if in_query:

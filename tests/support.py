@@ -14,9 +14,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
+from anthropic.types.messages.batch_create_params import Request
 
 from batchd.config import Settings
 from batchd.daemon import Daemon
@@ -60,7 +62,7 @@ async def start_emulator(config: EmulatorConfig) -> AsyncIterator[EmulatorHandle
         yield EmulatorHandle(url=running.url, app=running.app)
 
 
-def request(custom_id: str, text: str | None = None, **params: Any) -> dict[str, Any]:
+def request(custom_id: str, text: str | None = None, **params: Any) -> Request:
     """One batch request; its prompt names the custom_id unless a text is given."""
     body: dict[str, Any] = {
         "model": MODEL,
@@ -70,7 +72,8 @@ def request(custom_id: str, text: str | None = None, **params: Any) -> dict[str,
         ],
     }
     body.update(params)
-    return {"custom_id": custom_id, "params": body}
+    # `params` are whatever a test wants the API to judge (an unknown model, a tiny max_tokens).
+    return {"custom_id": custom_id, "params": cast("MessageCreateParamsNonStreaming", body)}
 
 
 async def wait_until(
@@ -86,7 +89,7 @@ async def wait_until(
 
 def make_settings(database_url: str, emulator_url: str, **sections: dict[str, Any]) -> Settings:
     """Daemon settings for tests: fast polling and sweeps, small batches; sections override."""
-    values: dict[str, dict[str, Any]] = {
+    values: dict[str, Any] = {
         "database": {"url": database_url, "pool_max_size": 5},
         # A create answered 5xx or not at all is sent again only after timeout_s + clock_skew_s (its window):
         # short here, so that tests of those failures take seconds (the emulator's clock is the machine's).

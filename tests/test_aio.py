@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ class Steps:
     """A step that follows a script: "fail" raises FailingError, a number is returned as the next step's time,
     None is returned as is. When the script runs out it sets `stopping`."""
 
-    def __init__(self, script: list[str | float | None], stopping: asyncio.Event) -> None:
+    def __init__(self, script: Sequence[str | float | None], stopping: asyncio.Event) -> None:
         self.script = list(script)
         self.stopping = stopping
         self.count = 0

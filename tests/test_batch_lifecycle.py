@@ -370,7 +370,8 @@ async def test_a_batch_gone_at_the_provider_after_it_ended_is_retried_in_another
 
             async def ended_and_failing() -> bool:
                 status = await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", first["id"])
-                return status == "ended" and (await emulator.stats())["calls"].get("results", 0) >= 1
+                results_calls: int = (await emulator.stats())["calls"].get("results", 0)
+                return status == "ended" and results_calls >= 1
 
             await wait_until(ended_and_failing, timeout=30)
             # Someone deletes it at the provider, behind batchd's back: it can never be read now.

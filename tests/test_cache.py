@@ -136,7 +136,7 @@ async def check_report(
     env.pop("BATCHD_CONFIG", None)
     status, out, err = await run_python("-m", "batchd", "report", "--format", "json", env=env, cwd=tmp_path)
     assert status == 0, err
-    as_json = json.loads(out)
+    as_json: dict[str, Any] = json.loads(out)
     by_type = {row["job_type"]: row for row in as_json["job_types"]}
     assert set(by_type) == {"faq", "plain", None}, "raw requests are job type null"
     assert by_type["faq"]["cache_hit_ratio"] == hand_ratio

@@ -206,7 +206,8 @@ async def test_run_reads_the_api_key_from_a_systemd_credential_or_a_key_file(
         async with daemon_process(config, log, env=env) as process:
 
             async def succeeded() -> bool:
-                return await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job) == "succeeded"
+                status: str = await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job)
+                return status == "succeeded"
 
             await wait_until(succeeded, timeout=30)
             process.send_signal(signal.SIGTERM)
@@ -338,7 +339,7 @@ async def test_enqueue_a_file_is_all_or_nothing_and_names_the_bad_line(
 ) -> None:
     good = [{"request": raw_request(f"question {i}"), "idempotency_key": f"q{i}"} for i in range(1500)]
     # Past the first 1,000-job chunk, which was already inserted when the bad line is read.
-    cases = {
+    cases: dict[str, tuple[list[Any], str]] = {
         "missing.jsonl": ([*good, {"tenant_id": "acme"}], "line 1501: a job has either `request`"),
         "broken.jsonl": ([*good[:3], "{oops", *good[3:5]], "line 4: not JSON"),
     }

@@ -172,7 +172,9 @@ async def test_a_result_applied_twice_is_counted_once(db: Any, pool: asyncpg.Poo
         "cache_creation_input_tokens": 2048,
         "cache_read_input_tokens": 0,
     }
-    rows = [(job_id, "succeeded", message("claude-sonnet-4-5", usage), None) for job_id in job_ids]
+    rows: list[results.Row] = [
+        (job_id, "succeeded", message("claude-sonnet-4-5", usage), None) for job_id in job_ids
+    ]
     per_job = (1000 * D(3) + 200 * D(15) + 2048 * D("3.75")) / MTOK * BATCH
     assert await apply(pool, batch, rows) == 3
     assert await apply(pool, batch, rows) == 0, "the second time changes no job"
@@ -251,7 +253,7 @@ async def test_a_usage_with_odd_counts_is_applied_with_them_at_zero(db: Any, poo
 
 async def seed_ledger(db: Any, pool: asyncpg.Pool) -> dict[tuple[str, str], dict[str, Any]]:
     """Three tenants' jobs applied; returns, per (tenant, model), jobs, tokens and the costs by hand."""
-    shapes = {
+    shapes: dict[tuple[str, str], dict[str, Any]] = {
         ("acme", "claude-haiku-4-5"): {"input_tokens": 310, "output_tokens": 95},
         ("acme", "claude-opus-4-5"): {
             "input_tokens": 52,

@@ -473,7 +473,8 @@ async def test_sigkill_after_creates_went_unanswered_then_a_restart_adopts_them(
     async with daemon_process(config, log) as first:
 
         async def two_made() -> bool:
-            return (await emulator.stats())["batches_created"] >= 2
+            created: int = (await emulator.stats())["batches_created"]
+            return created >= 2
 
         await wait_until(two_made, timeout=30)
         first.send_signal(signal.SIGKILL)

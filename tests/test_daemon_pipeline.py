@@ -117,9 +117,10 @@ async def test_the_providers_copy_is_deleted_once_results_are_applied(
         await wait_for_jobs(db, done=30)
 
         async def all_deleted() -> bool:
-            return await db.fetchval(
+            deleted: bool = await db.fetchval(
                 "SELECT count(*) = 0 FROM batchd.batches WHERE provider_deleted_at IS NULL"
             )
+            return deleted
 
         await wait_until(all_deleted, timeout=30)
     assert await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'applied'") == 3

@@ -120,7 +120,7 @@ async def insert_job(db: Any, tenant: str, request: Any, metadata: dict[str, Any
 
 
 async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
-    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
 ) -> None:
     async with serve() as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/")
@@ -185,7 +185,9 @@ async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
         await browser.wait_for(SIGN_IN_SHOWN)
 
 
-async def test_the_admin_sees_every_tenant(db: Any, tokens: dict[str, str], serve: Callable[[], Any]) -> None:
+async def test_the_admin_sees_every_tenant(
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
+) -> None:
     hostile_metadata = {
         "customer": "Initech <script>document.body.dataset.pwned = 1</script>",
         "note": '<img src=x onerror="document.body.dataset.pwned = 1">' + " and a very long note" * 40,
@@ -306,7 +308,7 @@ async def test_the_queue_and_open_batch_tables_show_counts_and_ages(
 
 
 async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(
-    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
 ) -> None:
     many = FEED_LIMIT + 40
     async with serve() as (_, url), dashboard() as browser:
@@ -333,7 +335,7 @@ async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(
 
 
 async def test_the_status_shows_the_server_going_away(
-    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
 ) -> None:
     async with headless_chromium(ARTIFACTS) as browser:
         async with serve() as (_, url):
@@ -348,7 +350,7 @@ async def test_the_status_shows_the_server_going_away(
 
 
 async def test_a_revoked_token_signs_the_page_out_at_once(
-    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
 ) -> None:
     async with serve(poll_interval_s=60.0) as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/#token={tokens['acme']}")
@@ -362,7 +364,7 @@ async def test_a_revoked_token_signs_the_page_out_at_once(
 
 
 async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(
-    db: Any, tokens: dict[str, str], serve: Callable[[], Any]
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
 ) -> None:
     async with serve() as (_, url), dashboard() as browser:
         await browser.navigate(f"{url}/#token=not-a-token")

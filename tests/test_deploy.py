@@ -213,7 +213,8 @@ async def test_both_units_work_in_their_sandbox(db: Any, database_url: str, tmp_
             http = await logged(daemon_log, "daemon.ready", "http")
 
             async def succeeded() -> bool:
-                return await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job) == "succeeded"
+                status: str = await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", job)
+                return status == "succeeded"
 
             await wait_until(succeeded, timeout=60)
             async with (

@@ -99,7 +99,9 @@ async def test_start_query_stop_and_start_again_on_the_same_data(data_dir: Path)
 
         connection = await asyncpg.connect(url)
         try:
-            version, uuid = await connection.fetchrow("SELECT version(), gen_random_uuid()")
+            row = await connection.fetchrow("SELECT version(), gen_random_uuid()")
+            assert row is not None
+            version, uuid = row
             assert version.startswith("PostgreSQL ")
             assert int(await connection.fetchval("SHOW server_version_num")) >= 140000
             assert uuid.version == 4

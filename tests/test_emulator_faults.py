@@ -40,7 +40,9 @@ async def test_each_error_surfaces_as_the_sdks_own_exception_after_its_retries(
     with pytest.raises(exception) as caught:
         await anthropic_client.messages.batches.create(requests=[request("a")])
     assert caught.value.status_code == status
-    assert caught.value.body["error"]["type"] == error_type  # type: ignore[index]
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["error"]["type"] == error_type
     assert caught.value.request_id is not None
     stats = await emulator.stats()
     assert stats["calls"]["create"] == 3, "the SDK tried once and retried twice (max_retries=2)"
@@ -126,7 +128,7 @@ async def test_requests_end_errored_or_expired_at_the_planned_rates(
     kinds: dict[str, int] = {}
     try:
         async for line in decoder:
-            kind = line.result.type
+            kind: str = line.result.type
             if line.result.type == "errored":
                 kind = line.result.error.error.type
             kinds[kind] = kinds.get(kind, 0) + 1

@@ -98,7 +98,9 @@ async def test_a_batch_ends_after_its_processing_time_with_results_for_every_req
         assert message.model == MODEL
         assert message.role == "assistant"
         assert message.stop_reason == "end_turn"
-        text = message.content[0].text  # type: ignore[union-attr]
+        block = message.content[0]
+        assert block.type == "text"
+        text = block.text
         assert prompts[custom_id] in text, "the reply answers this request's own prompt"
         assert message.usage.input_tokens > 0
         assert message.usage.output_tokens > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anthropic
 import pytest
 from support import EmulatorHandle, request
@@ -12,9 +14,9 @@ N = 100_000
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_100k_request_batch_is_accepted_processed_and_streamed(
-    emulator: EmulatorHandle, make_client: object
+    emulator: EmulatorHandle, make_client: Callable[..., anthropic.AsyncAnthropic]
 ) -> None:
-    client: anthropic.AsyncAnthropic = make_client(timeout=300, max_retries=0)  # type: ignore[operator]
+    client = make_client(timeout=300, max_retries=0)
     filler = "lorem ipsum dolor sit amet " * 33  # about 900 characters: 1 KB a request with the rest
     batch = await client.messages.batches.create(
         requests=[request(f"big-{i:06d}", f"{i:06d} {filler}") for i in range(N)]
@@ -29,7 +31,9 @@ async def test_a_100k_request_batch_is_accepted_processed_and_streamed(
     try:
         async for line in decoder:
             assert line.result.type == "succeeded"
-            assert line.custom_id[4:] in line.result.message.content[0].text  # type: ignore[union-attr]
+            block = line.result.message.content[0]
+            assert block.type == "text"
+            assert line.custom_id[4:] in block.text
             seen.add(line.custom_id)
     finally:
         await decoder.close()

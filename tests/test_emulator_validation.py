@@ -6,19 +6,22 @@ status codes, headers and authentication."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx2
 import pytest
+from anthropic.types import TextBlockParam
+from anthropic.types.messages import MessageBatchResult
+from anthropic.types.messages.batch_create_params import Request
 from support import MODEL, EmulatorHandle, request
 
 from batchd.emulator import EmulatorConfig
 
 
 async def errored_results(
-    emulator: EmulatorHandle, client: anthropic.AsyncAnthropic, requests: list[dict[str, Any]]
-) -> dict[str, Any]:
+    emulator: EmulatorHandle, client: anthropic.AsyncAnthropic, requests: list[Request]
+) -> dict[str, MessageBatchResult]:
     batch = await client.messages.batches.create(requests=requests)
     assert batch.processing_status == "in_progress", "bad params never fail the create itself"
     await emulator.advance(61)
@@ -45,7 +48,9 @@ async def test_custom_id_must_match_the_pattern(
     with pytest.raises(anthropic.BadRequestError, match=message) as caught:
         await anthropic_client.messages.batches.create(requests=[request("fine"), request(custom_id)])
     assert caught.value.status_code == 400
-    assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["error"]["type"] == "invalid_request_error"
     assert "requests.1.custom_id" in caught.value.message
     assert (await emulator.stats())["batches_created"] == 0
 
@@ -126,7 +131,9 @@ async def test_a_body_over_the_size_limit_is_413_request_too_large(
     with pytest.raises(anthropic.RequestTooLargeError) as caught:
         await anthropic_client.messages.batches.create(requests=big)
     assert caught.value.status_code == 413
-    assert caught.value.body["error"]["type"] == "request_too_large"  # type: ignore[index]
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["error"]["type"] == "request_too_large"
     assert (await emulator.stats())["batches_created"] == 0
 
 
@@ -190,9 +197,9 @@ async def test_a_declared_body_over_256_mb_is_refused_before_it_is_read(emulator
 async def test_bad_params_end_as_errored_invalid_request_results(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle, params: dict[str, Any], reason: str
 ) -> None:
-    results = await errored_results(
-        emulator, anthropic_client, [request("good"), {"custom_id": "bad", "params": params}]
-    )
+    # The bad params are ill-typed on purpose: the emulator, not the SDK's types, must refuse them.
+    ill_typed = cast("Request", {"custom_id": "bad", "params": params})
+    results = await errored_results(emulator, anthropic_client, [request("good"), ill_typed])
     assert results["good"].type == "succeeded", "one bad request does not spoil the batch"
     bad = results["bad"]
     assert bad.type == "errored"
@@ -205,7 +212,9 @@ async def test_max_tokens_cuts_the_reply_short(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
     results = await errored_results(emulator, anthropic_client, [request("short", max_tokens=3)])
-    message = results["short"].message
+    short = results["short"]
+    assert short.type == "succeeded", "a reply cut short still succeeds"
+    message = short.message
     assert message.stop_reason == "max_tokens"
     assert message.usage.output_tokens == 3
 
@@ -275,7 +284,9 @@ async def test_the_synchronous_messages_endpoint(anthropic_client: anthropic.Asy
         model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "What is a lighthouse?"}]
     )
     assert message.type == "message"
-    assert "What is a lighthouse?" in message.content[0].text  # type: ignore[union-attr]
+    block = message.content[0]
+    assert block.type == "text"
+    assert "What is a lighthouse?" in block.text
     assert message.usage.service_tier == "standard"
     with pytest.raises(anthropic.NotFoundError, match="claude-nope"):
         await anthropic_client.messages.create(
@@ -290,7 +301,7 @@ async def test_the_synchronous_messages_endpoint(anthropic_client: anthropic.Asy
 async def test_prompt_cache_writes_then_reads_a_marked_prefix(
     anthropic_client: anthropic.AsyncAnthropic, emulator: EmulatorHandle
 ) -> None:
-    system = [
+    system: list[TextBlockParam] = [
         {
             "type": "text",
             "text": "You are a careful analyst. " * 400,

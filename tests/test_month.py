@@ -5,6 +5,7 @@ the jobs' usage priced by hand, and the savings against sending everything synch
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -67,7 +68,7 @@ async def test_a_month_of_three_tenants_reports_the_usage_priced_by_hand(
                         db, tenant, texts, model="claude-opus-4-5", system=cached(SHARED_CONTEXT, "1h")
                     )
                 inserted += len(texts)
-            await wait_until(lambda n=inserted: finished(db, n), timeout=60, interval=0.05)
+            await wait_until(functools.partial(finished, db, inserted), timeout=60, interval=0.05)
             await emulator.advance(DAY_S)  # the next day: yesterday's prompt cache has expired
 
     jobs = await db.fetch(

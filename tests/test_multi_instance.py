@@ -146,7 +146,7 @@ async def test_a_dead_owners_batches_are_taken_over_within_the_lease(
         killed_at = time.monotonic()
 
         async def taken_over() -> bool:
-            left = await db.fetchval(
+            left: int = await db.fetchval(
                 "SELECT count(*) FROM batchd.batches WHERE owner = $1 AND status <> 'applied'", victim_owner
             )
             return left == 0

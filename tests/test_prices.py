@@ -38,7 +38,8 @@ def emulator_config() -> EmulatorConfig:
 def plain_cost(row: Any, input_rate: str, output_rate: str, factor: Decimal) -> Decimal:
     """A request without cache reads or writes, priced by hand."""
     assert row["cache_write_5m_tokens"] == row["cache_write_1h_tokens"] == row["cache_read_tokens"] == 0
-    return (row["input_tokens"] * D(input_rate) + row["output_tokens"] * D(output_rate)) / MTOK * factor
+    tokens_cost: Decimal = row["input_tokens"] * D(input_rate) + row["output_tokens"] * D(output_rate)
+    return tokens_cost / MTOK * factor
 
 
 async def price_set(db: Any, name: str) -> tuple[Any, dict[str, tuple[Any, ...]]]:

@@ -138,6 +138,7 @@ async def test_a_tenant_producer_sets_its_own_columns_and_is_refused_every_other
             raw_request("honest"),
             {"ticket": 7},
         )
+        assert row is not None
         assert (row["status"], row["route"], row["attempts"], row["metadata"]) == (
             "queued",
             "sync",
@@ -151,6 +152,7 @@ async def test_a_tenant_producer_sets_its_own_columns_and_is_refused_every_other
             " RETURNING seq",
             {"text": "t", "categories": ["a"]},
         )
+        assert typed is not None
         assert typed["seq"] > row["seq"]
         assert (
             await acme.fetchval(
@@ -338,14 +340,14 @@ async def test_odd_rows_are_set_aside_and_another_tenants_batch_and_sync_jobs_fi
         await emulator.advance(3600)
 
         async def applied() -> bool:
-            return await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch) == "applied"
+            status: str = await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch)
+            return status == "applied"
 
         await wait_until(applied, timeout=60)
 
         async def sync_done() -> bool:
-            return (
-                await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", honest_sync) == "succeeded"
-            )
+            status: str = await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", honest_sync)
+            return status == "succeeded"
 
         await wait_until(sync_done, timeout=60)
 

@@ -69,7 +69,8 @@ async def test_the_daemon_prunes_on_its_own(
     async with start_daemon(settings):
 
         async def pruned() -> bool:
-            return await db.fetchval("SELECT count(*) FROM batchd.events") == 5
+            events: int = await db.fetchval("SELECT count(*) FROM batchd.events")
+            return events == 5
 
         await wait_until(pruned, timeout=20)
 

@@ -79,7 +79,9 @@ async def test_concurrent_writers_and_publishers_leave_every_reader_a_gap_free_p
     async def read() -> None:
         nonlocal observations
         while not done.is_set():
-            highest, count = await reader.fetchrow("SELECT max(seq), count(seq) FROM batchd.events")
+            row = await reader.fetchrow("SELECT max(seq), count(seq) FROM batchd.events")
+            assert row is not None
+            highest, count = row
             # Seeing seq n means seeing every seq below it: a stream resumed after n misses nothing.
             assert (highest or 0) == count
             observations += 1

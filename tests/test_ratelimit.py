@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
+import asyncpg
 import pytest
 from support import QUICK, EmulatorHandle, insert_raw, wait_for_jobs
 
+from batchd.config import Settings
 from batchd.emulator import EmulatorConfig
 from batchd.ratelimit import RateLimiter
 
@@ -52,17 +56,20 @@ def test_a_limit_of_zero_is_refused() -> None:
     "emulator_config", [EmulatorConfig(processing_time_s=(3, 3), rate_limit_rpm=60, seed=5)]
 )
 async def test_many_open_batches_share_the_budget_without_a_429(
-    db: object, emulator: EmulatorHandle, daemon_settings: object, start_daemon: object
+    db: asyncpg.Connection,
+    emulator: EmulatorHandle,
+    daemon_settings: Callable[..., Settings],
+    start_daemon: Callable[[Settings], Any],
 ) -> None:
     # Six batches polled as fast as polling allows (unlimited, that would be thousands of calls in the
     # three seconds they take), within a budget equal to the provider's: every call waits its turn in the
     # shared limiter, and the provider never has to refuse one.
-    settings = daemon_settings(  # type: ignore[operator]
+    settings = daemon_settings(
         anthropic={"requests_per_minute": 120},
         batching={"max_requests": 5, "max_wait_s": 0.05},
         polling={"min_interval_s": 0.01, "max_interval_s": 0.01},
     )
-    async with start_daemon(settings):  # type: ignore[operator]
+    async with start_daemon(settings):
         await insert_raw(db, "t", [f"question {i}" for i in range(30)])
         await wait_for_jobs(db, done=30, timeout=120)
     stats = await emulator.stats()

@@ -11,6 +11,7 @@ from support import make_settings
 
 from batchd import results, store
 from batchd.context import Context
+from batchd.provider import Provider
 from batchd.templates import custom_id
 
 TAG = "abcdefghij12"
@@ -128,7 +129,7 @@ async def test_a_line_that_only_looks_compact_is_caught_by_the_database_and_pars
         ctx = Context(
             pool=pool,
             settings=make_settings(database_url, "http://unused"),
-            provider=cast("Any", None),
+            provider=cast("Provider", None),  # applying a chunk never calls the API
             instance_id="batchd-test00000000",  # the batch's lease holder: results apply only under it
         )
         batch = await store.get_batch(pool, batch_id)

@@ -317,6 +317,7 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
         deployment.daemon,
         deployment.producer,
     )
+    assert checks is not None
     assert dict(checks) == {
         "owner_creates": True,
         "daemon_creates": False,
@@ -356,6 +357,7 @@ async def test_a_producer_inserts_reads_and_cancels_its_jobs(
             raw_request("summarise this"),
             {"user": 7},
         )
+        assert raw is not None
         assert raw["status"] == "queued"
         await wait_until(lambda: heard_of("batchd_jobs"))  # the INSERT trigger read batchd.wakeup
         retried = await producer.fetchval(
@@ -445,10 +447,15 @@ REFUSED = [
 ]
 
 
+async def job_row(db: asyncpg.Connection, job: uuid.UUID) -> dict[str, Any]:
+    (row,) = await db.fetch("SELECT * FROM batchd.jobs WHERE id = $1", job)
+    return dict(row)
+
+
 async def test_a_producer_is_refused_everything_else(deployment: Deployment, db: asyncpg.Connection) -> None:
     await deployment.roles()
     job = (await insert_raw(db, "acme", ["keep me"]))[0]
-    before = dict(await db.fetchrow("SELECT * FROM batchd.jobs WHERE id = $1", job))
+    before = await job_row(db, job)
     producer = await deployment.connect(deployment.producer)
     try:
         for statement in REFUSED:
@@ -465,7 +472,7 @@ async def test_a_producer_is_refused_everything_else(deployment: Deployment, db:
             await producer.execute("UPDATE batchd.jobs SET status = 'queued' WHERE id = $1", job)
     finally:
         await producer.close()
-    after = dict(await db.fetchrow("SELECT * FROM batchd.jobs WHERE id = $1", job))
+    after = await job_row(db, job)
     changed = {key for key in before if before[key] != after[key]}
     assert changed == {"status", "completed_at", "updated_at"}, "only the cancel went through"
     assert await db.fetchval("SELECT count(*) FROM batchd.events") == 1
@@ -596,13 +603,11 @@ async def test_the_daemon_role_runs_the_daemon_for_every_tenant_under_row_level_
             assert seen == {str(job) for job in jobs["acme"]}
 
             async def settled() -> bool:
-                return (
-                    await db.fetchval(
-                        "SELECT (SELECT count(*) FROM batchd.batches WHERE status <> 'applied')"
-                        "     + (SELECT count(*) FROM batchd.events WHERE seq IS NULL)"
-                    )
-                    == 0
+                unsettled: int = await db.fetchval(
+                    "SELECT (SELECT count(*) FROM batchd.batches WHERE status <> 'applied')"
+                    "     + (SELECT count(*) FROM batchd.events WHERE seq IS NULL)"
                 )
+                return unsettled == 0
 
             await wait_until(settled)
 

@@ -75,7 +75,7 @@ async def record_batches(db: Any, turnarounds: list[float], *, ended_ago_s: floa
         )
 
 
-async def job(db: Any, job_id: Any) -> asyncpg.Record:
+async def job(db: asyncpg.Connection, job_id: Any) -> asyncpg.Record:
     row = await db.fetchrow("SELECT * FROM batchd.jobs WHERE id = $1", job_id)
     assert row is not None
     return row

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sse_support import Collector, carried, logged, sse_stream
+from sse_support import Collector, carried, ends_at, logged, reached, sse_stream
 from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_raw, wait_for_jobs, wait_until
 
 from batchd import tenants
@@ -115,8 +115,10 @@ async def test_filters_by_job_batch_and_type(
         expected = await expected_per_filter(db, full, first, batch_id)
         filters = filter_params(first, batch_id)
         for name, value in filters.items():
-            async with sse_stream(session, url, tokens["acme"], last_event_id=0, **{name: value}) as stream:
-                await stream.until(lambda c, name=name: c.last_id == expected[name][-1][0])  # type: ignore[misc]
+            async with sse_stream(
+                session, url, tokens["acme"], last_event_id=0, query={name: value}
+            ) as stream:
+                await stream.until(ends_at(expected[name][-1][0]))
             assert carried(stream) == expected[name], name
 
     assert [e[1] for e in expected["job_id"]] == ["job.submitted", "job.succeeded"]
@@ -155,7 +157,7 @@ async def test_live_streams_filtered_by_job_batch_and_type_carry_exactly_the_mat
             everything = await streams.enter_async_context(sse_stream(session, url, tokens["acme"]))
             filtered = {
                 name: await streams.enter_async_context(
-                    sse_stream(session, url, tokens["acme"], **{name: value})
+                    sse_stream(session, url, tokens["acme"], query={name: value})
                 )
                 for name, value in filters.items()
             }
@@ -165,9 +167,7 @@ async def test_live_streams_filtered_by_job_batch_and_type_carry_exactly_the_mat
             await everything.until(lambda c: c.last_id == full[-1][0])
             expected = await expected_per_filter(db, full, first, batch)
             for name, stream in filtered.items():
-                await stream.until(
-                    lambda c, name=name: (c.last_id or 0) >= expected[name][-1][0]  # type: ignore[misc]
-                )
+                await stream.until(reached(expected[name][-1][0]))
         # Closed only now, after the unfiltered stream had every event: nothing more was coming.
         assert carried(everything) == full
         for name, stream in filtered.items():
@@ -209,7 +209,11 @@ async def test_a_client_cut_mid_stream_resumes_with_every_event_once_while_jobs_
                     session, url, tokens["acme"], last_event_id=last, in_query=connections % 2 == 1
                 ) as stream:
                     wanted = connections % 4 + 1  # sometimes cut after one event, sometimes a few
-                    await stream.until(lambda c, n=wanted: len(c.ids) >= n or producing.done(), timeout=30)
+
+                    def enough(collector: Collector, wanted: int = wanted) -> bool:
+                        return len(collector.ids) >= wanted or producing.done()
+
+                    await stream.until(enough, timeout=30)
                 received.extend(carried(stream))
                 last = received[-1][0] if received else last
                 connections += 1
@@ -261,7 +265,7 @@ async def test_500_concurrent_clients_each_receive_every_event_of_theirs_once(
         for name in names:
             expected = await logged(db, name)
             for client in clients[name]:
-                await client.until(lambda c, last=expected[-1][0]: (c.last_id or 0) >= last)
+                await client.until(reached(expected[-1][0]))
                 assert carried(client) == expected
 
 

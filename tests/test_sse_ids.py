@@ -14,7 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from sse_support import carried, logged, sse_stream
+from sse_support import carried, ends_at, logged, sse_stream
 from support import ADMIN_TOKEN, make_settings, wait_until
 
 from batchd import migrate, tenants
@@ -105,7 +105,7 @@ async def test_a_tenants_ids_count_its_own_events_and_resume_exactly_from_every_
                 async with sse_stream(
                     session, url, tokens_of[name], last_event_id=last, in_query=index % 3 == 0
                 ) as resumed:
-                    await resumed.until(lambda c, end=log[-1][0]: c.last_id == end)  # type: ignore[misc]
+                    await resumed.until(ends_at(log[-1][0]))
                 assert carried(resumed) == log[index:], (name, last)
                 assert not [m for m in resumed.events if m.event == "reset"], (name, last)
 
@@ -120,7 +120,7 @@ async def test_a_tenants_ids_count_its_own_events_and_resume_exactly_from_every_
         await db.execute("NOTIFY batchd_published")
         after = {name: await logged(db, None if name == "admin" else name) for name in logs}
         for name, stream in at_end.items():
-            await stream.until(lambda c, end=after[name][-1][0]: c.last_id == end)  # type: ignore[misc]
+            await stream.until(ends_at(after[name][-1][0]))
             assert carried(stream) == after[name][len(logs[name]) :], name
         assert at_end["acme"].ids == [per_tenant["acme"] + 1]
         assert at_end["admin"].ids == [len(logs["admin"]) + 1, len(logs["admin"]) + 2]
@@ -147,7 +147,7 @@ async def test_an_id_a_tenant_was_never_sent_gets_a_reset_to_its_own_position_an
                 await add_events(db, "globex", 1)
                 await add_events(db, "acme", 1)
                 per_tenant["acme"] += 1
-                await stream.until(lambda c, end=per_tenant["acme"]: c.last_id == end)  # type: ignore[misc]
+                await stream.until(ends_at(per_tenant["acme"]))
             assert [m.event for m in stream.events] == ["reset", "job.canceled"], forged
             assert {json.loads(m.data)["tenant"] for m in stream.events if m.event != "reset"} == {"acme"}
 
@@ -175,7 +175,7 @@ async def test_a_resume_on_an_instance_whose_hub_is_behind_sends_nothing_twice(
             async with sse_stream(session, url, token, last_event_id=last) as stream:
                 await wait_until(_holds(lambda: hub.subscribers == 1))
                 await hub._catch_up()  # the hub's one step, driven by hand
-                await stream.until(lambda c, end=log[-1][0]: c.last_id == end)  # type: ignore[misc]
+                await stream.until(ends_at(log[-1][0]))
             assert carried(stream) == log[index:], name
             await wait_until(_holds(lambda: hub.subscribers == 0))
             hub.head = 0  # behind again, for the next stream
@@ -240,7 +240,7 @@ async def test_ids_sent_before_the_upgrade_still_resume_exactly_after_it(
             if not expected:
                 continue  # nothing to wait for: the other test shows a stream at its end carries nothing
             async with sse_stream(session, url, acme_token, last_event_id=last) as stream:
-                await stream.until(lambda c, end=expected[-1][0]: c.last_id == end)  # type: ignore[misc]
+                await stream.until(ends_at(expected[-1][0]))
             got = [(int(m.id), json.loads(m.data)["job_id"]) for m in stream.events if m.id is not None]
             assert got == [(e[0], e[2]) for e in expected], last
             assert not [m for m in stream.events if m.event == "reset"], last

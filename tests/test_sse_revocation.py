@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sse_support import Collector, sse_stream
+from sse_support import Collector, carried_events, sse_stream
 from support import ADMIN_TOKEN, run_python, wait_until
 
 from batchd import tenants
@@ -79,14 +79,16 @@ async def test_revoking_a_tenant_ends_its_open_streams_and_no_one_elses(
         # The same token in the query (EventSource's last resort), resuming from the start: replayed, then
         # live.
         acme_query = await streams.enter_async_context(
-            sse_stream(session, url, None, access_token=tokens["acme"], last_event_id=0, in_query=True)
+            sse_stream(
+                session, url, None, last_event_id=0, in_query=True, query={"access_token": tokens["acme"]}
+            )
         )
         globex = await streams.enter_async_context(sse_stream(session, url, tokens["globex"]))
         admin = await streams.enter_async_context(sse_stream(session, url, ADMIN_TOKEN))
         await add_events(db, "acme", 3)
         await add_events(db, "globex", 2)
         for stream, count in ((acme, 3), (acme_query, 3), (globex, 2), (admin, 5)):
-            await stream.until(lambda c, n=count: len(c.ids) == n)  # type: ignore[misc]
+            await stream.until(carried_events(count))
 
         assert await tenants.revoke(db, "acme") == 1  # what `batchd tenant revoke acme` does
         await ended_revoked(acme)

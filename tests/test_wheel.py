@@ -84,7 +84,7 @@ def installed(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the runtime lock and the wheel; its bin directory."""
     venv = tmp_path_factory.mktemp("venv") / "batchd"
     run(sys.executable, "-m", "venv", venv, cwd=venv.parent)
-    pip = [venv / "bin" / "python", "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    pip: list[str | Path] = [venv / "bin" / "python", "-m", "pip", "--quiet", "--disable-pip-version-check"]
     run(*pip, "install", "--require-hashes", "-r", ROOT / "requirements-runtime.lock", cwd=venv.parent)
     (wheel,) = dist.glob("*.whl")
     run(*pip, "install", "--no-deps", wheel, cwd=venv.parent)
@@ -156,5 +156,6 @@ async def test_the_installed_console_script_migrates_serves_and_runs_a_job(
                 await db.close()
             daemon.terminate()
             assert await asyncio.wait_for(daemon.wait(), timeout=30) == 0
+    assert row is not None
     assert row["status"] == "succeeded"
     assert "from the wheel" in json.dumps(json.loads(row["result"]))
