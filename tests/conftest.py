@@ -1,5 +1,7 @@
 """Fixtures every batchd test may use: real PostgreSQL databases, a running emulator, an SDK client.
 
+- `database_server`: the server's URL, which every fixture reaching PostgreSQL asks for (the tests whose
+  fixtures do not are marked `nodb`: `pytest -m nodb` runs them without a server).
 - `database_url`: a fresh database per test module with batchd's schema, cloned from a session template
   (fast: a file copy), dropped when the module ends; `db`, a connection to it reset for each test
   (`reset_database`); `blank_database_url`, an empty database for one test.
@@ -37,6 +39,15 @@ def _database_url(name: str) -> str:
     return f"{base}/{name}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `nodb` every test whose fixtures (all of them, however indirect) do not include database_server,
+    so that `pytest -m nodb` runs without PostgreSQL."""
+    for item in items:
+        if "database_server" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.nodb)
+
+
 async def _admin(*statements: str) -> None:
     connection = await asyncpg.connect(SERVER_URL)
     try:
@@ -55,15 +66,23 @@ async def _migrate(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_template() -> Iterator[str]:
-    """A template database for the session with batchd's schema installed (`batchd migrate`)."""
-    name = f"batchd_template_{os.getpid()}"
+def database_server() -> str:
+    """The PostgreSQL server's URL, once it has answered. Every fixture or test that reaches PostgreSQL asks
+    for this one (database_template and blank_database_url do): the others are marked `nodb`."""
     try:
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
+        asyncio.run(_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError) as error:
         pytest.fail(
             f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster"
         )
+    return SERVER_URL
+
+
+@pytest.fixture(scope="session")
+def database_template(database_server: str) -> Iterator[str]:
+    """A template database for the session with batchd's schema installed (`batchd migrate`)."""
+    name = f"batchd_template_{os.getpid()}"
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
     asyncio.run(_migrate(_database_url(name)))
     yield name
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -79,7 +98,7 @@ def database_url(database_template: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def blank_database_url() -> Iterator[str]:
+def blank_database_url(database_server: str) -> Iterator[str]:
     """An empty database (no batchd schema) for one test, dropped afterwards."""
     name = f"batchd_blank_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f"CREATE DATABASE {name}"))

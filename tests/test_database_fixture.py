@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import pytest
 from conftest import batchd_tables
 from support import insert_raw
 
@@ -81,3 +82,9 @@ async def test_the_reset_covers_every_table_of_the_catalog_but_the_migrations_re
         " AND table_type = 'BASE TABLE'"
     )
     assert set(await batchd_tables(db)) == {row["table_name"] for row in catalog} - {"migrations"}
+
+
+def test_a_test_whose_fixtures_reach_a_database_is_not_marked_nodb(
+    database_url: str, request: pytest.FixtureRequest
+) -> None:
+    assert request.node.get_closest_marker("nodb") is None

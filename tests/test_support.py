@@ -50,3 +50,7 @@ def test_the_toml_renderer_writes_what_tomllib_reads_back() -> None:
     assert tomllib.loads(to_toml(tables)) == tables
     sections = settings_sections(DATABASE, EMULATOR, process=True)
     assert tomllib.loads(to_toml(sections)) == sections
+
+
+def test_a_test_that_reaches_no_database_is_marked_nodb(request: pytest.FixtureRequest) -> None:
+    assert request.node.get_closest_marker("nodb") is not None
