@@ -25,7 +25,7 @@ OLDEST_VENV ?= .venv-oldest
 # name==version with the name normalized as PyPI does (lower case, - for _ and .), sorted: for comm.
 NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$2}' | sort
 
-.PHONY: test test-latest test-oldest lock dist demo lint typecheck pytest postgres chromium systemd bench clean
+.PHONY: test test-nodb test-latest test-oldest lock dist demo lint typecheck pytest postgres chromium systemd bench clean
 
 # The venv is built anew from the lock whenever the lock or the project's metadata changes, so nothing left
 # over from an earlier lock survives in it. The project itself goes in without its dependencies (the lock
@@ -94,6 +94,10 @@ typecheck: $(VENV)/.installed
 pytest: $(VENV)/.installed postgres chromium systemd
 	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.dev.embedded_pg ensure --url $(DATABASE_URL)) \
 		$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The tests that need no PostgreSQL (marked nodb by tests/conftest.py from their fixtures): none is started.
+test-nodb: $(VENV)/.installed chromium systemd
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m nodb $(PYTEST_ARGS)
 
 # Start the machine's local cluster when it is installed but stopped; with none, the embedded one serves.
 postgres:

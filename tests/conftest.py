@@ -1,8 +1,10 @@
 """Fixtures every batchd test may use: real PostgreSQL databases, a running emulator, an SDK client.
 
+- `database_server`: the server's URL, which every fixture reaching PostgreSQL asks for (the tests whose
+  fixtures do not are marked `nodb`: `pytest -m nodb` runs them without a server).
 - `database_url`: a fresh database per test module with batchd's schema, cloned from a session template
-  (fast: a file copy), dropped when the module ends; `db`, a connection to it emptied for each test;
-  `blank_database_url`, an empty database for one test.
+  (fast: a file copy), dropped when the module ends; `db`, a connection to it reset for each test
+  (`reset_database`); `blank_database_url`, an empty database for one test.
 - `emulator`: the Message Batches API emulator served on a free loopback port for one test.
 - `anthropic_client` / `make_client`: the official `AsyncAnthropic` pointed at it, with strict response
   validation so a missing field fails instead of becoming None.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -37,6 +39,15 @@ def _database_url(name: str) -> str:
     return f"{base}/{name}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `nodb` every test whose fixtures (all of them, however indirect) do not include database_server,
+    so that `pytest -m nodb` runs without PostgreSQL."""
+    for item in items:
+        if "database_server" not in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.nodb)
+
+
 async def _admin(*statements: str) -> None:
     connection = await asyncpg.connect(SERVER_URL)
     try:
@@ -55,15 +66,23 @@ async def _migrate(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_template() -> Iterator[str]:
-    """A template database for the session with batchd's schema installed (`batchd migrate`)."""
-    name = f"batchd_template_{os.getpid()}"
+def database_server() -> str:
+    """The PostgreSQL server's URL, once it has answered. Every fixture or test that reaches PostgreSQL asks
+    for this one (database_template and blank_database_url do): the others are marked `nodb`."""
     try:
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
+        asyncio.run(_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError) as error:
         pytest.fail(
             f"PostgreSQL is not usable at {SERVER_URL} ({error}); `make test` starts the local cluster"
         )
+    return SERVER_URL
+
+
+@pytest.fixture(scope="session")
+def database_template(database_server: str) -> Iterator[str]:
+    """A template database for the session with batchd's schema installed (`batchd migrate`)."""
+    name = f"batchd_template_{os.getpid()}"
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"))
     asyncio.run(_migrate(_database_url(name)))
     yield name
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -79,7 +98,7 @@ def database_url(database_template: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def blank_database_url() -> Iterator[str]:
+def blank_database_url(database_server: str) -> Iterator[str]:
     """An empty database (no batchd schema) for one test, dropped afterwards."""
     name = f"batchd_blank_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f"CREATE DATABASE {name}"))
@@ -87,20 +106,81 @@ def blank_database_url() -> Iterator[str]:
     asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the module's database, emptied of jobs, batches and events first."""
-    connection = await asyncpg.connect(database_url)
-    await init_connection(connection)
-    await connection.execute(
-        "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events, batchd.tenant_event_log,"
-        " batchd.costs, batchd.spend, batchd.configured_limits RESTART IDENTITY;"
-        "UPDATE batchd.event_log SET published_seq = 0;"
-        "UPDATE batchd.wakeup SET armed = true, wake_seq = 0;"
-        "UPDATE batchd.tenants SET budget_day_usd = NULL, budget_month_usd = NULL, over_budget = 'hold',"
-        " hold_reason = NULL, held_since = NULL, weight = NULL, max_queued = NULL, max_in_flight = NULL"
-    )
+# Tables whose rows a test may rely on across tests: none but the migrations' own record (the schema stays).
+# Every other table of batchd's schema, one a future migration adds included, is emptied before each test.
+KEPT_TABLES = frozenset({"migrations"})
+
+TABLES = """
+SELECT quote_ident(c.relname) AS relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'batchd' AND c.relkind IN ('r', 'p') AND c.relname <> ALL($1::text[]) ORDER BY 1
+"""
+# Columns an INSERT may set (not generated ones), by table.
+INSERTABLE = """
+SELECT quote_ident(c.relname) AS relname, array_agg(quote_ident(a.attname) ORDER BY a.attnum) AS columns
+  FROM pg_attribute AS a JOIN pg_class AS c ON c.oid = a.attrelid
+  JOIN pg_namespace AS n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'batchd' AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+ GROUP BY c.relname
+"""
+
+
+async def batchd_tables(connection: asyncpg.Connection) -> list[str]:
+    """batchd's tables as the catalog lists them now (quoted identifiers), the kept ones aside."""
+    return [row["relname"] for row in await connection.fetch(TABLES, sorted(KEPT_TABLES))]
+
+
+async def _seeded_rows(url: str) -> dict[str, str]:
+    """The rows the migrations themselves insert (singletons such as batchd.wakeup), by table, as JSON: what
+    each test starts from again."""
+    connection = await asyncpg.connect(url)
     try:
+        seeded = {}
+        for table in await batchd_tables(connection):
+            # The names are the catalog's, quoted.
+            rows = await connection.fetchval(f"SELECT jsonb_agg(t)::text FROM batchd.{table} AS t")  # noqa: S608
+            if rows is not None:
+                seeded[table] = rows
+        return seeded
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def seeded_rows(database_template: str) -> dict[str, str]:
+    return asyncio.run(_seeded_rows(_database_url(database_template)))
+
+
+@pytest.fixture(scope="session")
+def reset_database(seeded_rows: dict[str, str]) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """`await reset_database(connection)`: every batchd table but the kept ones emptied (sequences restarted)
+    and the migrations' seeded rows put back as they were in the template, in one transaction."""
+
+    async def reset(connection: asyncpg.Connection) -> None:
+        tables = await batchd_tables(connection)
+        columns = {row["relname"]: row["columns"] for row in await connection.fetch(INSERTABLE)}
+        async with connection.transaction():
+            await connection.execute(
+                f"TRUNCATE {', '.join(f'batchd.{table}' for table in tables)} RESTART IDENTITY"
+            )
+            for table, rows in seeded_rows.items():
+                # The names are the catalog's, quoted.
+                names = ", ".join(columns[table])
+                source = f"jsonb_populate_recordset(NULL::batchd.{table}, $1::text::jsonb)"
+                insert = f"INSERT INTO batchd.{table} ({names}) SELECT {names} FROM {source}"  # noqa: S608
+                await connection.execute(insert, rows)
+
+    return reset
+
+
+@pytest.fixture
+async def db(
+    database_url: str, reset_database: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module's database, reset first to what the migrations left (see reset_database)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await init_connection(connection)
+        await reset_database(connection)
         yield connection
     finally:
         await connection.close()
@@ -134,8 +214,7 @@ async def start_daemon() -> AsyncIterator[Callable[[Settings], Any]]:
 
 @pytest.fixture
 async def tokens(db: asyncpg.Connection) -> dict[str, str]:
-    """Two tenants, acme and globex, and a token for each (the tenants table emptied first)."""
-    await db.execute("TRUNCATE batchd.tokens, batchd.tenants")
+    """Two tenants, acme and globex, and a token for each."""
     return {name: await tenants.add_tenant(db, name) for name in ("acme", "globex")}
 
 

@@ -87,9 +87,25 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
-def make_settings(database_url: str, emulator_url: str, **sections: dict[str, Any]) -> Settings:
-    """Daemon settings for tests: fast polling and sweeps, small batches; sections override."""
-    values: dict[str, Any] = {
+# `batchd run` as a process is killed and replaced in tests: a dead one's batches are taken over after a short
+# lease, found by a quick sweep; smaller batches make several of them out of a test's jobs.
+PROCESS_SECTIONS: dict[str, dict[str, Any]] = {
+    "batching": {"max_requests": 50},
+    "daemon": {"lease_s": 2, "sweep_interval_s": 1, "reconcile_grace_s": 0.3},
+}
+
+
+def settings_sections(
+    database_url: str,
+    emulator_url: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    process: bool = False,
+) -> dict[str, Any]:
+    """The tests' settings, by section of batchd.toml: fast polling and sweeps, small batches. `process`: for
+    `batchd run` as a process (daemon_config), else for a daemon in the test's process (make_settings).
+    `overrides` are sections merged key by key (job_types replaced whole)."""
+    values: dict[str, dict[str, Any]] = {
         "database": {"url": database_url, "pool_max_size": 5},
         # A create answered 5xx or not at all is sent again only after timeout_s + clock_skew_s (its window):
         # short here, so that tests of those failures take seconds (the emulator's clock is the machine's).
@@ -122,12 +138,18 @@ def make_settings(database_url: str, emulator_url: str, **sections: dict[str, An
             },
         },
     }
-    for section, overrides in sections.items():
-        if isinstance(values.get(section), dict) and section != "job_types":
-            values[section] = {**values[section], **overrides}
-        else:
-            values[section] = overrides
-    return Settings(**values)
+    for layer in (PROCESS_SECTIONS if process else {}, overrides or {}):
+        for section, keys in layer.items():
+            if isinstance(values.get(section), dict) and section != "job_types":
+                values[section] = {**values[section], **keys}
+            else:
+                values[section] = keys
+    return values
+
+
+def make_settings(database_url: str, emulator_url: str, **sections: dict[str, Any]) -> Settings:
+    """Settings for a daemon in the test's process (settings_sections); sections override."""
+    return Settings(**settings_sections(database_url, emulator_url, sections))
 
 
 def running_daemon(settings: Settings, stack: AsyncExitStack) -> Any:
@@ -238,51 +260,38 @@ async def run_python(
 # -- the real daemon, as a process, stopped and killed ----------------------------------------------------
 
 
-def daemon_config(
-    path: Path, database_url: str, emulator_url: str, *, extra: str = "", **daemon: float
-) -> Path:
-    """A batchd.toml for `batchd run` in tests: small batches, quick polls and leases; `extra` is more TOML
-    (whole sections), `daemon` overrides keys of [daemon]."""
-    # The create window (timeout_s + clock_skew_s) short, and the back-off of failing steps capped, as in
-    # make_settings.
-    values = {
-        "lease_s": 2,
-        "sweep_interval_s": 1,
-        "reconcile_grace_s": 0.3,
-        "clock_skew_s": 2,
-        "retry_max_s": 4,
-        **daemon,
-    }
-    path.write_text(
-        f"""
-[database]
-url = "{database_url}"
-pool_max_size = 5
-
-[anthropic]
-base_url = "{emulator_url}"
-requests_per_minute = 6000
-timeout_s = 10
-
-[batching]
-max_requests = 50
-max_wait_s = 0.2
-deadline_slack_s = 60
-
-[polling]
-min_interval_s = 0.05
-max_interval_s = 0.2
-
-[daemon]
-{chr(10).join(f"{key} = {value}" for key, value in values.items())}
-
-[http]
-host = "127.0.0.1"
-port = 0
-{extra}
-"""
-    )
+def daemon_config(path: Path, database_url: str, emulator_url: str, **sections: dict[str, Any]) -> Path:
+    """A batchd.toml for `batchd run` in tests (settings_sections with process=True): small batches, quick
+    polls and leases; sections override, e.g. daemon={"lease_s": 5}."""
+    path.write_text(to_toml(settings_sections(database_url, emulator_url, sections, process=True)))
     return path
+
+
+def to_toml(tables: dict[str, Any], prefix: str = "") -> str:
+    """TOML for nested dicts of strings, numbers, booleans and lists of them (tomllib reads, never writes)."""
+    lines, nested = [], []
+    for key, value in tables.items():
+        if isinstance(value, dict):
+            nested.append(f"\n[{prefix}{toml_key(key)}]\n" + to_toml(value, f"{prefix}{toml_key(key)}."))
+        else:
+            lines.append(f"{toml_key(key)} = {toml_value(value)}\n")
+    return "".join(lines + nested)
+
+
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's string escapes are TOML's
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
 
 
 def daemon_env() -> dict[str, str]:

@@ -144,7 +144,7 @@ async def test_a_missing_empty_or_short_admin_token_file_stops_batchd_run_with_e
             tmp_path / f"batchd{n}.toml",
             database_url,
             "http://127.0.0.1:1",
-            extra=f'admin_token_file = "{path}"',  # in [http], the last section
+            http={"admin_token_file": str(path)},
         )
         runs.append(run_python("-m", "batchd", "run", "--config", str(config), env=daemon_env(), timeout=30))
     for (code, _, err), (path, problem) in zip(await asyncio.gather(*runs), cases, strict=True):

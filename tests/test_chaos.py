@@ -218,9 +218,7 @@ async def test_sigkill_at_each_step_then_a_restart_ends_every_job_once(  # noqa:
     step: str, seed: int, db: Any, emulator: EmulatorHandle, database_url: str, gate: Gate, tmp_path: Path
 ) -> None:
     rng = random.Random(f"{seed}-{step}")
-    config = daemon_config(
-        tmp_path / "batchd.toml", database_url, emulator.url, extra="[results]\napply_chunk = 10"
-    )
+    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, results={"apply_chunk": 10})
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
     # mid_apply lets some jobs succeed first (their chunks committed), then catches the next chunk halfway.
@@ -262,9 +260,7 @@ async def test_sigkill_while_results_stream_then_a_restart_ends_every_job_once(
     # four results each) 0.3 s apart, a download takes about 5 s, and results are applied ten at a time, so
     # there is a long moment with some of a batch's results applied and the rest still on the wire.
     await emulator.set_faults(results_chunk_delay_s=0.3, results_chunk_bytes=2048)
-    config = daemon_config(
-        tmp_path / "batchd.toml", database_url, emulator.url, extra="[results]\napply_chunk = 10"
-    )
+    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, results={"apply_chunk": 10})
     log = tmp_path / "daemon.log"
     texts = await queue_jobs(db, seed)
     # A batch whose results are being streamed: ended at the provider, some of its jobs applied, some not.

@@ -225,7 +225,7 @@ async def test_the_emulator_tour() -> None:
 
 
 @pytest.mark.slow
-async def test_the_demo_runs_everything_and_cleans_up() -> None:
+async def test_the_demo_runs_everything_and_cleans_up(database_server: str) -> None:
     # The repository's own batchd.toml, for its job types, pointed at the test server.
     code, out, err = await run_batchd(
         "demo", "--config", str(REPOSITORY_CONFIG), timeout=180, env={"BATCHD_DATABASE__URL": SERVER_URL}

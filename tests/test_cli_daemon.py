@@ -193,14 +193,13 @@ async def test_run_reads_the_api_key_from_a_systemd_credential_or_a_key_file(
     key = f"sk-ant-{uuid.uuid4().hex}"
     # The emulator accepts this key and no other.
     async with start_emulator(QUICK.model_copy(update={"api_key": key})) as emulator:
-        config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url)
         env = key_env(tmp_path, key if source == "credential" else None)
+        anthropic: dict[str, Any] = {}
         if source == "api_key_file":
             key_file = tmp_path / "anthropic-key"
             key_file.write_text(key + "\n")
-            config.write_text(
-                config.read_text().replace("[anthropic]\n", f'[anthropic]\napi_key_file = "{key_file}"\n')
-            )
+            anthropic["api_key_file"] = str(key_file)
+        config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, anthropic=anthropic)
         (job,) = await insert_raw(db, "acme", ["Which key opened the door?"])
         log = tmp_path / "daemon.log"
         async with daemon_process(config, log, env=env) as process:

@@ -467,7 +467,9 @@ async def test_sigkill_after_creates_went_unanswered_then_a_restart_adopts_them(
     # on a loaded machine where its start and the reconcile grace take several seconds.
     await emulator.set_faults(lose_create_responses=1000)
     await emulator.admin("PATCH", "settings", {"processing_time_s": [20, 22]})
-    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, reconcile_grace_s=3)
+    config = daemon_config(
+        tmp_path / "batchd.toml", database_url, emulator.url, daemon={"reconcile_grace_s": 3}
+    )
     log = tmp_path / "daemon.log"
     ids = await insert_raw(db, "acme", [f"question {i}" for i in range(300)])
     async with daemon_process(config, log) as first:

@@ -111,7 +111,7 @@ async def test_a_dead_owners_batches_are_taken_over_within_the_lease(
 ) -> None:
     lease_s = 2.0
     await emulator.admin("PATCH", "settings", {"processing_time_s": [3.0, 4.0]})
-    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, lease_s=lease_s)
+    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, daemon={"lease_s": lease_s})
     ids = await insert_raw(db, "acme", [f"question {i}" for i in range(400)])
     async with AsyncExitStack() as stack:
         processes = [

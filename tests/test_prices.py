@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 from pricing_by_hand import BATCH, MTOK, RATES, D
-from support import QUICK, insert_raw, wait_for_jobs
+from support import QUICK, insert_raw, wait_for_jobs, wait_until
 from test_costs import OWNER, submitted_batch
 
 from batchd import results
@@ -107,6 +107,13 @@ async def test_two_daemons_with_different_prices_each_bill_what_it_applies_at_it
     async with start_daemon(dear) as new:
         await insert_raw(db, "acme", ["while both run"])
         assert await wait_for_jobs(db, done=1, timeout=60) == {"succeeded": 1}
+
+        async def finished() -> bool:
+            # A job succeeds when its results are applied, a moment before its batch is finished: stopped
+            # in between, `old` would hand the batch back and `new` would finish it, and own it.
+            return bool(await db.fetchval("SELECT bool_and(status = 'applied') FROM batchd.batches"))
+
+        await wait_until(finished, timeout=30)
         await running_old.__aexit__(None, None, None)
         await insert_raw(db, "acme", ["after the old one stopped 1", "after the old one stopped 2"])
         assert await wait_for_jobs(db, done=3, timeout=60) == {"succeeded": 3}

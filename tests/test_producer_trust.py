@@ -582,7 +582,7 @@ async def test_an_upgraded_deployment_keeps_its_daemon_working_before_roles_sql_
 
 
 @pytest.fixture
-async def blank_deployment() -> Any:
+async def blank_deployment(database_server: str) -> Any:
     """An empty database, and no roles yet."""
     async with _deployment(None) as made:
         yield made

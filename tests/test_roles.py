@@ -185,7 +185,7 @@ async def deployment(database_template: str) -> AsyncIterator[Deployment]:
 
 
 @pytest.fixture
-async def blank_deployment() -> AsyncIterator[Deployment]:
+async def blank_deployment(database_server: str) -> AsyncIterator[Deployment]:
     """An empty database."""
     async with _deployment(None) as made:
         yield made

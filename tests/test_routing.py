@@ -401,7 +401,7 @@ async def test_a_sync_job_of_a_daemon_killed_mid_call_is_sent_again_and_ends_onc
         tmp_path / "batchd.toml",
         database_url,
         emulator.url,
-        extra="\n[routing]\nlease_s = 2\n",
+        routing={"lease_s": 2},
     )
     log = tmp_path / "daemon.log"
     job_id = await insert_job(db, "killed mid-call", route="sync")

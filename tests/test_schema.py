@@ -31,7 +31,7 @@ def schema_sql() -> str:
 
 
 @pytest.fixture
-async def two_blank_databases() -> AsyncIterator[tuple[str, str]]:
+async def two_blank_databases(database_server: str) -> AsyncIterator[tuple[str, str]]:
     names = [f"batchd_schema_{uuid.uuid4().hex[:12]}" for _ in range(2)]
     await _admin(*(f"CREATE DATABASE {name}" for name in names))
     try:

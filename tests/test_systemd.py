@@ -23,7 +23,15 @@ from typing import Any
 import aiohttp
 import pytest
 from sse_support import sse_stream
-from support import UNDER_MDWE, EmulatorHandle, insert_raw, kernel_has_mdwe, log_tail, wait_until
+from support import (
+    UNDER_MDWE,
+    EmulatorHandle,
+    daemon_config,
+    insert_raw,
+    kernel_has_mdwe,
+    log_tail,
+    wait_until,
+)
 
 from batchd import systemd
 from batchd.systemd import Notifier, socket_address, watchdog_interval
@@ -273,38 +281,6 @@ class NotifyListener:
         self.sock.close()
 
 
-def daemon_config(path: Path, database_url: str, emulator_url: str, port: int) -> Path:
-    # 1,000 jobs make a batch; fewer wait an hour: what is left over stays queued for the whole test.
-    path.write_text(
-        f"""
-[database]
-url = "{database_url}"
-pool_max_size = 5
-
-[anthropic]
-base_url = "{emulator_url}"
-requests_per_minute = 6000
-timeout_s = 30
-
-[batching]
-max_requests = 1000
-max_wait_s = 3600
-
-[polling]
-min_interval_s = 0.2
-max_interval_s = 0.5
-
-[daemon]
-status_interval_s = 0.2
-
-[http]
-host = "127.0.0.1"
-port = {port}
-"""
-    )
-    return path
-
-
 @asynccontextmanager
 async def batchd_run(
     config: Path, log: Path, env: dict[str, str]
@@ -348,7 +324,17 @@ async def test_batchd_run_speaks_the_notify_protocol(
     notify_socket = str(short_dir / "notify") if kind == "path" else f"@batchd-test-{uuid.uuid4().hex}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = daemon_config(tmp_path / "batchd.toml", database_url, emulator.url, port)
+    # 1,000 jobs make a batch; fewer wait an hour: what is left over stays queued for the whole test.
+    config = daemon_config(
+        tmp_path / "batchd.toml",
+        database_url,
+        emulator.url,
+        anthropic={"timeout_s": 30},
+        batching={"max_requests": 1000, "max_wait_s": 3600},
+        polling={"min_interval_s": 0.2, "max_interval_s": 0.5},
+        daemon={"status_interval_s": 0.2},
+        http={"port": port},
+    )
     log = tmp_path / "daemon.log"
     notified = NotifyListener(notify_socket)
     env = {"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "400000"}
