@@ -14,7 +14,7 @@ import os
 import string
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -82,15 +82,23 @@ class BatchingSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
 
 
+_Ranged = TypeVar("_Ranged", bound=BaseModel)
+
+
+def _in_order(section: _Ranged, low: str, high: str) -> _Ranged:
+    """A section whose `low` may not exceed its `high` (a range's two ends)."""
+    if getattr(section, low) > getattr(section, high):
+        raise ValueError(f"{low} must not exceed {high}")
+    return section
+
+
 class PollingSettings(_Section):
     min_interval_s: float = Field(default=5.0, gt=0)
     max_interval_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> PollingSettings:
-        if self.min_interval_s > self.max_interval_s:
-            raise ValueError("min_interval_s must not exceed max_interval_s")
-        return self
+        return _in_order(self, "min_interval_s", "max_interval_s")
 
 
 class ResultsSettings(_Section):
@@ -130,9 +138,7 @@ class DaemonSettings(_Section):
 
     @model_validator(mode="after")
     def _retry_ordered(self) -> DaemonSettings:
-        if self.retry_min_s > self.retry_max_s:
-            raise ValueError("retry_min_s must not exceed retry_max_s")
-        return self
+        return _in_order(self, "retry_min_s", "retry_max_s")
 
 
 class RoutingSettings(_Section):
