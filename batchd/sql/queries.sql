@@ -678,20 +678,16 @@ SELECT min(seq) FROM batchd.events;
 
 -- name: published_events
 -- What the SSE hub fans out: every tenant's events after the last it has, in seq order, as each is sent.
-SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
-       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
-                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
-  FROM batchd.events
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id, data
+  FROM batchd.event_envelopes
  WHERE seq > $1
  ORDER BY seq
  LIMIT $2;
 
 -- name: replay_events
 -- What a resuming admin missed, up to where the hub has got ($2), with its filters (null: any).
-SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
-       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
-                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
-  FROM batchd.events
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id, data
+  FROM batchd.event_envelopes
  WHERE seq > $1 AND seq <= $2
    AND ($3::uuid IS NULL OR job_id = $3)
    AND ($4::uuid IS NULL OR batch_id = $4)
@@ -703,10 +699,8 @@ SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
 -- What a resuming tenant missed: its events after its id $2 (and after seq $3, the same point), up to where
 -- the hub has got ($4), with its filters (null: any). tenant_seq grows with seq within a tenant, so the two
 -- bounds cut one range of the index on (tenant_id, tenant_seq).
-SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
-       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
-                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
-  FROM batchd.events
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id, data
+  FROM batchd.event_envelopes
  WHERE tenant_id = $1 AND tenant_seq > $2 AND seq > $3 AND seq <= $4
    AND ($5::uuid IS NULL OR job_id = $5)
    AND ($6::uuid IS NULL OR batch_id = $6)

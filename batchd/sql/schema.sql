@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0010): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0011): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -301,6 +301,13 @@ CREATE VIEW batchd.held_tenants AS
     SELECT name AS tenant_id, hold_reason, held_since, over_budget
       FROM batchd.tenants
      WHERE hold_reason IS NOT NULL;
+
+-- An event as a stream sends it: its columns and its data as one JSON text. [0011]
+CREATE VIEW batchd.event_envelopes AS
+SELECT seq, tenant_seq, type, tenant_id, job_id, batch_id,
+       (jsonb_strip_nulls(jsonb_build_object('type', type, 'job_id', job_id, 'tenant', tenant_id,
+                                             'batch_id', batch_id, 'at', created_at)) || data)::text AS data
+  FROM batchd.events;
 
 -- ---- functions --------------------------------------------------------------------------------------------
 
