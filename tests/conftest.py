@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import aiohttp
 import anthropic
 import asyncpg
 import pytest
@@ -234,6 +235,13 @@ def serve(
             yield daemon, daemon.http_url
 
     return run
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for the test, without aiohttp's cap on connections (SSE tests hold many streams)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        yield http
 
 
 @pytest.fixture

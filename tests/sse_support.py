@@ -147,3 +147,16 @@ def carried(collector: Collector) -> list[tuple[int, str, str | None]]:
         for message in collector.events
         if message.id is not None and message.event != "reset"
     ]
+
+
+async def add_events(db: Any, tenant: str, count: int, *, notify: bool = True) -> None:
+    """Events as the daemon writes them, one statement (so published together unless told otherwise)."""
+    await db.execute(
+        "INSERT INTO batchd.events (type, tenant_id, job_id, data)"
+        " SELECT 'job.canceled', $1, gen_random_uuid(), '{\"status\": \"canceled\"}'"
+        "   FROM generate_series(1, $2)",
+        tenant,
+        count,
+    )
+    if notify:
+        await db.execute("NOTIFY batchd_events")

@@ -359,10 +359,17 @@ async def daemon_process(
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
         )
-    try:
+    async with watched(process, log):
         yield process
+
+
+@asynccontextmanager
+async def watched(process: asyncio.subprocess.Process, log: Path) -> AsyncIterator[None]:
+    """A failure inside the block carries the end of the process's log (what it said is what explains the
+    failure: CI shows nothing else); the process is killed if still running when the block ends."""
+    try:
+        yield
     except BaseException as error:
-        # What the daemon said is what explains a failure inside the block: CI shows nothing else.
         error.add_note(f"{log.name}: {log_tail(log)}")
         raise
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -29,12 +28,6 @@ TINY = D("0.000001")  # one job of the emulator's costs more than this
 @pytest.fixture
 def emulator_config() -> EmulatorConfig:
     return QUICK
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
 
 
 async def statuses(db: Any, tenant: str) -> dict[str, int]:

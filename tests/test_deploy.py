@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import daemon_config, in_unit_sandbox, insert_raw, log_tail, unit_sandbox_unavailable, wait_until
+from support import daemon_config, in_unit_sandbox, insert_raw, unit_sandbox_unavailable, wait_until, watched
 
 from batchd import cli
 from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME
@@ -146,15 +146,8 @@ async def sandboxed(argv: list[str], log: Path, env: dict[str, str]) -> AsyncIte
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
         )
-    try:
+    async with watched(process, log):
         yield
-    except BaseException as error:
-        error.add_note(f"{log.name}: {log_tail(log)}")
-        raise
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def fields(log: Path, event: str, field: str) -> list[str]:

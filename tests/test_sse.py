@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,6 @@ from batchd.pruner import prune_events
 @pytest.fixture
 def emulator_config() -> EmulatorConfig:
     return QUICK
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        yield http
 
 
 def job_ids_done(collector: Collector, job_ids: set[str]) -> bool:

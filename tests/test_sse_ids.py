@@ -6,7 +6,6 @@ upgrade still resume exactly after it."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -14,7 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from sse_support import carried, ends_at, logged, sse_stream
+from sse_support import add_events, carried, ends_at, logged, sse_stream
 from support import ADMIN_TOKEN, make_settings, wait_until
 
 from batchd import migrate, tenants
@@ -34,25 +33,6 @@ INTERLEAVED = [
     ("globex", 1),
     ("acme", 4),
 ]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        yield http
-
-
-async def add_events(db: Any, tenant: str, count: int, *, notify: bool = True) -> None:
-    """Events as the daemon writes them, one statement (so published together unless told otherwise)."""
-    await db.execute(
-        "INSERT INTO batchd.events (type, tenant_id, job_id, data)"
-        " SELECT 'job.canceled', $1, gen_random_uuid(), '{\"status\": \"canceled\"}'"
-        "   FROM generate_series(1, $2)",
-        tenant,
-        count,
-    )
-    if notify:
-        await db.execute("NOTIFY batchd_events")
 
 
 async def interleave(db: Any, runs: list[tuple[str, int]]) -> None:

@@ -4,14 +4,13 @@ the database, and no other stream does: not another tenant's, not the admin's.""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from sse_support import Collector, carried_events, sse_stream
+from sse_support import Collector, add_events, carried_events, sse_stream
 from support import ADMIN_TOKEN, run_python, wait_until
 
 from batchd import tenants
@@ -29,23 +28,6 @@ def cli_config(database_url: str, tmp_path: Path) -> Path:
     config = tmp_path / "batchd.toml"
     config.write_text(f'[database]\nurl = "{database_url}"\n')
     return config
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        yield http
-
-
-async def add_events(db: Any, tenant: str, count: int) -> None:
-    await db.execute(
-        "INSERT INTO batchd.events (type, tenant_id, job_id, data)"
-        " SELECT 'job.canceled', $1, gen_random_uuid(), '{\"status\": \"canceled\"}'"
-        "   FROM generate_series(1, $2)",
-        tenant,
-        count,
-    )
-    await db.execute("NOTIFY batchd_events")
 
 
 async def ended_revoked(stream: Collector) -> None:
