@@ -183,6 +183,44 @@ class EventsSettings(_Section):
     replay_page: int = Field(default=1_000, ge=1, description="events read per query when a client resumes")
 
 
+DAY_S = 86_400.0
+# Budgets read this month's spend (batchd.spend), which the ledger's retention prunes: a month and a day.
+LEDGER_MIN_S = 32 * DAY_S
+
+
+class RetentionSettings(_Section):
+    """How long finished jobs and the money history are kept (pruner.py); `inf` keeps them for good."""
+
+    succeeded_s: float = Field(default=14 * DAY_S, gt=0, description="succeeded jobs are deleted after this")
+    failed_s: float = Field(default=30 * DAY_S, gt=0, description="failed jobs are deleted after this")
+    canceled_s: float = Field(default=14 * DAY_S, gt=0, description="canceled jobs are deleted after this")
+    ledger_s: float = Field(
+        default=400 * DAY_S,
+        ge=LEDGER_MIN_S,
+        description="the cost ledger (batchd.costs), budget spend and hour rollups are deleted after this; "
+        "day and all-time rollups are kept",
+    )
+    interval_s: float = Field(default=300.0, gt=0, description="the pruner looks this often")
+    chunk: int = Field(default=1_000, ge=1, le=100_000, description="rows deleted per statement")
+    busy_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="the pruner deletes at most this share of the time, resting the rest between chunks",
+    )
+
+    def jobs_s(self) -> dict[str, float]:
+        """Each finished status's retention, in seconds."""
+        return {"succeeded": self.succeeded_s, "failed": self.failed_s, "canceled": self.canceled_s}
+
+
+class RollupSettings(_Section):
+    fold_interval_s: float = Field(
+        default=2.0, gt=0, description="finished jobs' tallies are folded into the rollups this often"
+    )
+    fold_chunk: int = Field(default=10_000, ge=1, description="tallies folded per statement")
+
+
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -276,6 +314,8 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    rollups: RollupSettings = Field(default_factory=RollupSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     job_types: dict[str, JobType] = Field(default_factory=dict)

@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from . import fairness, migrate, pruner, results, status, store, systemd
+from . import fairness, migrate, pruner, results, rollups, status, store, systemd
 from .config import Settings, admin_token, api_key
 from .context import Context
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
@@ -178,6 +178,7 @@ class Daemon:
             asyncio.create_task(supervisor.run(), name="supervisor"),
             asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(pruner.run(ctx), name="pruner"),
+            asyncio.create_task(rollups.run(ctx), name="rollups"),
             asyncio.create_task(ctx.metrics.watch_loop_lag(ctx.stopping), name="loop-lag"),
         }
         if hub is not None:

@@ -1,47 +1,111 @@
-"""The pruner: deletes events past their retention, a bounded chunk per statement.
+"""The pruner: deletes what is past its retention — events, finished jobs, old batches, the ledger — a bounded
+chunk per statement, resting between chunks.
 
 One giant DELETE would hold locks and bloat the WAL for as long as it runs; a chunk at a time keeps each
-transaction short, and the loop stops at the first chunk that was not full.
+transaction short, and a table's pruning stops at the first chunk that was not full. Between chunks the
+pruner rests, so that it deletes at most `retention.busy_share` of the time: producers, the flusher and the
+apply keep the machine. Jobs go oldest first per status (each status has its retention), on the partial
+index jobs_finished; a batch goes once no job refers to it; the ledger, budget spend and hour rollups go
+after `retention.ledger_s`. What was counted stays counted: the rollups (rollups.py) outlive the rows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeAlias
+
+import asyncpg
 import structlog
 
 from .aio import run_loop
+from .config import RetentionSettings
 from .context import Context
 from .store import DB_ERRORS, Connection, sql
 
 log = structlog.get_logger("batchd.pruner")
 
+Chunk = Callable[[], Awaitable[int]]
+# A connection, or the pool (each statement then borrows one only while it runs).
+Executor: TypeAlias = "Connection | asyncpg.Pool"
+
 
 async def prune_events(db: Connection, retention_s: float, chunk: int) -> int:
     """Deletes every event older than `retention_s`; returns how many."""
+    return await _drain(lambda: _deleted(db, "prune_events", retention_s, chunk), chunk, busy_share=1.0)
+
+
+async def prune_history(db: Executor, retention: RetentionSettings) -> dict[str, int]:
+    """Deletes every finished job, batch and ledger row past its retention; returns how many of each kind
+    (kinds kept for good, `inf`, are not looked at). Given the pool, each chunk borrows a connection only
+    while it runs."""
+    chunk, share = retention.chunk, retention.busy_share
+    work: list[tuple[str, Chunk]] = [
+        (f"jobs_{status}", partial(_deleted, db, "prune_jobs", status, keep_s, chunk))
+        for status, keep_s in retention.jobs_s().items()
+        if math.isfinite(keep_s)
+    ]
+    # A batch goes when no job refers to it any more, so the shortest retention lets it go soonest.
+    shortest = min(retention.jobs_s().values())
+    if math.isfinite(shortest):
+        work.append(("batches", partial(_deleted, db, "prune_batches", shortest, chunk)))
+    if math.isfinite(retention.ledger_s):
+        work.extend(
+            (kind, partial(_deleted, db, f"prune_{kind}", retention.ledger_s, chunk))
+            for kind in ("costs", "spend", "hourly_rollups")
+        )
+    return {kind: await _drain(delete_chunk, chunk, share) for kind, delete_chunk in work}
+
+
+async def _deleted(db: Executor, query: str, *args: object) -> int:
+    status = await db.execute(sql(query), *args)
+    return int(status.split()[-1])  # "DELETE n"
+
+
+async def _drain(delete_chunk: Chunk, chunk: int, busy_share: float) -> int:
+    """Runs `delete_chunk` until one deletes less than `chunk` rows, resting after each for as long as it
+    took times (1 - busy_share) / busy_share; returns how many rows went."""
     deleted = 0
     while True:
-        status = await db.execute(sql("prune_events"), retention_s, chunk)
-        count = int(status.split()[-1])  # "DELETE n"
+        started = time.monotonic()
+        count = await delete_chunk()
         deleted += count
         if count < chunk:
             return deleted
+        if busy_share < 1:
+            await asyncio.sleep((time.monotonic() - started) * (1 - busy_share) / busy_share)
 
 
 async def run(ctx: Context) -> None:
-    """Prunes at start, then every `prune_interval_s`."""
-    events = ctx.settings.events
+    """Prunes at start, then every `events.prune_interval_s` (events) and `retention.interval_s` (the
+    rest)."""
+    events, retention = ctx.settings.events, ctx.settings.retention
+    due = {"events": 0.0, "history": 0.0}
 
-    async def prune() -> None:
-        async with ctx.pool.acquire() as connection:
-            deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
-        if deleted:
-            log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
+    async def prune() -> float:
+        now = time.monotonic()
+        if now >= due["events"]:
+            async with ctx.pool.acquire() as connection:
+                deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
+            due["events"] = now + events.prune_interval_s
+            if deleted:
+                log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
+        if now >= due["history"]:
+            counts = await prune_history(ctx.pool, retention)
+            due["history"] = now + retention.interval_s
+            if any(counts.values()):
+                log.info("history.pruned", **{kind: n for kind, n in counts.items() if n})
+        return max(0.0, min(due.values()) - time.monotonic())
 
     await run_loop(
         "pruner",
         prune,
         stopping=ctx.stopping,
         wake=None,
-        idle_s=events.prune_interval_s,
+        idle_s=min(events.prune_interval_s, retention.interval_s),
         backoff=ctx.backoff,
         errors=DB_ERRORS,
     )

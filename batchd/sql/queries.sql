@@ -170,7 +170,10 @@ WITH failed AS (
            error = jsonb_build_object('type', 'invalid_request', 'message', f.message)
       FROM unnest($1::uuid[], $2::text[]) AS f (id, message)
      WHERE j.id = f.id
-    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts
+    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts, j.path, j.job_type
+), tallied AS (
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, jobs)
+    SELECT tenant_id, 'failed', coalesce(path, ''), coalesce(job_type, ''), count(*) FROM failed GROUP BY 1, 2, 3, 4
 )
 INSERT INTO batchd.events (type, tenant_id, job_id, data)
 SELECT 'job.failed', tenant_id, id,
@@ -405,7 +408,7 @@ WITH applied AS (
             AND EXISTS (SELECT 1 FROM batchd.batches AS b WHERE b.id = $1 AND b.owner = $4::text)
             OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $4::text)
        AND EXISTS (SELECT 1 FROM batchd.prices AS p WHERE p.price_set = $3::text)
-    RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type,
+    RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type, j.path,
               r.result ->> 'model' AS model
 ), billed AS MATERIALIZED (
     -- Errored, expired and canceled requests are not billed: only succeeded ones are. Cache writes are
@@ -461,7 +464,22 @@ WITH applied AS (
                END * 0.000001 AS usd
      ) AS s
     ON CONFLICT (job_id, attempt) DO NOTHING
-    RETURNING tenant_id, model, cost_usd
+    RETURNING job_id, tenant_id, model, cost_usd, sync_cost_usd, input_tokens, output_tokens,
+              cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens
+), tallied AS (
+    -- The jobs this chunk finished, and what the ledger billed for them, for the rollups (0012).
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, model, jobs, billed, input_tokens,
+                                output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
+                                cost_usd, sync_cost_usd, unpriced)
+    SELECT a.tenant_id, a.status, coalesce(a.path, ''), coalesce(a.job_type, ''), coalesce(l.model, ''),
+           count(*), count(l.job_id), coalesce(sum(l.input_tokens), 0), coalesce(sum(l.output_tokens), 0),
+           coalesce(sum(l.cache_write_5m_tokens), 0), coalesce(sum(l.cache_write_1h_tokens), 0),
+           coalesce(sum(l.cache_read_tokens), 0), coalesce(sum(l.cost_usd), 0), coalesce(sum(l.sync_cost_usd), 0),
+           count(l.job_id) FILTER (WHERE l.cost_usd IS NULL)
+      FROM applied AS a
+      LEFT JOIN ledger AS l ON l.job_id = a.id
+     WHERE a.status IN ('succeeded', 'failed')
+     GROUP BY 1, 2, 3, 4, 5
 ), spent AS (
     INSERT INTO batchd.spend (tenant_id, cost_usd)
     SELECT tenant_id, sum(cost_usd) FROM ledger GROUP BY tenant_id HAVING sum(cost_usd) > 0
@@ -491,7 +509,10 @@ WITH failed AS (
        AND (batch_id = $1 AND status = 'submitted'
             AND EXISTS (SELECT FROM batchd.batches WHERE id = $1 AND owner = $4::text)
             OR $1 IS NULL AND batch_id IS NULL AND status = 'sending' AND sync_owner = $4::text)
-    RETURNING id, tenant_id, error, attempts
+    RETURNING id, tenant_id, error, attempts, path, job_type
+), tallied AS (
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, jobs)
+    SELECT tenant_id, 'failed', coalesce(path, ''), coalesce(job_type, ''), count(*) FROM failed GROUP BY 1, 2, 3, 4
 ), failed_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
     SELECT 'job.failed', tenant_id, id, $1,
@@ -598,7 +619,11 @@ WITH expired AS (
                             least(attempts, 2147483646) + 1))
                         ELSE error END
      WHERE status = 'sending' AND sync_lease_until < now()
-    RETURNING id, tenant_id, status, metadata, error, attempts
+    RETURNING id, tenant_id, status, metadata, error, attempts, path, job_type
+), tallied AS (
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, jobs)
+    SELECT tenant_id, 'failed', coalesce(path, ''), coalesce(job_type, ''), count(*)
+      FROM expired WHERE status = 'failed' GROUP BY 1, 2, 3, 4
 ), failed AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, data)
     SELECT 'job.failed', tenant_id, id,
@@ -770,15 +795,25 @@ DROP DATABASE IF EXISTS {database} WITH (FORCE);
 INSERT INTO batchd.jobs (tenant_id, job_type, input, metadata) VALUES ($1, $2, $3, $4);
 
 -- name: usage_totals
-SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       coalesce(sum(batchd.usage_tokens(usage -> 'input_tokens')), 0) AS input_tokens,
-       coalesce(sum(batchd.usage_tokens(usage -> 'output_tokens')), 0) AS output_tokens,
+-- The demo's last line: jobs finished, tokens billed (the rollups), batches applied.
+SELECT coalesce(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::bigint AS succeeded,
+       coalesce(sum(jobs) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
+       coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
        (SELECT count(*) FROM batchd.batches WHERE status = 'applied') AS batches
-  FROM batchd.jobs;
+  FROM batchd.totals_since(NULL, NULL);
 
 -- name: status_by_tenant
-SELECT tenant_id, status, count(*) AS jobs FROM batchd.jobs GROUP BY tenant_id, status ORDER BY tenant_id, status;
+-- Jobs per tenant and status: those in flight counted (jobs_live), finished ones from the rollups.
+SELECT tenant_id, status, sum(jobs)::bigint AS jobs
+  FROM (SELECT tenant_id, status, count(*) AS jobs
+          FROM batchd.jobs
+         WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
+         GROUP BY tenant_id, status
+        UNION ALL
+        SELECT tenant_id, status, jobs FROM batchd.totals_since(NULL, NULL)) AS counted
+ GROUP BY tenant_id, status
+ ORDER BY tenant_id, status;
 
 -- name: open_batches
 SELECT id, provider_batch_id, status, request_count, request_counts, created_at, submitted_at, owner, last_error
@@ -840,30 +875,42 @@ SELECT b.id, b.provider_batch_id, b.status, count(*) AS in_flight, b.request_cou
  ORDER BY b.created_at;
 
 -- name: overview_totals
--- Finished jobs and the tokens they used, per tenant. A scan of the tenant's jobs: the dashboard asks
--- for it when it opens and every half minute, not per event. Exact at overview_head: a job whose event
--- is not yet published (it will come after the head, and the page will count it then) is left out.
+-- Finished jobs, the tokens billed for them and their cost and savings, per tenant, for all time: from the
+-- rollups (batchd.totals_since), so the history's size does not matter, less the jobs whose event is not yet
+-- published (overview_unpublished): exact at overview_head, as the page counts each event after it.
+SELECT tenant_id,
+       coalesce(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::bigint AS succeeded,
+       coalesce(sum(jobs) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(jobs) FILTER (WHERE status = 'canceled'), 0)::bigint AS canceled,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(output_tokens)::bigint AS output_tokens,
+       sum(cache_read_tokens)::bigint AS cache_read_input_tokens,
+       sum(cache_write_5m_tokens + cache_write_1h_tokens)::bigint AS cache_creation_input_tokens,
+       sum(cost_usd)::float8 AS cost_usd,
+       sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
+  FROM batchd.totals_since(NULL, $1)
+ GROUP BY tenant_id
+ ORDER BY tenant_id;
+
+-- name: overview_unpublished
+-- What overview_totals counts that the page will count again from the events after overview_head: finished
+-- jobs with an event not yet published, as the rollups counted them (their ledger row). As many as the
+-- publisher's lag, found on events_unpublished.
 SELECT j.tenant_id,
-       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'canceled') AS canceled,
-       -- batchd.usage_tokens: 0 for a count that is not a plausible number. A usage of text, or past bigint,
-       -- in one row (written by a producer before 0008) failed this statement: every tenant's dashboard.
-       coalesce(sum(batchd.usage_tokens(usage -> 'input_tokens')), 0)::bigint AS input_tokens,
-       coalesce(sum(batchd.usage_tokens(usage -> 'output_tokens')), 0)::bigint AS output_tokens,
-       coalesce(sum(batchd.usage_tokens(usage -> 'cache_read_input_tokens')), 0)::bigint
-           AS cache_read_input_tokens,
-       coalesce(sum(batchd.usage_tokens(usage -> 'cache_creation_input_tokens')), 0)::bigint
-           AS cache_creation_input_tokens,
-       -- From the ledger (a succeeded job has its one row): what it cost, and saved against the sync API.
+       count(*) FILTER (WHERE j.status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE j.status = 'failed') AS failed,
+       count(*) FILTER (WHERE j.status = 'canceled') AS canceled,
+       coalesce(sum(c.input_tokens), 0)::bigint AS input_tokens,
+       coalesce(sum(c.output_tokens), 0)::bigint AS output_tokens,
+       coalesce(sum(c.cache_read_tokens), 0)::bigint AS cache_read_input_tokens,
+       coalesce(sum(c.cache_write_5m_tokens + c.cache_write_1h_tokens), 0)::bigint AS cache_creation_input_tokens,
        coalesce(sum(c.cost_usd), 0)::float8 AS cost_usd,
        coalesce(sum(c.sync_cost_usd - c.cost_usd), 0)::float8 AS saved_usd
-  FROM batchd.jobs AS j
-  LEFT JOIN batchd.costs AS c ON c.job_id = j.id
- WHERE status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR j.tenant_id = $1)
-   AND NOT EXISTS (SELECT 1 FROM batchd.events AS e WHERE e.seq IS NULL AND e.job_id = j.id)
- GROUP BY j.tenant_id
- ORDER BY j.tenant_id;
+  FROM (SELECT DISTINCT job_id FROM batchd.events WHERE seq IS NULL AND job_id IS NOT NULL) AS e
+  JOIN batchd.jobs AS j ON j.id = e.job_id
+  LEFT JOIN batchd.costs AS c ON c.job_id = j.id AND c.attempt = j.attempts AND j.status = 'succeeded'
+ WHERE j.status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR j.tenant_id = $1)
+ GROUP BY j.tenant_id;
 
 -- name: status_summary
 -- The daemon's one-line status for systemd (STATUS=), every few seconds: two counts on partial indexes
@@ -873,10 +920,15 @@ SELECT (SELECT count(*) FROM batchd.jobs WHERE status = 'queued') AS queued,
 
 -- name: metrics_snapshot
 -- What GET /metrics reports of the database, in one statement (so one snapshot): jobs per tenant and status
--- (an index-only scan of jobs_tenant_status: its cost grows with the jobs kept, finished ones included),
--- batches per status, and the age of the job at the head of the queue (one row of the jobs_queued index).
+-- (those in flight counted on jobs_live, which holds only them; finished ones from the rollups, for all
+-- time), batches per status, and the age of the job at the head of the queue (one row of jobs_queued).
 SELECT 'jobs' AS kind, tenant_id, status, count(*) AS n, NULL::float8 AS age_s
   FROM batchd.jobs
+ WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
+ GROUP BY tenant_id, status
+UNION ALL
+SELECT 'jobs', tenant_id, status, sum(jobs)::bigint, NULL
+  FROM batchd.totals_since(NULL, NULL)
  GROUP BY tenant_id, status
 UNION ALL
 SELECT 'batches', NULL, status, count(*), NULL
@@ -952,7 +1004,10 @@ WITH clock AS (
                                                         v.name, v.reason))
       FROM verdicts AS v
      WHERE v.reason IS NOT NULL AND v.over_budget = 'fail' AND j.tenant_id = v.name AND j.status = 'queued'
-    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts
+    RETURNING j.id, j.tenant_id, j.metadata, j.error, j.attempts, j.path, j.job_type
+), tallied AS (
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, jobs)
+    SELECT tenant_id, 'failed', coalesce(path, ''), coalesce(job_type, ''), count(*) FROM failed GROUP BY 1, 2, 3, 4
 ), failed_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, data)
     SELECT 'job.failed', tenant_id, id,
@@ -995,19 +1050,19 @@ SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget,
  ORDER BY t.name;
 
 -- name: cost_report
--- `batchd report`: the ledger since $1 (null: all of it), for one tenant $2 (null: every tenant), per
--- tenant and model.
-SELECT tenant_id, model, count(*) AS jobs,
+-- `batchd report`: what was billed since the UTC hour of $1 (null: all time), for one tenant $2 (null: every
+-- tenant), per tenant and model: from the rollups (batchd.totals_since), which outlive the ledger's rows.
+SELECT tenant_id, model, sum(billed)::bigint AS jobs,
        sum(input_tokens)::bigint AS input_tokens,
        sum(output_tokens)::bigint AS output_tokens,
        sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
        sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
        sum(cache_read_tokens)::bigint AS cache_read_tokens,
-       coalesce(sum(cost_usd), 0) AS cost_usd,
-       coalesce(sum(sync_cost_usd), 0) AS sync_cost_usd,
-       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_jobs
-  FROM batchd.costs
- WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($2::text IS NULL OR tenant_id = $2)
+       sum(cost_usd) AS cost_usd,
+       sum(sync_cost_usd) AS sync_cost_usd,
+       sum(unpriced)::bigint AS unpriced_jobs
+  FROM batchd.totals_since($1, $2)
+ WHERE billed > 0
  GROUP BY tenant_id, model
  ORDER BY tenant_id, model;
 
@@ -1062,29 +1117,110 @@ SELECT l.weight, l.max_queued, l.max_in_flight,
   LEFT JOIN batchd.tenants AS t ON t.name = $1;
 -- name: cache_report
 -- `batchd report`'s prompt cache per job type (null: raw requests), with the same filters as cost_report:
--- since $1, tenant $2. The hit ratio is worked out from these sums (report.py).
-SELECT job_type, count(*) AS jobs,
+-- since the hour of $1, tenant $2. The hit ratio is worked out from these sums (report.py).
+SELECT nullif(job_type, '') AS job_type, sum(billed)::bigint AS jobs,
        sum(input_tokens)::bigint AS input_tokens,
        sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
        sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
        sum(cache_read_tokens)::bigint AS cache_read_tokens
-  FROM batchd.costs
- WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($2::text IS NULL OR tenant_id = $2)
+  FROM batchd.totals_since($1, $2)
+ WHERE billed > 0
  GROUP BY job_type
- ORDER BY job_type NULLS LAST;
+ ORDER BY nullif(job_type, '') NULLS LAST;
 
 -- name: metrics_ledger
--- What GET /metrics reports of the ledger: the whole of batchd.costs per tenant, model and path (`via`),
--- and the prompt cache's tokens per job type, in one scan (grouping sets). A scan of the whole ledger, so
--- metrics.py runs it at most once per LEDGER_TTL_S.
-SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, via, job_type, count(*) AS jobs,
+-- What GET /metrics reports of the money, for all time: per tenant, model and path, and the prompt cache's
+-- tokens per job type, in one pass over the rollups (grouping sets).
+SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, path AS via, nullif(job_type, '') AS job_type,
+       sum(billed)::bigint AS jobs,
        sum(input_tokens)::bigint AS input_tokens,
        sum(output_tokens)::bigint AS output_tokens,
        sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
        sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
        sum(cache_read_tokens)::bigint AS cache_read_tokens,
-       coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
-       coalesce(sum(sync_cost_usd), 0)::float8 AS sync_cost_usd,
-       coalesce(sum(sync_cost_usd - cost_usd), 0)::float8 AS saved_usd
-  FROM batchd.costs
- GROUP BY GROUPING SETS ((tenant_id, model, via), (job_type));
+       sum(cost_usd)::float8 AS cost_usd,
+       sum(sync_cost_usd)::float8 AS sync_cost_usd,
+       sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
+  FROM batchd.totals_since(NULL, NULL)
+ WHERE billed > 0
+ GROUP BY GROUPING SETS ((tenant_id, model, path), (job_type));
+
+-- name: lock_fold
+-- One fold at a time across every daemon (a second would only wait for the rows the first takes).
+SELECT pg_try_advisory_xact_lock(hashtext('batchd.fold'));
+
+-- name: fold_tallies
+-- Up to $1 tallies moved into the rollups, per UTC hour, per UTC day and for all time, in one statement: a
+-- tally is in exactly one of the two tables at every snapshot. The upsert goes in key order, so two folds
+-- (there is one, under lock_fold) could not deadlock. Returns how many tallies were folded.
+WITH moved AS (
+    DELETE FROM batchd.tallies
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.tallies LIMIT $1))
+    RETURNING *
+), grouped AS (
+    SELECT s.span,
+           CASE s.span WHEN 'all' THEN '-infinity'::timestamptz
+                ELSE date_trunc(s.span, m.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END AS start,
+           m.tenant_id, m.status, m.path, m.job_type, m.model, sum(m.jobs) AS jobs, sum(m.billed) AS billed,
+           sum(m.input_tokens) AS input_tokens, sum(m.output_tokens) AS output_tokens,
+           sum(m.cache_write_5m_tokens) AS cache_write_5m_tokens,
+           sum(m.cache_write_1h_tokens) AS cache_write_1h_tokens, sum(m.cache_read_tokens) AS cache_read_tokens,
+           sum(m.cost_usd) AS cost_usd, sum(m.sync_cost_usd) AS sync_cost_usd, sum(m.unpriced) AS unpriced
+      FROM moved AS m
+     CROSS JOIN (VALUES ('hour'), ('day'), ('all')) AS s (span)
+     GROUP BY 1, 2, 3, 4, 5, 6, 7
+), folded AS (
+    INSERT INTO batchd.rollups AS r
+    SELECT span, start, tenant_id, status, path, job_type, model, jobs, billed, input_tokens, output_tokens,
+           cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_usd, sync_cost_usd, unpriced
+      FROM grouped
+     ORDER BY span, start, tenant_id, status, path, job_type, model
+    ON CONFLICT (span, start, tenant_id, status, path, job_type, model) DO UPDATE
+       SET jobs = r.jobs + excluded.jobs, billed = r.billed + excluded.billed,
+           input_tokens = r.input_tokens + excluded.input_tokens,
+           output_tokens = r.output_tokens + excluded.output_tokens,
+           cache_write_5m_tokens = r.cache_write_5m_tokens + excluded.cache_write_5m_tokens,
+           cache_write_1h_tokens = r.cache_write_1h_tokens + excluded.cache_write_1h_tokens,
+           cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+           cost_usd = r.cost_usd + excluded.cost_usd, sync_cost_usd = r.sync_cost_usd + excluded.sync_cost_usd,
+           unpriced = r.unpriced + excluded.unpriced
+)
+SELECT count(*) FROM moved;
+
+
+-- name: prune_jobs
+-- One bounded chunk of the oldest jobs of status $1 finished more than $2 seconds ago (on jobs_finished),
+-- deleted. The rollups keep what they counted; a row someone holds is left for the next chunk.
+DELETE FROM batchd.jobs
+ WHERE id IN (SELECT id FROM batchd.jobs
+               WHERE status = $1 AND completed_at < now() - make_interval(secs => $2)
+               ORDER BY completed_at
+               LIMIT $3
+                 FOR UPDATE SKIP LOCKED);
+
+-- name: prune_batches
+-- One bounded chunk of finished batches made more than $1 seconds ago that no job refers to any more (their
+-- jobs were pruned, or retried elsewhere); batch_tenants goes with them.
+DELETE FROM batchd.batches
+ WHERE id IN (SELECT b.id FROM batchd.batches AS b
+               WHERE b.status IN ('applied', 'abandoned') AND b.created_at < now() - make_interval(secs => $1)
+                 AND NOT EXISTS (SELECT 1 FROM batchd.jobs AS j WHERE j.batch_id = b.id)
+               ORDER BY b.created_at
+               LIMIT $2
+                 FOR UPDATE SKIP LOCKED);
+
+-- name: prune_costs
+-- One bounded chunk of the ledger older than $1 seconds (on the BRIN index costs_at).
+DELETE FROM batchd.costs
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.costs WHERE at < now() - make_interval(secs => $1) LIMIT $2));
+
+-- name: prune_spend
+-- One bounded chunk of budget spend older than $1 seconds (on spend_at).
+DELETE FROM batchd.spend
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.spend WHERE at < now() - make_interval(secs => $1) LIMIT $2));
+
+-- name: prune_hourly_rollups
+-- One bounded chunk of hour rollups older than $1 seconds (day and all-time rollups are kept).
+DELETE FROM batchd.rollups
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.rollups
+                          WHERE span = 'hour' AND start < now() - make_interval(secs => $1) LIMIT $2));

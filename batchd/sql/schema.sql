@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0011): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0012): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -258,6 +258,52 @@ CREATE TABLE batchd.prices (
     CHECK (num_nulls(long_above, long_input, long_output, long_write_5m, long_write_1h, long_read) IN (0, 6))
 );
 
+-- What statements that finish jobs add to the rollups: one row per group per statement, in the statement
+-- that finishes them; `path` is the path the job took ('' when it never went), `model` the billed model (''
+-- when not billed); `jobs` counts jobs, `billed` ledger rows, whose tokens and USD the rest sum, `unpriced`
+-- billed rows without a price. Only ever inserted; the fold (rollups.py) moves them to batchd.rollups. [0012]
+CREATE TABLE batchd.tallies (
+    at                      timestamptz NOT NULL DEFAULT now(),
+    tenant_id               text NOT NULL,
+    status                  text NOT NULL CHECK (status IN ('succeeded', 'failed', 'canceled')),
+    path                    text NOT NULL DEFAULT '',
+    job_type                text NOT NULL DEFAULT '',
+    model                   text NOT NULL DEFAULT '',
+    jobs                    bigint NOT NULL DEFAULT 0,
+    billed                  bigint NOT NULL DEFAULT 0,
+    input_tokens            bigint NOT NULL DEFAULT 0,
+    output_tokens           bigint NOT NULL DEFAULT 0,
+    cache_write_5m_tokens   bigint NOT NULL DEFAULT 0,
+    cache_write_1h_tokens   bigint NOT NULL DEFAULT 0,
+    cache_read_tokens       bigint NOT NULL DEFAULT 0,
+    cost_usd                numeric NOT NULL DEFAULT 0,
+    sync_cost_usd           numeric NOT NULL DEFAULT 0,
+    unpriced                bigint NOT NULL DEFAULT 0
+);
+
+-- The tallies folded: per UTC hour ('hour'), per UTC day ('day') and for all time ('all', start
+-- '-infinity'). Hour rows go with the ledger's retention; day and all rows are kept. [0012]
+CREATE TABLE batchd.rollups (
+    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all')),
+    start                   timestamptz NOT NULL,
+    tenant_id               text NOT NULL,
+    status                  text NOT NULL,
+    path                    text NOT NULL,
+    job_type                text NOT NULL,
+    model                   text NOT NULL,
+    jobs                    bigint NOT NULL,
+    billed                  bigint NOT NULL,
+    input_tokens            bigint NOT NULL,
+    output_tokens           bigint NOT NULL,
+    cache_write_5m_tokens   bigint NOT NULL,
+    cache_write_1h_tokens   bigint NOT NULL,
+    cache_read_tokens       bigint NOT NULL,
+    cost_usd                numeric NOT NULL,
+    sync_cost_usd           numeric NOT NULL,
+    unpriced                bigint NOT NULL,
+    PRIMARY KEY (span, start, tenant_id, status, path, job_type, model)
+);
+
 -- The one row of each singleton table.
 INSERT INTO batchd.wakeup DEFAULT VALUES;
 INSERT INTO batchd.event_log DEFAULT VALUES;
@@ -275,7 +321,13 @@ CREATE UNIQUE INDEX jobs_idempotency_key ON batchd.jobs (tenant_id, idempotency_
 CREATE INDEX jobs_queued ON batchd.jobs (seq) WHERE status = 'queued';
 CREATE INDEX jobs_queued_deadline ON batchd.jobs (deadline) WHERE status = 'queued' AND deadline IS NOT NULL;
 CREATE INDEX jobs_batch ON batchd.jobs (batch_id) WHERE batch_id IS NOT NULL;
-CREATE INDEX jobs_tenant_status ON batchd.jobs (tenant_id, status);
+-- Jobs not finished, per tenant and status: as many entries as the work in flight (finished jobs are
+-- counted by the rollups). [0012, replacing 0001's jobs_tenant_status on every job]
+CREATE INDEX jobs_live ON batchd.jobs (tenant_id, status)
+    WHERE status IN ('queued', 'submitting', 'submitted', 'sending');
+-- The pruner reads finished jobs oldest first, per status. [0012]
+CREATE INDEX jobs_finished ON batchd.jobs (status, completed_at)
+    WHERE status IN ('succeeded', 'failed', 'canceled');
 -- The fair claim skips through this one per tenant, and reads each tenant's queue head from it. [0006]
 CREATE INDEX jobs_queued_tenant ON batchd.jobs (tenant_id, seq) WHERE status = 'queued';
 -- The sync sender's reads: queued jobs that may not batch, nearest deadline first. [0007]
@@ -293,6 +345,9 @@ CREATE INDEX events_published_at ON batchd.events (published_at);
 -- Reports read a time window; rows arrive in time order, so a BRIN index costs the apply almost nothing.
 CREATE INDEX costs_at ON batchd.costs USING brin (at);
 CREATE INDEX spend_tenant_at ON batchd.spend (tenant_id, at);
+-- The pruner deletes spend oldest first; old batches go when their jobs have gone. [0012]
+CREATE INDEX spend_at ON batchd.spend (at);
+CREATE INDEX batches_finished ON batchd.batches (created_at) WHERE status IN ('applied', 'abandoned');
 
 -- ---- views ------------------------------------------------------------------------------------------------
 
@@ -468,6 +523,49 @@ CREATE FUNCTION batchd.trusted_writer_now() RETURNS boolean LANGUAGE sql IMMUTAB
     SELECT batchd.trusted_writer(current_user)
 $$;
 
+-- What the rollups and the tallies not yet folded say, from the UTC hour of `since` on (null: all time), for
+-- one tenant (null: every tenant): the rollup rows that cover it (whole days as day rows, the hours before
+-- the first whole day as hour rows) and the tallies since that hour, unsummed. Every reader of totals
+-- reads this, so its cost is the rollups' rows, whatever the history's size. A plain SQL function, inlined
+-- into the query that calls it. [0012]
+CREATE FUNCTION batchd.totals_since(since timestamptz, tenant text)
+RETURNS TABLE (tenant_id text, status text, path text, job_type text, model text, jobs bigint, billed bigint,
+               input_tokens bigint, output_tokens bigint, cache_write_5m_tokens bigint,
+               cache_write_1h_tokens bigint, cache_read_tokens bigint, cost_usd numeric, sync_cost_usd numeric,
+               unpriced bigint)
+LANGUAGE sql STABLE AS $$
+    -- Four branches, each one range of an index; a branch whose condition on `since` is false is skipped
+    -- whole (a one-time filter), however the plan was made.
+    WITH bounds AS MATERIALIZED (
+        SELECT h.hour, CASE WHEN h.day = h.hour THEN h.day ELSE h.day + interval '1 day' END AS whole_days
+          FROM (SELECT date_trunc('hour', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
+                       date_trunc('day', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day) AS h
+    ), rows AS (
+        SELECT r.* FROM batchd.rollups AS r
+         WHERE since IS NULL AND r.span = 'all' AND r.start = '-infinity'
+           AND (tenant IS NULL OR r.tenant_id = tenant)
+        UNION ALL
+        SELECT r.* FROM batchd.rollups AS r
+         WHERE since IS NOT NULL AND r.span = 'day' AND r.start >= (SELECT whole_days FROM bounds)
+           AND (tenant IS NULL OR r.tenant_id = tenant)
+        UNION ALL
+        SELECT r.* FROM batchd.rollups AS r
+         WHERE since IS NOT NULL AND r.span = 'hour' AND r.start >= (SELECT hour FROM bounds)
+           AND r.start < (SELECT whole_days FROM bounds) AND (tenant IS NULL OR r.tenant_id = tenant)
+    )
+    SELECT r.tenant_id, r.status, r.path, r.job_type, r.model, r.jobs, r.billed, r.input_tokens, r.output_tokens,
+           r.cache_write_5m_tokens, r.cache_write_1h_tokens, r.cache_read_tokens, r.cost_usd, r.sync_cost_usd,
+           r.unpriced
+      FROM rows AS r
+    UNION ALL
+    SELECT t.tenant_id, t.status, t.path, t.job_type, t.model, t.jobs, t.billed, t.input_tokens, t.output_tokens,
+           t.cache_write_5m_tokens, t.cache_write_1h_tokens, t.cache_read_tokens, t.cost_usd, t.sync_cost_usd,
+           t.unpriced
+      FROM batchd.tallies AS t
+     WHERE (tenant IS NULL OR t.tenant_id = tenant)
+       AND (since IS NULL OR t.at >= (SELECT hour FROM bounds))
+$$;
+
 -- ---- triggers ---------------------------------------------------------------------------------------------
 
 -- INSERT on batchd.jobs, once per statement: refuses jobs past a tenant's max_queued, and notifies
@@ -621,13 +719,15 @@ CREATE TRIGGER jobs_status_changed BEFORE UPDATE OF status ON batchd.jobs
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION batchd.jobs_status_changed();
 
--- A cancel's event. [0004]
+-- A cancel's event, and its tally. [0004, 0012]
 CREATE FUNCTION batchd.jobs_canceled() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO batchd.events (type, tenant_id, job_id, data)
     VALUES ('job.canceled', NEW.tenant_id, NEW.id,
             jsonb_build_object('status', 'canceled', 'metadata', NEW.metadata));
+    INSERT INTO batchd.tallies (tenant_id, status, path, job_type, jobs)
+    VALUES (NEW.tenant_id, 'canceled', coalesce(NEW.path, ''), coalesce(NEW.job_type, ''), 1);
     PERFORM pg_notify('batchd_events', '');
     RETURN NULL;
 END
