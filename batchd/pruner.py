@@ -80,32 +80,27 @@ async def _drain(delete_chunk: Chunk, chunk: int, busy_share: float) -> int:
 
 
 async def run(ctx: Context) -> None:
-    """Prunes at start, then every `events.prune_interval_s` (events) and `retention.interval_s` (the
-    rest)."""
+    """Prunes events at start and every `events.prune_interval_s`, and the rest at start and every
+    `retention.interval_s`: two loops, so that a long history prune never holds up the events'."""
     events, retention = ctx.settings.events, ctx.settings.retention
-    due = {"events": 0.0, "history": 0.0}
 
-    async def prune() -> float:
-        now = time.monotonic()
-        if now >= due["events"]:
-            async with ctx.pool.acquire() as connection:
-                deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
-            due["events"] = now + events.prune_interval_s
-            if deleted:
-                log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
-        if now >= due["history"]:
-            counts = await prune_history(ctx.pool, retention)
-            due["history"] = now + retention.interval_s
-            if any(counts.values()):
-                log.info("history.pruned", **{kind: n for kind, n in counts.items() if n})
-        return max(0.0, min(due.values()) - time.monotonic())
+    async def prune_old_events() -> None:
+        async with ctx.pool.acquire() as connection:
+            deleted = await prune_events(connection, events.retention_s, events.prune_chunk)
+        if deleted:
+            log.info("events.pruned", deleted=deleted, retention_s=events.retention_s)
 
-    await run_loop(
-        "pruner",
-        prune,
-        stopping=ctx.stopping,
-        wake=None,
-        idle_s=min(events.prune_interval_s, retention.interval_s),
-        backoff=ctx.backoff,
-        errors=DB_ERRORS,
+    async def prune_old_history() -> None:
+        counts = await prune_history(ctx.pool, retention)
+        if any(counts.values()):
+            log.info("history.pruned", **{kind: n for kind, n in counts.items() if n})
+
+    def loop(name: str, step: Callable[[], Awaitable[None]], idle_s: float) -> Awaitable[None]:
+        return run_loop(
+            name, step, stopping=ctx.stopping, wake=None, idle_s=idle_s, backoff=ctx.backoff, errors=DB_ERRORS
+        )
+
+    await asyncio.gather(
+        loop("pruner", prune_old_events, events.prune_interval_s),
+        loop("retention", prune_old_history, retention.interval_s),
     )

@@ -12,7 +12,7 @@ import pytest
 import structlog
 from support import make_settings, wait_until
 
-from batchd import aio, pruner, store
+from batchd import aio, pruner, rollups, store
 from batchd.backoff import JITTER, Backoff
 from batchd.context import Context
 from batchd.events import EventHub
@@ -206,6 +206,8 @@ async def test_every_loop_of_the_daemon_stops_at_once_when_it_is_stopping(
         "http://127.0.0.1:9",  # never called: nothing is queued
         daemon={"sweep_interval_s": LONG_S, "lease_s": 3 * LONG_S},
         events={"poll_interval_s": LONG_S, "prune_interval_s": LONG_S},
+        retention={"interval_s": LONG_S},
+        rollups={"fold_interval_s": LONG_S},
     )
     pool = await store.create_pool(database_url, min_size=1, max_size=8)
     provider = Provider("test-key", base_url="http://127.0.0.1:9", limiter=RateLimiter(60), timeout_s=1)
@@ -217,14 +219,15 @@ async def test_every_loop_of_the_daemon_stops_at_once_when_it_is_stopping(
         "supervisor": Supervisor(ctx).run(),
         "publisher": Publisher(ctx).run(),
         "events": hub.run(ctx.stopping, ctx.backoff),
-        "pruner": pruner.run(ctx),
+        "pruner": pruner.run(ctx),  # two loops: events, and the rest (retention)
+        "rollups": rollups.run(ctx),
     }
     tasks: list[asyncio.Task[Any]] = []
     try:
         await hub.start()
         tasks = [asyncio.create_task(_as_coroutine(loop), name=name) for name, loop in loops.items()]
-        # Every loop has looked once and waits its hour.
-        await wait_until(lambda: _true(sum(w >= LONG_S for w in waits) == len(loops)), timeout=SLACK_S)
+        # Every loop has looked once and waits its hour (the pruner's task runs two loops).
+        await wait_until(lambda: _true(sum(w >= LONG_S for w in waits) == len(loops) + 1), timeout=SLACK_S)
         ctx.stopping.set()
         _, pending = await asyncio.wait(tasks, timeout=SLACK_S)
         assert not pending, sorted(task.get_name() for task in pending)
