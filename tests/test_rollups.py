@@ -101,7 +101,7 @@ async def assert_exact(db: Any) -> None:
 
 async def totals(db: Any) -> dict[tuple[str, ...], tuple[Decimal, ...]]:
     """All-time totals as every reader sees them (batchd.totals_since)."""
-    sums = defaultdict(lambda: [Decimal(0)] * len(SUMS))
+    sums: defaultdict[tuple[str, ...], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * len(SUMS))
     for row in await db.fetch("SELECT * FROM batchd.totals_since(NULL, NULL)"):
         key = tuple(row[name] for name in KEY)
         for i, name in enumerate(SUMS):
