@@ -84,6 +84,9 @@ def _sum(rows: list[dict[str, Any]], **labels: Any) -> dict[str, Any]:
 async def collect(
     connection: Connection, since: datetime | None = None, tenant: str | None = None
 ) -> dict[str, Any]:
+    if since is not None:
+        # The rollups count by UTC hour: the report starts at the hour `since` falls in, and says so.
+        since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     rows = [_with_savings(dict(row)) for row in await connection.fetch(sql("cost_report"), since, tenant)]
     tenants = sorted({row["tenant_id"] for row in rows})
     cache = [_cache_row(dict(row)) for row in await connection.fetch(sql("cache_report"), since, tenant)]

@@ -182,16 +182,16 @@ async def overview(request: web.Request) -> web.Response:
 
 
 def _less(totals: list[asyncpg.Record], unpublished: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    """Each tenant's totals less what the page will count again from the events after the overview's head."""
+    """Each tenant's totals less what the page will count again from the events after the overview's head;
+    a tenant left with no finished job is left out, as one with none."""
     less = {row["tenant_id"]: row for row in unpublished}
     rows = []
     for row in totals:
-        minus = less.get(row["tenant_id"])
-        if minus is None:
-            rows.append(dict(row))
-        else:
-            less_row = {key: v if key == "tenant_id" else v - minus[key] for key, v in row.items()}
-            rows.append(less_row)
+        kept = dict(row)
+        if (minus := less.get(row["tenant_id"])) is not None:
+            kept = {key: value if key == "tenant_id" else value - minus[key] for key, value in kept.items()}
+        if kept["succeeded"] or kept["failed"] or kept["canceled"]:
+            rows.append(kept)
     return rows
 
 

@@ -14,11 +14,22 @@ from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_aged, wait_for_jo
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
+# A job finished as apply_results finishes one: the job, its ledger row, its tally (what the rollups count)
+# and its event, in one statement.
 FINISHED_JOB = """
 WITH job AS (
     INSERT INTO batchd.jobs (tenant_id, request, status, completed_at, usage)
     VALUES ('acme', '{}', 'succeeded', now(), '{"input_tokens": 10, "output_tokens": 20}')
     RETURNING id, tenant_id
+), ledger AS (
+    INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, input_tokens, output_tokens,
+                              cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_usd,
+                              sync_cost_usd)
+    SELECT id, 0, tenant_id, 'claude-sonnet-4-5', 10, 20, 0, 0, 0, 0.000165, 0.00033 FROM job
+), tally AS (
+    INSERT INTO batchd.tallies (tenant_id, status, model, jobs, billed, input_tokens, output_tokens, cost_usd,
+                                sync_cost_usd)
+    VALUES ('acme', 'succeeded', 'claude-sonnet-4-5', 1, 1, 10, 20, 0.000165, 0.00033)
 )
 INSERT INTO batchd.events (type, tenant_id, job_id, data)
 SELECT 'job.succeeded', tenant_id, id, '{"status": "succeeded"}' FROM job
