@@ -19,9 +19,9 @@ import asyncpg
 import pytest
 from support import insert_raw
 
-from batchd import pruner, results, rollups
+from batchd import migrate, pruner, results, rollups
 from batchd.config import RetentionSettings, Settings
-from batchd.store import create_pool, sql
+from batchd.store import create_pool, init_connection, sql
 
 OWNER = "batchd-test00000000"
 TENANTS = ("acme", "globex", "initech")
@@ -399,3 +399,50 @@ async def test_pruning_deletes_only_what_is_past_its_retention_and_the_totals_st
 def test_the_ledger_is_kept_at_least_a_month_for_the_budgets() -> None:
     with pytest.raises(ValueError, match="greater than or equal"):
         RetentionSettings(ledger_s=DAY_S)
+
+
+# A history as batchd before 0012 left it: finished jobs over ten days, each succeeded one with its ledger row
+# (some unpriced), and jobs still in flight.
+OLD_HISTORY = """
+INSERT INTO batchd.jobs (tenant_id, request, job_type, input)
+SELECT (ARRAY['acme', 'globex', 'initech'])[1 + i % 3],
+       CASE WHEN i % 4 = 0 THEN NULL ELSE '{"model": "m", "max_tokens": 1, "messages": [1]}'::jsonb END,
+       CASE WHEN i % 4 = 0 THEN 'summarize' END, CASE WHEN i % 4 = 0 THEN '{}'::jsonb END
+  FROM generate_series(1, 400) AS i;
+UPDATE batchd.jobs
+   SET status = (ARRAY['succeeded', 'succeeded', 'failed', 'canceled', 'queued'])[1 + seq % 5],
+       path = (ARRAY['batch', 'sync', NULL])[1 + seq % 3],
+       completed_at = now() - make_interval(hours => ((seq * 7) % 240)::integer);
+"""
+OLD_LEDGER = """
+INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, job_type, batch_id, via, at, input_tokens,
+                          output_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens,
+                          cost_usd, sync_cost_usd)
+SELECT id, attempts, tenant_id, (ARRAY['claude-sonnet-4-5', 'claude-haiku-4-5'])[1 + seq % 2], job_type, NULL,
+       coalesce(path, 'batch'), completed_at, seq * 3, seq, seq % 7, seq % 5, seq % 11,
+       CASE WHEN seq % 9 = 0 THEN NULL ELSE seq * 0.000001 END, seq * 0.000002
+  FROM batchd.jobs
+ WHERE status = 'succeeded'
+"""
+
+
+async def test_the_upgrade_to_0012_tallies_the_history_so_far(blank_database_url: str) -> None:
+    connection = await asyncpg.connect(blank_database_url)
+    try:
+        await init_connection(connection)
+        await connection.execute(sql("create_migrations_table"))
+        for migration in (m for m in migrate.shipped_migrations() if m.version < 12):
+            await connection.execute(migration.text)
+            await connection.execute(
+                sql("record_migration"), migration.version, migration.name, migration.checksum
+            )
+        await connection.execute(OLD_HISTORY)
+        await connection.execute(OLD_LEDGER)
+        assert [m.version for m in await migrate.migrate(connection)] == [12]
+        assert await connection.fetchval("SELECT count(*) FROM batchd.rollups") == 0, "the daemon folds"
+        await assert_exact(connection)
+        await rollups.fold(connection, 50)
+        assert await connection.fetchval("SELECT count(*) FROM batchd.tallies") == 0
+        await assert_exact(connection)
+    finally:
+        await connection.close()
