@@ -65,18 +65,25 @@ async def _deleted(db: Executor, query: str, *args: object) -> int:
     return int(status.split()[-1])  # "DELETE n"
 
 
-async def _drain(delete_chunk: Chunk, chunk: int, busy_share: float) -> int:
+async def _drain(
+    delete_chunk: Chunk,
+    chunk: int,
+    busy_share: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rest: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
     """Runs `delete_chunk` until one deletes less than `chunk` rows, resting after each for as long as it
     took times (1 - busy_share) / busy_share; returns how many rows went."""
     deleted = 0
     while True:
-        started = time.monotonic()
+        started = clock()
         count = await delete_chunk()
         deleted += count
         if count < chunk:
             return deleted
         if busy_share < 1:
-            await asyncio.sleep((time.monotonic() - started) * (1 - busy_share) / busy_share)
+            await rest((clock() - started) * (1 - busy_share) / busy_share)
 
 
 async def run(ctx: Context) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from support import EmulatorHandle, wait_until
 
+from batchd import pruner
 from batchd.pruner import prune_events
 from batchd.publisher import publish
 from batchd.store import sql
@@ -91,3 +92,22 @@ async def test_unpublished_events_are_never_pruned(db: Any) -> None:
     )
     assert await prune_events(db, retention_s=60, chunk=100) == 0
     assert await db.fetchval("SELECT count(*) FROM batchd.events") == 1
+
+
+async def test_the_history_pruner_rests_between_chunks_for_its_busy_share() -> None:
+    """With busy_share 0.25, each full chunk that took t seconds is followed by a rest of 3t; the last
+    chunk (not full) ends the drain without a rest."""
+    clock = [0.0]
+    rests: list[float] = []
+    sizes = iter([10, 10, 10, 4])
+
+    async def delete_chunk() -> int:
+        clock[0] += 0.2  # each statement takes 0.2 s
+        return next(sizes)
+
+    async def rest(seconds: float) -> None:
+        rests.append(round(seconds, 9))
+
+    drained = await pruner._drain(delete_chunk, chunk=10, busy_share=0.25, clock=lambda: clock[0], rest=rest)
+    assert drained == 34
+    assert rests == [0.6, 0.6, 0.6]
