@@ -423,6 +423,12 @@ REFUSED = [
     "SELECT 1 FROM batchd.tenants",
     "SELECT 1 FROM batchd.tokens",
     "SELECT 1 FROM batchd.migrations",
+    # The rollups hold every tenant's money, and a forged tally would change what every reader shows.
+    "SELECT 1 FROM batchd.rollups",
+    "SELECT 1 FROM batchd.tallies",
+    "SELECT * FROM batchd.totals_since(NULL, NULL)",
+    "INSERT INTO batchd.tallies (tenant_id, status, jobs, cost_usd) VALUES ('acme', 'succeeded', 1, 1e9)",
+    "DELETE FROM batchd.rollups",
     "INSERT INTO batchd.events (type) VALUES ('job.succeeded')",
     "INSERT INTO batchd.tenants (name) VALUES ('mine')",
     "UPDATE batchd.wakeup SET armed = true",
@@ -476,6 +482,8 @@ async def test_a_producer_is_refused_everything_else(deployment: Deployment, db:
     changed = {key for key in before if before[key] != after[key]}
     assert changed == {"status", "completed_at", "updated_at"}, "only the cancel went through"
     assert await db.fetchval("SELECT count(*) FROM batchd.events") == 1
+    # Counted by the cancel's trigger, as batchd's owner: the producer needs no right on the rollups.
+    assert await db.fetchval("SELECT jobs FROM batchd.tallies WHERE status = 'canceled'") == 1
 
 
 # -- row-level security --------------------------------------------------------------------------------------
