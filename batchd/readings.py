@@ -171,7 +171,8 @@ class Readings:
         http = http or HttpSettings()
         self.database_errors = Counter(
             "batchd_metrics_database_errors",
-            "Scrapes whose database query failed (the database's metrics are then left out of the scrape).",
+            "Readings of the database for the metrics that failed (their metrics are left out of the scrapes "
+            "until the next reading).",
             registry=registry,
         )
         registry.register(_DatabaseCollector(self))
