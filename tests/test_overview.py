@@ -19,15 +19,39 @@ from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 from batchd.tenants import add_tenant
 
+# A job finished as the daemon finishes one: its row, its ledger row and its tally in the statement that
+# finishes it, and its event (not yet published).
 FINISHED_JOB = """
 WITH job AS (
     INSERT INTO batchd.jobs (tenant_id, request, status, completed_at, usage)
     VALUES ('acme', '{}', 'succeeded', now(), '{"input_tokens": 10, "output_tokens": 20}')
-    RETURNING id, tenant_id
+    RETURNING id, tenant_id, attempts
+), ledger AS (
+    INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, input_tokens, output_tokens,
+                              cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_usd,
+                              sync_cost_usd)
+    SELECT id, attempts, tenant_id, 'm', 10, 20, 0, 0, 0, 0.5, 1 FROM job
+), tally AS (
+    INSERT INTO batchd.tallies (tenant_id, status, path, model, jobs, billed, input_tokens, output_tokens,
+                                cost_usd, sync_cost_usd)
+    SELECT tenant_id, 'succeeded', 'batch', 'm', 1, 1, 10, 20, 0.5, 1 FROM job
 )
 INSERT INTO batchd.events (type, tenant_id, job_id, data)
 SELECT 'job.succeeded', tenant_id, id, '{"status": "succeeded"}' FROM job
 """
+
+
+TOTAL_FIELDS = (
+    "succeeded",
+    "failed",
+    "canceled",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "cost_usd",
+    "saved_usd",
+)
 
 
 @pytest.fixture
@@ -72,7 +96,11 @@ async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_i
         finally:
             await holder.close()
         assert before["last_event_id"] == 0
-        assert before["totals"] == [], "its event comes after the snapshot's id: the page counts it then"
+        # Its event comes after the snapshot's id: the page counts it then, so the snapshot does not.
+        (zeros,) = before["totals"]
+        assert {key: value for key, value in zeros.items() if key != "tenant_id"} == dict.fromkeys(
+            TOTAL_FIELDS, 0
+        )
 
         async def published() -> bool:
             return bool(await db.fetchval("SELECT published_seq = 1 FROM batchd.event_log"))
@@ -84,6 +112,8 @@ async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_i
         assert totals["succeeded"] == 1
         assert totals["input_tokens"] == 10, "numbers, not strings"
         assert totals["output_tokens"] == 20
+        assert totals["cost_usd"] == 0.5
+        assert totals["saved_usd"] == 0.5
         assert daemon.hub is not None
 
 
