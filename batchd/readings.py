@@ -89,6 +89,9 @@ class Reading(Generic[T]):
 
     async def _take(self, pool: asyncpg.Pool) -> T | None:
         self.queries += 1
+        # Nobody reads the value while this runs (it is stale: they await this task); whatever ends the
+        # reading other than its result leaves None, never the last interval's numbers.
+        self.value = None
         try:
             async with (
                 asyncio.timeout(self.timeout_s * BACKSTOP_FACTOR + BACKSTOP_EXTRA_S),
@@ -98,7 +101,6 @@ class Reading(Generic[T]):
                 await connection.execute(sql("reading_timeout"), f"{max(1, round(self.timeout_s * 1000))}ms")
                 self.value = await self._read(connection)
         except DB_ERRORS as error:
-            self.value = None
             if self._on_error is not None:
                 self._on_error()
             log.warning("readings.failed", reading=self.kind, error=str(error) or type(error).__name__)
