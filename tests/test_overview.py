@@ -353,3 +353,38 @@ async def ask(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int
     async with session.get(f"{url}/v1/overview", headers={"Authorization": f"Bearer {token}"}) as response:
         body: dict[str, Any] = await response.json()
         return response.status, body
+
+
+async def test_an_asker_that_leaves_does_not_end_the_reading_the_others_await(
+    db: Any, tokens: dict[str, str], daemon_settings: Any, session: aiohttp.ClientSession, database_url: str
+) -> None:
+    daemon = Daemon(daemon_settings(http={"overview_interval_s": 60}), admin_token=ADMIN_TOKEN)
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+        holder = await asyncpg.connect(database_url)
+        try:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE batchd.rollups IN ACCESS EXCLUSIVE MODE")
+            leaving = asyncio.create_task(ask(session, url, tokens["globex"]))
+            staying = asyncio.create_task(ask(session, url, tokens["acme"]))
+
+            async def reading_waits() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'batchd.rollups'::regclass"
+                        " AND NOT granted AND mode = 'AccessShareLock')"
+                    )
+                )
+
+            await wait_until(reading_waits)
+            leaving.cancel()  # its connection closes: the daemon cancels its handler
+            await asyncio.gather(leaving, return_exceptions=True)
+            await locked.rollback()
+        finally:
+            await holder.close()
+        status, body = await asyncio.wait_for(staying, 10)
+        assert status == 200, body
+        assert body["tenant"] == "acme"
+        assert daemon.readings.overview_queries == 1, "the reading went on for the one that stayed"
