@@ -238,6 +238,25 @@ class HttpSettings(_Section):
         description="how long a browser keeps the dashboard's cookie (Max-Age); then the page asks for the "
         "token again",
     )
+    overview_interval_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="GET /v1/overview reads the database at most once per this, for every asker at once",
+    )
+    overview_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="the overview's reading is cancelled by the database after this",
+    )
+    metrics_interval_s: float = Field(
+        default=1.5,
+        ge=0,
+        description="GET /metrics reads the database's counts and the ledger at most once per this",
+    )
+    metrics_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="each of the metrics' readings is cancelled after this"
+    )
 
 
 class TenantLimits(_Section):

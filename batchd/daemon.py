@@ -70,7 +70,7 @@ class Daemon:
         self.hub: EventHub | None = None
         self.http_url: str | None = None
         self.metrics = Metrics()  # this daemon's own registry, served at GET /metrics
-        self.readings = Readings(self.metrics.registry)  # what the database says, read at scrape time
+        self.readings = Readings(self.metrics.registry, settings.http)  # the database's, read when asked
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""

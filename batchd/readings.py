@@ -1,15 +1,21 @@
-"""The database's side of GET /metrics: what batchd.jobs, batchd.batches and the cost ledger say, read at
-scrape time and kept for a while, so that a storm of scrapes costs one query per TTL (metrics.py holds the
+"""The database's readings for the HTTP server: what GET /metrics and GET /v1/overview report of
+batchd.jobs, batchd.batches, the rollups and the event log. Each kind of reading is taken at most once per
+interval per daemon, whatever the number of scrapers and dashboards: the first request after the interval
+starts it, every request meanwhile awaits that same reading, and all share its result until the interval
+has passed again. Each runs in a transaction of its own with a statement timeout set there (SET LOCAL), so
+the database ends a reading stuck behind a lock; a failure (the timeout, the database away) is kept for the
+interval too, so a storm against a sick database costs one try per interval (metrics.py holds the
 instruments the parts update; this module, what is read from the database).
 
-- The queue and the batches, read with one query (`metrics_snapshot`): jobs per tenant and status, batches
-  per status, the age of the queue's head. It is kept for `SNAPSHOT_TTL_S`, and one scrape at a time runs
-  it. These are database-wide: every daemon on the database reports the same values (aggregate them with
-  max, not sum).
-- The cost ledger's totals, read the same way with one more query (`metrics_ledger`): what `batchd report`
-  shows for all time per tenant and model (jobs, tokens, cost, saved), and the prompt cache per job type.
-  That query scans the whole ledger, which only grows, and its numbers move only when a batch's results
-  are applied, so it is kept longer: `LEDGER_TTL_S`. Database-wide too.
+- The queue and the batches (`metrics_snapshot`), one query: jobs per tenant and status, batches per
+  status, the age of the queue's head. Database-wide: every daemon on the database reports the same values
+  (aggregate them with max, not sum).
+- The money (`metrics_ledger`), one query over the rollups: what `batchd report` shows for all time per
+  tenant and model (jobs, tokens, cost, saved), and the prompt cache per job type. Database-wide too.
+  Both metrics readings follow `[http] metrics_interval_s` and `metrics_timeout_s`.
+- The dashboard's overview (`overview_*`), five queries in one REPEATABLE READ snapshot, read for every
+  tenant at once (the admin's view); each request then takes its principal's share of it (`Overview.view`).
+  `[http] overview_interval_s` and `overview_timeout_s`.
 
 Tenants are a label of `batchd_jobs`: one series per tenant and status. Past `MAX_TENANTS` tenants, the
 tenants with the fewest jobs are summed into one series with an empty tenant label (no tenant is named "":
@@ -22,29 +28,86 @@ import asyncio
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
 
 import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .config import HttpSettings
 from .report import cache_hit_ratio
 from .statuses import BATCH_STATUSES, JOB_STATUSES
-from .store import DB_ERRORS, sql
+from .store import DB_ERRORS, Connection, sql
 
 log = structlog.get_logger("batchd.readings")
 
-SNAPSHOT_TTL_S = 1.5
-SNAPSHOT_TIMEOUT_S = 5.0
-# The ledger query scans every row of batchd.costs (about 235 ms per 200,000 rows on a 2-core machine):
-# once a minute, with a timeout of its own, lets the ledger grow to millions of rows before it matters.
-LEDGER_TTL_S = 60.0
-LEDGER_TIMEOUT_S = 30.0
+T = TypeVar("T")
+# The database ends a stuck reading at its statement timeout; this waits longer, on the client, only for a
+# database that does not answer at all (a connection that hangs, a pool with no connection to give).
+BACKSTOP_FACTOR = 2.0
+BACKSTOP_EXTRA_S = 1.0
 TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 PROMPT_KINDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 MAX_TENANTS = 500
+
+
+class Reading(Generic[T]):
+    """One kind of reading: taken at most once per `interval_s` (counted from the end of the last one), one
+    at a time, shared by every request that asks meanwhile; None while the last one failed."""
+
+    def __init__(
+        self,
+        kind: str,
+        read: Callable[[Connection], Awaitable[T]],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        isolation: Literal["read_committed", "repeatable_read"] = "read_committed",
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.queries = 0  # readings attempted, failed ones included
+        self.value: T | None = None
+        self._read = read
+        self._isolation = isolation
+        self._on_error = on_error
+        self._at = -math.inf
+        self._task: asyncio.Task[T | None] | None = None
+
+    async def get(self, pool: asyncpg.Pool) -> T | None:
+        if time.monotonic() - self._at < self.interval_s:
+            return self.value
+        if self._task is None:
+            self._task = asyncio.create_task(self._take(pool), name=f"reading-{self.kind}")
+        # Shielded: a request that goes away (its handler cancelled) must not end the others' reading.
+        return await asyncio.shield(self._task)
+
+    async def _take(self, pool: asyncpg.Pool) -> T | None:
+        self.queries += 1
+        # Nobody reads the value while this runs (it is stale: they await this task); whatever ends the
+        # reading other than its result leaves None, never the last interval's numbers.
+        self.value = None
+        try:
+            async with (
+                asyncio.timeout(self.timeout_s * BACKSTOP_FACTOR + BACKSTOP_EXTRA_S),
+                pool.acquire() as connection,
+                connection.transaction(isolation=self._isolation, readonly=True),
+            ):
+                await connection.execute(sql("reading_timeout"), f"{max(1, round(self.timeout_s * 1000))}ms")
+                self.value = await self._read(connection)
+        except DB_ERRORS as error:
+            if self._on_error is not None:
+                self._on_error()
+            log.warning("readings.failed", reading=self.kind, error=str(error) or type(error).__name__)
+        finally:
+            self._at = time.monotonic()
+            self._task = None
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -75,62 +138,167 @@ class Ledger:
     job_types: dict[str, Billed] = field(default_factory=dict)  # job type ("": raw requests)
 
 
-class Readings:
-    """The database's last readings, as the registry they are registered on shows them at each scrape."""
+@dataclass(frozen=True)
+class View:
+    """One principal's share of an overview: what GET /v1/overview answers besides who asked."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    last_event_id: int
+    queued: list[dict[str, Any]] = field(default_factory=list)
+    open_batches: list[dict[str, Any]] = field(default_factory=list)
+    totals: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The dashboard's snapshot for every tenant at once, split at reading time into the admin's view and
+    each tenant's, so a request only picks its own."""
+
+    admin: View
+    tenants: dict[str, View]  # those with a row in any of the views
+    tenant_heads: dict[str, int]  # each tenant's last event id
+    tenant_base: int  # the last event id of a tenant that has had no event yet
+
+    def view(self, tenant_id: str | None) -> View:
+        """The admin's view (tenant_id None) or a tenant's: its own rows only, and its own event id."""
+        if tenant_id is None:
+            return self.admin
+        return self.tenants.get(tenant_id) or View(self.tenant_heads.get(tenant_id, self.tenant_base))
+
+
+class Readings:
+    """The database's last readings: the metrics' (as the registry they are registered on shows them at each
+    scrape) and the overview's."""
+
+    def __init__(self, registry: CollectorRegistry, http: HttpSettings | None = None) -> None:
+        http = http or HttpSettings()
         self.database_errors = Counter(
             "batchd_metrics_database_errors",
-            "Scrapes whose database query failed (the database's metrics are then left out of the scrape).",
+            "Readings of the database for the metrics that failed (their metrics are left out of the scrapes "
+            "until the next reading).",
             registry=registry,
         )
         registry.register(_DatabaseCollector(self))
         registry.register(_LedgerCollector(self))
         self.snapshot: Snapshot | None = None
-        self.snapshot_queries = 0
-        self._snapshot_at = -math.inf
-        self._snapshot_lock = asyncio.Lock()
         self.ledger: Ledger | None = None
-        self.ledger_queries = 0
-        self._ledger_at = -math.inf
+        self._snapshot = Reading(
+            "metrics_snapshot",
+            _read_snapshot,
+            interval_s=http.metrics_interval_s,
+            timeout_s=http.metrics_timeout_s,
+            on_error=self.database_errors.inc,
+        )
+        self._ledger = Reading(
+            "metrics_ledger",
+            _read_ledger,
+            interval_s=http.metrics_interval_s,
+            timeout_s=http.metrics_timeout_s,
+            on_error=self.database_errors.inc,
+        )
+        self._overview = Reading(
+            "overview",
+            _read_overview,
+            interval_s=http.overview_interval_s,
+            timeout_s=http.overview_timeout_s,
+            isolation="repeatable_read",
+        )
+
+    @property
+    def snapshot_queries(self) -> int:
+        return self._snapshot.queries
+
+    @property
+    def ledger_queries(self) -> int:
+        return self._ledger.queries
+
+    @property
+    def overview_queries(self) -> int:
+        return self._overview.queries
+
+    @property
+    def overview_interval_s(self) -> float:
+        return self._overview.interval_s
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
-        """Reads the database's view unless the last read is fresh; one read at a time."""
-        if self._fresh():
-            return
-        async with self._snapshot_lock:
-            if self._fresh():
-                return  # another scrape read it while this one waited
-            self.snapshot_queries += 1
-            try:
-                rows = await pool.fetch(sql("metrics_snapshot"), timeout=SNAPSHOT_TIMEOUT_S)
-            except DB_ERRORS as error:
-                # A failure is kept for the TTL too: a storm against a sick database costs one try per TTL.
-                self.snapshot = None
-                self.database_errors.inc()
-                log.warning("metrics.database_error", error=str(error) or type(error).__name__)
-            else:
-                self.snapshot = _snapshot(rows)
-            self._snapshot_at = time.monotonic()
-            if self.snapshot is None:
-                self.ledger = None  # the database is away: no stale money either
-            elif time.monotonic() - self._ledger_at >= LEDGER_TTL_S:
-                await self._refresh_ledger(pool)
+        """Brings the metrics' readings up to date (each unless its last is fresh), side by side."""
+        self.snapshot, self.ledger = await asyncio.gather(self._snapshot.get(pool), self._ledger.get(pool))
 
-    async def _refresh_ledger(self, pool: asyncpg.Pool) -> None:
-        self.ledger_queries += 1
-        try:
-            rows = await pool.fetch(sql("metrics_ledger"), timeout=LEDGER_TIMEOUT_S)
-        except DB_ERRORS as error:
-            self.ledger = None
-            self.database_errors.inc()
-            log.warning("metrics.database_error", error=str(error) or type(error).__name__)
+    async def overview(self, pool: asyncpg.Pool) -> Overview | None:
+        """The last overview, read anew when it is older than its interval; None when that reading failed."""
+        return await self._overview.get(pool)
+
+
+async def _read_snapshot(connection: Connection) -> Snapshot:
+    return _snapshot(await connection.fetch(sql("metrics_snapshot")))
+
+
+async def _read_ledger(connection: Connection) -> Ledger:
+    return _ledger(await connection.fetch(sql("metrics_ledger")))
+
+
+async def _read_overview(connection: Connection) -> Overview:
+    heads = await connection.fetch(sql("overview_heads"))  # first: the snapshot is taken at it
+    queued = await connection.fetch(sql("overview_queued"))
+    batches = await connection.fetch(sql("overview_batches"))
+    totals = await connection.fetch(sql("overview_totals"))
+    unpublished = await connection.fetch(sql("overview_unpublished"))
+    return _overview(heads, queued, batches, _less(totals, unpublished))
+
+
+def _overview(
+    heads: Iterable[asyncpg.Record],
+    queued: Iterable[asyncpg.Record],
+    batches: Iterable[asyncpg.Record],
+    totals: list[dict[str, Any]],
+) -> Overview:
+    head = base = 0
+    tenant_heads: dict[str, int] = {}
+    for row in heads:
+        if row["tenant_id"] is None:
+            head, base = row["head"], row["base"]
         else:
-            self.ledger = _ledger(rows)
-        self._ledger_at = time.monotonic()
+            tenant_heads[row["tenant_id"]] = row["head"]
+    admin = View(head)
+    tenants: dict[str, View] = {}
 
-    def _fresh(self) -> bool:
-        return time.monotonic() - self._snapshot_at < SNAPSHOT_TTL_S
+    def tenant(tenant_id: str) -> View:
+        view = tenants.get(tenant_id)
+        if view is None:
+            view = tenants[tenant_id] = View(tenant_heads.get(tenant_id, base))
+        return view
+
+    for queued_row in queued:
+        admin.queued.append(dict(queued_row))
+        tenant(queued_row["tenant_id"]).queued.append(dict(queued_row))
+    open_batches: dict[Any, dict[str, Any]] = {}  # in the query's order: oldest first
+    for row in batches:
+        batch = {key: row[key] for key in ("id", "provider_batch_id", "status", "in_flight")}
+        # Other tenants' share of the batch (its request_count) is not a tenant's business.
+        tenant(row["tenant_id"]).open_batches.append({**batch, "age_s": row["age_s"]})
+        summed = open_batches.get(row["id"])
+        if summed is None:
+            open_batches[row["id"]] = {**batch, "request_count": row["request_count"], "age_s": row["age_s"]}
+        else:
+            summed["in_flight"] += row["in_flight"]
+    admin.open_batches.extend(open_batches.values())
+    for totals_row in totals:
+        admin.totals.append(totals_row)
+        tenant(totals_row["tenant_id"]).totals.append(totals_row)
+    return Overview(admin, tenants, tenant_heads, base)
+
+
+def _less(totals: Iterable[asyncpg.Record], unpublished: Iterable[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Each tenant's totals less what the page will count again from the events after the overview's head;
+    a tenant left with no finished job is left out, as one that has none."""
+    less = {row["tenant_id"]: row for row in unpublished}
+    rows = []
+    for row in totals:
+        kept = dict(row)
+        if (minus := less.get(row["tenant_id"])) is not None:
+            kept = {key: value if key == "tenant_id" else value - minus[key] for key, value in kept.items()}
+        if kept["succeeded"] or kept["failed"] or kept["canceled"]:
+            rows.append(kept)
+    return rows
 
 
 def _snapshot(rows: Iterable[asyncpg.Record]) -> Snapshot:

@@ -12,15 +12,16 @@ No token or a bad one: 401. A job of another tenant: 404, the same as one that d
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import statuses
@@ -130,8 +131,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def scrape(request: web.Request) -> web.Response:
     """Prometheus' scrape, in the text format (or OpenMetrics when asked for). The admin token only: the
-    metrics name every tenant and its volume. A scrape reads the database at most once per
-    readings.SNAPSHOT_TTL_S, however many come at once."""
+    metrics name every tenant and its volume. Scrapes read the database at most once per
+    `[http] metrics_interval_s`, however many come at once (readings.py)."""
     principal = await authenticate(request.app[POOL], _token(request), request.app[ADMIN_TOKEN])
     if principal is None:
         response = _error(401, "the admin token is required (Authorization: Bearer)")
@@ -140,9 +141,7 @@ async def scrape(request: web.Request) -> web.Response:
     if not principal.is_admin:
         return _error(403, "metrics are for the admin token only")
     metrics = request.app[METRICS]
-    readings = request.app.get(READINGS)
-    if readings is not None:
-        await readings.refresh(request.app[POOL])
+    await request.app[READINGS].refresh(request.app[POOL])
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return web.Response(body=encode(metrics.registry), headers={"Content-Type": content_type})
 
@@ -154,45 +153,26 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def overview(request: web.Request) -> web.Response:
     """What the dashboard shows when it opens: queued jobs, open batches, totals, all of one snapshot, and
     the event id it was taken at (the page then asks for the events after it); and every job and batch
-    status with the label the page shows for it."""
+    status with the label the page shows for it. The snapshot is the daemon's shared reading (readings.py,
+    at most once per `[http] overview_interval_s` for every asker): a request takes its principal's share."""
     principal = request[PRINCIPAL]
-    async with (
-        request.app[POOL].acquire() as connection,
-        connection.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        head = await connection.fetchval(sql("overview_head"), principal.tenant_id)
-        queued = await connection.fetch(sql("overview_queued"), principal.tenant_id)
-        batches = await connection.fetch(sql("overview_batches"), principal.tenant_id)
-        totals = await connection.fetch(sql("overview_totals"), principal.tenant_id)
-        unpublished = await connection.fetch(sql("overview_unpublished"), principal.tenant_id)
-    open_batches = [dict(row) for row in batches]
-    if not principal.is_admin:
-        for batch in open_batches:
-            del batch["request_count"]  # other tenants' share of the batch is not this tenant's business
+    readings = request.app[READINGS]
+    snapshot = await readings.overview(request.app[POOL])
+    if snapshot is None:
+        response = _error(503, "the database could not be read; try again shortly")
+        response.headers["Retry-After"] = str(max(1, math.ceil(readings.overview_interval_s)))
+        return response
+    view = snapshot.view(principal.tenant_id)
     body = {
         "tenant": principal.tenant_id,
         "admin": principal.is_admin,
-        "last_event_id": head,
-        "queued": [dict(row) for row in queued],
-        "open_batches": open_batches,
-        "totals": _less(totals, unpublished),
+        "last_event_id": view.last_event_id,
+        "queued": view.queued,
+        "open_batches": view.open_batches,
+        "totals": view.totals,
         "statuses": statuses.described(),  # the page's names for them: it keeps no list of its own
     }
     return web.json_response(body, dumps=_dumps)
-
-
-def _less(totals: list[asyncpg.Record], unpublished: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    """Each tenant's totals less what the page will count again from the events after the overview's head;
-    a tenant left with no finished job is left out, as one with none."""
-    less = {row["tenant_id"]: row for row in unpublished}
-    rows = []
-    for row in totals:
-        kept = dict(row)
-        if (minus := less.get(row["tenant_id"])) is not None:
-            kept = {key: value if key == "tenant_id" else value - minus[key] for key, value in kept.items()}
-        if kept["succeeded"] or kept["failed"] or kept["canceled"]:
-            rows.append(kept)
-    return rows
 
 
 async def who_am_i(request: web.Request) -> web.Response:
@@ -253,10 +233,12 @@ def create_app(
     app[SESSION_MAX_AGE_S] = session_max_age_s
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    # The database's readings, for the overview and (registered on the metrics' registry) for /metrics.
+    if readings is None:
+        readings = Readings(metrics.registry if metrics is not None else CollectorRegistry())
+    app[READINGS] = readings
     if metrics is not None:
         app[METRICS] = metrics
-        if readings is not None:
-            app[READINGS] = readings  # the database's side, registered on the metrics' registry
         app.router.add_get("/metrics", scrape)
     # Any segment reaches get_job, which reads every spelling uuid.UUID does and answers 404 in JSON for the
     # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.

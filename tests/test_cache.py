@@ -70,7 +70,7 @@ async def test_a_cached_job_type_writes_once_reads_after_and_is_reported_and_scr
         again = await scrape(http, daemon.http_url)
         assert again.by_labels("batchd_cost_usd_total") == got.by_labels("batchd_cost_usd_total")
         assert daemon.readings.ledger_queries == 1, (
-            "the whole ledger is scanned at most once per LEDGER_TTL_S"
+            "the money is read at most once per http.metrics_interval_s"
         )
 
     # The params as sent: the system prompt as one text block marked for the 1-hour cache.

@@ -5,15 +5,17 @@ they open and close, the event loop's lag."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import anthropic
 import asyncpg
 import httpx2
 import pytest
+import structlog
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sse_support import sse_stream
@@ -253,7 +255,7 @@ async def test_metrics_want_the_admin_token(db: Any, tokens: dict[str, str], ser
             assert (await response.text()).endswith("# EOF\n")
 
 
-async def test_a_scrape_storm_reads_the_database_once_per_ttl(
+async def test_a_scrape_storm_reads_the_database_once_per_interval(
     db: Any, emulator: EmulatorHandle, daemon_settings: Any
 ) -> None:
     # Jobs that stay queued (the flush waits an hour), one of them queued 90 s ago.
@@ -267,14 +269,15 @@ async def test_a_scrape_storm_reads_the_database_once_per_ttl(
         assert daemon.http_url is not None
         started = time.monotonic()
         scrapes = await asyncio.gather(*(scrape(http, daemon.http_url) for _ in range(20)))
-        if time.monotonic() - started < readings_module.SNAPSHOT_TTL_S:
+        if time.monotonic() - started < daemon.settings.http.metrics_interval_s:
             assert daemon.readings.snapshot_queries == 1
+            assert daemon.readings.ledger_queries == 1
         for got in scrapes:
             assert got.value("batchd_jobs", tenant="acme", status="queued") == 3
             age = got.value("batchd_queue_oldest_job_age_seconds")
             assert age is not None
             assert 90 <= age < 120
-        # Once the snapshot is older than the TTL, the next scrape reads the database again and sees a
+        # Once the snapshot is older than the interval, the next scrape reads the database again and sees a
         # new job.
         await insert_raw(db, "globex", ["one more"])
 
@@ -287,27 +290,73 @@ async def test_a_scrape_storm_reads_the_database_once_per_ttl(
         assert daemon.readings.snapshot_queries >= 2
 
 
+async def test_a_scrape_storm_against_a_locked_table_costs_one_try_per_reading(
+    db: Any, daemon_settings: Any, session: aiohttp.ClientSession, database_url: str
+) -> None:
+    http = {"metrics_interval_s": 2.0, "metrics_timeout_s": 0.3}
+    daemon = Daemon(daemon_settings(http=http), admin_token=ADMIN_TOKEN)
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+        holder = await asyncpg.connect(database_url)
+        try:
+            # What both readings read (the counts of finished jobs and the money: the rollups), locked by
+            # another connection until the test lets go.
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE batchd.rollups IN ACCESS EXCLUSIVE MODE")
+            with structlog.testing.capture_logs() as logged:
+                # Far less than the lock's wait (for good): the database ended the readings.
+                scrapes = await asyncio.wait_for(
+                    asyncio.gather(*(scrape(session, url) for _ in range(30))), 10
+                )
+                again = await scrape(session, url)  # within the interval: the failure is kept
+            assert (daemon.readings.snapshot_queries, daemon.readings.ledger_queries) == (1, 1)
+            for got in [*scrapes, again]:
+                assert "batchd_jobs" not in got.families, "no stale numbers"
+                assert "batchd_billed_jobs" not in got.families, "no stale money"
+                assert got.value("batchd_metrics_database_errors_total") == 2
+                assert got.value("batchd_sse_clients") == 0, "the daemon's own metrics are still there"
+            failed = {
+                entry["reading"]: entry["error"] for entry in logged if entry["event"] == "readings.failed"
+            }
+            assert sorted(failed) == ["metrics_ledger", "metrics_snapshot"]
+            assert all("statement timeout" in error for error in failed.values()), failed
+        finally:
+            await holder.close()
+
+        # The lock gone, the next interval's readings report the database again.
+        async def reported() -> bool:
+            return {"batchd_jobs", "batchd_billed_jobs"} <= set((await scrape(session, url)).families)
+
+        await wait_until(reported)
+        assert (daemon.readings.snapshot_queries, daemon.readings.ledger_queries) == (2, 2)
+
+
 async def test_a_failed_database_read_leaves_the_database_metrics_out() -> None:
     metrics = Metrics()
     readings = Readings(metrics.registry)
+    # A port bound but not listening: connecting is refused, as when the database is away.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{port}/batchd", min_size=0)
+        try:
+            await readings.refresh(pool)
+            got = Scrape(generate_latest(metrics.registry).decode())
+            assert got.value("batchd_metrics_database_errors_total") == 2, "the counts and the ledger"
+            assert "batchd_jobs" not in got.families
+            assert "batchd_queue_oldest_job_age_seconds" not in got.families
+            assert "batchd_cost_usd" not in got.families
+            await readings.refresh(pool)
+            assert (readings.snapshot_queries, readings.ledger_queries) == (1, 1), (
+                "a failure is kept for the interval too"
+            )
+        finally:
+            await pool.close()
 
-    class Broken:
-        async def fetch(self, *_: Any, **__: Any) -> Any:
-            raise ConnectionRefusedError("the database is away")
 
-    # Only the one method a refresh calls, failing: a stand-in for a pool whose database is away.
-    broken = cast("asyncpg.Pool", Broken())
-    await readings.refresh(broken)
-    text = generate_latest(metrics.registry).decode()
-    got = Scrape(text)
-    assert got.value("batchd_metrics_database_errors_total") == 1
-    assert "batchd_jobs" not in got.families
-    assert "batchd_queue_oldest_job_age_seconds" not in got.families
-    await readings.refresh(broken)
-    assert readings.snapshot_queries == 1, "a failure is kept for the TTL too"
-
-
-async def test_every_status_is_exported_sync_jobs_in_flight_included(db: Any) -> None:
+async def test_every_status_is_exported_sync_jobs_in_flight_included(db: Any, database_url: str) -> None:
     """batchd_jobs and batchd_batches name every status of batchd/statuses.py, `sending` (a sync job whose
     call is in flight) too, with the database's counts."""
     acme = await insert_raw(db, "acme", ["a", "b", "c"])
@@ -317,7 +366,8 @@ async def test_every_status_is_exported_sync_jobs_in_flight_included(db: Any) ->
         " VALUES ('abcdefghijkl', 0, 0, 'abandoned')"
     )
     metrics = Metrics()
-    await Readings(metrics.registry).refresh(db)
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as pool:
+        await Readings(metrics.registry).refresh(pool)
     got = Scrape(generate_latest(metrics.registry).decode())
     assert got.value("batchd_jobs", tenant="acme", status="sending") == 2
     assert got.value("batchd_jobs", tenant="acme", status="queued") == 1

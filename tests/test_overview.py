@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+import structlog
 from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_aged, wait_for_jobs, wait_until
 
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
+from batchd.tenants import add_tenant
 
-# A job finished as apply_results finishes one: the job, its ledger row, its tally (what the rollups count)
-# and its event, in one statement.
+# A job finished as the daemon finishes one: its row, its ledger row and its tally in the statement that
+# finishes it, and its event (not yet published).
 FINISHED_JOB = """
 WITH job AS (
     INSERT INTO batchd.jobs (tenant_id, request, status, completed_at, usage)
     VALUES ('acme', '{}', 'succeeded', now(), '{"input_tokens": 10, "output_tokens": 20}')
-    RETURNING id, tenant_id
+    RETURNING id, tenant_id, attempts
 ), ledger AS (
     INSERT INTO batchd.costs (job_id, attempt, tenant_id, model, input_tokens, output_tokens,
                               cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, cost_usd,
                               sync_cost_usd)
-    SELECT id, 0, tenant_id, 'claude-sonnet-4-5', 10, 20, 0, 0, 0, 0.000165, 0.00033 FROM job
+    SELECT id, attempts, tenant_id, 'm', 10, 20, 0, 0, 0, 0.5, 1 FROM job
 ), tally AS (
-    INSERT INTO batchd.tallies (tenant_id, status, model, jobs, billed, input_tokens, output_tokens, cost_usd,
-                                sync_cost_usd)
-    VALUES ('acme', 'succeeded', 'claude-sonnet-4-5', 1, 1, 10, 20, 0.000165, 0.00033)
+    INSERT INTO batchd.tallies (tenant_id, status, path, model, jobs, billed, input_tokens, output_tokens,
+                                cost_usd, sync_cost_usd)
+    SELECT tenant_id, 'succeeded', 'batch', 'm', 1, 1, 10, 20, 0.5, 1 FROM job
 )
 INSERT INTO batchd.events (type, tenant_id, job_id, data)
 SELECT 'job.succeeded', tenant_id, id, '{"status": "succeeded"}' FROM job
@@ -51,6 +56,17 @@ async def overview(url: str, token: str) -> dict[str, Any]:
         return body
 
 
+async def overview_until(
+    url: str, token: str, condition: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> dict[str, Any]:
+    """The first overview for which `condition` holds, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition(body := await overview(url, token)):
+        assert time.monotonic() < deadline, f"no overview within {timeout} s met the condition: {body}"
+        await asyncio.sleep(0.05)
+    return body
+
+
 async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_id_never_both(
     db: Any, tokens: dict[str, str], serve: Any, database_url: str
 ) -> None:
@@ -67,18 +83,21 @@ async def test_the_snapshot_counts_each_finished_job_before_or_after_its_event_i
         finally:
             await holder.close()
         assert before["last_event_id"] == 0
-        assert before["totals"] == [], "its event comes after the snapshot's id: the page counts it then"
+        # Its event comes after the snapshot's id: the page counts it then, so the snapshot does not.
+        assert before["totals"] == []
 
         async def published() -> bool:
             return bool(await db.fetchval("SELECT published_seq = 1 FROM batchd.event_log"))
 
         await wait_until(published)
-        after = await overview(url, tokens["acme"])
-        assert after["last_event_id"] == 1
+        # The daemon's next reading (one per http.overview_interval_s, shared by every asker) sees it.
+        after = await overview_until(url, tokens["acme"], lambda body: body["last_event_id"] == 1)
         (totals,) = after["totals"]
         assert totals["succeeded"] == 1
         assert totals["input_tokens"] == 10, "numbers, not strings"
         assert totals["output_tokens"] == 20
+        assert totals["cost_usd"] == 0.5
+        assert totals["saved_usd"] == 0.5
         assert daemon.hub is not None
 
 
@@ -212,3 +231,144 @@ async def test_the_session_cookies_lifetime_and_secure_flag_follow_the_configura
     assert cookie["secure"] is True
     assert cookie["httponly"] is True
     assert cookie["samesite"] == "Strict"
+
+
+async def test_many_askers_share_one_reading_and_each_tenant_sees_its_own_share(
+    db: Any,
+    tokens: dict[str, str],
+    daemon_settings: Any,
+    session: aiohttp.ClientSession,
+) -> None:
+    tokens = {**tokens, "initech": await add_tenant(db, "initech")}
+    # Jobs that stay queued (a batch waits an hour), finished jobs' tallies, and events: acme 3, globex 1,
+    # initech none (its id is the base of tenants without events).
+    queued = {"acme": 4, "globex": 2, "initech": 1}
+    for tenant, count in queued.items():
+        await insert_aged(db, tenant, count, 60)
+    await db.execute(
+        "INSERT INTO batchd.tallies (tenant_id, status, jobs, input_tokens)"
+        " VALUES ('acme', 'succeeded', 3, 30), ('globex', 'succeeded', 1, 10), ('globex', 'failed', 2, 0)"
+    )
+    await db.execute(
+        "INSERT INTO batchd.events (type, tenant_id)"
+        " SELECT 'job.succeeded', tenant FROM unnest(ARRAY['acme', 'acme', 'globex', 'acme']) AS tenant"
+    )
+    # The interval spans the whole test: every request below falls in the first one.
+    settings = daemon_settings(batching={"max_wait_s": 3600}, http={"overview_interval_s": 60})
+    daemon = Daemon(settings, admin_token=ADMIN_TOKEN)
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+
+        async def published() -> bool:
+            await db.execute("NOTIFY batchd_events")
+            return bool(await db.fetchval("SELECT published_seq = 4 FROM batchd.event_log"))
+
+        await wait_until(published)
+        askers = [ADMIN_TOKEN, *tokens.values()]
+        names = {token: name for name, token in tokens.items()}
+        assert daemon.readings.overview_queries == 0
+        bodies = await asyncio.gather(*(ask(session, url, askers[n % len(askers)]) for n in range(50)))
+        assert daemon.readings.overview_queries == 1, "50 askers, one reading"
+
+    for (status, body), n in zip(bodies, range(50), strict=True):
+        assert status == 200, body
+        asker = names.get(askers[n % len(askers)])  # None: the admin
+        assert body["tenant"] == asker
+        assert body["admin"] is (asker is None)
+        seen = {row["tenant_id"]: row["jobs"] for row in body["queued"]}
+        assert seen == (queued if asker is None else {asker: queued[asker]})
+        totals = {row["tenant_id"]: (row["succeeded"], row["failed"]) for row in body["totals"]}
+        every = {"acme": (3, 0), "globex": (1, 2)}
+        assert totals == (every if asker is None else {k: v for k, v in every.items() if k == asker})
+        heads = {None: 4, "acme": 3, "globex": 1, "initech": 0}
+        assert body["last_event_id"] == heads[asker], "the asker's own stream's id"
+        assert body["open_batches"] == []
+        assert body["statuses"]["jobs"], "the labels as ever"
+    assert {body["tenant"] for _, body in bodies} == {None, "acme", "globex", "initech"}
+
+
+async def test_a_reading_stuck_behind_a_lock_ends_at_its_statement_timeout_once_per_interval(
+    db: Any,
+    tokens: dict[str, str],
+    daemon_settings: Any,
+    session: aiohttp.ClientSession,
+    database_url: str,
+) -> None:
+    http = {"overview_interval_s": 2.0, "overview_timeout_s": 0.3}
+    daemon = Daemon(daemon_settings(http=http), admin_token=ADMIN_TOKEN)
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+        askers = [ADMIN_TOKEN, *tokens.values()]
+        holder = await asyncpg.connect(database_url)
+        try:
+            # What the overview's totals read, locked by another connection until the test lets go.
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE batchd.rollups IN ACCESS EXCLUSIVE MODE")
+            with structlog.testing.capture_logs() as logged:
+                # Far less than the lock's wait (for good): the database ended the reading.
+                answers = await asyncio.wait_for(
+                    asyncio.gather(*(ask(session, url, askers[n % len(askers)]) for n in range(30))), 10
+                )
+                again = await ask(session, url, tokens["acme"])  # within the interval: the failure is kept
+            assert daemon.readings.overview_queries == 1, "one try per interval, however many ask"
+            for status, body in [*answers, again]:
+                assert status == 503, body
+                assert body == {
+                    "error": {"status": 503, "message": "the database could not be read; try again shortly"}
+                }, "the database's error goes to the log, not to the asker"
+            (failed,) = [entry for entry in logged if entry["event"] == "readings.failed"]
+            assert failed["reading"] == "overview"
+            assert "statement timeout" in failed["error"], "ended by the database, not by the client"
+        finally:
+            await holder.close()
+        # The lock gone, the next interval's reading answers again.
+
+        async def answers_again() -> bool:
+            return (await ask(session, url, tokens["acme"]))[0] == 200
+
+        await wait_until(answers_again)
+        assert daemon.readings.overview_queries == 2
+
+
+async def ask(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, dict[str, Any]]:
+    async with session.get(f"{url}/v1/overview", headers={"Authorization": f"Bearer {token}"}) as response:
+        body: dict[str, Any] = await response.json()
+        return response.status, body
+
+
+async def test_an_asker_that_leaves_does_not_end_the_reading_the_others_await(
+    db: Any, tokens: dict[str, str], daemon_settings: Any, session: aiohttp.ClientSession, database_url: str
+) -> None:
+    daemon = Daemon(daemon_settings(http={"overview_interval_s": 60}), admin_token=ADMIN_TOKEN)
+    async with daemon.running():
+        url = daemon.http_url
+        assert url is not None
+        holder = await asyncpg.connect(database_url)
+        try:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE batchd.rollups IN ACCESS EXCLUSIVE MODE")
+            leaving = asyncio.create_task(ask(session, url, tokens["globex"]))
+            staying = asyncio.create_task(ask(session, url, tokens["acme"]))
+
+            async def reading_waits() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'batchd.rollups'::regclass"
+                        " AND NOT granted AND mode = 'AccessShareLock')"
+                    )
+                )
+
+            await wait_until(reading_waits)
+            leaving.cancel()  # its connection closes: the daemon cancels its handler
+            await asyncio.gather(leaving, return_exceptions=True)
+            await locked.rollback()
+        finally:
+            await holder.close()
+        status, body = await asyncio.wait_for(staying, 10)
+        assert status == 200, body
+        assert body["tenant"] == "acme"
+        assert daemon.readings.overview_queries == 1, "the reading went on for the one that stayed"

@@ -372,7 +372,7 @@ async def test_odd_rows_are_set_aside_and_another_tenants_batch_and_sync_jobs_fi
     )
     assert "globex" in [row["tenant_id"] for row in ended], "globex heard its batch end"
     # The dashboard's totals count the made-up usage as nothing, and still answer.
-    totals = {row["tenant_id"]: row for row in await db.fetch(sql("overview_totals"), None)}
+    totals = {row["tenant_id"]: row for row in await db.fetch(sql("overview_totals"))}
     honest_usage = await db.fetch(
         "SELECT usage FROM batchd.jobs WHERE tenant_id = 'mallory' AND status = 'succeeded' AND id <> $1",
         made_up,
@@ -458,7 +458,7 @@ async def test_the_migration_makes_rows_written_before_it_sane_and_keeps_them_so
         ):
             with pytest.raises(asyncpg.CheckViolationError):
                 await connection.execute(statement, odd["leased"])
-        totals = await connection.fetch(sql("overview_totals"), None)
+        totals = await connection.fetch(sql("overview_totals"))
         assert [(row["tenant_id"], row["input_tokens"]) for row in totals] == [("m", 0)]
     finally:
         await connection.close()

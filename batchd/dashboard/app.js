@@ -45,6 +45,7 @@
     snapshotAt: 0, // performance.now() when it arrived (ages tick from there)
     snapshotWallClock: null,
     baseId: 0, // the snapshot's last_event_id: events up to it are in the snapshot's numbers
+    wantId: 0, // the last batch event's id: a snapshot taken before it lacks what the batch changed
     deltas: [], // [{id, tenant, counts}] of events after baseId, to re-base on the next snapshot
     totals: new Map(), // tenant -> {succeeded, failed, ...}: snapshot + deltas
     cursor: 0, // the last event id received (where a reopened stream resumes)
@@ -267,7 +268,7 @@
     state.deltas = [];
     state.totals = new Map();
     state.pendingRows = [];
-    state.cursor = state.baseId = 0;
+    state.cursor = state.baseId = state.wantId = 0;
     state.retryMs = RETRY_MIN_MS;
   }
 
@@ -308,6 +309,9 @@
         return;
       }
       applySnapshot(answer.body);
+      // The server shares one snapshot among its askers for a moment (`[http] overview_interval_s`): one
+      // taken before the batch event that asked for it comes again a little later.
+      if (answer.body.last_event_id < state.wantId) scheduleRefresh();
       if (state.needStream) {
         const head = answer.body.last_event_id;
         openStream(state.backfill ? Math.max(0, head - BACKFILL_EVENTS) : head);
@@ -479,7 +483,10 @@
     }
     const live = id > state.baseId; // older ones are already in the snapshot: feed only
     if (type.startsWith("batch.")) {
-      if (live) scheduleRefresh();
+      if (live) {
+        state.wantId = Math.max(state.wantId, id);
+        scheduleRefresh();
+      }
       return;
     }
     if (!JOB_EVENTS.includes(type)) return;

@@ -850,34 +850,41 @@ SELECT id, tenant_id FROM batchd.tokens WHERE token_sha256 = $1 AND revoked_at I
 SELECT id FROM unnest($1::bigint[]) AS open (id)
  WHERE NOT EXISTS (SELECT 1 FROM batchd.tokens AS t WHERE t.id = open.id AND t.revoked_at IS NULL);
 
--- name: overview_head
--- The dashboard's snapshot starts here (read first, in the same REPEATABLE READ transaction as the rest): the
--- id of the asker's stream at this point, the log's head for the admin, the tenant's last id for a tenant.
-SELECT CASE WHEN $1::text IS NULL THEN l.published_seq ELSE coalesce(t.published_seq, l.tenant_seq_base) END
-  FROM batchd.event_log AS l
-  LEFT JOIN batchd.tenant_event_log AS t ON t.tenant_id = $1::text;
+-- name: reading_timeout
+-- A reading's statement timeout, for its transaction only (SET LOCAL, which takes no parameter): the
+-- database ends a statement stuck behind a lock or a slow plan, and the connection stays usable.
+SELECT set_config('statement_timeout', $1::text, true);
+
+-- name: overview_heads
+-- The dashboard's shared snapshot starts here (read first, in the same REPEATABLE READ transaction as the
+-- rest, for every asker at once): the log's head (the admin's id) with the id of a tenant that has no event
+-- yet, then each tenant's last id.
+SELECT NULL::text AS tenant_id, published_seq AS head, tenant_seq_base AS base FROM batchd.event_log
+UNION ALL
+SELECT tenant_id, published_seq, NULL FROM batchd.tenant_event_log;
 
 -- name: overview_queued
 SELECT tenant_id, count(*) AS jobs, extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
   FROM batchd.jobs
- WHERE status = 'queued' AND ($1::text IS NULL OR tenant_id = $1)
+ WHERE status = 'queued'
  GROUP BY tenant_id
  ORDER BY tenant_id;
 
 -- name: overview_batches
--- Open batches with the asker's requests still in them (every tenant's for the admin).
-SELECT b.id, b.provider_batch_id, b.status, count(*) AS in_flight, b.request_count,
+-- Open batches with requests still in them, one row per tenant with requests in the batch (the admin's
+-- view sums them; a tenant's shows its own row).
+SELECT b.id, b.provider_batch_id, b.status, j.tenant_id, count(*) AS in_flight, b.request_count,
        extract(epoch FROM now() - b.created_at)::float8 AS age_s
   FROM batchd.batches AS b
   JOIN batchd.jobs AS j ON j.batch_id = b.id AND j.status IN ('submitting', 'submitted')
- WHERE b.status IN ('pending', 'in_progress', 'ended') AND ($1::text IS NULL OR j.tenant_id = $1)
- GROUP BY b.id
- ORDER BY b.created_at;
+ WHERE b.status IN ('pending', 'in_progress', 'ended')
+ GROUP BY b.id, j.tenant_id
+ ORDER BY b.created_at, b.id, j.tenant_id;
 
 -- name: overview_totals
 -- Finished jobs, the tokens billed for them and their cost and savings, per tenant, for all time: from the
 -- rollups (batchd.totals_since), so the history's size does not matter, less the jobs whose event is not yet
--- published (overview_unpublished): exact at overview_head, as the page counts each event after it.
+-- published (overview_unpublished): exact at overview_heads, as the page counts each event after it.
 SELECT tenant_id,
        coalesce(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::bigint AS succeeded,
        coalesce(sum(jobs) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
@@ -888,12 +895,12 @@ SELECT tenant_id,
        sum(cache_write_5m_tokens + cache_write_1h_tokens)::bigint AS cache_creation_input_tokens,
        sum(cost_usd)::float8 AS cost_usd,
        sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
-  FROM batchd.totals_since(NULL, $1)
+  FROM batchd.totals_since(NULL, NULL)
  GROUP BY tenant_id
  ORDER BY tenant_id;
 
 -- name: overview_unpublished
--- What overview_totals counts that the page will count again from the events after overview_head: finished
+-- What overview_totals counts that the page will count again from the events after overview_heads: finished
 -- jobs with an event not yet published, as the rollups counted them (their ledger row). As many as the
 -- publisher's lag, found on events_unpublished.
 SELECT j.tenant_id,
@@ -909,7 +916,7 @@ SELECT j.tenant_id,
   FROM (SELECT DISTINCT job_id FROM batchd.events WHERE seq IS NULL AND job_id IS NOT NULL) AS e
   JOIN batchd.jobs AS j ON j.id = e.job_id
   LEFT JOIN batchd.costs AS c ON c.job_id = j.id AND c.attempt = j.attempts AND j.status = 'succeeded'
- WHERE j.status IN ('succeeded', 'failed', 'canceled') AND ($1::text IS NULL OR j.tenant_id = $1)
+ WHERE j.status IN ('succeeded', 'failed', 'canceled')
  GROUP BY j.tenant_id;
 
 -- name: status_summary
