@@ -1,7 +1,7 @@
 """Per-tenant budgets, in USD per UTC day and per UTC month, checked before every flush.
 
-Spend is what the ledger recorded as results were applied (batchd.spend: one row per tenant per applied
-chunk). A tenant whose spend reaches either budget is *over budget*: `hold_reason` says why, and the
+Spend is what the ledger recorded as results were applied, read from the rollups (the view batchd.spend:
+a row per tenant per UTC day, and the tallies not yet folded; rollups.py). A tenant whose spend reaches either budget is *over budget*: `hold_reason` says why, and the
 flusher's claim leaves its queued jobs in the queue (the view batchd.held_tenants). With `over_budget =
 fail` its queued jobs fail instead, with an error of type `budget_exceeded`. When the budget allows again
 (a new day or month, or a budget raised with `batchd tenant set`) it is released and its jobs go on by

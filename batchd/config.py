@@ -184,7 +184,7 @@ class EventsSettings(_Section):
 
 
 DAY_S = 86_400.0
-# Budgets read this month's spend (batchd.spend), which the ledger's retention prunes: a month and a day.
+# The ledger is kept at least a month and a day: `batchd report` and the page may be asked about this month.
 LEDGER_MIN_S = 32 * DAY_S
 
 
@@ -197,8 +197,8 @@ class RetentionSettings(_Section):
     ledger_s: float = Field(
         default=400 * DAY_S,
         ge=LEDGER_MIN_S,
-        description="the cost ledger (batchd.costs), budget spend and hour rollups are deleted after this; "
-        "day and all-time rollups are kept",
+        description="the cost ledger (batchd.costs) and hour rollups are deleted after this; day and "
+        "all-time rollups are kept",
     )
     interval_s: float = Field(default=300.0, gt=0, description="the pruner looks this often")
     chunk: int = Field(default=1_000, ge=1, le=100_000, description="rows deleted per statement")

@@ -5,7 +5,7 @@ One giant DELETE would hold locks and bloat the WAL for as long as it runs; a ch
 transaction short, and a table's pruning stops at the first chunk that was not full. Between chunks the
 pruner rests, so that it deletes at most `retention.busy_share` of the time: producers, the flusher and the
 apply keep the machine. Jobs go oldest first per status (each status has its retention), on the partial
-index jobs_finished; a batch goes once no job refers to it; the ledger, budget spend and hour rollups go
+index jobs_finished; a batch goes once no job refers to it; the ledger and hour rollups go
 after `retention.ledger_s`. What was counted stays counted: the rollups (rollups.py) outlive the rows.
 """
 
@@ -55,7 +55,7 @@ async def prune_history(db: Executor, retention: RetentionSettings) -> dict[str,
     if math.isfinite(retention.ledger_s):
         work.extend(
             (kind, partial(_deleted, db, f"prune_{kind}", retention.ledger_s, chunk))
-            for kind in ("costs", "spend", "hourly_rollups")
+            for kind in ("costs", "hourly_rollups")
         )
     return {kind: await _drain(delete_chunk, chunk, share) for kind, delete_chunk in work}
 

@@ -10,7 +10,7 @@ instruments the parts update; this module, what is read from the database).
 - The queue and the batches (`metrics_snapshot`), one query: jobs per tenant and status, batches per
   status, the age of the queue's head. Database-wide: every daemon on the database reports the same values
   (aggregate them with max, not sum).
-- The money (`metrics_ledger`), one query over the rollups: what `batchd report` shows for all time per
+- The money (`billed_totals`), one query over the rollups: what `batchd report` shows for all time per
   tenant and model (jobs, tokens, cost, saved), and the prompt cache per job type. Database-wide too.
   Both metrics readings follow `[http] metrics_interval_s` and `metrics_timeout_s`.
 - The dashboard's overview (`overview_*`), five queries in one REPEATABLE READ snapshot, read for every
@@ -233,7 +233,7 @@ async def _read_snapshot(connection: Connection) -> Snapshot:
 
 
 async def _read_ledger(connection: Connection) -> Ledger:
-    return _ledger(await connection.fetch(sql("metrics_ledger")))
+    return _ledger(await connection.fetch(sql("billed_totals"), None, None))
 
 
 async def _read_overview(connection: Connection) -> Overview:
@@ -319,9 +319,9 @@ def _billed(row: asyncpg.Record) -> Billed:
     return Billed(
         jobs=row["jobs"],
         tokens={kind: row[f"{kind}_tokens"] for kind in TOKEN_KINDS},
-        cost_usd=row["cost_usd"],
-        sync_cost_usd=row["sync_cost_usd"],
-        saved_usd=row["saved_usd"],
+        cost_usd=float(row["cost_usd"]),
+        sync_cost_usd=float(row["sync_cost_usd"]),
+        saved_usd=float(row["sync_cost_usd"] - row["cost_usd"]),
     )
 
 

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -34,6 +34,15 @@ TOKEN_FIELDS = (
 )
 MONEY_FIELDS = ("cost_usd", "sync_cost_usd", "saved_usd")
 COUNT_FIELDS = ("jobs", *TOKEN_FIELDS, "unpriced_jobs")
+# The prompt cache's columns of a job type's row, in the order the report shows them.
+CACHE_FIELDS = (
+    "job_type",
+    "jobs",
+    "input_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+)
 JSON_PLACES = Decimal("1e-9")
 
 
@@ -81,15 +90,28 @@ def _sum(rows: list[dict[str, Any]], **labels: Any) -> dict[str, Any]:
     return _with_savings(total)
 
 
+def _per_tenant_and_model(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The billed rows of each (tenant, model), summed over the paths they took, in that order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["tenant_id"], row["model"]), []).append(dict(row))
+    return [_sum(group, tenant_id=tenant, model=model) for (tenant, model), group in sorted(groups.items())]
+
+
 async def collect(
     connection: Connection, since: datetime | None = None, tenant: str | None = None
 ) -> dict[str, Any]:
     if since is not None:
         # The rollups count by UTC hour: the report starts at the hour `since` falls in, and says so.
         since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    rows = [_with_savings(dict(row)) for row in await connection.fetch(sql("cost_report"), since, tenant)]
+    billed = await connection.fetch(sql("billed_totals"), since, tenant)
+    rows = _per_tenant_and_model([row for row in billed if not row["by_job_type"]])
     tenants = sorted({row["tenant_id"] for row in rows})
-    cache = [_cache_row(dict(row)) for row in await connection.fetch(sql("cache_report"), since, tenant)]
+    cache = [
+        _cache_row({field: row[field] for field in CACHE_FIELDS})
+        for row in sorted(billed, key=lambda row: (row["job_type"] is None, row["job_type"] or ""))
+        if row["by_job_type"]
+    ]
     return {
         "since": since,
         "tenant": tenant,

@@ -37,6 +37,14 @@ async def statuses(db: Any, tenant: str) -> dict[str, int]:
     return {row["status"]: row["n"] for row in rows}
 
 
+# A tenant's spend at a chosen time, as the apply records it: a tally of a billed job (budgets read the
+# tallies and the rollups they are folded into; tests/test_rollups.py proves those exact).
+SPENT = (
+    "INSERT INTO batchd.tallies (tenant_id, at, status, model, jobs, billed, cost_usd)"
+    " VALUES ($1, $2, 'succeeded', 'claude-sonnet-4-5', 1, 1, $3)"
+)
+
+
 async def hold_reason(db: Any, tenant: str) -> str | None:
     reason: str | None = await db.fetchval("SELECT hold_reason FROM batchd.tenants WHERE name = $1", tenant)
     return reason
@@ -119,9 +127,7 @@ async def test_a_held_tenant_is_released_when_the_day_and_then_the_month_roll_ov
 
         # No daily budget now; the month's spent (1 USD, that day), so held until the next month.
         await budgets.set_budget(db, "acme", day=None)
-        await db.execute(
-            "INSERT INTO batchd.spend (tenant_id, at, cost_usd) VALUES ('acme', $1, 1)", tomorrow
-        )
+        await db.execute(SPENT, "acme", tomorrow, 1)
         await insert_raw(db, "acme", ["acme next"])
         await wait_until(lambda: _reason_starts(db, "acme", "over its monthly budget"), timeout=30)
         next_month = datetime(
@@ -171,7 +177,7 @@ async def test_budgets_follow_utc_days_and_months_and_each_change_is_one_event(
     await budgets.set_budget(db, "globex", day=D(0))  # nothing may be spent
     await budgets.set_budget(db, "initech", month=D(5), over_budget="fail")
     await db.executemany(
-        "INSERT INTO batchd.spend (tenant_id, at, cost_usd) VALUES ($1, $2, $3)",
+        SPENT,
         [
             ("acme", datetime(2026, 3, 30, 23, 59, 59, tzinfo=UTC), D(9)),  # yesterday (UTC)
             ("acme", datetime(2026, 3, 31, 0, 0, tzinfo=UTC), D("9.5")),  # today
@@ -192,7 +198,7 @@ async def test_budgets_follow_utc_days_and_months_and_each_change_is_one_event(
     )
 
     # Two daemons checking at once: the tenant is held once, one event.
-    await db.execute("INSERT INTO batchd.spend (tenant_id, at, cost_usd) VALUES ('acme', $1, 1)", noon)
+    await db.execute(SPENT, "acme", noon, 1)
     others = [await asyncpg.connect(database_url) for _ in range(2)]
     try:
         results = await asyncio.gather(*(budgets.check(other, noon) for other in others))

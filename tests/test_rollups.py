@@ -356,7 +356,6 @@ async def test_pruning_deletes_only_what_is_past_its_retention_and_the_totals_st
     )
     await db.execute("UPDATE batchd.batches SET created_at = created_at - interval '40 days'")
     await db.execute("UPDATE batchd.costs SET at = at - interval '500 days'")
-    await db.execute("UPDATE batchd.spend SET at = at - interval '500 days'")
     await db.execute("UPDATE batchd.rollups SET start = start - interval '500 days' WHERE span = 'hour'")
     batches_with_failed = await db.fetchval(
         "SELECT count(DISTINCT batch_id) FROM batchd.jobs WHERE status = 'failed' AND batch_id IS NOT NULL"
@@ -383,8 +382,7 @@ async def test_pruning_deletes_only_what_is_past_its_retention_and_the_totals_st
     assert (
         await db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'ended'") >= batches_with_failed
     )
-    for table in ("costs", "spend"):
-        assert await db.fetchval(f"SELECT count(*) FROM batchd.{table}") == 0, table  # noqa: S608
+    assert await db.fetchval("SELECT count(*) FROM batchd.costs") == 0
     assert deleted["costs"] > 0
     assert deleted["hourly_rollups"] > 0
     assert await db.fetchval("SELECT count(*) FROM batchd.rollups WHERE span = 'hour'") == 0
@@ -392,7 +390,7 @@ async def test_pruning_deletes_only_what_is_past_its_retention_and_the_totals_st
 
     # Kept for good (`inf`): nothing is looked at.
     forever = RetentionSettings(succeeded_s=float("inf"), failed_s=float("inf"), canceled_s=float("inf"))
-    assert set(await pruner.prune_history(pool, forever)) == {"costs", "spend", "hourly_rollups"}
+    assert set(await pruner.prune_history(pool, forever)) == {"costs", "hourly_rollups"}
     assert await counts(db, "SELECT status, count(*) FROM batchd.jobs GROUP BY 1") == left
 
 

@@ -363,14 +363,14 @@ CREATE TEMPORARY TABLE batchd_results (
 -- name: apply_results
 -- One statement for a whole chunk of results. Only jobs still `submitted` in this batch change, so a
 -- chunk applied twice (a crash between chunks, a restart) changes nothing the second time. A succeeded
--- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and its
--- tenant's spend, in this same statement, priced by the applying daemon's price set $3 (batchd.prices,
+-- job's cost goes into the ledger (batchd.costs, keyed by job and attempt: never counted twice) and the
+-- tallies (the rollups, which budgets read), in this same statement, priced by the applying daemon's price set $3 (batchd.prices,
 -- which results.publish_prices writes: one row per model, with its long-prompt tier if it has one, and the set's
 -- batch factor). Returns how many jobs changed, the models billed without a price, and whether set $3 was
 -- there: when it is not (a database this process has not published to, or rows removed by hand) nothing
 -- changes, and the caller publishes it and applies again.
 -- The sync path applies its outcomes with this same statement ($1 null: `via` 'sync', priced at the
--- factor 1, the full price), so events, the ledger and spend are the same whichever way a job went: there,
+-- factor 1, the full price), so events, the ledger and tallies are the same whichever way a job went: there,
 -- only jobs still `sending` under this process's lease ($4) change, and a retried job waits retry_in_s
 -- before it is sent again. For batches `via` is 'batch' and $4 is the batch's lease owner, this process.
 -- A job's attempts + 1 is least(attempts, 2147483646) + 1: a row holding the integer's top (written by a
@@ -480,9 +480,6 @@ WITH applied AS (
       LEFT JOIN ledger AS l ON l.job_id = a.id
      WHERE a.status IN ('succeeded', 'failed')
      GROUP BY 1, 2, 3, 4, 5
-), spent AS (
-    INSERT INTO batchd.spend (tenant_id, cost_usd)
-    SELECT tenant_id, sum(cost_usd) FROM ledger GROUP BY tenant_id HAVING sum(cost_usd) > 0
 ), job_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
     SELECT CASE status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || status END,
@@ -961,7 +958,8 @@ WITH clock AS (
            date_trunc('month', now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS month_start
       FROM (SELECT coalesce($1::timestamptz, now()) AS now) AS c
 ), spent AS (
-    -- Per budgeted tenant, its spend rows of this month only, on the spend_tenant_at index.
+    -- Per budgeted tenant, its spend of this month only: a row a day (the view batchd.spend, on the
+    -- rollups_tenant index) and the tallies not yet folded.
     SELECT t.name, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason AS was, s.day_usd,
            s.month_usd
       FROM batchd.tenants AS t
@@ -1056,23 +1054,6 @@ SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget,
  WHERE t.budget_day_usd IS NOT NULL OR t.budget_month_usd IS NOT NULL OR t.hold_reason IS NOT NULL
  ORDER BY t.name;
 
--- name: cost_report
--- `batchd report`: what was billed since the UTC hour of $1 (null: all time), for one tenant $2 (null: every
--- tenant), per tenant and model: from the rollups (batchd.totals_since), which outlive the ledger's rows.
-SELECT tenant_id, model, sum(billed)::bigint AS jobs,
-       sum(input_tokens)::bigint AS input_tokens,
-       sum(output_tokens)::bigint AS output_tokens,
-       sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
-       sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
-       sum(cache_read_tokens)::bigint AS cache_read_tokens,
-       sum(cost_usd) AS cost_usd,
-       sum(sync_cost_usd) AS sync_cost_usd,
-       sum(unpriced)::bigint AS unpriced_jobs
-  FROM batchd.totals_since($1, $2)
- WHERE billed > 0
- GROUP BY tenant_id, model
- ORDER BY tenant_id, model;
-
 -- name: lock_configured_limits
 -- Daemons starting together publish one after another: each one's DELETE would miss the rows another is
 -- inserting, and its INSERT collide with them.
@@ -1122,22 +1103,11 @@ SELECT l.weight, l.max_queued, l.max_in_flight,
        t.weight AS set_weight, t.max_queued AS set_max_queued, t.max_in_flight AS set_max_in_flight
   FROM batchd.tenant_limits($1) AS l
   LEFT JOIN batchd.tenants AS t ON t.name = $1;
--- name: cache_report
--- `batchd report`'s prompt cache per job type (null: raw requests), with the same filters as cost_report:
--- since the hour of $1, tenant $2. The hit ratio is worked out from these sums (report.py).
-SELECT nullif(job_type, '') AS job_type, sum(billed)::bigint AS jobs,
-       sum(input_tokens)::bigint AS input_tokens,
-       sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
-       sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
-       sum(cache_read_tokens)::bigint AS cache_read_tokens
-  FROM batchd.totals_since($1, $2)
- WHERE billed > 0
- GROUP BY job_type
- ORDER BY nullif(job_type, '') NULLS LAST;
-
--- name: metrics_ledger
--- What GET /metrics reports of the money, for all time: per tenant, model and path, and the prompt cache's
--- tokens per job type, in one pass over the rollups (grouping sets).
+-- name: billed_totals
+-- What was billed since the UTC hour of $1 (null: all time), for one tenant $2 (null: every tenant), from the
+-- rollups (batchd.totals_since), which outlive the ledger's rows, in one pass (grouping sets): per tenant,
+-- model and path, and per job type (null: raw requests) for the prompt cache. `batchd report` sums the paths;
+-- GET /metrics reads it for all time.
 SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, path AS via, nullif(job_type, '') AS job_type,
        sum(billed)::bigint AS jobs,
        sum(input_tokens)::bigint AS input_tokens,
@@ -1145,10 +1115,10 @@ SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, path AS via, nul
        sum(cache_write_5m_tokens)::bigint AS cache_write_5m_tokens,
        sum(cache_write_1h_tokens)::bigint AS cache_write_1h_tokens,
        sum(cache_read_tokens)::bigint AS cache_read_tokens,
-       sum(cost_usd)::float8 AS cost_usd,
-       sum(sync_cost_usd)::float8 AS sync_cost_usd,
-       sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
-  FROM batchd.totals_since(NULL, NULL)
+       sum(cost_usd) AS cost_usd,
+       sum(sync_cost_usd) AS sync_cost_usd,
+       sum(unpriced)::bigint AS unpriced_jobs
+  FROM batchd.totals_since($1, $2)
  WHERE billed > 0
  GROUP BY GROUPING SETS ((tenant_id, model, path), (job_type));
 
@@ -1157,7 +1127,8 @@ SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, path AS via, nul
 SELECT pg_try_advisory_xact_lock(hashtext('batchd.fold'));
 
 -- name: fold_tallies
--- Up to $1 tallies moved into the rollups, per UTC hour, per UTC day and for all time, in one statement: a
+-- Up to $1 tallies moved into the rollups, per UTC hour, per UTC day, for all time and per tenant and UTC day
+-- (budgets), in one statement: a
 -- tally is in exactly one of the two tables at every snapshot. The upsert goes in key order, so two folds
 -- (there is one, under lock_fold) could not deadlock. Returns how many tallies were folded.
 WITH moved AS (
@@ -1167,14 +1138,20 @@ WITH moved AS (
 ), grouped AS (
     SELECT s.span,
            CASE s.span WHEN 'all' THEN '-infinity'::timestamptz
-                ELSE date_trunc(s.span, m.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END AS start,
-           m.tenant_id, m.status, m.path, m.job_type, m.model, sum(m.jobs) AS jobs, sum(m.billed) AS billed,
+                ELSE date_trunc(s.unit, m.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' END AS start,
+           m.tenant_id,
+           -- 'tenant_day' folds the rest of the key: one row per tenant and day, for budgets.
+           CASE WHEN s.span = 'tenant_day' THEN '' ELSE m.status END AS status,
+           CASE WHEN s.span = 'tenant_day' THEN '' ELSE m.path END AS path,
+           CASE WHEN s.span = 'tenant_day' THEN '' ELSE m.job_type END AS job_type,
+           CASE WHEN s.span = 'tenant_day' THEN '' ELSE m.model END AS model,
+           sum(m.jobs) AS jobs, sum(m.billed) AS billed,
            sum(m.input_tokens) AS input_tokens, sum(m.output_tokens) AS output_tokens,
            sum(m.cache_write_5m_tokens) AS cache_write_5m_tokens,
            sum(m.cache_write_1h_tokens) AS cache_write_1h_tokens, sum(m.cache_read_tokens) AS cache_read_tokens,
            sum(m.cost_usd) AS cost_usd, sum(m.sync_cost_usd) AS sync_cost_usd, sum(m.unpriced) AS unpriced
       FROM moved AS m
-     CROSS JOIN (VALUES ('hour'), ('day'), ('all')) AS s (span)
+     CROSS JOIN (VALUES ('hour', 'hour'), ('day', 'day'), ('all', NULL), ('tenant_day', 'day')) AS s (span, unit)
      GROUP BY 1, 2, 3, 4, 5, 6, 7
 ), folded AS (
     INSERT INTO batchd.rollups AS r
@@ -1220,11 +1197,6 @@ DELETE FROM batchd.batches
 -- One bounded chunk of the ledger older than $1 seconds (on the BRIN index costs_at).
 DELETE FROM batchd.costs
  WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.costs WHERE at < now() - make_interval(secs => $1) LIMIT $2));
-
--- name: prune_spend
--- One bounded chunk of budget spend older than $1 seconds (on spend_at).
-DELETE FROM batchd.spend
- WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.spend WHERE at < now() - make_interval(secs => $1) LIMIT $2));
 
 -- name: prune_hourly_rollups
 -- One bounded chunk of hour rollups older than $1 seconds (day and all-time rollups are kept).

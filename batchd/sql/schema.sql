@@ -202,13 +202,6 @@ CREATE TABLE batchd.costs (
     PRIMARY KEY (job_id, attempt)
 );
 
--- What budgets are checked against: one row per tenant per applied chunk of results. [0005]
-CREATE TABLE batchd.spend (
-    tenant_id   text NOT NULL,
-    at          timestamptz NOT NULL DEFAULT now(),
-    cost_usd    numeric NOT NULL
-);
-
 -- batchd.toml's limits as the last daemon to start read them: tenant_id '' holds [tenant_defaults], the
 -- other rows [tenants.NAME]. [0006]
 CREATE TABLE batchd.configured_limits (
@@ -282,9 +275,11 @@ CREATE TABLE batchd.tallies (
 );
 
 -- The tallies folded: per UTC hour ('hour'), per UTC day ('day') and for all time ('all', start
--- '-infinity'). Hour rows go with the ledger's retention; day and all rows are kept. [0012]
+-- '-infinity'), and per tenant and UTC day with the rest of the key folded ('tenant_day': status, path,
+-- job_type and model ''), which budgets read. Hour rows go with the ledger's retention; the rest are kept.
+-- [0012]
 CREATE TABLE batchd.rollups (
-    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all')),
+    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all', 'tenant_day')),
     start                   timestamptz NOT NULL,
     tenant_id               text NOT NULL,
     status                  text NOT NULL,
@@ -344,9 +339,8 @@ CREATE INDEX events_published_at ON batchd.events (published_at);
 
 -- Reports read a time window; rows arrive in time order, so a BRIN index costs the apply almost nothing.
 CREATE INDEX costs_at ON batchd.costs USING brin (at);
-CREATE INDEX spend_tenant_at ON batchd.spend (tenant_id, at);
--- The pruner deletes spend oldest first; old batches go when their jobs have gone. [0012]
-CREATE INDEX spend_at ON batchd.spend (at);
+-- Old batches go when their jobs have gone; budgets read one tenant's days of a month. [0012]
+CREATE INDEX rollups_tenant ON batchd.rollups (tenant_id, span, start);
 CREATE INDEX batches_finished ON batchd.batches (created_at) WHERE status IN ('applied', 'abandoned');
 
 -- ---- views ------------------------------------------------------------------------------------------------
@@ -356,6 +350,13 @@ CREATE VIEW batchd.held_tenants AS
     SELECT name AS tenant_id, hold_reason, held_since, over_budget
       FROM batchd.tenants
      WHERE hold_reason IS NOT NULL;
+
+-- What budgets are checked against: each tenant's cost per UTC day from the rollups, and what the tallies
+-- not yet folded add (budgets' windows are whole UTC days and months: exact). [0012, replacing 0005's table]
+CREATE VIEW batchd.spend AS
+SELECT tenant_id, start AS at, cost_usd FROM batchd.rollups WHERE span = 'tenant_day'
+UNION ALL
+SELECT tenant_id, at, cost_usd FROM batchd.tallies;
 
 -- An event as a stream sends it: its columns and its data as one JSON text. [0011]
 CREATE VIEW batchd.event_envelopes AS

@@ -12,6 +12,8 @@
 --   time, in one statement (the DELETE ... RETURNING and the upsert commit together, so a tally is counted
 --   in exactly one of the two tables at every snapshot). Readers add rollups and the few tallies not yet
 --   folded: exact, and bounded by the rollups' rows, never by the history.
+-- * Budgets read each tenant's spend from the rollups too (one row per tenant per UTC day), so batchd.spend,
+--   which held one row per tenant per applied chunk and was read a month at a time, goes.
 -- * The pruner deletes finished jobs, old batches, and the ledger past their retention (pruner.py); the
 --   rollups keep what they counted.
 
@@ -39,9 +41,10 @@ CREATE TABLE batchd.tallies (
 );
 
 -- The tallies folded: per UTC hour ('hour'), per UTC day ('day') and for all time ('all', start
--- '-infinity'). Hour rows go with the ledger's retention; day and all rows are kept.
+-- '-infinity'), and per tenant and UTC day with the rest of the key folded ('tenant_day': status, path,
+-- job_type and model ''), which budgets read. Hour rows go with the ledger's retention; the rest are kept.
 CREATE TABLE batchd.rollups (
-    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all')),
+    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all', 'tenant_day')),
     start                   timestamptz NOT NULL,
     tenant_id               text NOT NULL,
     status                  text NOT NULL,
@@ -70,8 +73,16 @@ CREATE INDEX jobs_finished ON batchd.jobs (status, completed_at)
 DROP INDEX batchd.jobs_tenant_status;
 CREATE INDEX jobs_live ON batchd.jobs (tenant_id, status)
     WHERE status IN ('queued', 'submitting', 'submitted', 'sending');
--- The pruner deletes the ledger and spend oldest first.
-CREATE INDEX spend_at ON batchd.spend (at);
+-- Budgets read one tenant's days of a month.
+CREATE INDEX rollups_tenant ON batchd.rollups (tenant_id, span, start);
+-- What budgets are checked against, now read from the rollups: each tenant's cost per UTC day, and what the
+-- tallies not yet folded add. Budgets' windows are whole UTC days and months, so a day row is in a window
+-- or out of it, whole: exact. A view of the old table's name and columns, so a query of it still reads.
+DROP TABLE batchd.spend;
+CREATE VIEW batchd.spend AS
+SELECT tenant_id, start AS at, cost_usd FROM batchd.rollups WHERE span = 'tenant_day'
+UNION ALL
+SELECT tenant_id, at, cost_usd FROM batchd.tallies;
 -- Old batches go when their jobs have gone.
 CREATE INDEX batches_finished ON batchd.batches (created_at) WHERE status IN ('applied', 'abandoned');
 
