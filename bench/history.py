@@ -84,6 +84,7 @@ from batchd.context import Context
 from batchd.flusher import Flusher
 from batchd.provider import Provider
 from batchd.pruner import prune_history
+from batchd.publisher import publish
 from batchd.ratelimit import RateLimiter
 from batchd.readings import Readings
 from batchd.results import IN_FLIGHT_CHUNKS, RESULT_COLUMNS, apply_rows, publish_prices
@@ -753,7 +754,10 @@ async def claim_and_apply(side: Database, batch: int, tenants: int) -> tuple[flo
     if sum(changed) != batch:
         raise RuntimeError(f"{side.label}: the apply changed {sum(changed)} jobs, not {batch}")
     async with pool.acquire() as connection:
-        await rollups.fold(connection, ctx.settings.rollups.fold_chunk)  # as the daemon does, every 2 s
+        # What the daemon does next, within milliseconds: the tallies folded, the events numbered (left
+        # unpublished, they would be counted by every overview: overview_unpublished reads the lag).
+        await rollups.fold(connection, ctx.settings.rollups.fold_chunk)
+        await publish(connection, ctx.settings.events.publish_chunk)
     return claim_s, apply_s
 
 
@@ -828,6 +832,7 @@ class PruneRun:
     chunk: int
     due: int
     producers: int
+    pruned: int = 0  # of the due jobs
     slices: list[tuple[bool, float, int]] = field(default_factory=list)  # (pruning, seconds, rows inserted)
     pruning_s: float = 0.0
     deleted: Counter[str] = field(default_factory=Counter)
@@ -865,20 +870,25 @@ class Producers:
         return count
 
 
-async def due_retention(connection: asyncpg.Connection, prune_jobs: int) -> tuple[float, int, int]:
-    """A retention (s) that makes the next `prune_jobs` finished jobs due, how many are due with it, and
-    how many were pruned by earlier runs."""
+async def due_retention(connection: asyncpg.Connection, prune_jobs: int) -> tuple[float, datetime, int, int]:
+    """A retention (s) that makes the next `prune_jobs` finished jobs due, the moment it is due from now, how
+    many are due with it, and how many were pruned by earlier runs."""
     state = await connection.fetchrow("SELECT * FROM bench_history.state")
     assert state is not None
     target = state["pruned_jobs"] + prune_jobs
     cutoff = state["t0"] + timedelta(seconds=state["span_s"] * target / state["jobs"])
     keep_s = (datetime.now(UTC) - cutoff).total_seconds() - 60  # a minute for the run to start
-    due = await connection.fetchval(
+    due_before: datetime = await connection.fetchval("SELECT now() - make_interval(secs => $1)", keep_s)
+    return keep_s, due_before, await count_due(connection, due_before), state["pruned_jobs"]
+
+
+async def count_due(connection: asyncpg.Connection, due_before: datetime) -> int:
+    due: int = await connection.fetchval(
         "SELECT count(*) FROM batchd.jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
-        " AND completed_at < now() - make_interval(secs => $1)",
-        keep_s,
+        " AND completed_at < $1",
+        due_before,
     )
-    return keep_s, due, state["pruned_jobs"]
+    return due
 
 
 async def prune_step(url: str, args: argparse.Namespace, busy_share: float, chunk: int) -> PruneRun:
@@ -889,7 +899,7 @@ async def prune_step(url: str, args: argparse.Namespace, busy_share: float, chun
         await connection.execute(sql("set_wakeup"), False, STEADY_WAKE_SEQ)  # noqa: FBT003 - a daemon busy
         await connection.execute("VACUUM (ANALYZE) batchd.jobs")
         await connection.execute("CHECKPOINT")
-        keep_s, due, pruned_before = await due_retention(connection, args.prune_jobs)
+        keep_s, due_before, due, pruned_before = await due_retention(connection, args.prune_jobs)
         retention = RetentionSettings(
             succeeded_s=keep_s, failed_s=keep_s, canceled_s=keep_s, chunk=chunk, busy_share=busy_share
         )
@@ -908,8 +918,10 @@ async def prune_step(url: str, args: argparse.Namespace, busy_share: float, chun
             window_s=args.window,
             max_slices=args.max_slices,
         )
+        # Counted in the table: a DELETE whose task was canceled just as it committed is not in run.deleted.
+        run.pruned = due - await count_due(connection, due_before)
         await connection.execute(
-            "UPDATE bench_history.state SET pruned_jobs = $1", pruned_before + run.deleted["batchd.jobs"]
+            "UPDATE bench_history.state SET pruned_jobs = $1", pruned_before + run.pruned
         )
         await after_prune(connection, run)
         return run
@@ -1005,7 +1017,7 @@ def prune_rows(run: PruneRun) -> list[Row]:
                 baseline="no pruner",
             )
         )
-    jobs = run.deleted.get("batchd.jobs", 0)
+    jobs = run.pruned
     rows.append(
         Row(
             f"prune_history throughput ({label})",
