@@ -5,16 +5,16 @@ On a database of its own (`--database`, made and migrated here with batchd.migra
 unless --keep), with 2 cores' worth of set-based SQL:
 
 0. Build: `--jobs` finished jobs (10,000,000) over `--days` (120) for `--tenants` (50, a skewed share each),
-   with their ledger rows, budget spend, applied batches and their tenants' shares, the last week's events,
+   with their ledger rows, applied batches and their tenants' shares, the last week's events,
    and the rollups, tallied from what was inserted by migration 0012's own backfill statement and folded by
    batchd.rollups.fold. Plus the work in flight a daemon has: queued jobs and a batch in progress. Rows go
    in with `session_replication_role = replica` (no per-row triggers) and the jobs' indexes built after.
    Reported: rows, time, and disk per million jobs. --reuse takes a database built before with the same
    shape (kept with --keep) instead.
-1. Reads, each timed `--runs` times after a warm-up, target < 50 ms (median): GET /v1/overview's snapshot
-   for the admin and for the largest tenant (its five queries in one REPEATABLE READ read-only transaction,
-   as server.overview runs them), /metrics' readings (readings.Readings.refresh: metrics_snapshot and
-   metrics_ledger), `batchd status` (status.collect), `batchd report --since 30d` (report.collect).
+1. Reads, each timed `--runs` times after a warm-up, target < 50 ms (median): GET /v1/overview as the daemon
+   answers it (one reading of every tenant, readings.Readings.overview, and the admin's or the largest
+   tenant's view of it), /metrics' readings (readings.Readings.refresh: metrics_snapshot and billed_totals),
+   `batchd status` (status.collect), `batchd report --since 30d` (report.collect).
    A read that misses the target is printed with EXPLAIN (ANALYZE, BUFFERS) of its queries.
 2. Claim and apply of `--claim-jobs` (10,000) on the history against the same on a database with no history
    but the same work in flight: Flusher.flush_one() (the claim, as the daemon runs it), then the batch is
@@ -220,15 +220,6 @@ INSERT INTO batchd.batch_tenants (batch_id, tenant_id, requests)
 SELECT batch_id, tenant_id, count(*) FROM batchd.jobs WHERE batch_id IS NOT NULL GROUP BY 1, 2
 """
 
-# What apply_results writes to batchd.spend: one row per tenant per applied chunk (a batch here: its results
-# fit one chunk), and one per job on the sync path, which applies each job alone.
-INSERT_SPEND = """
-INSERT INTO batchd.spend (tenant_id, at, cost_usd)
-SELECT tenant_id, max(at), sum(cost_usd) FROM batchd.costs WHERE via = 'batch' GROUP BY batch_id, tenant_id
-UNION ALL
-SELECT tenant_id, at, cost_usd FROM batchd.costs WHERE via = 'sync'
-"""
-
 # The events of the last `events.retention_s` (the rest were pruned), published.
 INSERT_EVENTS = """
 INSERT INTO batchd.events (created_at, type, tenant_id, job_id, batch_id, data, seq, published_at, tenant_seq)
@@ -279,7 +270,7 @@ INSERT INTO batchd.batch_tenants (batch_id, tenant_id, requests)
 SELECT batch_id, tenant_id, count(*) FROM batchd.jobs WHERE batch_id = $1 GROUP BY 1, 2
 """
 
-BENCH_TABLES = ("jobs", "costs", "spend", "rollups", "batches", "batch_tenants", "events", "tallies")
+BENCH_TABLES = ("jobs", "costs", "rollups", "batches", "batch_tenants", "events", "tallies")
 
 
 @dataclass
@@ -388,8 +379,8 @@ async def build(url: str, shape: Shape, workers: int, events_retention_s: float)
         await connection.execute("SELECT setval('batchd.jobs_seq_seq', $1::bigint)", max(1, shape.jobs))
         await timed_phase(
             built,
-            "batches, shares, spend",
-            _run_all(connection, [INSERT_BATCHES, INSERT_BATCH_TENANTS, INSERT_SPEND]),
+            "batches, shares",
+            _run_all(connection, [INSERT_BATCHES, INSERT_BATCH_TENANTS]),
         )
         await timed_phase(built, "events (last week)", connection.execute(INSERT_EVENTS, events_retention_s))
         await connection.execute(PUBLISHED)
@@ -544,18 +535,15 @@ class Read:
 
 
 def overview(tenant: str | None) -> Callable[[asyncpg.Pool], Awaitable[Any]]:
+    """GET /v1/overview as the daemon answers it: one reading of every tenant (readings.py, a new Readings so
+    nothing is kept from the last run), and the asker's view of it."""
+
     async def run(pool: asyncpg.Pool) -> Any:
-        async with (
-            pool.acquire() as connection,
-            connection.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            return [
-                await connection.fetchval(sql("overview_head"), tenant),
-                await connection.fetch(sql("overview_queued"), tenant),
-                await connection.fetch(sql("overview_batches"), tenant),
-                await connection.fetch(sql("overview_totals"), tenant),
-                await connection.fetch(sql("overview_unpublished"), tenant),
-            ]
+        readings = Readings(CollectorRegistry())
+        read = await readings.overview(pool)
+        if read is None:
+            raise RuntimeError("the overview's reading failed")
+        return read.view(tenant)
 
     return run
 
@@ -584,14 +572,18 @@ def reads(biggest: str) -> list[Read]:
         Read(
             "GET /v1/overview, admin",
             overview(None),
-            [(name, (None,)) for name in OVERVIEW_QUERIES],
+            [(name, ()) for name in OVERVIEW_QUERIES],
         ),
         Read(
             f"GET /v1/overview, tenant {biggest} (the largest)",
             overview(biggest),
-            [(name, (biggest,)) for name in OVERVIEW_QUERIES],
+            [(name, ()) for name in OVERVIEW_QUERIES],
         ),
-        Read("GET /metrics readings", metrics_readings, [("metrics_snapshot", ()), ("metrics_ledger", ())]),
+        Read(
+            "GET /metrics readings",
+            metrics_readings,
+            [("metrics_snapshot", ()), ("billed_totals", (None, None))],
+        ),
         Read(
             "batchd status",
             status_report,
@@ -605,13 +597,13 @@ def reads(biggest: str) -> list[Read]:
         Read(
             "batchd report --since 30d",
             cost_report,
-            [("cost_report", (since, None)), ("cache_report", (since, None))],
+            [("billed_totals", (since.replace(minute=0, second=0, microsecond=0), None))],
         ),
     ]
 
 
 OVERVIEW_QUERIES = (
-    "overview_head",
+    "overview_heads",
     "overview_queued",
     "overview_batches",
     "overview_totals",

@@ -624,3 +624,17 @@ async def test_a_sync_job_whose_row_fails_the_apply_is_set_aside_not_sent_again(
         assert stats["statuses"].get("messages 200") == 2, "each job was sent once"
     finally:
         await db.execute("DROP TRIGGER poisoned ON batchd.jobs; DROP FUNCTION public.poisoned()")
+
+
+async def test_a_jobs_id_is_time_ordered(db: Any) -> None:
+    """Ids are UUIDs version 7 (0012): the newest jobs, those in flight, sit together at the end of every
+    index keyed by a job's id, however long the history (docs/benchmarks.md, History)."""
+    insert = "INSERT INTO batchd.jobs (tenant_id, request) VALUES ('acme', '{}') RETURNING id, created_at"
+    rows = [await db.fetchrow(insert) for _ in range(20)]
+    for row in rows:
+        assert row["id"].version == 7
+        assert row["id"].variant == uuid.RFC_4122
+        at_ms = int(row["id"].hex[:12], 16)
+        assert abs(at_ms / 1000 - row["created_at"].timestamp()) < 5, "its first 48 bits are its time"
+    in_order = [row["id"].hex[:12] for row in rows]
+    assert in_order == sorted(in_order), "later inserts, later (or equal) times"

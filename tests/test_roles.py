@@ -294,13 +294,15 @@ async def test_roles_sql_takes_over_an_installed_schema_and_grants_exactly_what_
     daemon_functions = await executable(db, deployment.daemon)
     assert daemon_functions == {row["proname"] for row in functions if not row["is_trigger"]}
     assert {"publish_events", "request_problem", "cancel_job"} <= daemon_functions
-    # And the predicates that run on behalf of whoever writes batchd.jobs (anyone may call them).
+    # And the predicates and the id maker that run on behalf of whoever writes batchd.jobs (anyone may call
+    # them).
     assert await executable(db, deployment.producer) == {
         "request_problem",
         "cancel_job",
         "trusted_writer",
         "trusted_writer_now",
         "plausible_time",
+        "time_ordered_uuid",
     }
     assert [r["role_name"] for r in await db.fetch("SELECT role_name FROM batchd.daemon_roles")] == [
         deployment.daemon

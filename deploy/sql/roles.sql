@@ -183,6 +183,11 @@ SELECT to_regclass('batchd.migrations') IS NOT NULL AS batchd_has_migrations \gs
         GRANT EXECUTE ON FUNCTION batchd.trusted_writer(name), batchd.trusted_writer_now(),
             batchd.plausible_time(timestamptz) TO PUBLIC;
     \endif
+    -- What makes a job's id (0012), in the trigger that runs as whoever inserts.
+    SELECT to_regprocedure('batchd.time_ordered_uuid()') IS NOT NULL AS batchd_has_time_ordered_uuid \gset
+    \if :batchd_has_time_ordered_uuid
+        GRANT EXECUTE ON FUNCTION batchd.time_ordered_uuid() TO PUBLIC;
+    \endif
     \echo batchd roles: :owner owns schema batchd; :daemon and :producer have their privileges.
 \else
     \echo batchd roles: the schema is not migrated yet. Run batchd migrate as :owner, then this script again
