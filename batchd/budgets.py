@@ -1,11 +1,12 @@
 """Per-tenant budgets, in USD per UTC day and per UTC month, checked before every flush.
 
-Spend is what the ledger recorded as results were applied, read from the rollups (the view batchd.spend:
-a row per tenant per UTC day, and the tallies not yet folded; rollups.py). A tenant whose spend reaches either budget is *over budget*: `hold_reason` says why, and the
-flusher's claim leaves its queued jobs in the queue (the view batchd.held_tenants). With `over_budget =
-fail` its queued jobs fail instead, with an error of type `budget_exceeded`. When the budget allows again
-(a new day or month, or a budget raised with `batchd tenant set`) it is released and its jobs go on by
-themselves. Each change writes `tenant.held` or `tenant.released` to the tenant's event stream.
+Spend is what the ledger recorded as results were applied, read from the rollups (the view batchd.spend: a
+row per tenant per UTC day, and the tallies not yet folded; rollups.py). A tenant whose spend reaches either
+budget is *over budget*: `hold_reason` says why, and the flusher's claim leaves its queued jobs in the queue
+(the view batchd.held_tenants). With `over_budget = fail` its queued jobs fail instead, with an error of
+type `budget_exceeded`. When the budget allows again (a new day or month, or a budget raised with `batchd
+tenant set`) it is released and its jobs go on by themselves. Each change writes `tenant.held` or
+`tenant.released` to the tenant's event stream.
 
 Jobs already in a batch are not stopped: a tenant may end up over its budget by what it had in flight.
 """

@@ -1,10 +1,10 @@
-"""`batchd status`: what is queued, what is in flight, what happened lately; and the daemon's one line."""
+"""`batchd status`: what is queued, what is in flight, what finished lately; and the daemon's one line."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,13 +31,15 @@ async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str,
         }
         for row in await connection.fetch(sql("open_batches"))
     ]
-    recent = {row["type"]: row["events"] for row in await connection.fetch(sql("recent_outcomes"), window_s)}
+    outcomes = await connection.fetch(sql("recent_outcomes"), window_s)
+    recent = {row["status"]: row["jobs"] for row in outcomes}
+    since = datetime.now(UTC) - timedelta(seconds=window_s)
     budgets = [dict(row) for row in await connection.fetch(sql("tenant_budgets"))]
     return {
         "tenants": by_tenant,
         "open_batches": batches,
-        "recent_events": recent,
-        "window_s": window_s,
+        "finished": recent,
+        "finished_since": since.replace(minute=0, second=0, microsecond=0),
         "budgets": budgets,
     }
 
@@ -75,10 +77,10 @@ def render(report: dict[str, Any]) -> str:
     if not report["open_batches"]:
         lines.append("  (none)")
     lines.append("")
-    lines.append(f"Events in the last {int(report['window_s'])} s:")
-    for kind, count in sorted(report["recent_events"].items()):
+    lines.append(f"Jobs finished since {report['finished_since']:%Y-%m-%d %H:%M} UTC:")
+    for kind, count in sorted(report["finished"].items()):
         lines.append(f"  {kind:<20}{count:>10}")
-    if not report["recent_events"]:
+    if not report["finished"]:
         lines.append("  (none)")
     return "\n".join(lines)
 

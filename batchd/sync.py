@@ -17,10 +17,10 @@ comes due when the next `auto` deadline comes within reach) it
    this process's lease before any call;
 4. calls the API, one task per job, and applies the outcome with the statement that applies batch results
    (results.apply_rows): the result, the cost ledger at the full price (`via` 'sync'), the tallies (totals
-   and budgets), and events. A refusal for a passing reason (429, 5xx, 529, 408, 409, a key problem, a lost connection)
-   queues the job again with attempts + 1 and a backoff (the API's retry-after when it gives one), until
-   `[batching] max_attempts`; a refusal of the request itself (400, 404, 413, 422) fails it with the API's
-   message.
+   and budgets), and events. A refusal for a passing reason (429, 5xx, 529, 408, 409, a key problem, a lost
+   connection) queues the job again with attempts + 1 and a backoff (the API's retry-after when it gives
+   one), until `[batching] max_attempts`; a refusal of the request itself (400, 404, 413, 422) fails it with
+   the API's message.
 
 On SIGTERM it stops claiming, lets the calls in flight finish for a few seconds, cancels the rest and hands
 their jobs back to the queue at once.

@@ -817,8 +817,13 @@ SELECT id, provider_batch_id, status, request_count, request_counts, created_at,
   FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') ORDER BY created_at;
 
 -- name: recent_outcomes
-SELECT type, count(*) AS events FROM batchd.events
- WHERE published_at > now() - make_interval(secs => $1) GROUP BY type ORDER BY type;
+-- `batchd status`: jobs finished per status since the start of the UTC hour $1 seconds ago, from the hour
+-- rollups and the tallies (batchd.totals_since): a few rows however busy the hour was. With that start.
+SELECT status, sum(jobs)::bigint AS jobs,
+       date_trunc('hour', (now() - make_interval(secs => $1)) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS since
+  FROM batchd.totals_since(now() - make_interval(secs => $1), NULL)
+ GROUP BY status
+ ORDER BY status;
 
 -- name: add_tenant
 -- A tenant may be added again: it gets one more token.
