@@ -11,6 +11,7 @@ import random
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from datetime import UTC, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -92,7 +93,7 @@ def _table(rows: list[asyncpg.Record]) -> dict[tuple[str, ...], tuple[Any, ...]]
 
 
 async def assert_exact(db: Any) -> None:
-    for span in ("all", "day", "hour"):
+    for span in ("all", "week", "day", "hour"):
         scanned = _table(await db.fetch(FULL_SCAN, span))
         rolled = _table(await db.fetch(ROLLED, span))
         assert rolled == scanned, span
@@ -444,3 +445,48 @@ async def test_the_upgrade_to_0012_tallies_the_history_so_far(blank_database_url
         await assert_exact(connection)
     finally:
         await connection.close()
+
+
+# Tallies spread over ten weeks, for the spans' seams: each `since` below is answered from the hour, day and
+# week rows that cover it, and must equal the tallies from its hour on, summed as they were written.
+SPREAD = """
+INSERT INTO batchd.tallies (at, tenant_id, status, path, job_type, model, jobs, billed, input_tokens,
+                            cost_usd)
+SELECT now() - make_interval(mins => (i * 7919) % (70 * 24 * 60)), (ARRAY['acme', 'globex'])[1 + i % 2],
+       (ARRAY['succeeded', 'failed'])[1 + i % 2], 'batch', '', (ARRAY['claude-sonnet-4-5', ''])[1 + i % 2], 1,
+       (i + 1) % 2, i, i * 0.001
+  FROM generate_series(1, 3000) AS i
+"""
+SINCE_TALLIES = """
+SELECT tenant_id, status, sum(jobs) AS jobs, sum(input_tokens) AS input_tokens, sum(cost_usd) AS cost_usd
+  FROM spread
+ WHERE $1::timestamptz IS NULL
+    OR at >= date_trunc('hour', $1::timestamptz AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ GROUP BY 1, 2
+"""
+SINCE_ROLLUPS = """
+SELECT tenant_id, status, sum(jobs) AS jobs, sum(input_tokens) AS input_tokens, sum(cost_usd) AS cost_usd
+  FROM batchd.totals_since($1, NULL)
+ GROUP BY 1, 2
+"""
+
+
+async def test_totals_since_any_hour_are_the_tallies_from_that_hour(db: Any) -> None:
+    await db.execute(SPREAD)
+    await db.execute("CREATE TEMPORARY TABLE spread AS SELECT * FROM batchd.tallies")
+    await rollups.fold(db, 500)
+    assert await db.fetchval("SELECT count(*) FROM batchd.tallies") == 0
+    now = await db.fetchval("SELECT now()")
+    # Mid-hour, on the hour, at midnight, on a Monday, and across days and weeks.
+    sinces = [None, now, now - timedelta(minutes=90), now - timedelta(days=1, hours=5)]
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    monday = midnight - timedelta(days=midnight.weekday())
+    sinces += [midnight, midnight - timedelta(days=3), monday, monday - timedelta(days=7, hours=13)]
+    sinces += [
+        now - timedelta(days=d, hours=h) for d, h in ((6, 23), (8, 1), (13, 0), (30, 7), (69, 0), (90, 0))
+    ]
+    for since in sinces:
+        expected = {(r[0], r[1]): tuple(r)[2:] for r in await db.fetch(SINCE_TALLIES, since)}
+        answered = {(r[0], r[1]): tuple(r)[2:] for r in await db.fetch(SINCE_ROLLUPS, since)}
+        assert answered == expected, since
+    assert await db.fetchval("SELECT count(DISTINCT span) FROM batchd.rollups") == 5

@@ -1132,8 +1132,8 @@ SELECT GROUPING(job_type) = 0 AS by_job_type, tenant_id, model, path AS via, nul
 SELECT pg_try_advisory_xact_lock(hashtext('batchd.fold'));
 
 -- name: fold_tallies
--- Up to $1 tallies moved into the rollups, per UTC hour, per UTC day, for all time and per tenant and UTC day
--- (budgets), in one statement: a
+-- Up to $1 tallies moved into the rollups, per UTC hour, day and week, for all time and per tenant and UTC
+-- day (budgets), in one statement: a
 -- tally is in exactly one of the two tables at every snapshot. The upsert goes in key order, so two folds
 -- (there is one, under lock_fold) could not deadlock. Returns how many tallies were folded.
 WITH moved AS (
@@ -1156,7 +1156,8 @@ WITH moved AS (
            sum(m.cache_write_1h_tokens) AS cache_write_1h_tokens, sum(m.cache_read_tokens) AS cache_read_tokens,
            sum(m.cost_usd) AS cost_usd, sum(m.sync_cost_usd) AS sync_cost_usd, sum(m.unpriced) AS unpriced
       FROM moved AS m
-     CROSS JOIN (VALUES ('hour', 'hour'), ('day', 'day'), ('all', NULL), ('tenant_day', 'day')) AS s (span, unit)
+     CROSS JOIN (VALUES ('hour', 'hour'), ('day', 'day'), ('week', 'week'), ('all', NULL), ('tenant_day', 'day'))
+                AS s (span, unit)
      GROUP BY 1, 2, 3, 4, 5, 6, 7
 ), folded AS (
     INSERT INTO batchd.rollups AS r

@@ -40,11 +40,12 @@ CREATE TABLE batchd.tallies (
     unpriced                bigint NOT NULL DEFAULT 0
 );
 
--- The tallies folded: per UTC hour ('hour'), per UTC day ('day') and for all time ('all', start
--- '-infinity'), and per tenant and UTC day with the rest of the key folded ('tenant_day': status, path,
--- job_type and model ''), which budgets read. Hour rows go with the ledger's retention; the rest are kept.
+-- The tallies folded: per UTC hour ('hour'), per UTC day ('day'), per week from Monday, UTC ('week'), for
+-- all time ('all', start '-infinity'), and per tenant and UTC day with the rest of the key folded
+-- ('tenant_day': status, path, job_type and model ''), which budgets read. Hour rows go with the ledger's
+-- retention; the rest are kept.
 CREATE TABLE batchd.rollups (
-    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'all', 'tenant_day')),
+    span                    text NOT NULL CHECK (span IN ('hour', 'day', 'week', 'all', 'tenant_day')),
     start                   timestamptz NOT NULL,
     tenant_id               text NOT NULL,
     status                  text NOT NULL,
@@ -208,20 +209,33 @@ RETURNS TABLE (tenant_id text, status text, path text, job_type text, model text
                cache_write_1h_tokens bigint, cache_read_tokens bigint, cost_usd numeric, sync_cost_usd numeric,
                unpriced bigint)
 LANGUAGE sql STABLE AS $$
-    -- Four branches, each one range of an index; a branch whose condition on `since` is false is skipped
-    -- whole (a one-time filter), however the plan was made.
-    WITH bounds AS MATERIALIZED (
+    -- Since the UTC hour of `since`: hour rows up to its first whole day, day rows up to its first whole week
+    -- (Monday), week rows from there on (the current week's row holds the week so far). Each branch is one
+    -- range of an index; a branch whose condition on `since` is false is skipped whole (a one-time filter),
+    -- however the plan was made.
+    WITH hours AS MATERIALIZED (
         SELECT h.hour, CASE WHEN h.day = h.hour THEN h.day ELSE h.day + interval '1 day' END AS whole_days
           FROM (SELECT date_trunc('hour', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
                        date_trunc('day', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS day) AS h
+    ), bounds AS MATERIALIZED (
+        SELECT hours.hour, hours.whole_days,
+               CASE WHEN w.week = hours.whole_days THEN w.week ELSE w.week + interval '7 days' END AS whole_weeks
+          FROM hours
+         CROSS JOIN LATERAL (
+            SELECT date_trunc('week', hours.whole_days AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS week
+         ) AS w
     ), rows AS (
         SELECT r.* FROM batchd.rollups AS r
          WHERE since IS NULL AND r.span = 'all' AND r.start = '-infinity'
            AND (tenant IS NULL OR r.tenant_id = tenant)
         UNION ALL
         SELECT r.* FROM batchd.rollups AS r
-         WHERE since IS NOT NULL AND r.span = 'day' AND r.start >= (SELECT whole_days FROM bounds)
+         WHERE since IS NOT NULL AND r.span = 'week' AND r.start >= (SELECT whole_weeks FROM bounds)
            AND (tenant IS NULL OR r.tenant_id = tenant)
+        UNION ALL
+        SELECT r.* FROM batchd.rollups AS r
+         WHERE since IS NOT NULL AND r.span = 'day' AND r.start >= (SELECT whole_days FROM bounds)
+           AND r.start < (SELECT whole_weeks FROM bounds) AND (tenant IS NULL OR r.tenant_id = tenant)
         UNION ALL
         SELECT r.* FROM batchd.rollups AS r
          WHERE since IS NOT NULL AND r.span = 'hour' AND r.start >= (SELECT hour FROM bounds)
