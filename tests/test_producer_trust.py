@@ -628,7 +628,7 @@ async def test_a_sync_job_whose_row_fails_the_apply_is_set_aside_not_sent_again(
 
 async def test_a_jobs_id_is_time_ordered(db: Any) -> None:
     """Ids are UUIDs version 7 (0012): the newest jobs, those in flight, sit together at the end of every
-    index keyed by a job's id, however long the history (docs/benchmarks.md, History)."""
+    index keyed by a job's id, however long the history (docs/benchmarks.md, Months of history)."""
     insert = "INSERT INTO batchd.jobs (tenant_id, request) VALUES ('acme', '{}') RETURNING id, created_at"
     rows = [await db.fetchrow(insert) for _ in range(20)]
     for row in rows:

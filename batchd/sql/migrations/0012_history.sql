@@ -90,8 +90,8 @@ CREATE INDEX batches_finished ON batchd.batches (created_at) WHERE status IN ('a
 -- A job's id is time-ordered (a UUID version 7) instead of random. Claimed and applied jobs are the newest:
 -- with random ids each of them sat on a random page of the primary key (and of the ledger's), so the claim
 -- and the apply read and dirtied pages at random across indexes as large as the history, 30% to 50% slower
--- on 10 million finished jobs with PostgreSQL's default shared_buffers (docs/benchmarks.md, History). With
--- time-ordered ids the work in flight sits together at the end of those indexes.
+-- on 10 million finished jobs with PostgreSQL's default shared_buffers (docs/benchmarks.md, Months of
+-- history). With time-ordered ids the work in flight sits together at the end of those indexes.
 CREATE FUNCTION batchd.time_ordered_uuid() RETURNS uuid LANGUAGE sql VOLATILE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp AS $$
     -- A UUID version 7 (RFC 9562): 48 bits of Unix time in milliseconds, then 74 random bits (with the
