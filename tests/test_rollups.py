@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import insert_raw
+from support import insert_raw, wait_until
 
 from batchd import migrate, pruner, results, rollups
 from batchd.config import RetentionSettings, Settings
@@ -490,3 +490,29 @@ async def test_totals_since_any_hour_are_the_tallies_from_that_hour(db: Any) -> 
         answered = {(r[0], r[1]): tuple(r)[2:] for r in await db.fetch(SINCE_ROLLUPS, since)}
         assert answered == expected, since
     assert await db.fetchval("SELECT count(DISTINCT span) FROM batchd.rollups") == 5
+
+
+async def test_a_running_daemon_folds_and_prunes_and_its_totals_stay(
+    db: Any, daemon_settings: Any, start_daemon: Any
+) -> None:
+    """The daemon's own loops: the fold empties the tallies, and the pruner deletes the finished jobs past
+    a one-second retention, while the totals every reader sees stay."""
+    await insert_raw(db, "acme", ["a", "b", "c"])
+    jobs = [row["id"] for row in await db.fetch("SELECT id FROM batchd.jobs")]
+    await db.execute(sql("fail_jobs"), jobs[:2], ["request lacks model"] * 2)
+    await db.execute("SELECT batchd.cancel_job($1)", jobs[2])
+    before = await totals(db)
+    settings = daemon_settings(
+        retention={"succeeded_s": 1, "failed_s": 1, "canceled_s": 1, "interval_s": 0.2},
+        rollups={"fold_interval_s": 0.2},
+    )
+    async with start_daemon(settings):
+
+        async def done() -> bool:
+            left = await db.fetchval("SELECT count(*) FROM batchd.jobs")
+            tallies = await db.fetchval("SELECT count(*) FROM batchd.tallies")
+            return bool(left == 0 and tallies == 0)
+
+        await wait_until(done, timeout=30)
+    assert await totals(db) == before
+    assert await db.fetchval("SELECT sum(jobs) FROM batchd.rollups WHERE span = 'all'") == 3
