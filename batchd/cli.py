@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
 EX_DATAERR = 65  # sysexits: bad input data
-EX_UNAVAILABLE = 69  # sysexits: a service (the database) is not available
+EX_UNAVAILABLE = 69  # sysexits: a service (the database, a port to listen on) is not available
+EX_NOPERM = 77  # sysexits: the database role lacks a privilege
+# A reader that stopped reading (`batchd status | head -3`): what a shell reports for a process killed by
+# SIGPIPE (128 + 13), as for `yes | head`, so `set -o pipefail` treats batchd as any other command.
+EX_PIPE = 141
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -58,6 +62,7 @@ def execute_command(handler: Handler, args: Namespace, *, migrated: bool = True)
     from .redact import redact_url  # noqa: PLC0415
 
     settings = _load_settings(args)
+    url = redact_url(settings.database.url)
 
     async def run() -> int:
         connection = await _connect(settings)
@@ -67,18 +72,35 @@ def execute_command(handler: Handler, args: Namespace, *, migrated: bool = True)
                 with suppress(asyncpg.InsufficientPrivilegeError):
                     await migrate.require_current(connection)
             return await handler(connection, settings, args)
+        except BrokenPipeError:
+            raise  # standard output's reader left (main); the database's socket fails as a PostgresError
+        except asyncpg.InsufficientPrivilegeError as error:
+            raise CommandError(_refused(url, connection, error, migrate=not migrated), EX_NOPERM) from None
+        except asyncpg.UndefinedTableError as error:
+            # Past require_current only when the role may not read batchd.migrations (see above).
+            message = f"{url} lacks batchd's tables ({error}); run `batchd migrate`"
+            raise CommandError(message, EX_CONFIG) from None
         except (ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             if not _connection_lost(error, connection):
                 raise
-            message = f"lost the connection to {redact_url(settings.database.url)}: {error}"
-            raise CommandError(message, EX_UNAVAILABLE) from None
+            raise CommandError(f"lost the connection to {url}: {error}", EX_UNAVAILABLE) from None
         finally:
             await connection.close()
 
     try:
         return asyncio.run(run())
     except migrate.MigrationError as error:
-        raise CommandError(str(error), EX_CONFIG) from None
+        raise CommandError(f"{url}: {error}", EX_CONFIG) from None
+
+
+def _refused(url: str, connection: Connection, error: Exception, *, migrate: bool) -> str:
+    """What a role without a privilege is told: who it was, where, and who may do it instead."""
+    role = connection.get_settings().session_authorization or "this role"
+    if migrate:
+        fix = "run `batchd migrate` as the database's owner (or a role with CREATE on it)"
+    else:
+        fix = "grant the role what deploy/sql/roles.sql grants, or use a role that has it"
+    return f"{url} refused {role}: {error}; {fix}"
 
 
 def _connection_lost(error: Exception, connection: Connection) -> bool:
@@ -117,6 +139,8 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
 
     try:
         return await store.connect(settings.database.url)
+    except store.BadDatabaseUrl as error:
+        raise _bad_url(settings, error) from None
     except store.DatabaseUnavailable as error:
         raise _unreachable(settings, error) from None
 
@@ -125,6 +149,31 @@ def _unreachable(settings: Settings, error: Exception) -> CommandError:
     from .redact import redact_url  # noqa: PLC0415 - see the imports above
 
     return CommandError(f"cannot connect to {redact_url(settings.database.url)}: {error}", EX_UNAVAILABLE)
+
+
+def _bad_url(settings: Settings, error: Exception) -> CommandError:
+    from .redact import redact_url  # noqa: PLC0415 - see the imports above
+
+    url, problem = redact_url(settings.database.url), redact_url(str(error))
+    return CommandError(
+        f"database.url {url} is not a PostgreSQL URL: {problem}; "
+        "fix database.url (or $BATCHD_DATABASE__URL), e.g. postgresql://USER@HOST:5432/DATABASE",
+        EX_CONFIG,
+    )
+
+
+def _cannot_listen(host: str, port: int, error: OSError, setting: str) -> CommandError | None:
+    """The error of a server that could not bind its port (another process holds it), as one line; None for
+    any other OSError, which is not expected."""
+    import errno  # noqa: PLC0415 - see the imports above
+
+    if error.errno != errno.EADDRINUSE:
+        return None
+    return CommandError(
+        f"cannot listen on {host}:{port}: the address is already in use (another batchd, an emulator, or "
+        f"another server holds it); stop that process or set another {setting}",
+        EX_UNAVAILABLE,
+    )
 
 
 # -- the commands without a database connection of their own ------------------------------------------------
@@ -223,7 +272,13 @@ def run_emulator(args: Namespace) -> int:
 
     config = emulator_config(args)
     logger = structlog.get_logger("batchd.emulator")
-    return asyncio.run(_serve_emulator(config, logger, access_log=args.access_log))
+    try:
+        return asyncio.run(_serve_emulator(config, logger, access_log=args.access_log))
+    except OSError as error:
+        problem = _cannot_listen(config.host, config.port, error, "port (--port, [emulator] port)")
+        if problem is None:
+            raise
+        raise problem from None
 
 
 async def _serve_emulator(config: EmulatorConfig, logger: Any, *, access_log: bool) -> int:
@@ -284,15 +339,23 @@ def run_daemon(args: Namespace) -> int:
 
     from .daemon import Daemon  # noqa: PLC0415
     from .migrate import MigrationError  # noqa: PLC0415
-    from .store import DatabaseUnavailable  # noqa: PLC0415
+    from .redact import redact_url  # noqa: PLC0415
+    from .store import BadDatabaseUrl, DatabaseUnavailable  # noqa: PLC0415
 
     settings = _load_settings(args)
     try:
         asyncio.run(Daemon(settings).run())
+    except BadDatabaseUrl as error:
+        raise _bad_url(settings, error) from None
     except DatabaseUnavailable as error:
         raise _unreachable(settings, error) from None
     except MigrationError as error:
-        raise CommandError(str(error), EX_CONFIG) from None
+        raise CommandError(f"{redact_url(settings.database.url)}: {error}", EX_CONFIG) from None
+    except OSError as error:  # after DatabaseUnavailable: the database's own OSErrors are that
+        problem = _cannot_listen(settings.http.host, settings.http.port, error, "[http] port")
+        if problem is None:
+            raise
+        raise problem from None
     return 0
 
 
@@ -655,7 +718,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a reader that left is caught, rather than at the interpreter's exit
+    except BrokenPipeError:
+        _discard_stdout()
+        return EX_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # argparse's own output (--help) ignores a broken pipe itself
     from . import log  # noqa: PLC0415 - see the imports above
     from .config import ConfigError  # noqa: PLC0415
 
@@ -671,6 +744,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return code
+
+
+def _discard_stdout() -> None:
+    """Points standard output at /dev/null, so the interpreter's last flush of what is still buffered does
+    not fail a second time (the convention of Python's documentation on SIGPIPE)."""
+    import os  # noqa: PLC0415 - see the imports above
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ async def migrate(connection: Connection) -> list[Migration]:
             row = applied.get(migration.version)
             if row is not None:
                 if row["checksum"] != migration.checksum:
+                    name = f"{migration.version:04d}_{migration.name}"
                     raise MigrationError(
-                        f"migration {migration.version:04d}_{migration.name} was changed after it was applied"
+                        f"migration {name} was changed after it was applied "
+                        "(its checksum differs from the one recorded); restore the file as it was, since a "
+                        "change to an applied schema belongs in a new migration"
                     )
                 continue
             await connection.execute(migration.text)
@@ -81,4 +84,4 @@ async def require_current(connection: Connection) -> None:
     """Refuses a database this code's queries would fail on: one without every shipped migration."""
     missing = await pending(connection)
     if missing:
-        raise MigrationError(f"database: {len(missing)} migration(s) not applied; run `batchd migrate`")
+        raise MigrationError(f"{len(missing)} migration(s) not applied; run `batchd migrate`")

@@ -66,10 +66,23 @@ class DatabaseUnavailable(Exception):  # noqa: N818 - reads as the condition it 
     password."""
 
 
+class BadDatabaseUrl(Exception):  # noqa: N818 - reads as the condition it reports
+    """The URL cannot be parsed (asyncpg's "invalid DSN", a port that is not a number or out of range): a
+    configuration error, not an unreachable server. The message is the driver's, without the URL."""
+
+
+# What asyncpg raises while parsing a URL, before it tries to connect: its own ClientConfigurationError (an
+# unknown scheme or sslmode), or a ValueError or OverflowError from the standard library's parsing of a port
+# or the query string.
+_URL_ERRORS = (asyncpg.ClientConfigurationError, ValueError, OverflowError)
+
+
 async def connect(url: str) -> asyncpg.Connection:
     """A connection of one's own, set up as the pool's are."""
     try:
         connection: asyncpg.Connection = await asyncpg.connect(url)
+    except _URL_ERRORS as error:
+        raise BadDatabaseUrl(str(error)) from error
     except (OSError, asyncpg.PostgresError) as error:
         raise DatabaseUnavailable(str(error)) from error
     await init_connection(connection)
@@ -79,6 +92,8 @@ async def connect(url: str) -> asyncpg.Connection:
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=init_connection)
+    except _URL_ERRORS as error:
+        raise BadDatabaseUrl(str(error)) from error
     except (OSError, asyncpg.PostgresError) as error:
         raise DatabaseUnavailable(str(error)) from error
     if pool is None:  # pragma: no cover - only when asyncpg is given a custom connection class
