@@ -448,3 +448,39 @@ def in_unit_sandbox(argv: list[str]) -> list[str]:
     above go, and under MemoryDenyWriteExecute when the kernel can."""
     command = [sys.executable, "-c", UNDER_MDWE, *argv] if kernel_has_mdwe() else argv
     return [*IN_UNIT_NAMESPACES, *command]
+
+
+def write_config(path: Path, database_url: str, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[database]
+url = "{database_url}"
+
+[anthropic]
+base_url = "http://127.0.0.1:1"
+
+[http]
+host = "127.0.0.1"
+port = 0
+
+[job_types.summarize]
+model = "claude-haiku-4-5"
+max_tokens = 256
+fields = ["document_text"]
+prompt = "Summarise: {{document_text}}"
+{extra}
+"""
+    )
+    return path
+
+
+async def run_batchd(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """`python -m batchd ARGS` in `cwd` (no stray ./batchd.toml), with no BATCHD_* nor API key from the
+    test's own environment unless `env` gives them; killed if it outlives `timeout`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "ANTHROPIC_"))}
+    clean.pop("CREDENTIALS_DIRECTORY", None)
+    return await run_python(
+        "-m", "batchd", *args, timeout=timeout, env={**clean, **(env or {})}, cwd=cwd, stdin=stdin
+    )
