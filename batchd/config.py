@@ -10,12 +10,15 @@ token comes the same three ways: `BATCHD_ADMIN_TOKEN`, `[http] admin_token_file`
 
 from __future__ import annotations
 
+import difflib
 import os
 import string
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
+import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,6 +32,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .emulator import EmulatorConfig
 from .pricing import PricingSettings
+from .redact import redact_url
+
+log = structlog.get_logger("batchd.config")
 
 DEFAULT_CONFIG = Path("batchd.toml")
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -37,6 +43,24 @@ API_MAX_BYTES = 256_000_000
 CREDENTIAL_NAME = "anthropic-api-key"
 ADMIN_TOKEN_ENV = "BATCHD_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 ADMIN_CREDENTIAL_NAME = "admin-token"
+ENV_PREFIX = "BATCHD_"
+CONFIG_ENV = "BATCHD_CONFIG"
+# The variables batchd reads besides BATCHD_<SECTION>__<KEY>: a misspelling of one is pointed at it.
+OTHER_VARIABLES = (CONFIG_ENV, ADMIN_TOKEN_ENV, "BATCHD_EMULATOR_API_KEY")
+# Names batchd does not read but which are no mistake: the README's examples keep a tenant's token in
+# BATCHD_TOKEN, and the tests and the Makefile pass the rest down to every batchd they start.
+FOREIGN_VARIABLES = frozenset(
+    {
+        "BATCHD_TOKEN",
+        "BATCHD_TEST_DATABASE_URL",
+        "BATCHD_CHAOS_SEED",
+        "BATCHD_CHAOS_REPEAT",
+        "BATCHD_CHROMIUM",
+    }
+)
+# The name other tools read a database's URL from; batchd reads BATCHD_DATABASE__URL.
+FOREIGN_DATABASE_ENV = "DATABASE_URL"
+DATABASE_URL_ENV = "BATCHD_DATABASE__URL"
 # The admin token sees every tenant: one this short could be guessed, from any of its three sources.
 ADMIN_TOKEN_MIN_LENGTH = 16
 # The prompt cache's TTLs, as cache_control's `ttl` spells them (anthropic.types.CacheControlEphemeralParam).
@@ -324,7 +348,7 @@ def template_fields(template: str) -> set[str]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
@@ -386,7 +410,7 @@ class Settings(BaseSettings):
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     if explicit:
         return Path(explicit)
-    env = os.environ.get("BATCHD_CONFIG")
+    env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env)
     return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
@@ -404,17 +428,153 @@ def read_toml(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
-def describe(error: ValidationError, prefix: str = "") -> str:
-    """Every problem as `section.key: what is wrong`."""
-    return "; ".join(f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+def describe(
+    error: ValidationError,
+    prefix: str = "",
+    *,
+    data: Mapping[str, Any] | None = None,
+    path: Path | None = None,
+) -> str:
+    """Every problem as `section.key: what is wrong`. An unknown key is named with the nearest valid one,
+    and where it was written: `path` when `data` (the file's contents) holds it, else the environment."""
+    problems = []
+    for problem in error.errors():
+        loc = [*prefix.split(".")[:-1], *map(str, problem["loc"])]
+        key = ".".join(loc)
+        if problem["type"] != "extra_forbidden":
+            problems.append(f"{key}: {problem['msg']}")
+            continue
+        if path is not None and _holds(data or {}, loc):
+            where = f"{path}: "
+        elif data is not None:
+            where = f"${ENV_PREFIX}{'__'.join(loc).upper()}: "
+        else:
+            where = ""
+        nearest = nearest_key(loc)
+        hint = f" (did you mean {nearest}?)" if nearest else ""
+        problems.append(f"{where}unknown key {key}{hint}")
+    return "; ".join(problems)
+
+
+def _holds(data: Mapping[str, Any], loc: Sequence[str]) -> bool:
+    value: Any = data
+    for part in loc:
+        if not isinstance(value, Mapping) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (`X` or `X | None`), if any; not a table's (`dict[str, X]`)."""
+    if get_origin(annotation) is dict:
+        return None
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def nearest_key(loc: Sequence[str]) -> str | None:
+    """The valid key nearest to the unknown `loc` (section, ..., key), spelled as `loc` is, or None when no
+    valid key there is close."""
+    model: type[BaseModel] = Settings
+    index = 0
+    while index < len(loc) - 1:
+        field = model.model_fields.get(loc[index])
+        if field is None:
+            return None
+        annotation = field.annotation
+        if get_origin(annotation) is dict:
+            # A table of named entries (job_types, tenants, pricing.models): the next part is a name.
+            annotation = get_args(annotation)[1]
+            index += 1
+        inner = _model_of(annotation)
+        if inner is None:
+            return None
+        model = inner
+        index += 1
+    matches = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return ".".join([*loc[:-1], matches[0]]) if matches else None
+
+
+def _variables(model: type[BaseModel], prefix: str, names: set[str], open_prefixes: list[str]) -> None:
+    for key, field in model.model_fields.items():
+        name = f"{prefix}{key.upper()}"
+        names.add(name)  # a section as a whole takes JSON
+        inner = _model_of(field.annotation)
+        if inner is not None:
+            _variables(inner, f"{name}__", names, open_prefixes)
+        elif get_origin(field.annotation) is dict:
+            # Entries are named by the operator; pydantic itself refuses an unknown key inside one.
+            open_prefixes.append(f"{name}__")
+
+
+def environment_names() -> tuple[frozenset[str], tuple[str, ...]]:
+    """Every BATCHD_ variable batchd reads, and the prefixes under which any name is read (a table's
+    entries, such as BATCHD_TENANTS__<NAME>__WEIGHT)."""
+    names: set[str] = set(OTHER_VARIABLES)
+    open_prefixes: list[str] = []
+    _variables(Settings, ENV_PREFIX, names, open_prefixes)
+    return frozenset(names), tuple(open_prefixes)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each BATCHD_ variable in `environ` that batchd does not read, with the nearest name it does (or
+    None): pydantic-settings passes over such a variable in silence, so BATCHD_DATABASE_URL (one underscore)
+    would leave batchd on the default database. Case is ignored, as pydantic-settings ignores it."""
+    names, open_prefixes = environment_names()
+    bare = [name.removeprefix(ENV_PREFIX) for name in sorted(names)]
+    unknown = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in names or name in FOREIGN_VARIABLES:
+            continue
+        if name.startswith(open_prefixes):
+            continue
+        # Compared without the prefix every name shares, which would make any two names look alike.
+        matches = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), bare, n=1)
+        unknown.append((variable, ENV_PREFIX + matches[0] if matches else None))
+    return unknown
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuses the BATCHD_ variables batchd does not read, naming each with its nearest valid name."""
+    problems = [
+        f"${variable} is not a variable batchd reads" + (f" (did you mean ${nearest}?)" if nearest else "")
+        for variable, nearest in unknown_variables(environ)
+    ]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def foreign_database_url(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """$DATABASE_URL, when it is set, $BATCHD_DATABASE__URL is not, and the database in use is another:
+    batchd does not read DATABASE_URL (other tools in the same environment do), but whoever set it may
+    have meant batchd to use it. Redacted, for a warning."""
+    foreign = environ.get(FOREIGN_DATABASE_ENV)
+    if not foreign or any(name.upper() == DATABASE_URL_ENV for name in environ):
+        return None
+    return redact_url(foreign) if foreign != settings.database.url else None
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    data = read_toml(config_path(path))
+    check_environment(os.environ)
+    source = config_path(path)
+    data = read_toml(source)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as error:
-        raise ConfigError(describe(error)) from None
+        raise ConfigError(describe(error, data=data, path=source)) from None
+    foreign = foreign_database_url(settings, os.environ)
+    if foreign is not None:
+        log.warning(
+            "config.database_url_ignored",
+            database_url=foreign,
+            database=redact_url(settings.database.url),
+            hint=f"batchd reads ${DATABASE_URL_ENV}, not ${FOREIGN_DATABASE_ENV}",
+        )
+    return settings
 
 
 def admin_token(settings: Settings) -> SecretStr | None:

@@ -32,6 +32,7 @@ from .provider import Provider
 from .publisher import EVENTS_CHANNEL, PUBLISHED_CHANNEL, Publisher
 from .ratelimit import RateLimiter
 from .readings import Readings
+from .redact import redact_url
 from .server import create_app
 from .supervisor import Supervisor
 from .sync import SyncSender
@@ -108,7 +109,15 @@ class Daemon:
             _freeze_startup_objects()
             self.ready.set()
             notifier.ready()
-            log.info("daemon.ready", instance_id=ctx.instance_id, http=self.http_url)
+            log.info(
+                "daemon.ready",
+                instance_id=ctx.instance_id,
+                http=self.http_url,
+                # Which API and database, as the SDK and the pool were given them: a variable misspelt or
+                # left to another tool shows here as the default.
+                api=str(provider.client.base_url),
+                database=redact_url(settings.database.url),
+            )
             stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
             ctx.stopping.set()
