@@ -818,9 +818,8 @@ SELECT id, provider_batch_id, status, request_count, request_counts, created_at,
 
 -- name: recent_outcomes
 -- `batchd status`: jobs finished per status since the start of the UTC hour $1 seconds ago, from the hour
--- rollups and the tallies (batchd.totals_since): a few rows however busy the hour was. With that start.
-SELECT status, sum(jobs)::bigint AS jobs,
-       date_trunc('hour', (now() - make_interval(secs => $1)) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS since
+-- rollups and the tallies (batchd.totals_since): a few rows however busy the hour was.
+SELECT status, sum(jobs)::bigint AS jobs
   FROM batchd.totals_since(now() - make_interval(secs => $1), NULL)
  GROUP BY status
  ORDER BY status;
