@@ -10,7 +10,8 @@ DATABASE_URL ?= postgresql://postgres@$(PG_HOST):$(PG_PORT)/postgres
 PYTEST_WORKERS ?= 3
 
 # requirements.lock pins every package (direct and transitive, with hashes) that the suite last passed with;
-# requirements-runtime.lock is its subset that `batchd run` needs (what a production host installs, README).
+# requirements-runtime.lock is its subset that `batchd run` needs (what a production host installs,
+# docs/running.md).
 # `make lock` refreshes both with uv (pinned here; it lives in its own venv, never in the project's).
 LOCK := requirements.lock
 RUNTIME_LOCK := requirements-runtime.lock
@@ -130,8 +131,10 @@ systemd:
 	$$SUDO apt-get update && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
 
+# The demo's configuration is development's (the emulator, the local server), never the shipped batchd.toml,
+# which is production's template and talks to the real API.
 demo: $(VENV)/.installed
-	$(BIN)/batchd demo
+	$(BIN)/batchd --config batchd.dev.toml demo
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/emulator_scale.py

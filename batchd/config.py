@@ -47,7 +47,7 @@ ENV_PREFIX = "BATCHD_"
 CONFIG_ENV = "BATCHD_CONFIG"
 # The variables batchd reads besides BATCHD_<SECTION>__<KEY>: a misspelling of one is pointed at it.
 OTHER_VARIABLES = (CONFIG_ENV, ADMIN_TOKEN_ENV, "BATCHD_EMULATOR_API_KEY")
-# Names batchd does not read but which are no mistake: the README's examples keep a tenant's token in
+# Names batchd does not read but which are no mistake: the docs' examples keep a tenant's token in
 # BATCHD_TOKEN, and the tests and the Makefile pass the rest down to every batchd they start.
 FOREIGN_VARIABLES = frozenset(
     {
@@ -76,34 +76,76 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
-    url: str = DEFAULT_DATABASE_URL
-    pool_min_size: int = Field(default=1, ge=1)
-    pool_max_size: int = Field(default=10, ge=2)
+    url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="the database holding schema `batchd`, as a PostgreSQL URL: "
+        "`postgresql://USER@HOST:PORT/DATABASE`, or over the local socket "
+        "`postgresql://USER@/DATABASE?host=/run/postgresql`; a password goes in `$BATCHD_DATABASE__URL` (a "
+        "root-only environment file), not in batchd.toml, which every user may read",
+    )
+    pool_min_size: int = Field(default=1, ge=1, description="connections the daemon's pool keeps open")
+    pool_max_size: int = Field(
+        default=10,
+        ge=2,
+        description="connections the daemon's pool may open (the listener has one of its own)",
+    )
 
 
 class AnthropicSettings(_Section):
-    base_url: str | None = Field(default=None, description="unset: the real API")
-    api_key_file: Path | None = None
-    requests_per_minute: int = Field(default=50, ge=1, description="every batch call counts, polls included")
-    timeout_s: float = Field(default=600.0, gt=0)
+    base_url: str | None = Field(
+        default=None,
+        description="where the API is; unset: the real API (the SDK's default, https://api.anthropic.com). "
+        "Development points it at the emulator, e.g. `http://127.0.0.1:8787`",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="a file holding the API key, read when `$ANTHROPIC_API_KEY` is not set (before the "
+        "systemd credential `anthropic-api-key`); unset: none",
+    )
+    requests_per_minute: int = Field(
+        default=50,
+        ge=1,
+        description="calls to the batch endpoints per minute, polls included, shared by every one of this "
+        "daemon's calls; a 429 pauses them all (the lowest tier allows 50)",
+    )
+    timeout_s: float = Field(default=600.0, gt=0, description="how long one API call may take")
 
 
 class BatchingSettings(_Section):
-    max_requests: int = Field(default=10_000, ge=1, le=API_MAX_REQUESTS)
-    max_bytes: int = Field(default=100_000_000, ge=1024, le=API_MAX_BYTES)
-    max_wait_s: float = Field(default=60.0, gt=0)
-    deadline_slack_s: float = Field(
-        default=900.0, ge=0, description="a job whose deadline is this close is flushed at once"
+    max_requests: int = Field(
+        default=10_000,
+        ge=1,
+        le=API_MAX_REQUESTS,
+        description="flush at this many queued jobs (at most 100,000)",
     )
-    max_in_flight_requests: int = Field(default=100_000, ge=1)
+    max_bytes: int = Field(
+        default=100_000_000,
+        ge=1024,
+        le=API_MAX_BYTES,
+        description="...or at this many bytes of requests (at most 256,000,000)",
+    )
+    max_wait_s: float = Field(
+        default=60.0, gt=0, description="...or when the oldest queued job has waited this long"
+    )
+    deadline_slack_s: float = Field(
+        default=900.0, ge=0, description="...or when a job's deadline is this close: it is flushed at once"
+    )
+    max_in_flight_requests: int = Field(
+        default=100_000,
+        ge=1,
+        description="requests allowed in open batches at once, across every daemon sharing the database (the "
+        "workspace's cap: 100k to 500k by tier)",
+    )
     cache_lookahead: float = Field(
         default=1.0,
         ge=0,
         le=10,
-        description="how far past a batch's worth (in batches) a tenant's queue is searched for jobs sharing "
-        "a cacheable prefix with those taken",
+        description="how many batches past a tenant's queue head the flusher looks for jobs sharing a "
+        "cacheable prefix with those taken (0: plain FIFO per tenant)",
     )
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(
+        default=3, ge=1, description="tries per job before a transient failure is final"
+    )
 
 
 _Ranged = TypeVar("_Ranged", bound=BaseModel)
@@ -117,8 +159,12 @@ def _in_order(section: _Ranged, low: str, high: str) -> _Ranged:
 
 
 class PollingSettings(_Section):
-    min_interval_s: float = Field(default=5.0, gt=0)
-    max_interval_s: float = Field(default=300.0, gt=0)
+    min_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a batch's first poll interval; it grows by half each time, with jitter",
+    )
+    max_interval_s: float = Field(default=300.0, gt=0, description="...up to this")
 
     @model_validator(mode="after")
     def _ordered(self) -> PollingSettings:
@@ -126,39 +172,61 @@ class PollingSettings(_Section):
 
 
 class ResultsSettings(_Section):
-    delete_after_apply: bool = Field(default=False, description="delete the provider's copy once applied")
+    delete_after_apply: bool = Field(
+        default=False,
+        description="delete the provider's copy once results are applied (it keeps them 29 days)",
+    )
     apply_chunk: int = Field(default=2_000, ge=1, description="results applied per transaction")
 
 
 class DaemonSettings(_Section):
-    lease_s: float = Field(default=60.0, ge=1, description="how long a batch stays with a silent owner")
-    sweep_interval_s: float = Field(default=30.0, gt=0, description="look for work even without a NOTIFY")
+    lease_s: float = Field(
+        default=60.0,
+        ge=1,
+        description="how long a batch stays with a silent owner before another daemon takes it",
+    )
+    sweep_interval_s: float = Field(
+        default=30.0, gt=0, description="look for work this often even without a notification"
+    )
     reconcile_grace_s: float = Field(
-        default=30.0, ge=0, description="wait this long after an unanswered create before listing batches"
+        default=30.0,
+        ge=0,
+        description="after an unanswered create, wait this long before listing the provider's batches",
     )
     clock_skew_s: float = Field(
         default=60.0,
         ge=0,
-        description="how far the provider's clock and ours may disagree; a create that went unanswered (or "
-        "answered 5xx) is sent again only once [anthropic] timeout_s + clock_skew_s have passed since it was "
-        "sent and the provider's list still shows no batch of it",
+        description="how far the provider's clock and ours may disagree. A create answered 5xx or not at "
+        "all may still land (a gateway gave up while the API went on): it is sent again only once "
+        "`anthropic.timeout_s` + this has passed since it was sent and the provider's list still holds "
+        "nothing of it (with the defaults, 11 minutes; batchd lists again meanwhile and adopts it if it "
+        "appears)",
     )
     retry_min_s: float = Field(
-        default=1.0, gt=0, description="a failing step (API or database error) is tried again after this"
+        default=1.0,
+        gt=0,
+        description="a step that fails (an API or database error: poll, results, reconciliation, a refused "
+        "create; a database error in the flusher, sync sender, lease renewal, publisher, event hub, pruner "
+        "or fold) is tried again after this",
     )
     retry_max_s: float = Field(
         default=300.0,
         gt=0,
-        description="... then twice as long after each failure in a row, up to this (jittered; reset by a "
-        "success)",
+        description="...then twice as long after each further failure in a row, up to this (for those loops, "
+        "at most their own interval), each wait jittered (3/4 to all of it); a success resets it",
     )
     isolate_after_s: float = Field(
         default=600.0,
         ge=0,
-        description="a batch whose creates have failed (500, or a 4xx naming no request) for this long, 4 "
-        "times or more, is halved to find the request the provider cannot take",
+        description="a batch whose creates keep failing (500, or a 4xx naming no request: 4 attempts or "
+        "more, over this long) is halved, and halved again, until the request the provider cannot take "
+        "fails alone with the reason",
     )
-    status_interval_s: float = Field(default=5.0, gt=0, description="how often STATUS= is sent to systemd")
+    status_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often the daemon sends systemd its `STATUS=` line (under `Type=notify`)",
+    )
 
     @model_validator(mode="after")
     def _retry_ordered(self) -> DaemonSettings:
@@ -169,42 +237,81 @@ class RoutingSettings(_Section):
     """Deadline-aware routing (`route` on a job): when an `auto` job goes through the synchronous Messages
     API, and how the sync path sends."""
 
-    concurrency: int = Field(default=8, ge=1, description="sync calls in flight at once, per daemon")
-    margin_s: float = Field(
-        default=60.0, ge=0, description="safety margin added to the batch p90 when judging a deadline"
+    concurrency: int = Field(
+        default=8, ge=1, description="Messages API calls in flight at once per daemon, for jobs routed sync"
     )
-    window: int = Field(default=50, ge=1, description="the batch p90 is taken over this many recent batches")
+    margin_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="safety margin added to the batch p90 when judging an `auto` job's deadline",
+    )
+    window: int = Field(
+        default=50, ge=1, description="the batch p90 is taken over this many most recently applied batches"
+    )
     min_samples: int = Field(
-        default=10, ge=1, description="fewer applied batches than this: prior_turnaround_s stands in"
+        default=10,
+        ge=1,
+        description="with fewer applied batches than this in the window, `prior_turnaround_s` stands in for "
+        "the p90",
     )
     prior_turnaround_s: float = Field(
-        default=3600.0, gt=0, description="the batch p90 assumed until min_samples batches are measured"
+        default=3600.0,
+        gt=0,
+        description="the batch turnaround assumed until `min_samples` batches are measured (batches mostly "
+        "end within 1 h, and may take 24)",
     )
     lease_s: float = Field(
-        default=60.0, ge=1, description="a job a silent daemon was sending sync is queued again after this"
+        default=60.0,
+        ge=1,
+        description="a job being sent sync by a daemon that went silent (killed mid-call) is queued again, "
+        "and sent again, after this; renewed while the call runs",
     )
 
 
 class EventsSettings(_Section):
-    retention_s: float = Field(default=7 * 86_400.0, gt=0, description="events older than this are pruned")
-    prune_interval_s: float = Field(default=600.0, gt=0)
+    retention_s: float = Field(
+        default=7 * 86_400.0,
+        gt=0,
+        description="events older than this (7 days) are pruned; a client resuming from before gets "
+        "`event: reset`",
+    )
+    prune_interval_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="events are pruned this often (only the oldest, so a resuming client never meets a hole)",
+    )
     prune_chunk: int = Field(default=10_000, ge=1, description="events deleted per statement")
     publish_chunk: int = Field(default=5_000, ge=1, description="events numbered per publishing statement")
     poll_interval_s: float = Field(
-        default=5.0, gt=0, description="publish and fan out even without a NOTIFY (a fallback)"
+        default=5.0,
+        gt=0,
+        description="publish and fan out this often even without a notification (a fallback)",
     )
-    heartbeat_s: float = Field(default=15.0, gt=0, description="a comment line on an idle stream")
-    retry_ms: int = Field(default=2_000, ge=0, description="the reconnection delay advised to clients")
+    heartbeat_s: float = Field(
+        default=15.0, gt=0, description="a `: heartbeat` comment on a stream idle this long"
+    )
+    retry_ms: int = Field(
+        default=2_000, ge=0, description="the reconnection delay advised to clients (`retry:`)"
+    )
     client_buffer_bytes: int = Field(
-        default=1_048_576, ge=1024, description="live events queued for one stream, at most"
+        default=1_048_576,
+        ge=1024,
+        description="live events held for one stream; past it, the stream reads from the table",
     )
     on_full_buffer: Literal["replay", "cut"] = Field(
         default="replay",
-        description="a stream whose buffer would overflow goes on from the table (replay), or is cut off",
+        description='a stream whose buffer would overflow goes on from the table (`"replay"`) or is cut off '
+        'as a slow consumer (`"cut"`)',
     )
-    send_timeout_s: float = Field(default=30.0, gt=0, description="a write stalled this long cuts the client")
-    max_streams_per_tenant: int = Field(default=100, ge=1, description="open streams per tenant (and admin)")
-    replay_page: int = Field(default=1_000, ge=1, description="events read per query when a client resumes")
+    send_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a client that reads nothing for this long is cut off (`event: disconnect`)",
+    )
+    max_streams_per_tenant: int = Field(
+        default=100, ge=1, description="open streams per tenant (and for the admin); one more is a 429"
+    )
+    replay_page: int = Field(default=1_000, ge=1, description="events read per query when a stream replays")
 
 
 DAY_S = 86_400.0
@@ -215,22 +322,36 @@ LEDGER_MIN_S = 32 * DAY_S
 class RetentionSettings(_Section):
     """How long finished jobs and the money history are kept (pruner.py); `inf` keeps them for good."""
 
-    succeeded_s: float = Field(default=14 * DAY_S, gt=0, description="succeeded jobs are deleted after this")
-    failed_s: float = Field(default=30 * DAY_S, gt=0, description="failed jobs are deleted after this")
-    canceled_s: float = Field(default=14 * DAY_S, gt=0, description="canceled jobs are deleted after this")
+    succeeded_s: float = Field(
+        default=14 * DAY_S,
+        gt=0,
+        description="succeeded jobs are deleted this long after they finished (14 days), their idempotency "
+        "keys with them; the rollups keep what they counted, so totals, `/metrics`, `batchd status` and "
+        "`batchd report` do not change. A batch goes once no job refers to it",
+    )
+    failed_s: float = Field(
+        default=30 * DAY_S,
+        gt=0,
+        description="failed jobs are deleted this long after they finished (30 days)",
+    )
+    canceled_s: float = Field(
+        default=14 * DAY_S,
+        gt=0,
+        description="canceled jobs are deleted this long after they finished (14 days)",
+    )
     ledger_s: float = Field(
         default=400 * DAY_S,
         ge=LEDGER_MIN_S,
-        description="the cost ledger (batchd.costs) and hour rollups are deleted after this; day and "
-        "all-time rollups are kept",
+        description="the cost ledger (`batchd.costs`) and hourly rollups are deleted after this (400 days; "
+        "at least 32); day and all-time rollups are kept, and budgets read those",
     )
     interval_s: float = Field(default=300.0, gt=0, description="the pruner looks this often")
-    chunk: int = Field(default=1_000, ge=1, le=100_000, description="rows deleted per statement")
+    chunk: int = Field(default=1_000, ge=1, le=100_000, description="rows the pruner deletes per statement")
     busy_share: float = Field(
         default=0.25,
         gt=0,
         le=1,
-        description="the pruner deletes at most this share of the time, resting the rest between chunks",
+        description="the pruner rests between statements so that it is busy at most this share of the time",
     )
 
     def jobs_s(self) -> dict[str, float]:
@@ -240,46 +361,62 @@ class RetentionSettings(_Section):
 
 class RollupSettings(_Section):
     fold_interval_s: float = Field(
-        default=2.0, gt=0, description="finished jobs' tallies are folded into the rollups this often"
+        default=2.0,
+        gt=0,
+        description="finished jobs' tallies are folded into the rollups this often (readers add the tallies "
+        "not yet folded, so totals are exact either way)",
     )
     fold_chunk: int = Field(default=10_000, ge=1, description="tallies folded per statement")
 
 
 class HttpSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1",
+        description="the address the HTTP server listens on (`/healthz`, `/readyz`, `/metrics`, `/v1/...`, "
+        "the dashboard at `/`)",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="...and its port (0 picks a free one)")
     admin_token_file: Path | None = Field(
-        default=None, description="a file holding the admin token (or $BATCHD_ADMIN_TOKEN); unset: no admin"
+        default=None,
+        description="a file holding the admin token, which sees every tenant and `/metrics` (read when "
+        "`$BATCHD_ADMIN_TOKEN` is not set, before the systemd credential `admin-token`); unset: none",
     )
     secure_cookie: bool | None = Field(
         default=None,
-        description="mark the dashboard's cookie Secure; unset: when the request came over HTTPS (set true "
-        "behind a proxy that terminates TLS)",
+        description="mark the dashboard's cookie `Secure`; unset: when the request came over HTTPS (set "
+        "`true` behind a proxy that terminates TLS)",
     )
     session_max_age_s: int = Field(
         default=43_200,
         ge=60,
-        description="how long a browser keeps the dashboard's cookie (Max-Age); then the page asks for the "
-        "token again",
+        description="how long a browser keeps the dashboard's cookie (`Max-Age`, 12 hours; at least 60); "
+        "then the page asks for the token again",
     )
     overview_interval_s: float = Field(
         default=2.0,
         ge=0,
-        description="GET /v1/overview reads the database at most once per this, for every asker at once",
+        description="`GET /v1/overview` reads the database at most once per this (for every tenant at once, "
+        "shared by every request meanwhile); 0: only requests that come while a reading is under way share "
+        "it",
     )
     overview_timeout_s: float = Field(
         default=5.0,
         gt=0,
         le=300,
-        description="the overview's reading is cancelled by the database after this",
+        description="the overview's reading is ended by the database after this (its statement timeout); the "
+        "overview then answers 503 until the next interval",
     )
     metrics_interval_s: float = Field(
         default=1.5,
         ge=0,
-        description="GET /metrics reads the database's counts and the ledger at most once per this",
+        description="`GET /metrics` reads the database's counts, and the money, at most once per this each",
     )
     metrics_timeout_s: float = Field(
-        default=5.0, gt=0, le=300, description="each of the metrics' readings is cancelled after this"
+        default=5.0,
+        gt=0,
+        le=300,
+        description="each of the metrics' readings is ended by the database after this; the database's "
+        "metrics are then left out until the next interval",
     )
 
 
@@ -287,28 +424,46 @@ class TenantLimits(_Section):
     """How a tenant shares batches (fairness.py). Unset: the [tenant_defaults] value, then none."""
 
     weight: int | None = Field(
-        default=None, ge=1, le=10_000, description="its share of a batch against other queued tenants"
+        default=None,
+        ge=1,
+        le=10_000,
+        description="its share of a batch when several tenants are queued (1 to 10,000); unset: 1 "
+        "(for a tenant, `[tenant_defaults]`'s first)",
     )
     max_queued: int | None = Field(
-        default=None, ge=0, description="the most queued jobs; past it the database refuses the INSERT"
+        default=None,
+        ge=0,
+        description="the most queued jobs; an INSERT past it is refused by the database (SQLSTATE 53400); "
+        "unset: no limit (for a tenant, `[tenant_defaults]`'s first)",
     )
     max_in_flight: int | None = Field(
-        default=None, ge=0, description="the most of its requests in open batches; past it its jobs wait"
+        default=None,
+        ge=0,
+        description="the most of its requests in open batches; past it its jobs wait in the queue; unset: "
+        "no limit (for a tenant, `[tenant_defaults]`'s first)",
     )
 
 
 class JobType(_Section):
     """A named kind of job: producers send `input`, the template makes the Messages API request."""
 
-    model: str
-    max_tokens: int = Field(ge=1)
-    prompt: str = Field(description="the user turn; {field} is replaced by input[field]")
-    system: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=1)
-    fields: list[str] = Field(default_factory=list, description="input fields the templates need")
+    model: str = Field(description="the model its requests ask for; it needs a price in `[pricing.models]`")
+    max_tokens: int = Field(ge=1, description="the requests' `max_tokens`")
+    prompt: str = Field(
+        description="the user turn's template: `{field}` is replaced by the job's `input[field]`; a list "
+        'input is joined with ", "'
+    )
+    system: str | None = Field(default=None, description="the system prompt's template, with `{field}`s too")
+    temperature: float | None = Field(default=None, ge=0, le=1, description="the requests' `temperature`")
+    fields: list[str] = Field(
+        default_factory=list,
+        description="the input fields the templates need: a job whose input lacks one fails at once",
+    )
     cache: Literal["5m", "1h"] | None = Field(
         default=None,
-        description='mark the system prompt for the prompt cache with this TTL, "5m" or "1h"; unset: no mark',
+        description='`"1h"` or `"5m"`: send the system prompt as a text block marked for the prompt cache '
+        "with this TTL, so a batch's first request writes it and the others read it at 0.1x the input price "
+        "(docs/costs.md); needs a `system`. Unset: no mark",
     )
 
     @field_validator("cache", mode="before")
@@ -350,22 +505,80 @@ def template_fields(template: str) -> set[str]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    anthropic: AnthropicSettings = Field(default_factory=AnthropicSettings)
-    batching: BatchingSettings = Field(default_factory=BatchingSettings)
-    polling: PollingSettings = Field(default_factory=PollingSettings)
-    results: ResultsSettings = Field(default_factory=ResultsSettings)
-    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
-    events: EventsSettings = Field(default_factory=EventsSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    rollups: RollupSettings = Field(default_factory=RollupSettings)
-    routing: RoutingSettings = Field(default_factory=RoutingSettings)
-    http: HttpSettings = Field(default_factory=HttpSettings)
-    job_types: dict[str, JobType] = Field(default_factory=dict)
-    tenant_defaults: TenantLimits = Field(default_factory=TenantLimits)
-    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
-    pricing: PricingSettings = Field(default_factory=PricingSettings)
-    emulator: EmulatorConfig = Field(default_factory=EmulatorConfig, description="read by `batchd emulator`")
+    database: DatabaseSettings = Field(
+        default_factory=DatabaseSettings,
+        description="The PostgreSQL database that holds all of batchd's state: every daemon, command and "
+        "producer works through it.",
+    )
+    anthropic: AnthropicSettings = Field(
+        default_factory=AnthropicSettings,
+        description="The Message Batches API, and the Messages API for jobs routed sync, through the "
+        "official SDK. The API key is never in the file: `$ANTHROPIC_API_KEY`, `api_key_file` or the "
+        "systemd credential `anthropic-api-key`.",
+    )
+    batching: BatchingSettings = Field(
+        default_factory=BatchingSettings,
+        description="When the flusher makes a batch, what it may hold, and how often a job is tried.",
+    )
+    polling: PollingSettings = Field(
+        default_factory=PollingSettings, description="How often an open batch is asked whether it has ended."
+    )
+    results: ResultsSettings = Field(
+        default_factory=ResultsSettings, description="How an ended batch's results are applied."
+    )
+    daemon: DaemonSettings = Field(
+        default_factory=DaemonSettings,
+        description="The daemon's own pace: leases between daemons, sweeps, retries and what it tells "
+        "systemd.",
+    )
+    events: EventsSettings = Field(
+        default_factory=EventsSettings,
+        description="The event log (`batchd.events`) and the streams of `GET /v1/events` (docs/sse.md).",
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="How long finished jobs and the money history are kept (docs/retention.md); `inf` keeps "
+        "a kind for good.",
+    )
+    rollups: RollupSettings = Field(
+        default_factory=RollupSettings,
+        description="Folding finished jobs' tallies into the rollups that the totals, `/metrics`, `batchd "
+        "status`, `batchd report` and the budgets read.",
+    )
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings,
+        description="Deadline-aware routing (docs/routing.md): when an `auto` job goes through the "
+        "synchronous Messages API, and how the sync path sends.",
+    )
+    http: HttpSettings = Field(
+        default_factory=HttpSettings,
+        description="batchd's HTTP server: health, metrics, the API for tenants and the dashboard.",
+    )
+    job_types: dict[str, JobType] = Field(
+        default_factory=dict,
+        description="Named job types, none by default: a producer inserts `(tenant_id, job_type, input)` and "
+        "batchd renders the Messages API request from the job type's templates (docs/producers.md).",
+    )
+    tenant_defaults: TenantLimits = Field(
+        default_factory=TenantLimits,
+        description="Every tenant's share of a batch and limits (docs/fairness.md); a value set with `batchd "
+        "tenant set` wins. Daemons sharing a database should share these.",
+    )
+    tenants: dict[str, TenantLimits] = Field(
+        default_factory=dict,
+        description="One tenant's share and limits, over `[tenant_defaults]`; a value set with `batchd "
+        "tenant set` wins.",
+    )
+    pricing: PricingSettings = Field(
+        default_factory=PricingSettings,
+        description="What requests cost (docs/costs.md): each result is priced with this table into the "
+        "ledger when it is applied.",
+    )
+    emulator: EmulatorConfig = Field(
+        default_factory=EmulatorConfig,
+        description="Read by `batchd emulator` alone (docs/emulator.md); its command-line options win over "
+        "these.",
+    )
 
     @field_validator("job_types")
     @classmethod

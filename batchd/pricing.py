@@ -89,11 +89,25 @@ class Rates(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: Decimal = Field(ge=0, description="base input tokens")
-    output: Decimal = Field(ge=0)
-    cache_write_5m: Decimal = Field(ge=0, description="default: 1.25x input")
-    cache_write_1h: Decimal = Field(ge=0, description="default: 2x input")
-    cache_read: Decimal = Field(ge=0, description="cache hits and refreshes; default: 0.1x input")
+    input: Decimal = Field(ge=0, description="USD per million input tokens: the base input price")
+    output: Decimal = Field(ge=0, description="USD per million output tokens")
+    # Left out, each cache rate is its multiple of `input` (_default_cache_rates); the configuration
+    # reference shows that as the default (batchd/dev/config_reference.py).
+    cache_write_5m: Decimal = Field(
+        ge=0,
+        description="USD per million tokens written to the prompt cache with a 5-minute TTL",
+        json_schema_extra={"derived_default": f"{CACHE_MULTIPLIERS['cache_write_5m']}x input"},
+    )
+    cache_write_1h: Decimal = Field(
+        ge=0,
+        description="USD per million tokens written to the prompt cache with a 1-hour TTL",
+        json_schema_extra={"derived_default": f"{CACHE_MULTIPLIERS['cache_write_1h']}x input"},
+    )
+    cache_read: Decimal = Field(
+        ge=0,
+        description="USD per million tokens read from the prompt cache (hits and refreshes)",
+        json_schema_extra={"derived_default": f"{CACHE_MULTIPLIERS['cache_read']}x input"},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,20 +122,37 @@ class Rates(BaseModel):
 
 
 class LongPromptRates(Rates):
-    above_tokens: int = Field(ge=1, description="prompts longer than this many tokens use these rates")
+    above_tokens: int = Field(
+        ge=1,
+        description="a request whose prompt (input, cache writes and cache reads) is longer than this many "
+        "tokens is billed at these rates, every token of it",
+    )
 
 
 class ModelRates(Rates):
-    long_prompt: LongPromptRates | None = None
+    long_prompt: LongPromptRates | None = Field(
+        default=None,
+        description="A second tier for long prompts, none by default: `above_tokens` and the five rates.",
+    )
 
 
 class PricingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_factor: Decimal = Field(
-        default=Decimal("0.5"), gt=0, le=1, description="batch price / synchronous price, for every rate"
+        default=Decimal("0.5"),
+        gt=0,
+        le=1,
+        description="batch price / synchronous price, for every rate (the Message Batches API's 50% "
+        "discount; it stacks with the cache rates: a cache read in a batch costs 0.05x the base input price)",
     )
-    models: dict[str, ModelRates] = Field(default_factory=lambda: _validated(DEFAULT_MODELS))
+    models: dict[str, ModelRates] = Field(
+        default_factory=lambda: _validated(DEFAULT_MODELS),
+        description="A model's prices through the synchronous API, in USD per million tokens. batchd has a "
+        "table built in (batchd/pricing.py, which the shipped batchd.toml repeats): an entry here replaces "
+        "that model's rates, models not listed keep the built-in ones. `MODEL-YYYYMMDD` is priced as "
+        "`MODEL`.",
+    )
 
     @field_validator("models", mode="before")
     @classmethod

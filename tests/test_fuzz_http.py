@@ -153,7 +153,7 @@ async def exchange(server: Server, request: bytes, timeout: float = 10.0) -> Ans
     return answer
 
 
-# -- what the README documents --------------------------------------------------------------------------
+# -- what docs/sse.md documents -------------------------------------------------------------------------
 
 # A principal: how the request authenticates, and whom that makes it.
 PRINCIPALS = ["acme", "admin", "none", "bad token", "bad token bytes", "query acme", "cookie acme"]
@@ -191,8 +191,8 @@ def parsed_uuid(text: str) -> uuid.UUID | None:
 def expected_events_status(
     server: Server, seen_as: str | None, query: dict[str, str], last_event_id_header: str | None
 ) -> int:
-    """The README's SSE contract: no token or a bad one is a 401; an unknown type or a malformed id is a 400;
-    job_id=… is a 404 unless it is the tenant's job (the admin sees every tenant's); else a stream."""
+    """The SSE contract (docs/sse.md): no token or a bad one is a 401; an unknown type or a malformed id is a
+    400; job_id=… is a 404 unless it is the tenant's job (the admin sees every tenant's); else a stream."""
     if seen_as is None:
         return 401
     if "types" in query:

@@ -271,7 +271,7 @@ def good_rows(draw: st.DrawFn, marker: str) -> Row:
 
 
 def as_text(value: Any) -> str:
-    """What a template makes of an input value (README: list inputs are joined with ", ")."""
+    """What a template makes of an input value (docs/configuration.md: a list input is joined with ", ")."""
     if isinstance(value, list):
         return ", ".join(as_text(item) for item in value)
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

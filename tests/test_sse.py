@@ -495,9 +495,9 @@ async def test_shutdown_closes_every_stream_with_a_final_event(
             assert json.loads(stream.messages[-1].data)["reason"] == "shutdown"
 
 
-async def test_curl_as_the_readme_shows_it(db: Any, tokens: dict[str, str], serve: Any) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    (command,) = [line for line in readme.splitlines() if line.startswith("curl -N ")]
+async def test_curl_as_the_docs_show_it(db: Any, tokens: dict[str, str], serve: Any) -> None:
+    contract = (Path(__file__).parent.parent / "docs" / "sse.md").read_text()
+    (command,) = [line for line in contract.splitlines() if line.startswith("curl -N ")]
     assert "$BATCHD_TOKEN" in command
     assert "http://127.0.0.1:8080/v1/events" in command
     async with serve() as (_, url):

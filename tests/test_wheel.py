@@ -110,7 +110,15 @@ def test_the_sdist_and_the_wheel_carry_the_sql_the_dashboard_and_the_deployment_
     assert not [name for name in in_wheel if "/tests/" in name or name.startswith("tests/")]
     with tarfile.open(sdist) as archive:
         in_sdist = {name.removeprefix(f"batchd-{version}/") for name in archive.getnames()}
-    assert {*PACKAGE_DATA, *SHARED, "pyproject.toml", "requirements.lock", "Makefile"} <= in_sdist
+    # `make demo` and `make test` work from it: the Makefile and development's configuration.
+    assert {
+        *PACKAGE_DATA,
+        *SHARED,
+        "pyproject.toml",
+        "requirements.lock",
+        "Makefile",
+        "batchd.dev.toml",
+    } <= in_sdist
     assert "tests/conftest.py" in in_sdist
     assert not [name for name in in_sdist if "__pycache__" in name or name.startswith(".venv")]
 

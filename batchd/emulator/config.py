@@ -24,10 +24,12 @@ def checked_processing_time(processing_time_s: tuple[float, float]) -> tuple[flo
 class EmulatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8787, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="the address the emulator listens on")
+    port: int = Field(default=8787, ge=0, le=65535, description="...and its port (0 picks a free one)")
     api_key: str | None = Field(
-        default=None, description="the one key accepted; unset: any non-empty key is accepted"
+        default=None,
+        description="the only key accepted (`--api-key`, or `$BATCHD_EMULATOR_API_KEY`, wins over it); "
+        "unset: any non-empty key",
     )
     processing_time_s: Annotated[tuple[float, float], AfterValidator(checked_processing_time)] = Field(
         default=(2.0, 6.0), description="emulated seconds a batch takes: drawn from this range"
@@ -38,7 +40,17 @@ class EmulatorConfig(BaseModel):
     rate_limit_rpm: int | None = Field(
         default=None, ge=1, description="batch endpoint calls allowed per emulated minute; unset: no limit"
     )
-    max_batch_requests: int = Field(default=MAX_BATCH_REQUESTS, ge=1)
-    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024)
-    extra_models: frozenset[str] = Field(default=frozenset(), description="accepted besides the SDK's models")
-    faults: FaultPlan = Field(default_factory=FaultPlan)
+    max_batch_requests: int = Field(
+        default=MAX_BATCH_REQUESTS, ge=1, description="requests a batch may hold (the API's 100,000)"
+    )
+    max_body_bytes: int = Field(
+        default=MAX_BODY_BYTES, ge=1024, description="a create's body limit (the API's 256 MiB)"
+    )
+    extra_models: frozenset[str] = Field(
+        default=frozenset(), description="models accepted besides those the installed SDK knows (`--model`)"
+    )
+    faults: FaultPlan = Field(
+        default_factory=FaultPlan,
+        description="The fault plan in force at start (docs/emulator.md, Faults); the defaults inject "
+        "nothing. `--faults` replaces it.",
+    )

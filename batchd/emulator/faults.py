@@ -43,8 +43,14 @@ class _Strict(BaseModel):
 class HttpFault(_Strict):
     """Answer calls to `endpoint` with an error status instead of serving them."""
 
-    endpoint: Endpoint | Literal["*"] = "*"
-    status: int = Field(ge=400, le=599)
+    endpoint: Endpoint | Literal["*"] = Field(
+        default="*",
+        description="the calls that fail: `create`, `retrieve`, `list`, `cancel`, `delete`, `results`, "
+        "`messages`, or `*` for every one",
+    )
+    status: int = Field(
+        ge=400, le=599, description="the HTTP status they are answered with, in the API's envelope"
+    )
     count: int | None = Field(default=None, ge=0, description="fail this many calls, then stop")
     rate: float = Field(default=1.0, ge=0.0, le=1.0, description="fail this fraction of the calls")
     retry_after_s: float | None = Field(
@@ -55,7 +61,9 @@ class HttpFault(_Strict):
         ge=0.0,
         description="fail calls for this many emulated seconds from when the plan is set, then stop",
     )
-    message: str | None = None
+    message: str | None = Field(
+        default=None, description="the error's message; unset: one naming the endpoint and the status"
+    )
 
     @property
     def error_type(self) -> str:
@@ -70,7 +78,11 @@ class HttpFault(_Strict):
 class FaultPlan(_Strict):
     """Every fault the emulator can inject. The defaults inject nothing."""
 
-    http: list[HttpFault] = Field(default_factory=list)
+    http: list[HttpFault] = Field(
+        default_factory=list,
+        description="Calls answered with an error status instead of being served, none by default: one table "
+        "per fault.",
+    )
     lose_create_responses: int = Field(
         default=0, ge=0, description="the next N creates succeed, then the connection drops unanswered"
     )
