@@ -441,8 +441,25 @@ async def cmd_status(conn: Connection, _settings: Settings, args: Namespace) -> 
     from . import status  # noqa: PLC0415 - see the imports above
 
     report = await status.collect(conn, args.window)
-    print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
+    print(status.to_json(report) if args.json else status.render(report))
     return 0
+
+
+def _window(text: str) -> float:
+    """`status --window`: a duration as `report --since` takes one (30m, 2h, 1d), or plain seconds."""
+    from .text import parse_duration  # noqa: PLC0415 - the standard library only
+
+    seconds = parse_duration(text)
+    if seconds is None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration like 30m, 2h, 1d (or seconds), got {text!r}"
+            ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return seconds
 
 
 async def cmd_cancel(conn: Connection, _settings: Settings, args: Namespace) -> int:
@@ -478,8 +495,7 @@ async def cmd_tenant_add(conn: Connection, _settings: Settings, args: Namespace)
 async def cmd_tenant_list(conn: Connection, _settings: Settings, _args: Namespace) -> int:
     from . import tenants  # noqa: PLC0415 - see the imports above
 
-    for row in await tenants.list_tenants(conn):
-        print(f"{row['name']}\t{row['active_tokens']} active\t{row['revoked_tokens']} revoked")
+    print(tenants.render_list(await tenants.list_tenants(conn)))
     return 0
 
 
@@ -597,7 +613,10 @@ async def cmd_report(conn: Connection, _settings: Settings, args: Namespace) -> 
     except ValueError as error:
         raise CommandError(str(error), EX_DATAERR) from None
     render = report.RENDER_CACHE if args.cache else report.RENDER
-    print(render[args.format](await report.collect(conn, since, args.tenant)))
+    collected = await report.collect(conn, since, args.tenant)
+    for warning in await report.warnings(conn, collected):
+        print(f"batchd: warning: {warning}", file=sys.stderr)
+    print(render[args.format](collected))
     return 0
 
 
@@ -653,7 +672,12 @@ def _add_database_parsers(commands: Any) -> None:
     status_parser = _add_command(commands, "status", help="queued jobs, open batches, recent outcomes")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     status_parser.add_argument(
-        "--window", type=float, default=3600.0, metavar="SECONDS", help="recent = this long"
+        "--window",
+        type=_window,
+        default=3600.0,
+        metavar="DURATION",
+        help="jobs finished within this long (30m, 2h, 1d, or seconds), from the start of its UTC hour; "
+        "default 1h",
     )
     status_parser.set_defaults(run=database_command(cmd_status))
 
@@ -666,7 +690,9 @@ def _add_database_parsers(commands: Any) -> None:
         action_parser = _add_command(tenant_actions, action, help=text)
         action_parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
         action_parser.set_defaults(run=database_command(handler))
-    list_parser = _add_command(tenant_actions, "list", help="tenants and how many tokens each has")
+    list_parser = _add_command(
+        tenant_actions, "list", help="every tenant with a token or jobs: its tokens and its jobs per status"
+    )
     list_parser.set_defaults(run=database_command(cmd_tenant_list))
     _add_tenant_set_parser(tenant_actions)
     _add_report_parser(commands)

@@ -399,10 +399,22 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
 
     assert json_code == 0, json_err
     report = json.loads(json_out)
-    assert report["tenants"] == {"acme": {"queued": 3}, "globex": {"sending": 1, "failed": 1}}
+    zeros = dict.fromkeys(JOB_STATUSES, 0)
+    assert report["tenants"] == {
+        "acme": {**zeros, "queued": 3},
+        "globex": {**zeros, "sending": 1, "failed": 1},
+    }
     assert [b["id"] for b in report["open_batches"]] == [str(batch)]
     assert report["open_batches"][0]["status"] == "in_progress"
-    assert report["open_batches"][0]["request_counts"]["processing"] == 2
+    assert report["open_batches"][0]["request_counts"] == {
+        "processing": 2,
+        "succeeded": 0,
+        "errored": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
+    assert report["batches"] == {"pending": 0, "in_progress": 1, "ended": 0, "applied": 1, "abandoned": 0}
+    assert report["finished"] == {"succeeded": 0, "failed": 1, "canceled": 0}
 
 
 async def test_status_of_an_empty_database(db: Any, config: Path, tmp_path: Path) -> None:
@@ -481,7 +493,7 @@ async def test_the_config_file_from_before_or_after_the_command_or_batchd_config
     )
     for code, out, err in runs:
         assert code == 0, err
-        assert json.loads(out)["tenants"] == {"acme": {"queued": 2}}
+        assert json.loads(out)["tenants"]["acme"]["queued"] == 2
 
 
 def unreachable_config(tmp_path: Path) -> Path:

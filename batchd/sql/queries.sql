@@ -816,6 +816,10 @@ SELECT tenant_id, status, sum(jobs)::bigint AS jobs
 SELECT id, provider_batch_id, status, request_count, request_counts, created_at, submitted_at, owner, last_error
   FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') ORDER BY created_at;
 
+-- name: batches_by_status
+-- `batchd status`: how many batches are in each status (batches go with their jobs: the pruner bounds this).
+SELECT status, count(*) AS batches FROM batchd.batches GROUP BY status;
+
 -- name: recent_outcomes
 -- `batchd status`: jobs finished per status since the start of the UTC hour $1 seconds ago, from the hour
 -- rollups and the tallies (batchd.totals_since): a few rows however busy the hour was.
@@ -832,13 +836,33 @@ INSERT INTO batchd.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;
 INSERT INTO batchd.tokens (tenant_id, token_sha256) VALUES ($1, $2) RETURNING id;
 
 -- name: list_tenants
-SELECT t.name, t.created_at,
-       count(k.id) FILTER (WHERE k.revoked_at IS NULL) AS active_tokens,
-       count(k.id) FILTER (WHERE k.revoked_at IS NOT NULL) AS revoked_tokens
-  FROM batchd.tenants AS t
-  LEFT JOIN batchd.tokens AS k ON k.tenant_id = t.name
- GROUP BY t.name, t.created_at
- ORDER BY t.name;
+-- `batchd tenant list`: every tenant with a row in batchd.tenants (a token, a budget, a limit) or with jobs
+-- (producers name tenants by writing jobs; those have no row), with its tokens and its jobs per status:
+-- those in flight counted on jobs_live, finished ones from the rollups, as `batchd status` counts them.
+WITH jobs AS (
+    SELECT tenant_id, status, sum(jobs)::bigint AS jobs
+      FROM (SELECT tenant_id, status, count(*) AS jobs
+              FROM batchd.jobs
+             WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
+             GROUP BY tenant_id, status
+            UNION ALL
+            SELECT tenant_id, status, jobs FROM batchd.totals_since(NULL, NULL)) AS counted
+     GROUP BY tenant_id, status
+), tokens AS (
+    SELECT tenant_id,
+           count(*) FILTER (WHERE revoked_at IS NULL) AS active_tokens,
+           count(*) FILTER (WHERE revoked_at IS NOT NULL) AS revoked_tokens
+      FROM batchd.tokens
+     GROUP BY tenant_id
+)
+SELECT n.name, t.created_at,
+       coalesce(k.active_tokens, 0) AS active_tokens, coalesce(k.revoked_tokens, 0) AS revoked_tokens,
+       coalesce((SELECT jsonb_object_agg(j.status, j.jobs) FROM jobs AS j WHERE j.tenant_id = n.name), '{}')
+           AS jobs
+  FROM (SELECT name FROM batchd.tenants UNION SELECT tenant_id FROM jobs) AS n
+  LEFT JOIN batchd.tenants AS t ON t.name = n.name
+  LEFT JOIN tokens AS k ON k.tenant_id = n.name
+ ORDER BY n.name;
 
 -- name: revoke_tokens
 UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id;
