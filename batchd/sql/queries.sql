@@ -758,13 +758,25 @@ SELECT coalesce(
 SELECT pg_notify('batchd_events', '');
 
 -- name: insert_jobs
--- Bulk enqueue from the command line; a row whose idempotency key is taken is skipped.
-INSERT INTO batchd.jobs (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
-SELECT tenant_id, request::jsonb, job_type, input::jsonb, metadata::jsonb, idempotency_key, deadline
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-       AS r (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
+-- `batchd enqueue`, a chunk of checked jobs at a time, in their order. Each job's JSON object ($1) is read
+-- here, so request, input and metadata arrive as the producer wrote them (no number rounded through a
+-- double); the other columns come checked. A row whose idempotency key is taken is skipped: RETURNING has
+-- a row for each job added, in the order given.
+INSERT INTO batchd.jobs (tenant_id, request, job_type, input, metadata, idempotency_key, deadline, route)
+SELECT r.tenant_id, nullif(r.job -> 'request', 'null'), r.job_type, nullif(r.job -> 'input', 'null'),
+       nullif(r.job -> 'metadata', 'null'), r.idempotency_key, r.deadline, r.route
+  FROM (SELECT u.job::jsonb AS job, u.tenant_id, u.job_type, u.idempotency_key, u.deadline, u.route, u.n
+          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+               WITH ORDINALITY AS u (job, tenant_id, job_type, idempotency_key, deadline, route, n)) AS r
+ ORDER BY r.n
 ON CONFLICT DO NOTHING
-RETURNING id;
+RETURNING id, tenant_id, idempotency_key;
+
+-- name: jobs_by_idempotency_key
+-- `batchd enqueue --json`: the jobs holding the keys ($1 tenants, $2 keys) that made it skip a job.
+SELECT j.id, j.tenant_id, j.idempotency_key
+  FROM unnest($1::text[], $2::text[]) AS k (tenant_id, idempotency_key)
+  JOIN batchd.jobs AS j ON j.tenant_id = k.tenant_id AND j.idempotency_key = k.idempotency_key;
 
 -- name: cancel_job
 SELECT batchd.cancel_job($1);
