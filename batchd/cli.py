@@ -481,9 +481,11 @@ def _jobs_to_enqueue(
 
 
 def _json_option(key: str, text: str, enqueue: Any) -> str:
-    """An option's JSON text, as given, once it reads as JSON the database can store."""
+    """An option's JSON text, as given, once it reads as JSON the database can store (and for --metadata, as
+    an object)."""
     try:
-        enqueue.loads(text)
+        if not isinstance(enqueue.loads(text), dict) and key == "metadata":
+            raise CommandError("nothing was enqueued: --metadata must be a JSON object", EX_DATAERR)
     except ValueError as error:  # json.JSONDecodeError is one
         raise CommandError(
             f"nothing was enqueued: --{key.replace('_', '-')} is not JSON: {error}", EX_DATAERR

@@ -422,7 +422,7 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
 
     assert json_code == 0, json_err
     report = json.loads(json_out)
-    zeros = dict.fromkeys(JOB_STATUSES, 0)
+    zeros: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
     assert report["tenants"] == {
         "acme": {**zeros, "queued": 3},
         "globex": {**zeros, "sending": 1, "failed": 1},
