@@ -42,8 +42,10 @@ async def collect_budgets(connection: Connection, report: Report) -> None:
 
 
 async def collect_batches(connection: Connection, report: Report) -> None:
-    """Batches per status (every status), and each open batch with the provider's counts of its requests."""
-    counted = {row["status"]: row["batches"] for row in await connection.fetch(sql("batches_by_status"))}
+    """Batches per status (every status: the open ones, and the finished ones made within the window), and
+    each open batch with the provider's counts of its requests."""
+    rows = await connection.fetch(sql("batches_by_status"), report["finished_since"])
+    counted = {row["status"]: row["batches"] for row in rows}
     report["batches"] = {status: counted.get(status, 0) for status in BATCH_STATUSES}
     now = datetime.now(UTC)
     report["open_batches"] = [
@@ -69,8 +71,6 @@ async def collect_finished(connection: Connection, report: Report) -> None:
     window_s = report["window_s"]
     counted = {row["status"]: row["jobs"] for row in await connection.fetch(sql("recent_outcomes"), window_s)}
     report["finished"] = {status: counted.get(status, 0) for status in FINISHED}
-    since = datetime.now(UTC) - timedelta(seconds=window_s)
-    report["finished_since"] = since.replace(minute=0, second=0, microsecond=0)
 
 
 Collector = Callable[[Connection, Report], Awaitable[None]]
@@ -78,7 +78,13 @@ Renderer = Callable[[Report], list[str]]
 
 
 async def collect(connection: Connection, window_s: float = 3600.0) -> Report:
-    report: Report = {"window_s": window_s}
+    """The report of every section; what finished is counted from the start of the UTC hour `window_s`
+    ago (the rollups count by hour)."""
+    since = datetime.now(UTC) - timedelta(seconds=window_s)
+    report: Report = {
+        "window_s": window_s,
+        "finished_since": since.replace(minute=0, second=0, microsecond=0),
+    }
     for section in SECTIONS:
         await section[0](connection, report)
     return report
@@ -133,7 +139,11 @@ def render_budgets(report: Report) -> list[str]:
 
 def render_batches(report: Report) -> list[str]:
     counts = [f"{report['batches'][status]:,}" for status in BATCH_STATUSES]
-    lines = ["Batches by status:", *table(BATCH_STATUSES, [counts], left=0)]
+    since = f"{report['finished_since']:%Y-%m-%d %H:%M} UTC"
+    lines = [
+        f"Batches by status (those finished: made since {since}):",
+        *table(BATCH_STATUSES, [counts], left=0),
+    ]
     lines += ["", "Open batches:"]
     batches = report["open_batches"]
     if not batches:

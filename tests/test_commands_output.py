@@ -98,7 +98,8 @@ async def test_status_shows_every_status_with_zeros_counts_with_separators_and_b
     assert "      last error: create refused: 500" in out.splitlines()
     # Batches by status: every one, zeros too (its numbers are the line after its header).
     lines = out.splitlines()
-    counts = lines[lines.index("Batches by status:") + 2].split()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("Batches by status"))
+    counts = lines[heading + 2].split()
     assert counts == ["1", "1", "0", "0", "0"]
     finished = lines[next(i for i, line in enumerate(lines) if line.startswith("Jobs finished since")) + 2]
     assert finished.split() == ["0", "1", "0"]
@@ -120,11 +121,14 @@ async def test_an_empty_database_shows_every_section(
     batchd: Callable[..., Awaitable[tuple[int, str, str]]],
 ) -> None:
     code, out, err = await batchd(cli.cmd_status, "status")
+    hour = f"{datetime.now(UTC) - timedelta(hours=1):%Y-%m-%d %H:00} UTC"
     assert code == 0, err
-    assert [line for line in out.splitlines() if line.endswith(":")][:3] == [
+    headings = [line.split(" (")[0] for line in out.splitlines() if line.endswith(":")]
+    assert headings == [
         "Jobs by tenant:",
-        "Batches by status:",
+        "Batches by status",
         "Open batches:",
+        f"Jobs finished since {hour}:",
     ]
     assert "(no jobs)" in out
     assert "(none)" in out
@@ -140,10 +144,18 @@ def test_the_window_is_a_duration_as_report_since_takes_one() -> None:
             parse(["status", "--window", text])
 
 
-async def test_the_window_sets_where_finished_jobs_are_counted_from(db: Any) -> None:
+async def test_the_window_sets_where_finished_jobs_and_batches_are_counted_from(db: Any) -> None:
+    for age in ("0 s", "3 days"):
+        await db.execute(
+            "INSERT INTO batchd.batches (tag, request_count, bytes, status, created_at)"
+            " VALUES (substr(md5(random()::text), 1, 12), 1, 1, 'applied', now() - $1::text::interval)",
+            age,
+        )
     report = await status.collect(db, 86_400)
     since = datetime.now(UTC) - timedelta(days=1)
     assert report["finished_since"] == since.replace(minute=0, second=0, microsecond=0)
+    assert report["batches"]["applied"] == 1
+    assert (await status.collect(db, 7 * 86_400))["batches"]["applied"] == 2
 
 
 def test_a_section_is_a_collector_and_a_renderer(monkeypatch: pytest.MonkeyPatch) -> None:

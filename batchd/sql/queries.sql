@@ -829,8 +829,13 @@ SELECT id, provider_batch_id, status, request_count, request_counts, created_at,
   FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') ORDER BY created_at;
 
 -- name: batches_by_status
--- `batchd status`: how many batches are in each status (batches go with their jobs: the pruner bounds this).
-SELECT status, count(*) AS batches FROM batchd.batches GROUP BY status;
+-- `batchd status`: open batches per status, and the finished ones made since $1 (on batches_open and
+-- batches_finished: as many rows as the work in flight and the window hold, however long the history).
+SELECT status, count(*) AS batches
+  FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') GROUP BY status
+UNION ALL
+SELECT status, count(*)
+  FROM batchd.batches WHERE status IN ('applied', 'abandoned') AND created_at >= $1 GROUP BY status;
 
 -- name: recent_outcomes
 -- `batchd status`: jobs finished per status since the start of the UTC hour $1 seconds ago, from the hour
