@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .emulator import EmulatorConfig
+    from .enqueue import Checked, Checker
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
 EX_DATAERR = 65  # sysexits: bad input data
@@ -434,9 +435,7 @@ JOB_OPTIONS = {"request": "json", "job_type": "text", "input": "json", "idempote
 
 
 @contextmanager
-def _jobs_to_enqueue(
-    args: Namespace, checker: Any
-) -> Iterator[tuple[Iterator[tuple[str | None, Any]], int | None]]:
+def _jobs_to_enqueue(args: Namespace, checker: Checker) -> Iterator[tuple[Iterator[Checked], int | None]]:
     """(the jobs, checked, and how many when known): one from the options, or --file's (read as they are
     sent). --tenant, --route, --deadline and --metadata are a file's defaults for jobs without them."""
     from . import enqueue  # noqa: PLC0415 - see the imports above
@@ -446,7 +445,7 @@ def _jobs_to_enqueue(
             tenant_id=args.tenant,
             route=args.route,
             deadline=None if args.deadline is None else enqueue.parse_deadline(args.deadline),
-            metadata=None if args.metadata is None else _json_option("metadata", args.metadata, enqueue),
+            metadata=None if args.metadata is None else _json_option("metadata", args.metadata),
         )
     except enqueue.BadJob as error:
         raise CommandError(f"nothing was enqueued: --deadline: {error}", EX_DATAERR) from None
@@ -455,7 +454,7 @@ def _jobs_to_enqueue(
         for key, kind in JOB_OPTIONS.items():
             value = getattr(args, key)
             if value is not None:
-                members[key] = _json_option(key, value, enqueue) if kind == "json" else json.dumps(value)
+                members[key] = _json_option(key, value) if kind == "json" else json.dumps(value)
         if args.tenant is None:
             raise CommandError("nothing was enqueued: --tenant is required (the job's tenant_id)", EX_DATAERR)
         yield iter([(None, enqueue.check_text(enqueue.job_text(members), checker, defaults))]), 1
@@ -480,9 +479,11 @@ def _jobs_to_enqueue(
         yield enqueue.read_jobs(stream, checker, defaults), total
 
 
-def _json_option(key: str, text: str, enqueue: Any) -> str:
+def _json_option(key: str, text: str) -> str:
     """An option's JSON text, as given, once it reads as JSON the database can store (and for --metadata, as
     an object)."""
+    from . import enqueue  # noqa: PLC0415 - see the imports above
+
     try:
         if not isinstance(enqueue.loads(text), dict) and key == "metadata":
             raise CommandError("nothing was enqueued: --metadata must be a JSON object", EX_DATAERR)
