@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .emulator import EmulatorConfig
-    from .enqueue import NewJob
+    from .enqueue import Checked, Checker
 
 EX_CONFIG = 78  # sysexits: bad configuration; systemd is told not to restart on it
 EX_DATAERR = 65  # sysexits: bad input data
@@ -374,75 +374,153 @@ async def cmd_migrate(conn: Connection, _settings: Settings, _args: Namespace) -
     return 0
 
 
-async def cmd_enqueue(conn: Connection, _settings: Settings, args: Namespace) -> int:
-    import asyncpg  # noqa: PLC0415 - see the imports above
+async def cmd_enqueue(conn: Connection, settings: Settings, args: Namespace) -> int:
+    """Prints each job's id, one a line (or, with --json, a JSON object a job), once every job is written;
+    says how many on stderr. A bad job: each named on stderr, nothing written, 65."""
+    from . import enqueue  # noqa: PLC0415 - see the imports above
 
-    from . import enqueue  # noqa: PLC0415
+    def warn(message: str) -> None:
+        print(f"batchd: warning: {message}", file=sys.stderr)
 
-    with _jobs_to_enqueue(args) as (jobs, total):
-        try:
-            inserted, skipped = await enqueue.insert_jobs(conn, jobs, progress=sys.stderr, total=total)
-        except enqueue.BadJob as error:
-            raise CommandError(f"nothing was enqueued: {error}", EX_DATAERR) from None
-        except UnicodeDecodeError as error:
-            raise CommandError(
-                f"nothing was enqueued: {args.file} is not UTF-8: {error}", EX_DATAERR
-            ) from None
-        except asyncpg.PostgresError as error:
-            if _connection_lost(error, conn):
-                raise  # execute_command says so
-            message = f"nothing was enqueued: the database refused a job: {error}"
-            raise CommandError(message, EX_DATAERR) from None
-    print(
-        f"enqueued {inserted} job(s)"
-        + (f", skipped {skipped} already queued (same idempotency key)" if skipped else "")
-    )
+    checker = enqueue.Checker(settings, warn=warn)
+    with _jobs_to_enqueue(args, checker) as (jobs, total), _enqueue_failures(args, conn):
+        outcome = await enqueue.insert_jobs(
+            conn, jobs, progress=None if args.quiet else sys.stderr, total=total, holders=args.json
+        )
+    if args.json:
+        for job_id, added, (tenant, key) in zip(outcome.ids, outcome.added, outcome.keys, strict=True):
+            record = {"id": None if job_id is None else str(job_id), "tenant_id": tenant, "enqueued": added}
+            print(json.dumps(record if key is None else {**record, "idempotency_key": key}))
+    elif not args.quiet:
+        for job_id in outcome.ids:
+            if job_id is not None:
+                print(job_id)
+    if not args.quiet:
+        skipped = f", skipped {outcome.skipped:,}: their idempotency key is taken" if outcome.skipped else ""
+        print(f"enqueued {outcome.inserted:,} job(s){skipped}", file=sys.stderr)
     return 0
 
 
 @contextmanager
-def _jobs_to_enqueue(args: Namespace) -> Iterator[tuple[Iterator[NewJob], int | None]]:
-    """(the jobs, how many when known): one from the options, or --file's lines (read as they are sent)."""
+def _enqueue_failures(args: Namespace, conn: Connection) -> Iterator[None]:
+    """An enqueue's expected failures, each a CommandError (65): nothing was written."""
+    import asyncpg  # noqa: PLC0415 - see the imports above
+
+    from . import enqueue  # noqa: PLC0415
+
+    try:
+        yield
+    except enqueue.Refused as refused:
+        bad, read = refused.outcome.bad, refused.outcome.read
+        if read == 1 and args.file is None:
+            raise CommandError(f"nothing was enqueued: {bad[0]}", EX_DATAERR) from None
+        for problem in bad:
+            print(f"batchd: {problem}", file=sys.stderr)
+        raise CommandError(
+            f"nothing was enqueued: {len(bad):,} bad job(s) of {read:,} read", EX_DATAERR
+        ) from None
+    except enqueue.BadInput as error:
+        raise CommandError(f"nothing was enqueued: {args.file}: {error}", EX_DATAERR) from None
+    except UnicodeDecodeError as error:
+        raise CommandError(f"nothing was enqueued: {args.file} is not UTF-8: {error}", EX_DATAERR) from None
+    except asyncpg.PostgresError as error:
+        if _connection_lost(error, conn):
+            raise  # execute_command says so
+        message = f"nothing was enqueued: the database refused a job: {error}"
+        raise CommandError(message, EX_DATAERR) from None
+
+
+# The options that make the one job of `batchd enqueue` without --file; JSON ones are spliced in as given.
+JOB_OPTIONS = {"request": "json", "job_type": "text", "input": "json", "idempotency_key": "text"}
+
+
+@contextmanager
+def _jobs_to_enqueue(args: Namespace, checker: Checker) -> Iterator[tuple[Iterator[Checked], int | None]]:
+    """(the jobs, checked, and how many when known): one from the options, or --file's (read as they are
+    sent). --tenant, --route, --deadline and --metadata are a file's defaults for jobs without them."""
     from . import enqueue  # noqa: PLC0415 - see the imports above
 
+    try:
+        defaults = enqueue.Defaults(
+            tenant_id=args.tenant,
+            route=args.route,
+            deadline=None if args.deadline is None else enqueue.parse_deadline(args.deadline),
+            metadata=None if args.metadata is None else _json_option("metadata", args.metadata),
+        )
+    except enqueue.BadJob as error:
+        raise CommandError(f"nothing was enqueued: --deadline: {error}", EX_DATAERR) from None
     if args.file is None:
-        job: dict[str, Any] = {"tenant_id": args.tenant}
-        for key in ("request", "input", "metadata"):
+        members: dict[str, str] = {}
+        for key, kind in JOB_OPTIONS.items():
             value = getattr(args, key)
             if value is not None:
-                try:
-                    job[key] = json.loads(value)
-                except json.JSONDecodeError as error:
-                    raise CommandError(f"--{key} is not JSON: {error}", EX_DATAERR) from None
-        for key in ("job_type", "idempotency_key", "deadline"):
-            if getattr(args, key) is not None:
-                job[key] = getattr(args, key)
-        try:
-            parsed = enqueue.parse_job(job)
-        except enqueue.BadJob as error:
-            raise CommandError(f"nothing was enqueued: {error}", EX_DATAERR) from None
-        yield iter([parsed]), 1
+                members[key] = _json_option(key, value) if kind == "json" else json.dumps(value)
+        if args.tenant is None:
+            raise CommandError("nothing was enqueued: --tenant is required (the job's tenant_id)", EX_DATAERR)
+        yield iter([(None, enqueue.check_text(enqueue.job_text(members), checker, defaults))]), 1
         return
+    given = [f"--{key.replace('_', '-')}" for key in JOB_OPTIONS if getattr(args, key) is not None]
+    if given:
+        raise CommandError(
+            f"{', '.join(given)} make(s) one job and cannot go with --file (a file's jobs say it themselves)",
+            EX_DATAERR,
+        )
     if args.file == "-":
-        yield enqueue.read_jsonl(sys.stdin, args.tenant), None
+        yield enqueue.read_jobs(sys.stdin, checker, defaults), None
         return
     try:
-        total = enqueue.count_lines(args.file)
+        total = enqueue.count_jobs(args.file)
         stream = open(args.file, encoding="utf-8")  # noqa: SIM115, PTH123 - closed below
     except OSError as error:
         raise CommandError(
             f"nothing was enqueued: cannot read {args.file}: {error.strerror}", EX_DATAERR
         ) from None
     with stream:
-        yield enqueue.read_jsonl(stream, args.tenant), total
+        yield enqueue.read_jobs(stream, checker, defaults), total
+
+
+def _json_option(key: str, text: str) -> str:
+    """An option's JSON text, as given, once it reads as JSON the database can store (and for --metadata, as
+    an object)."""
+    from . import enqueue  # noqa: PLC0415 - see the imports above
+
+    try:
+        if not isinstance(enqueue.loads(text), dict) and key == "metadata":
+            raise CommandError("nothing was enqueued: --metadata must be a JSON object", EX_DATAERR)
+    except ValueError as error:  # json.JSONDecodeError is one
+        raise CommandError(
+            f"nothing was enqueued: --{key.replace('_', '-')} is not JSON: {error}", EX_DATAERR
+        ) from None
+    except RecursionError:
+        raise CommandError(
+            f"nothing was enqueued: --{key.replace('_', '-')} is nested too deeply", EX_DATAERR
+        ) from None
+    return text
 
 
 async def cmd_status(conn: Connection, _settings: Settings, args: Namespace) -> int:
     from . import status  # noqa: PLC0415 - see the imports above
 
     report = await status.collect(conn, args.window)
-    print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
+    print(status.to_json(report) if args.json else status.render(report))
     return 0
+
+
+def _window(text: str) -> float:
+    """`status --window`: a duration as `report --since` takes one (30m, 2h, 1d), or plain seconds."""
+    from .text import parse_duration  # noqa: PLC0415 - the standard library only
+
+    seconds = parse_duration(text)
+    if seconds is None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a duration like 30m, 2h, 1d (or seconds), got {text!r}"
+            ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return seconds
 
 
 async def cmd_cancel(conn: Connection, _settings: Settings, args: Namespace) -> int:
@@ -478,8 +556,7 @@ async def cmd_tenant_add(conn: Connection, _settings: Settings, args: Namespace)
 async def cmd_tenant_list(conn: Connection, _settings: Settings, _args: Namespace) -> int:
     from . import tenants  # noqa: PLC0415 - see the imports above
 
-    for row in await tenants.list_tenants(conn):
-        print(f"{row['name']}\t{row['active_tokens']} active\t{row['revoked_tokens']} revoked")
+    print(tenants.render_list(await tenants.list_tenants(conn)))
     return 0
 
 
@@ -597,11 +674,15 @@ async def cmd_report(conn: Connection, _settings: Settings, args: Namespace) -> 
     except ValueError as error:
         raise CommandError(str(error), EX_DATAERR) from None
     render = report.RENDER_CACHE if args.cache else report.RENDER
-    print(render[args.format](await report.collect(conn, since, args.tenant)))
+    collected = await report.collect(conn, since, args.tenant)
+    for warning in await report.warnings(conn, collected):
+        print(f"batchd: warning: {warning}", file=sys.stderr)
+    print(render[args.format](collected))
     return 0
 
 
 REPORT_FORMATS = ("csv", "json", "table")  # report.RENDER's keys (tests/test_cli.py checks they agree)
+ROUTES = ("batch", "sync", "auto")  # enqueue.ROUTES (the same test)
 
 
 def _add_report_parser(commands: Any) -> None:
@@ -635,25 +716,50 @@ def _add_database_parsers(commands: Any) -> None:
     enqueue_parser = _add_command(
         commands,
         "enqueue",
-        help="queue one job, or a JSONL file of jobs",
-        description="Queue jobs as a producer would. One job from the options, or --file with one JSON job a "
-        'line: {"tenant_id", "request"} or {"tenant_id", "job_type", "input"}, with optional "metadata", '
-        '"idempotency_key", "deadline".',
+        help="queue one job, or a file of jobs; prints their ids",
+        description="Queue jobs as a producer would, each checked first as the daemon will check it (a job "
+        "type of this batchd.toml and its fields, a request's shape, its size): any bad job, and nothing is "
+        "written (exit status 65). One job from the options, or --file: JSON lines (one job a line) or a "
+        'JSON array of jobs, each {"tenant_id", "request"} or {"tenant_id", "job_type", "input"}, with '
+        'optional "metadata", "idempotency_key", "deadline", "route". Prints the id of each job written, '
+        "one a line, in order.",
     )
-    enqueue_parser.add_argument("--tenant", help="the tenant (for a file: the default for lines without one)")
+    enqueue_parser.add_argument("--tenant", help="the tenant (for a file: the default for jobs without one)")
     enqueue_parser.add_argument("--request", metavar="JSON", help="Messages API params")
     enqueue_parser.add_argument("--job-type", metavar="NAME", help="a job type from batchd.toml")
     enqueue_parser.add_argument("--input", metavar="JSON", help="the job type's input")
-    enqueue_parser.add_argument("--metadata", metavar="JSON", help="returned untouched with the result")
+    enqueue_parser.add_argument(
+        "--metadata", metavar="JSON", help="a JSON object, returned untouched with the result"
+    )
     enqueue_parser.add_argument("--idempotency-key", metavar="KEY", help="unique per tenant")
-    enqueue_parser.add_argument("--deadline", metavar="ISO8601", help="by when the result is wanted")
-    enqueue_parser.add_argument("--file", metavar="PATH", help="a JSONL file of jobs (- for standard input)")
+    enqueue_parser.add_argument(
+        "--deadline", metavar="WHEN", help="by when the result is wanted: an ISO 8601 time with a zone, or 2h"
+    )
+    enqueue_parser.add_argument(
+        "--route", choices=ROUTES, help="batch (the default), sync (at once, at the full price) or auto"
+    )
+    enqueue_parser.add_argument(
+        "--file", metavar="PATH", help="JSON lines or a JSON array of jobs (- for standard input)"
+    )
+    output = enqueue_parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help='a JSON object a job, in order: {"id", "tenant_id", "enqueued", "idempotency_key"}; a job '
+        "skipped for its idempotency key has the id of the job holding it",
+    )
+    output.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     enqueue_parser.set_defaults(run=database_command(cmd_enqueue))
 
     status_parser = _add_command(commands, "status", help="queued jobs, open batches, recent outcomes")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
     status_parser.add_argument(
-        "--window", type=float, default=3600.0, metavar="SECONDS", help="recent = this long"
+        "--window",
+        type=_window,
+        default=3600.0,
+        metavar="DURATION",
+        help="jobs finished within this long (30m, 2h, 1d, or seconds), from the start of its UTC hour; "
+        "default 1h",
     )
     status_parser.set_defaults(run=database_command(cmd_status))
 
@@ -666,7 +772,9 @@ def _add_database_parsers(commands: Any) -> None:
         action_parser = _add_command(tenant_actions, action, help=text)
         action_parser.add_argument("name", metavar="NAME", help="the tenant: the jobs' tenant_id")
         action_parser.set_defaults(run=database_command(handler))
-    list_parser = _add_command(tenant_actions, "list", help="tenants and how many tokens each has")
+    list_parser = _add_command(
+        tenant_actions, "list", help="every tenant with a token or jobs: its tokens and its jobs per status"
+    )
     list_parser.set_defaults(run=database_command(cmd_tenant_list))
     _add_tenant_set_parser(tenant_actions)
     _add_report_parser(commands)

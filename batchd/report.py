@@ -13,18 +13,18 @@ cache. GET /metrics shows the same numbers for the whole ledger (metrics.py).
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from . import tenants
 from .store import Connection, sql
+from .text import formatter, parse_duration
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 TOKEN_FIELDS = (
     "input_tokens",
     "output_tokens",
@@ -48,9 +48,9 @@ JSON_PLACES = Decimal("1e-9")
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO date or time (UTC unless it says otherwise)."""
-    match = _DURATION.match(text.strip().lower())
-    if match:
-        return (now or datetime.now(UTC)) - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -122,6 +122,23 @@ async def collect(
     }
 
 
+async def warnings(connection: Connection, report: dict[str, Any]) -> list[str]:
+    """What the reader should know before trusting an empty report: a tenant that does not exist (a typo
+    reports nothing, as a tenant that spent nothing would), or a window in which nothing was billed."""
+    tenant, since = report["tenant"], report["since"]
+    if tenant is not None:
+        names = [row["name"] for row in await tenants.list_tenants(connection)]
+        if tenant not in names:
+            near = difflib.get_close_matches(tenant, names, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else "`batchd tenant list` lists them"
+            return [f"no tenant {tenant!r}: none has a job or a token by that name ({hint})"]
+    if report["rows"]:
+        return []
+    scope = "at all" if since is None else f"since {since:%Y-%m-%d %H:%M} UTC"
+    who = "" if tenant is None else f" for tenant {tenant!r}"
+    return [f"nothing was billed {scope}{who}: the report is empty"]
+
+
 def _percent(row: dict[str, Any]) -> str:
     sync = row["sync_cost_usd"]
     return f"{row['saved_usd'] / sync:.1%}" if sync else "-"
@@ -174,7 +191,7 @@ def render_table(report: dict[str, Any]) -> str:
         if len(models) > 1:
             lines.append(line(subtotal, name, "(all models)"))
     lines.append(line(report["totals"], "TOTAL", ""))
-    fmt, widths = _formatter(header, lines, left=2)
+    fmt, widths = formatter(header, lines, left=2)
     out = [
         f"Costs, {scope}, {who} (batch prices; sync = the same calls through the Messages API):",
         fmt(header),
@@ -189,30 +206,15 @@ def render_table(report: dict[str, Any]) -> str:
             f"{unpriced} job(s) of models without a price in [pricing.models] are counted at 0: "
             + ", ".join(models)
         )
-    # The cache section goes first so that the costs still end the output with their TOTAL line (or the
-    # unpriced note after it), which scripts read.
+    # The costs come first: they are what the command is asked for. Scripts find their TOTAL line by its
+    # first word (the cache's table follows it).
     if report["job_types"]:
-        out = [render_cache_table(report), "", *out]
+        out += ["", render_cache_table(report)]
     return "\n".join(out)
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
-
-
-def _formatter(
-    header: tuple[str, ...], lines: Sequence[tuple[str, ...]], left: int
-) -> tuple[Callable[[tuple[str, ...]], str], list[int]]:
-    """Lays out a table: each column as wide as its widest cell, the first `left` ones flush left."""
-    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
-
-    def fmt(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i < left else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return fmt, widths
 
 
 RAW_REQUESTS = "(raw requests)"
@@ -232,7 +234,7 @@ def render_cache_table(report: dict[str, Any]) -> str:
         )
         for row in report["job_types"]
     ]
-    fmt, _ = _formatter(header, lines, left=1)
+    fmt, _ = formatter(header, lines, left=1)
     return "\n".join(
         [
             "Prompt cache per job type (cache hit = cache read / (input + cache writes + cache read)):",

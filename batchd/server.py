@@ -15,6 +15,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -105,7 +106,15 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, default=str)
+    return json.dumps(value, default=_jsonable)
+
+
+def _jsonable(value: object) -> object:
+    """Times as ISO 8601 with `T` and their offset (what the events' `at` is, and what every browser's Date
+    reads; str() gives a space); ids and the rest as their text."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ import json
 import secrets
 import string
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -71,6 +72,43 @@ def prepare(job: ClaimedJob, job_types: dict[str, JobType], max_request_bytes: i
     if size > max_request_bytes:
         return f"the request is {size} bytes, more than a batch may hold ({max_request_bytes} bytes)"
     return Prepared(job.id, params, rendered, size)
+
+
+def request_problem(request: Any) -> str | None:  # noqa: C901, PLR0911 - the function's CASE, branch for branch
+    """Why a raw request (parsed JSON, numbers as Decimal or int so that none is rounded) cannot be sent in a
+    batch, or None: the database's batchd.request_problem(jsonb), which the daemon applies, in Python, so
+    that `batchd enqueue` refuses the job before writing it. The same checks in the same order with the
+    same words (tests/test_enqueue.py runs both on the same inputs)."""
+    if not isinstance(request, dict):
+        return "request must be a JSON object of Messages API params"
+    if "model" not in request:
+        return "request lacks model"
+    if not isinstance(request["model"], str):
+        return "request.model must be a string"
+    if "max_tokens" not in request:
+        return "request lacks max_tokens"
+    max_tokens = request["max_tokens"]
+    # A bool is an int in Python; in JSON it is no number.
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int | Decimal | float):
+        return "request.max_tokens must be an integer"
+    if isinstance(max_tokens, Decimal | float) and not _integral(max_tokens):
+        return "request.max_tokens must be an integer"
+    if max_tokens < 1:
+        return "request.max_tokens must be at least 1 in a batch"
+    if "messages" not in request:
+        return "request lacks messages"
+    if not isinstance(request["messages"], list) or not request["messages"]:
+        return "request.messages must be a non-empty array"
+    if "stream" in request and request["stream"] is not False:
+        return "request.stream is not allowed in a batch"
+    return None
+
+
+def _integral(number: Decimal | float) -> bool:
+    if isinstance(number, float):
+        return number.is_integer()
+    # to_integral_value, not int(): 1e100000 is integral, and building that int would take a while.
+    return number.is_finite() and number == number.to_integral_value()
 
 
 def render(name: str, input_text: str | None, job_types: dict[str, JobType]) -> dict[str, Any] | str:

@@ -15,7 +15,9 @@ from typing import Any
 
 import asyncpg
 
+from .statuses import FINAL_JOB_STATUSES, IN_FLIGHT_JOB_STATUSES, JOB_STATUSES, JobStatus
 from .store import Connection, sql
+from .text import table
 
 TOKEN_PREFIX = "bdt_"  # noqa: S105 - marks a string as a batchd token; not a secret
 
@@ -61,7 +63,36 @@ async def add_tenant(connection: Connection, name: str) -> str:
 
 
 async def list_tenants(connection: Connection) -> list[dict[str, Any]]:
-    return [dict(row) for row in await connection.fetch(sql("list_tenants"))]
+    """Every tenant with a row in batchd.tenants (a token, a budget, a limit) or with jobs, by name: its
+    tokens, active and revoked, and its jobs per status (every status, zeros too)."""
+    return [
+        {**dict(row), "jobs": {status: row["jobs"].get(status, 0) for status in JOB_STATUSES}}
+        for row in await connection.fetch(sql("list_tenants"))
+    ]
+
+
+IN_FLIGHT = tuple(status for status in JOB_STATUSES if status in IN_FLIGHT_JOB_STATUSES)
+FINISHED = tuple(status for status in JOB_STATUSES if status in FINAL_JOB_STATUSES)
+LIST_HEADER = ("tenant", "tokens", "revoked", "queued", "in flight", *FINISHED)
+
+
+def render_list(tenants: list[dict[str, Any]]) -> str:
+    """`batchd tenant list`: a header, then a tenant a line, its jobs per status (those in flight, whether in
+    a batch or sent alone, summed in one column)."""
+    if not tenants:
+        return "(no tenant has a token or a job yet)"
+    rows = []
+    for row in tenants:
+        jobs = row["jobs"]
+        counts = (
+            row["active_tokens"],
+            row["revoked_tokens"],
+            jobs[JobStatus.QUEUED],
+            sum(jobs[status] for status in IN_FLIGHT),
+            *(jobs[status] for status in FINISHED),
+        )
+        rows.append((row["name"], *(f"{n:,}" for n in counts)))
+    return "\n".join(table(LIST_HEADER, rows, indent=""))
 
 
 async def revoke(connection: Connection, name: str) -> int:

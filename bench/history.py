@@ -589,9 +589,10 @@ def reads(biggest: str) -> list[Read]:
             status_report,
             [
                 ("status_by_tenant", ()),
+                ("tenant_budgets", ()),
+                ("batches_by_status", (datetime.now(UTC) - timedelta(hours=1),)),
                 ("open_batches", ()),
                 ("recent_outcomes", (3600.0,)),
-                ("tenant_budgets", ()),
             ],
         ),
         Read(

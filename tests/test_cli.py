@@ -201,10 +201,11 @@ async def test_a_command_imports_only_what_it_needs(
 
 def test_the_parsers_choices_are_the_modules_own() -> None:
     """The parser lists some values itself, to build without importing the modules that own them."""
-    from batchd import budgets, cli, report  # noqa: PLC0415 - the point is when they load
+    from batchd import budgets, cli, enqueue, report  # noqa: PLC0415 - the point is when they load
 
     assert set(cli.OVER_BUDGET) == set(budgets.OVER_BUDGET)
     assert set(cli.REPORT_FORMATS) == set(report.RENDER) == set(report.RENDER_CACHE)
+    assert cli.ROUTES == enqueue.ROUTES
 
 
 async def test_version_is_the_packages_one() -> None:

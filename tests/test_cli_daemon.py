@@ -258,6 +258,8 @@ async def test_enqueue_one_raw_request_and_one_job_type_job(db: Any, config: Pat
         '{"ticket": 7}',
         "--deadline",
         "2030-01-01T12:00:00Z",
+        "--route",
+        "auto",
         cwd=tmp_path,
     )
     typed_args = ["enqueue", "--config", str(config), "--tenant", "globex", "--job-type", "summarize"]
@@ -265,11 +267,15 @@ async def test_enqueue_one_raw_request_and_one_job_type_job(db: Any, config: Pat
     (code, out, err), (typed_code, typed_out, typed_err) = await asyncio.gather(
         raw_run, run_batchd(*typed_args, cwd=tmp_path)
     )
-    assert (code, out.strip()) == (0, "enqueued 1 job(s)"), err
-    assert (typed_code, typed_out.strip()) == (0, "enqueued 1 job(s)"), typed_err
+    assert (code, err.strip()) == (0, "enqueued 1 job(s)"), err
+    assert (typed_code, typed_err.strip()) == (0, "enqueued 1 job(s)"), typed_err
 
     rows = {row["tenant_id"]: row for row in await db.fetch("SELECT * FROM batchd.jobs")}
     assert set(rows) == {"acme", "globex"}
+    # Standard output is the job's id alone, for `batchd cancel "$(batchd enqueue …)"`.
+    assert out == f"{rows['acme']['id']}\n"
+    assert typed_out == f"{rows['globex']['id']}\n"
+    assert rows["acme"]["route"] == "auto"
     assert rows["acme"]["request"] == request
     assert rows["acme"]["metadata"] == {"ticket": 7}
     assert rows["acme"]["deadline"].isoformat() == "2030-01-01T12:00:00+00:00"
@@ -278,10 +284,16 @@ async def test_enqueue_one_raw_request_and_one_job_type_job(db: Any, config: Pat
     assert rows["globex"]["input"] == {"document_text": "a long report"}
     assert rows["globex"]["idempotency_key"] == "report-1"
 
-    # The same idempotency key again: skipped, not queued twice.
-    code, out, err = await run_batchd(*typed_args, cwd=tmp_path)
+    # The same idempotency key again: skipped, not queued twice; --json names the job holding the key.
+    code, out, err = await run_batchd(*typed_args, "--json", cwd=tmp_path)
     assert code == 0, err
-    assert out.strip() == "enqueued 0 job(s), skipped 1 already queued (same idempotency key)"
+    assert err.strip() == "enqueued 0 job(s), skipped 1: their idempotency key is taken"
+    assert json.loads(out) == {
+        "id": str(rows["globex"]["id"]),
+        "tenant_id": "globex",
+        "enqueued": False,
+        "idempotency_key": "report-1",
+    }
     assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 2
 
 
@@ -311,6 +323,15 @@ async def test_enqueue_a_file_is_all_or_nothing_and_names_the_bad_line(
     cases: dict[str, tuple[list[Any], str]] = {
         "missing.jsonl": ([*good, {"tenant_id": "acme"}], "line 1501: a job has either `request`"),
         "broken.jsonl": ([*good[:3], "{oops", *good[3:5]], "line 4: not JSON"),
+        # Every bad job is named, each on its line of stderr, good ones among them notwithstanding.
+        "several.jsonl": (
+            [good[0], {"job_type": "summarise", "input": {}}, good[1], {"request": {"model": "m"}}],
+            (
+                "batchd: line 2: unknown job type 'summarise' (known: summarize)\n"
+                "batchd: line 4: request lacks max_tokens\n"
+                "batchd: nothing was enqueued: 2 bad job(s) of 4 read\n"
+            ),
+        ),
     }
     for name, (jobs, _) in cases.items():
         (tmp_path / name).write_text(jsonl(jobs))
@@ -321,30 +342,32 @@ async def test_enqueue_a_file_is_all_or_nothing_and_names_the_bad_line(
         )
     )
     for (code, out, err), (name, (_, message)) in zip(results, cases.items(), strict=True):
-        assert code == EX_DATAERR, (name, out, err)
+        assert (code, out) == (EX_DATAERR, ""), (name, out, err)
         assert "nothing was enqueued" in err, (name, err)
         assert message in err, (name, err)
     assert await db.fetchval("SELECT count(*) FROM batchd.jobs") == 0
 
     # The file fixed: every line goes in (blank lines skipped, a line's own tenant wins over --tenant).
-    lines = [jsonl(good), "\n", jsonl([{"tenant_id": "globex", "job_type": "summarize", "input": {"x": 1}}])]
+    typed = {"tenant_id": "globex", "job_type": "summarize", "input": {"document_text": "d"}}
+    lines = [jsonl(good), "\n", jsonl([typed])]
     (tmp_path / "good.jsonl").write_text("".join(lines))
     args = ["enqueue", "--config", str(config), "--tenant", "acme", "--file", "good.jsonl"]
     code, out, err = await run_batchd(*args, cwd=tmp_path)
-    assert code == 0, err
-    assert out.strip() == "enqueued 1501 job(s)"
+    assert (code, err.strip()) == (0, "enqueued 1,501 job(s)"), err
+    ids = [uuid.UUID(line) for line in out.splitlines()]
+    assert ids == [row["id"] for row in await db.fetch("SELECT id FROM batchd.jobs ORDER BY seq")]
     counts = dict(await db.fetch("SELECT tenant_id, count(*) FROM batchd.jobs GROUP BY tenant_id"))
     assert counts == {"acme": 1500, "globex": 1}
     # Run again, as a retried import would be: the keyed lines are skipped, the unkeyed one goes in again.
     code, out, err = await run_batchd(*args, cwd=tmp_path)
-    assert code == 0, err
-    assert out.strip() == "enqueued 1 job(s), skipped 1500 already queued (same idempotency key)"
+    assert (code, err.strip()) == (0, "enqueued 1 job(s), skipped 1,500: their idempotency key is taken"), err
+    assert len(out.splitlines()) == 1
     # From standard input, too.
     code, out, err = await run_batchd(
         "enqueue", "--config", str(config), "--tenant", "initech", "--file", "-", cwd=tmp_path,
         stdin=jsonl(good[:3]).encode(),
     )  # fmt: skip
-    assert (code, out.strip()) == (0, "enqueued 3 job(s)"), err
+    assert (code, err.strip(), len(out.splitlines())) == (0, "enqueued 3 job(s)", 3), err
     assert await db.fetchval("SELECT count(*) FROM batchd.jobs WHERE tenant_id = 'initech'") == 3
 
 
@@ -399,10 +422,22 @@ async def test_status_shows_tenants_and_open_batches_as_text_and_json(
 
     assert json_code == 0, json_err
     report = json.loads(json_out)
-    assert report["tenants"] == {"acme": {"queued": 3}, "globex": {"sending": 1, "failed": 1}}
+    zeros: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
+    assert report["tenants"] == {
+        "acme": {**zeros, "queued": 3},
+        "globex": {**zeros, "sending": 1, "failed": 1},
+    }
     assert [b["id"] for b in report["open_batches"]] == [str(batch)]
     assert report["open_batches"][0]["status"] == "in_progress"
-    assert report["open_batches"][0]["request_counts"]["processing"] == 2
+    assert report["open_batches"][0]["request_counts"] == {
+        "processing": 2,
+        "succeeded": 0,
+        "errored": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
+    assert report["batches"] == {"pending": 0, "in_progress": 1, "ended": 0, "applied": 1, "abandoned": 0}
+    assert report["finished"] == {"succeeded": 0, "failed": 1, "canceled": 0}
 
 
 async def test_status_of_an_empty_database(db: Any, config: Path, tmp_path: Path) -> None:
@@ -481,7 +516,7 @@ async def test_the_config_file_from_before_or_after_the_command_or_batchd_config
     )
     for code, out, err in runs:
         assert code == 0, err
-        assert json.loads(out)["tenants"] == {"acme": {"queued": 2}}
+        assert json.loads(out)["tenants"]["acme"]["queued"] == 2
 
 
 def unreachable_config(tmp_path: Path) -> Path:

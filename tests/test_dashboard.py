@@ -177,6 +177,13 @@ async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
         )
         assert acme_jobs[0] in detail
         assert "Result" in detail
+        # Its times, read by the browser from the API's ISO 8601: dates, not "—" nor "Invalid Date".
+        facts = await browser.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('[data-testid=job-detail] .facts div')]"
+            ".map((d) => [d.querySelector('dt').textContent, d.querySelector('dd').textContent]))"
+        )
+        for fact in ("Created", "Completed"):
+            assert re.search(r"\d{1,4}\D\d{1,2}\D\d{1,4}", facts[fact]), facts
 
         # Signing out drops the cookie: a reload shows the form again.
         await browser.evaluate("document.querySelector('[data-testid=sign-out]').click()")

@@ -192,7 +192,8 @@ async def test_a_tenant_producer_sets_its_own_columns_and_is_refused_every_other
             env=environment,
             cwd=tmp_path,
         )
-        assert (code, out.strip()) == (0, "enqueued 1 job(s)"), err
+        assert (code, err.strip()) == (0, "enqueued 1 job(s)"), err
+        assert uuid.UUID(out.strip()), "the job's id"
         counts = await superuser.fetch(
             "SELECT tenant_id, status, count(*) AS n FROM batchd.jobs GROUP BY 1, 2 ORDER BY 1, 2"
         )

@@ -113,6 +113,12 @@
     return `${date.toLocaleDateString(undefined, { month: "short", day: "numeric" })} ${time}`;
   }
 
+  // The API's times are ISO 8601 with `T` and an offset, which every browser's Date reads.
+  function dateTime(value) {
+    const date = value ? new Date(value) : null;
+    return date && !Number.isNaN(date.getTime()) ? date.toLocaleString() : "—";
+  }
+
   function clip(text, limit) {
     return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
   }
@@ -825,8 +831,8 @@
       ["Status", `${statusLabel(state.jobLabels, job.status)} (attempts: ${job.attempts})`],
       ["Batch", job.batch_id || "—"],
       ["Type", job.job_type || "raw request"],
-      ["Created", job.created_at ? new Date(job.created_at).toLocaleString() : "—"],
-      ["Completed", job.completed_at ? new Date(job.completed_at).toLocaleString() : "—"],
+      ["Created", dateTime(job.created_at)],
+      ["Completed", dateTime(job.completed_at)],
     ];
     if (job.usage) facts.push(["Tokens", usageText(job.usage)]);
     const list = el("dl", { className: "facts" });

@@ -758,13 +758,25 @@ SELECT coalesce(
 SELECT pg_notify('batchd_events', '');
 
 -- name: insert_jobs
--- Bulk enqueue from the command line; a row whose idempotency key is taken is skipped.
-INSERT INTO batchd.jobs (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
-SELECT tenant_id, request::jsonb, job_type, input::jsonb, metadata::jsonb, idempotency_key, deadline
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-       AS r (tenant_id, request, job_type, input, metadata, idempotency_key, deadline)
+-- `batchd enqueue`, a chunk of checked jobs at a time, in their order. Each job's JSON object ($1) is read
+-- here, so request, input and metadata arrive as the producer wrote them (no number rounded through a
+-- double); the other columns come checked. A row whose idempotency key is taken is skipped: RETURNING has
+-- a row for each job added, in the order given.
+INSERT INTO batchd.jobs (tenant_id, request, job_type, input, metadata, idempotency_key, deadline, route)
+SELECT r.tenant_id, nullif(r.job -> 'request', 'null'), r.job_type, nullif(r.job -> 'input', 'null'),
+       nullif(r.job -> 'metadata', 'null'), r.idempotency_key, r.deadline, r.route
+  FROM (SELECT u.job::jsonb AS job, u.tenant_id, u.job_type, u.idempotency_key, u.deadline, u.route, u.n
+          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+               WITH ORDINALITY AS u (job, tenant_id, job_type, idempotency_key, deadline, route, n)) AS r
+ ORDER BY r.n
 ON CONFLICT DO NOTHING
-RETURNING id;
+RETURNING id, tenant_id, idempotency_key;
+
+-- name: jobs_by_idempotency_key
+-- `batchd enqueue --json`: the jobs holding the keys ($1 tenants, $2 keys) that made it skip a job.
+SELECT j.id, j.tenant_id, j.idempotency_key
+  FROM unnest($1::text[], $2::text[]) AS k (tenant_id, idempotency_key)
+  JOIN batchd.jobs AS j ON j.tenant_id = k.tenant_id AND j.idempotency_key = k.idempotency_key;
 
 -- name: cancel_job
 SELECT batchd.cancel_job($1);
@@ -816,6 +828,15 @@ SELECT tenant_id, status, sum(jobs)::bigint AS jobs
 SELECT id, provider_batch_id, status, request_count, request_counts, created_at, submitted_at, owner, last_error
   FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') ORDER BY created_at;
 
+-- name: batches_by_status
+-- `batchd status`: open batches per status, and the finished ones made since $1 (on batches_open and
+-- batches_finished: as many rows as the work in flight and the window hold, however long the history).
+SELECT status, count(*) AS batches
+  FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended') GROUP BY status
+UNION ALL
+SELECT status, count(*)
+  FROM batchd.batches WHERE status IN ('applied', 'abandoned') AND created_at >= $1 GROUP BY status;
+
 -- name: recent_outcomes
 -- `batchd status`: jobs finished per status since the start of the UTC hour $1 seconds ago, from the hour
 -- rollups and the tallies (batchd.totals_since): a few rows however busy the hour was.
@@ -832,13 +853,33 @@ INSERT INTO batchd.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;
 INSERT INTO batchd.tokens (tenant_id, token_sha256) VALUES ($1, $2) RETURNING id;
 
 -- name: list_tenants
-SELECT t.name, t.created_at,
-       count(k.id) FILTER (WHERE k.revoked_at IS NULL) AS active_tokens,
-       count(k.id) FILTER (WHERE k.revoked_at IS NOT NULL) AS revoked_tokens
-  FROM batchd.tenants AS t
-  LEFT JOIN batchd.tokens AS k ON k.tenant_id = t.name
- GROUP BY t.name, t.created_at
- ORDER BY t.name;
+-- `batchd tenant list`: every tenant with a row in batchd.tenants (a token, a budget, a limit) or with jobs
+-- (producers name tenants by writing jobs; those have no row), with its tokens and its jobs per status:
+-- those in flight counted on jobs_live, finished ones from the rollups, as `batchd status` counts them.
+WITH jobs AS (
+    SELECT tenant_id, status, sum(jobs)::bigint AS jobs
+      FROM (SELECT tenant_id, status, count(*) AS jobs
+              FROM batchd.jobs
+             WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
+             GROUP BY tenant_id, status
+            UNION ALL
+            SELECT tenant_id, status, jobs FROM batchd.totals_since(NULL, NULL)) AS counted
+     GROUP BY tenant_id, status
+), tokens AS (
+    SELECT tenant_id,
+           count(*) FILTER (WHERE revoked_at IS NULL) AS active_tokens,
+           count(*) FILTER (WHERE revoked_at IS NOT NULL) AS revoked_tokens
+      FROM batchd.tokens
+     GROUP BY tenant_id
+)
+SELECT n.name, t.created_at,
+       coalesce(k.active_tokens, 0) AS active_tokens, coalesce(k.revoked_tokens, 0) AS revoked_tokens,
+       coalesce((SELECT jsonb_object_agg(j.status, j.jobs) FROM jobs AS j WHERE j.tenant_id = n.name), '{}')
+           AS jobs
+  FROM (SELECT name FROM batchd.tenants UNION SELECT tenant_id FROM jobs) AS n
+  LEFT JOIN batchd.tenants AS t ON t.name = n.name
+  LEFT JOIN tokens AS k ON k.tenant_id = n.name
+ ORDER BY n.name;
 
 -- name: revoke_tokens
 UPDATE batchd.tokens SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id;
