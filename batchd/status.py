@@ -41,6 +41,7 @@ async def collect(connection: Connection, window_s: float = 3600.0) -> dict[str,
         "finished": recent,
         "finished_since": since.replace(minute=0, second=0, microsecond=0),
         "budgets": budgets,
+        "daemons": await collect_daemons(connection),
     }
 
 
@@ -82,6 +83,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {kind:<20}{count:>10}")
     if not report["finished"]:
         lines.append("  (none)")
+    lines.extend(render_daemons(report.get("daemons", [])))
     return "\n".join(lines)
 
 
@@ -102,3 +104,75 @@ def _render_budgets(budgets: list[dict[str, Any]]) -> list[str]:
             since = f"{row['held_since']:%Y-%m-%d %H:%M:%S %Z}"
             lines.append(f"      held since {since} ({action}): {row['hold_reason']}")
     return lines
+
+
+# -- the daemons (batchd.instances) --------------------------------------------------------------------------
+
+# A daemon heartbeats every `heartbeat_s` (its row says how often): one silent for this many intervals died,
+# or is stuck; its leases lapse to the others meanwhile.
+SILENT_AFTER_HEARTBEATS = 3
+_API_TROUBLE = {
+    "refused": "THE API KEY IS REFUSED",
+    "unreachable": "THE API IS UNREACHABLE",
+}
+
+
+async def collect_daemons(connection: Connection) -> list[dict[str, Any]]:
+    """Each daemon running on this database (its row in batchd.instances), with the leases it holds now."""
+    daemons = []
+    for row in await connection.fetch(sql("status_daemons")):
+        daemon = dict(row)
+        daemon["heartbeat_age_s"] = round(max(0.0, row["heartbeat_age_s"]), 1)
+        daemon["silent"] = row["heartbeat_age_s"] > SILENT_AFTER_HEARTBEATS * row["heartbeat_s"]
+        daemons.append(daemon)
+    return daemons
+
+
+def render_daemons(daemons: list[dict[str, Any]]) -> list[str]:
+    """The daemons block of `batchd status`: who runs where, since when, alive or silent, the leases each
+    holds, and the API as each last found it, a refused key said in capitals."""
+    lines = ["", "Daemons:"]
+    if not daemons:
+        lines.append("  (none running)")
+    for daemon in daemons:
+        batches, sync = daemon["batches_leased"], daemon["sync_jobs_leased"]
+        age = _age(daemon["heartbeat_age_s"])
+        who = f"on {daemon['host']} (pid {daemon['pid']}, batchd {daemon['version']})"
+        lines.append(f"  {daemon['instance_id']}  {who}")
+        heartbeat = f"last heartbeat {age} ago"
+        if daemon["silent"]:
+            heartbeat += " — SILENT: it died or is stuck; its leases pass to other daemons as they run out"
+        lines.append(f"      up since {daemon['started_at']:%Y-%m-%d %H:%M:%S %Z}, {heartbeat}")
+        lines.append(
+            f"      leases: {batches} batch{'es' if batches != 1 else ''}, "
+            f"{sync} sync job{'s' if sync != 1 else ''}"
+        )
+        lines.append(f"      {_api_line(daemon)}")
+    return lines
+
+
+def _api_line(daemon: dict[str, Any]) -> str:
+    state, url, checked = daemon["api_state"], daemon["api_url"], daemon["api_checked_at"]
+    when = "" if checked is None else f" (checked {checked:%Y-%m-%d %H:%M:%S %Z})"
+    if state == "ok":
+        return f"API {url}: ok{when}"
+    if state == "unchecked":
+        return f"API {url}: not checked yet (starting)"
+    trouble = _API_TROUBLE.get(state, state.upper())
+    fix = (
+        "fix the key (a key file named by [anthropic] api_key_file is read again at each check; a credential "
+        "or $ANTHROPIC_API_KEY needs a restart)"
+        if state == "refused"
+        else "check [anthropic] base_url and the network"
+    )
+    return f"API {url}: {trouble}: {daemon['api_reason']}{when}; it sends nothing until then: {fix}"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86_400:.0f} d"
