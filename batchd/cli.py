@@ -350,7 +350,7 @@ def run_daemon(args: Namespace) -> int:
     source = config_path(args.config)
     url = redact_url(settings.database.url)
     try:
-        asyncio.run(Daemon(settings, config_file=None if source is None else str(source)).run())
+        asyncio.run(Daemon(settings, config_file=None if source is None else str(source.absolute())).run())
     except BadDatabaseUrl as error:
         raise _bad_url(settings, error) from None
     except DatabaseUnavailable as error:

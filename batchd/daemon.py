@@ -207,6 +207,7 @@ class Daemon:
         with suppress(TimeoutError):
             timeout_s = health.check_timeout(ctx.settings.anthropic.timeout_s) + 1
             await asyncio.wait_for(api.checked.wait(), timeout=timeout_s)
+        await instances.heartbeat(ctx)  # the row says what the check found from the moment it is ready
         _freeze_startup_objects()
         self.ready.set()
         notifier.ready()

@@ -165,7 +165,7 @@ def _api_line(daemon: dict[str, Any]) -> str:
         if state == "refused"
         else "check [anthropic] base_url and the network"
     )
-    return f"API {url}: {trouble}: {daemon['api_reason']}{when}; it sends nothing until then: {fix}"
+    return f"API {url}: {trouble}: {daemon['api_reason']}{when}; this daemon sends nothing meanwhile: {fix}"
 
 
 def _age(seconds: float) -> str:
