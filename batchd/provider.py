@@ -29,6 +29,8 @@ from .health import KEY_REFUSED, ApiHealth
 from .ratelimit import RateLimiter
 
 DEFAULT_RETRY_AFTER_S = 5.0
+# The list of batches is never missing at the API itself: an answer like these comes from another server.
+NOT_THE_API = frozenset({404, 405})
 # Told of each API call once answered or failed: its endpoint, its status (call_status), its seconds.
 OnCall = Callable[[str, str, float], None]
 # The Messages API params the installed SDK takes as arguments of messages.create.
@@ -71,16 +73,21 @@ class Provider:
 
     async def check(self, timeout_s: float) -> None:
         """Does the API take this key? One cheap authenticated call, a list of one batch, through the limiter
-        like every batch call; its answer sets `health`: 401 or 403 refused, no answer unreachable, any
-        other answer ok (the API is there and did not refuse the key)."""
+        like every batch call; its answer sets `health`: 401 or 403 refused; no answer, or one no API would
+        give (404, 405, a body that is not a list of batches), unreachable; any other answer ok (the API is
+        there and did not refuse the key: a 429 or a 5xx is for each call to handle)."""
         try:
             await self._call("list", self.client.messages.batches.list(limit=1, timeout=timeout_s))
         except anthropic.APIStatusError as error:
-            if error.status_code not in KEY_REFUSED:  # a refusal was noted by _call
+            if error.status_code in NOT_THE_API:
+                self.health.unreachable(f"answered {error.status_code}: is [anthropic] base_url the API?")
+            elif error.status_code not in KEY_REFUSED:  # a refusal was noted by _call
                 self.health.passed(f"the check was answered {error.status_code}")
         except anthropic.APIConnectionError as error:  # a timeout too
-            cause = error.__cause__
-            self.health.unreachable(f"{error}" + (f" ({cause})" if cause and str(cause) else ""))
+            cause = str(error.__cause__ or "")
+            self.health.unreachable(f"{error} ({cause})" if cause and cause not in str(error) else str(error))
+        except anthropic.APIResponseValidationError as error:
+            self.health.unreachable(f"not the API's answer ({error}): is [anthropic] base_url the API?")
         else:
             self.health.passed()
 

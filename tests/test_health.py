@@ -269,6 +269,20 @@ async def test_an_api_unreachable_at_start_does_not_stop_the_start_and_holds_the
             assert await wait_for_jobs(db, done=1, timeout=30) == {"succeeded": 1}
 
 
+async def test_a_base_url_that_is_not_the_api_is_not_ready_and_says_so(
+    db: Any, emulator: EmulatorHandle, daemon_settings: Any
+) -> None:
+    """A server that answers, but not as the API (here the emulator under a path it does not serve: 404)."""
+    url = f"{emulator.url}/not-the-api"
+    daemon = Daemon(daemon_settings(anthropic={"base_url": url}))
+    async with daemon.running(), aiohttp.ClientSession() as http:
+        code, body = await readyz(http, daemon.http_url)
+    assert code == 503
+    (problem,) = body["problems"]
+    assert problem.startswith(f"api {url}"), problem
+    assert problem.endswith("unreachable: answered 404: is [anthropic] base_url the API?"), problem
+
+
 # -- the daemons' rows --------------------------------------------------------------------------------------
 
 
