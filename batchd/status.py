@@ -165,7 +165,8 @@ def _api_line(daemon: dict[str, Any]) -> str:
         if state == "refused"
         else "check [anthropic] base_url and the network"
     )
-    return f"API {url}: {trouble}: {daemon['api_reason']}{when}; this daemon sends nothing meanwhile: {fix}"
+    reason = str(daemon["api_reason"] or "").removeprefix("unreachable: ")
+    return f"API {url}: {trouble}: {reason}{when}; this daemon sends nothing meanwhile: {fix}"
 
 
 def _age(seconds: float) -> str:
