@@ -334,23 +334,32 @@ def run_demo_command(args: Namespace) -> int:
 
 
 def run_daemon(args: Namespace) -> int:
-    """The daemon holds a pool of its own; only its first connection's failure is the command's."""
+    """The daemon holds a pool of its own; only its first connection's failure is the command's. It logs its
+    start-up at info (daemon.py) before any failure's line, so an operator sees how far it got."""
     import asyncio  # noqa: PLC0415 - see the imports above
 
+    import asyncpg  # noqa: PLC0415
+
+    from .config import config_path  # noqa: PLC0415
     from .daemon import Daemon  # noqa: PLC0415
     from .migrate import MigrationError  # noqa: PLC0415
     from .redact import redact_url  # noqa: PLC0415
     from .store import BadDatabaseUrl, DatabaseUnavailable  # noqa: PLC0415
 
     settings = _load_settings(args)
+    source = config_path(args.config)
+    url = redact_url(settings.database.url)
     try:
-        asyncio.run(Daemon(settings).run())
+        asyncio.run(Daemon(settings, config_file=None if source is None else str(source.absolute())).run())
     except BadDatabaseUrl as error:
         raise _bad_url(settings, error) from None
     except DatabaseUnavailable as error:
         raise _unreachable(settings, error) from None
     except MigrationError as error:
-        raise CommandError(f"{redact_url(settings.database.url)}: {error}", EX_CONFIG) from None
+        raise CommandError(f"{url}: {error}", EX_CONFIG) from None
+    except asyncpg.InsufficientPrivilegeError as error:
+        fix = "grant the role what deploy/sql/roles.sql grants (run it again after `batchd migrate`)"
+        raise CommandError(f"{url} refused the daemon's role: {error}; {fix}", EX_NOPERM) from None
     except OSError as error:  # after DatabaseUnavailable: the database's own OSErrors are that
         problem = _cannot_listen(settings.http.host, settings.http.port, error, "[http] port")
         if problem is None:

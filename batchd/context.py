@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -26,6 +27,7 @@ class Context:
     settings: Settings
     provider: Provider
     instance_id: str = field(default_factory=new_instance_id)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     metrics: Metrics = field(default_factory=Metrics)  # the daemon's: its provider reports calls to it
     # Set when the daemon is stopping: loops finish the step they are in and do not start another.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)

@@ -1,12 +1,18 @@
 """`batchd run`: the daemon, put together.
 
 Named side tasks — the listener, the flusher, the sync sender (sync.py), the supervisor, the publisher, the
-event hub (with HTTP), the pruner, and under systemd the notifier (systemd.py: READY=1, STATUS=, WATCHDOG=1,
-STOPPING=1) — run until SIGTERM or SIGINT; if any
+event hub (with HTTP), the pruner, the API's check (health.py), and under systemd the notifier (systemd.py:
+READY=1, STATUS=, WATCHDOG=1, STOPPING=1) — run until SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
-state), hands its leases back so another instance can carry on at once, and exits within
-`shutdown_timeout_s`.
+state), hands its leases back so another instance can carry on at once, deletes its row in
+batchd.instances, and exits within `shutdown_timeout_s`.
+
+Start-up says how far it got, at info: `daemon.starting` (the configuration file, the database, the API),
+`daemon.database_connected` (the schema checked), the API's check (`api.ok`, `api.key_refused`,
+`api.unreachable`), `daemon.ready`. A failure before ready ends the command with one line (cli.py); a
+refused key or an unreachable API does not stop the daemon: it starts, is not ready (`/readyz`), sends
+nothing, and checks again until the API takes the key.
 """
 
 from __future__ import annotations
@@ -14,16 +20,28 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from . import fairness, migrate, pruner, results, rollups, status, store, systemd
+from . import (
+    __version__,
+    fairness,
+    health,
+    instances,
+    migrate,
+    pruner,
+    results,
+    rollups,
+    status,
+    store,
+    systemd,
+)
 from .config import Settings, admin_token, api_key
-from .context import Context
+from .context import Context, new_instance_id
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
@@ -46,6 +64,7 @@ SYNC_DRAIN_S = 5.0
 KEEPALIVE_TIMEOUT_S = 75.0
 POOL_CLOSE_TIMEOUT_S = 1.0
 STATUS_TIMEOUT_S = 5.0  # systemd's STATUS= says "database unreachable" when its query takes longer
+DEREGISTER_TIMEOUT_S = 1.0  # deleting this daemon's row at the end; a row left is pruned after a day
 
 
 class Daemon:
@@ -56,12 +75,16 @@ class Daemon:
         serve_http: bool = True,
         api_key: str | None = None,
         admin_token: str | None = None,
+        config_file: str | None = None,
     ) -> None:
-        """`api_key` and `admin_token`, when given, take the place of the configured ones (the demo's)."""
+        """`api_key` and `admin_token`, when given, take the place of the configured ones (the demo's);
+        `config_file` is the file the settings came from, for the start-up log."""
         self.settings = settings
         self.serve_http = serve_http
         self._api_key = api_key
         self._admin_token = admin_token
+        self.config_file = config_file
+        self.instance_id = new_instance_id()
         self.ready = asyncio.Event()
         self.ctx: Context | None = None
         self.flusher: Flusher | None = None
@@ -78,46 +101,33 @@ class Daemon:
         settings = self.settings
         key, admin = self._secrets()
         stop = stop or _stop_on_signals()
-        pool = await store.create_pool(
-            settings.database.url,
-            min_size=settings.database.pool_min_size,
-            max_size=settings.database.pool_max_size,
-        )
-        provider = Provider(
-            key,
-            base_url=settings.anthropic.base_url,
-            limiter=RateLimiter(settings.anthropic.requests_per_minute),
-            timeout_s=settings.anthropic.timeout_s,
-            on_call=self.metrics.api_call,
-        )
+        provider = self._provider(key)
+        pool: asyncpg.Pool | None = None
         runner: web.AppRunner | None = None
         tasks: set[asyncio.Task[None]] = set()
         notifier = systemd.Notifier.from_environment()
+        ctx: Context | None = None
         try:
-            async with pool.acquire() as connection:
-                await migrate.require_current(connection)
-            await _publish_settings(pool, settings)
-            ctx = self.ctx = Context(pool=pool, settings=settings, provider=provider, metrics=self.metrics)
+            pool = await self._open_database()
+            ctx = self.ctx = Context(
+                pool=pool,
+                settings=settings,
+                provider=provider,
+                metrics=self.metrics,
+                instance_id=self.instance_id,
+            )
             self.metrics.identify(ctx.instance_id)
+            await instances.heartbeat(ctx)
             hub = self.hub = EventHub(pool, settings.events) if self.serve_http else None
             if hub is not None:
                 await hub.start()
             tasks, listener, supervisor = self._start_parts(ctx, hub, notifier)
             if hub is not None:
-                runner = await self._start_http(pool, listener, hub, admin)
+                runner = await self._start_http(pool, listener, hub, admin, provider.health)
+            # After the HTTP server: a port in use ends the start before the API is asked anything.
+            tasks.add(asyncio.create_task(self._watch_api(ctx), name="api-check"))
             await listener.connected.wait()
-            _freeze_startup_objects()
-            self.ready.set()
-            notifier.ready()
-            log.info(
-                "daemon.ready",
-                instance_id=ctx.instance_id,
-                http=self.http_url,
-                # Which API and database, as the SDK and the pool were given them: a variable misspelt or
-                # left to another tool shows here as the default.
-                api=str(provider.client.base_url),
-                database=redact_url(settings.database.url),
-            )
+            await self._announce_ready(ctx, notifier)
             stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
             ctx.stopping.set()
@@ -135,13 +145,96 @@ class Daemon:
                 task.cancel()  # only those a failed start left running
             if runner is not None:
                 await runner.cleanup()
+            if ctx is not None:
+                await _deregister(ctx)
             await provider.close()
             notifier.close()
-            try:
-                await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
-            except TimeoutError:
-                pool.terminate()  # a connection still held by a cancelled step: the database rolls it back
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
+                except TimeoutError:
+                    pool.terminate()  # a connection still held by a cancelled step: the database rolls back
             log.info("daemon.stopped")
+
+    def _provider(self, key: str) -> Provider:
+        """The API's client, unchecked (nothing is sent before the first check has answered: health.py); and
+        the start-up's first line, naming what the daemon is about to use."""
+        settings = self.settings
+        provider = Provider(
+            key,
+            base_url=settings.anthropic.base_url,
+            limiter=RateLimiter(settings.anthropic.requests_per_minute),
+            timeout_s=settings.anthropic.timeout_s,
+            on_call=self.metrics.api_call,
+        )
+        provider.health = health.ApiHealth(provider.health.url, state=health.UNCHECKED)
+        log.info(
+            "daemon.starting",
+            version=__version__,
+            instance_id=self.instance_id,
+            config=self.config_file,
+            # Which API and database, as the SDK and the pool are given them: a variable misspelt or left to
+            # another tool shows here as the default.
+            database=redact_url(settings.database.url),
+            api=provider.health.url,
+            http=f"{settings.http.host}:{settings.http.port}" if self.serve_http else None,
+        )
+        return provider
+
+    async def _open_database(self) -> asyncpg.Pool:
+        """The pool, on a database with this batchd's schema, and the settings the database uses published."""
+        settings = self.settings
+        pool = await store.create_pool(
+            settings.database.url,
+            min_size=settings.database.pool_min_size,
+            max_size=settings.database.pool_max_size,
+        )
+        try:
+            async with pool.acquire() as connection:
+                schema = await migrate.require_current(connection)
+            log.info("daemon.database_connected", database=redact_url(settings.database.url), schema=schema)
+            await _publish_settings(pool, settings)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    async def _announce_ready(self, ctx: Context, notifier: systemd.Notifier) -> None:
+        """Ready once the API's first check has answered (or had its time): READY=1 and `daemon.ready`, which
+        says the API's state. A refused key does not stop the start: the daemon serves, sends nothing, and
+        says why at `/readyz` until the key works."""
+        api = ctx.provider.health
+        with suppress(TimeoutError):
+            timeout_s = health.check_timeout(ctx.settings.anthropic.timeout_s) + 1
+            await asyncio.wait_for(api.checked.wait(), timeout=timeout_s)
+        await instances.heartbeat(ctx)  # the row says what the check found from the moment it is ready
+        _freeze_startup_objects()
+        self.ready.set()
+        notifier.ready()
+        log.info(
+            "daemon.ready",
+            instance_id=ctx.instance_id,
+            http=self.http_url,
+            api=api.url,
+            database=redact_url(ctx.settings.database.url),
+            api_state=api.state,
+        )
+
+    async def _watch_api(self, ctx: Context) -> None:
+        """The API's check (health.watch). A key the daemon was given is the key; a configured one is read
+        again from its source before each new check while it is refused."""
+        settings = ctx.settings
+
+        def reload_key() -> str:
+            return api_key(settings).get_secret_value()
+
+        await health.watch(
+            ctx.provider,
+            stopping=ctx.stopping,
+            backoff=ctx.backoff,
+            timeout_s=health.check_timeout(settings.anthropic.timeout_s),
+            reload_key=None if self._api_key else reload_key,
+        )
 
     def _start_parts(
         self, ctx: Context, hub: EventHub | None, notifier: systemd.Notifier
@@ -164,6 +257,14 @@ class Daemon:
             sync.wake()
 
         supervisor.on_batch_closed = on_batch_closed
+
+        def on_api_change() -> None:
+            # The API ok again: what the gate held looks at once. Any change: the row says it soon.
+            flusher.wake()
+            sync.wake()
+            supervisor.wake()
+
+        ctx.provider.health.on_change = on_api_change
         publisher = Publisher(ctx, on_published=hub.wake if hub else lambda: None)
         channels = {JOBS_CHANNEL: on_jobs, EVENTS_CHANNEL: publisher.wake}
         if hub is not None:
@@ -194,8 +295,11 @@ class Daemon:
             tasks.add(asyncio.create_task(hub.run(ctx.stopping, ctx.backoff), name="events"))
         if notifier.enabled:
 
-            def status_line() -> Awaitable[str]:
-                return status.summary_line(ctx.pool, hub.open_streams if hub else 0, STATUS_TIMEOUT_S)
+            async def status_line() -> str:
+                line = await status.summary_line(ctx.pool, hub.open_streams if hub else 0, STATUS_TIMEOUT_S)
+                # `systemctl status` says first that nothing is being sent, and why.
+                problem = ctx.provider.health.problem()
+                return line if problem is None else f"{problem}; sending nothing; {line}"
 
             notifying = notifier.run(status_line, ctx.settings.daemon.status_interval_s)
             tasks.add(asyncio.create_task(notifying, name="systemd"))
@@ -232,7 +336,7 @@ class Daemon:
         return key, configured.get_secret_value() if configured else None
 
     async def _start_http(
-        self, pool: asyncpg.Pool, listener: Listener, hub: EventHub, admin: str | None
+        self, pool: asyncpg.Pool, listener: Listener, hub: EventHub, admin: str | None, api: health.ApiHealth
     ) -> web.AppRunner:
         self.metrics.registry.register(HubCollector(hub))  # the streams, read at scrape time
         app = create_app(
@@ -244,6 +348,7 @@ class Daemon:
             metrics=self.metrics,
             readings=self.readings,
             session_max_age_s=self.settings.http.session_max_age_s,
+            api_problem=api.problem,
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).
@@ -272,6 +377,14 @@ class Daemon:
 
         with suppress(TimeoutError):
             await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)
+
+
+async def _deregister(ctx: Context) -> None:
+    """Deletes this daemon's row in batchd.instances; one left behind (the database away) is pruned later."""
+    try:
+        await asyncio.wait_for(instances.remove(ctx), timeout=DEREGISTER_TIMEOUT_S)
+    except store.DB_ERRORS as error:
+        log.warning("instance.remove_failed", instance_id=ctx.instance_id, error=str(error) or repr(error))
 
 
 def _freeze_startup_objects() -> None:

@@ -6,8 +6,10 @@ past `max_in_flight_requests`. The flush claims jobs with FOR UPDATE SKIP LOCKED
 advisory lock, fails at once the jobs that can never be sent, and records the batch and its jobs
 (`pending`, `submitting`) in one transaction. Only then does anyone talk to the API (see submitter.py).
 
-Before each look at the queue it checks tenants' budgets (budgets.py): the jobs of a tenant over budget
-are left out of the queue's head and of the claim (batchd.held_tenants), or failed.
+Nothing is claimed while the API is not usable (health.py: the key refused, the API unreachable): the
+jobs wait in the queue, their attempts untouched. Before each look at the queue it checks tenants' budgets
+(budgets.py): the jobs of a tenant over budget are left out of the queue's head and of the claim
+(batchd.held_tenants), or failed.
 
 Between flushes it tells producers' trigger when to wake it (see `batchd.wakeup` in the schema): armed when
 the queue is empty, else at the job count that would fill a batch. The clock covers the time threshold.
@@ -87,6 +89,10 @@ class Flusher:
         batching = self.ctx.settings.batching
         pool = self.ctx.pool
         while not self.ctx.stopping.is_set():
+            if not self.ctx.provider.health.usable:
+                # The API refuses the key or does not answer: jobs stay queued, nothing is recorded to send;
+                # the change back to ok wakes the flusher (daemon.py).
+                return None
             # Tenants over budget are held (or their jobs failed) before the queue is looked at: the claim
             # and queue_head leave held tenants' jobs out; a tenant the budget allows again is released.
             await budgets.check(pool, self.budget_clock())

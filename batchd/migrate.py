@@ -2,7 +2,9 @@
 
 Safe to run twice (what is recorded is skipped) and from two processes at once (an advisory lock makes the
 second wait, then find nothing to do). A migration that was changed after it was applied is refused: the
-database would no longer match the files.
+database would no longer match the files. So is a database that a newer batchd migrated further than this
+one knows (SchemaAhead): this batchd's queries were written for an older schema, and the fix is to upgrade
+batchd, not to run it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from . import __version__
 from .store import Connection, sql
 
 _FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -30,6 +33,28 @@ class Migration:
 
 class MigrationError(Exception):
     pass
+
+
+class SchemaAhead(MigrationError):  # noqa: N818 - reads as the condition it reports
+    """The database holds migrations this batchd does not ship: a newer batchd migrated it."""
+
+
+def _label(version: int, name: str) -> str:
+    return f"{version:04d}_{name}"
+
+
+def _ahead(applied: dict[int, str], shipped: list[Migration]) -> SchemaAhead | None:
+    """The refusal for a database migrated past this batchd's newest migration (None: it is not)."""
+    newest = shipped[-1]
+    beyond = sorted(version for version in applied if version > newest.version)
+    if not beyond:
+        return None
+    theirs = _label(beyond[-1], applied[beyond[-1]])
+    return SchemaAhead(
+        f"the database is ahead of this batchd: its newest migration is {theirs}, this batchd's "
+        f"({__version__}) is {_label(newest.version, newest.name)}; a newer batchd migrated it, so upgrade "
+        "batchd to that version (or newer) rather than run this one"
+    )
 
 
 def shipped_migrations() -> list[Migration]:
@@ -51,8 +76,12 @@ async def migrate(connection: Connection) -> list[Migration]:
         await connection.execute(sql("lock_migrations"))
         await connection.execute(sql("create_migrations_table"))
         applied = {row["version"]: row for row in await connection.fetch(sql("applied_migrations"))}
+        shipped = shipped_migrations()
+        ahead = _ahead({version: row["name"] for version, row in applied.items()}, shipped)
+        if ahead is not None:
+            raise ahead
         done: list[Migration] = []
-        for migration in shipped_migrations():
+        for migration in shipped:
             row = applied.get(migration.version)
             if row is not None:
                 if row["checksum"] != migration.checksum:
@@ -71,17 +100,28 @@ async def migrate(connection: Connection) -> list[Migration]:
         return done
 
 
+async def applied(connection: Connection) -> dict[int, str]:
+    """The migrations the database records, version to name (none when batchd's schema is missing)."""
+    if not await connection.fetchval(sql("migrations_table_exists")):
+        return {}
+    return {row["version"]: row["name"] for row in await connection.fetch(sql("applied_migrations"))}
+
+
 async def pending(connection: Connection) -> list[Migration]:
     """Migrations not yet applied (all of them when batchd's schema is missing)."""
-    exists = await connection.fetchval(sql("migrations_table_exists"))
-    versions = (
-        {row["version"] for row in await connection.fetch(sql("applied_migrations"))} if exists else set()
-    )
+    versions = await applied(connection)
     return [m for m in shipped_migrations() if m.version not in versions]
 
 
-async def require_current(connection: Connection) -> None:
-    """Refuses a database this code's queries would fail on: one without every shipped migration."""
-    missing = await pending(connection)
+async def require_current(connection: Connection) -> str:
+    """Refuses a database this code's queries would fail on: one without every shipped migration, or one a
+    newer batchd migrated further (SchemaAhead). Returns the newest migration's name, e.g. 0013_instances."""
+    versions = await applied(connection)
+    shipped = shipped_migrations()
+    ahead = _ahead(versions, shipped)
+    if ahead is not None:
+        raise ahead
+    missing = [m for m in shipped if m.version not in versions]
     if missing:
         raise MigrationError(f"{len(missing)} migration(s) not applied; run `batchd migrate`")
+    return _label(shipped[-1].version, shipped[-1].name)

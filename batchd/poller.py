@@ -32,8 +32,8 @@ async def batch_gone(ctx: Context, batch: Batch, call: str) -> None:
 
 
 async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
-    """Polls until the batch has ended (recorded as `ended`, True), is no longer this process's (True: the
-    supervisor's next step sees it), or the daemon stops (False).
+    """Polls until the batch has ended (recorded as `ended`, True), is no longer this process's or the API is
+    not usable (True: the supervisor's next step sees it), or the daemon stops (False).
 
     A batch the provider no longer knows (deleted by someone) is recorded as ended with no results:
     its jobs are then retried like any others that came back without a result.
@@ -44,6 +44,8 @@ async def poll_until_ended(ctx: Context, batch: Batch) -> bool:
     assert batch.provider_batch_id is not None  # noqa: S101 - in_progress batches always have one
     bound = log.bind(batch_id=str(batch.id), provider_batch_id=batch.provider_batch_id)
     while not ctx.stopping.is_set():
+        if not ctx.provider.health.usable:
+            return True  # the supervisor's next step waits until the API is ok (health.py)
         wait = jittered(interval)
         try:
             remote = await ctx.provider.retrieve(batch.provider_batch_id)

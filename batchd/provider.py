@@ -7,6 +7,9 @@ decide what to retry and when.
 Every call is reported to `on_call` as (endpoint, status, seconds): the daemon counts them in its metrics
 (`batchd_api_calls_total` by endpoint and status, metrics.py). A success is 200 (every batch endpoint
 answers 200), a failure its HTTP status, or `connection_error` / `timeout` when none came back.
+
+A 401 or 403 from any call also marks the API refused in `health` (health.py), which holds back everything
+that sends until a check (`check`) passes again.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import httpx2
 from anthropic.resources.messages import AsyncMessages
 from anthropic.types.messages import DeletedMessageBatch, MessageBatch
 
+from .health import KEY_REFUSED, ApiHealth
 from .ratelimit import RateLimiter
 
 DEFAULT_RETRY_AFTER_S = 5.0
+# The list of batches is never missing at the API itself: an answer like these comes from another server.
+NOT_THE_API = frozenset({404, 405})
 # Told of each API call once answered or failed: its endpoint, its status (call_status), its seconds.
 OnCall = Callable[[str, str, float], None]
 # The Messages API params the installed SDK takes as arguments of messages.create.
@@ -52,9 +58,42 @@ class Provider:
         self.client = anthropic.AsyncAnthropic(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
         )
+        # Unchecked, a provider is assumed to work (tests', benchmarks'); the daemon's starts `unchecked`.
+        self.health = ApiHealth(str(self.client.base_url))
 
     async def close(self) -> None:
         await self.client.close()
+
+    def set_api_key(self, key: str) -> bool:
+        """Uses `key` for the calls from now on (the SDK reads it at each request); True when it changed."""
+        if key == self.client.api_key:
+            return False
+        self.client.api_key = key
+        return True
+
+    async def check(self, timeout_s: float) -> None:
+        """Does the API take this key? One cheap authenticated call, a list of one batch, through the limiter
+        like every batch call; its answer sets `health`: 401 or 403 refused; no answer, or one no API would
+        give (404, 405, a body that is not a list of batches), unreachable; any other answer ok (the API is
+        there and did not refuse the key: a 429 or a 5xx is for each call to handle)."""
+        try:
+            await self._call("list", self.client.messages.batches.list(limit=1, timeout=timeout_s))
+        except anthropic.APIStatusError as error:
+            if error.status_code in NOT_THE_API:
+                self.health.unreachable(f"answered {error.status_code}: is [anthropic] base_url the API?")
+            elif error.status_code not in KEY_REFUSED:  # a refusal was noted by _call
+                self.health.passed(f"the check was answered {error.status_code}")
+        except anthropic.APIConnectionError as error:  # a timeout too
+            cause = str(error.__cause__ or "")
+            self.health.unreachable(f"{error} ({cause})" if cause and cause not in str(error) else str(error))
+        except anthropic.APIResponseValidationError as error:
+            self.health.unreachable(f"not the API's answer ({error}): is [anthropic] base_url the API?")
+        else:
+            self.health.passed()
+
+    def _refused(self, endpoint: str, error: BaseException) -> None:
+        if isinstance(error, anthropic.APIStatusError) and error.status_code in KEY_REFUSED:
+            self.health.refused(error.status_code, endpoint, api_message(error))
 
     async def _call(self, endpoint: str, request: Any) -> Any:
         await self.limiter.acquire()
@@ -64,6 +103,7 @@ class Provider:
         except Exception as error:
             if isinstance(error, anthropic.RateLimitError):
                 self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            self._refused(endpoint, error)
             self.on_call(endpoint, call_status(error), time.monotonic() - started)
             raise
         self.on_call(endpoint, "200", time.monotonic() - started)
@@ -84,6 +124,7 @@ class Provider:
             text: str = await raw.text()
         except Exception as error:
             # A 429 here does not pause the batch endpoints' limiter: the Messages API's limits are others.
+            self._refused("messages", error)
             self.on_call("messages", call_status(error), time.monotonic() - started)
             raise
         self.on_call("messages", "200", time.monotonic() - started)
@@ -145,6 +186,7 @@ class Provider:
         except Exception as error:
             if isinstance(error, anthropic.RateLimitError):
                 self.limiter.pause(retry_after(error) or DEFAULT_RETRY_AFTER_S)
+            self._refused("results", error)
             if status is None:
                 status, elapsed = call_status(error), time.monotonic() - started
             raise
@@ -199,6 +241,16 @@ async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     line = pending.strip(b"\r\n")
     if line:
         yield line
+
+
+def api_message(error: anthropic.APIStatusError) -> str:
+    """The API's own message, from its error envelope when it sent one."""
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(error.message)
 
 
 def retry_after(error: anthropic.APIStatusError) -> float | None:

@@ -7,6 +7,7 @@ pruner rests, so that it deletes at most `retention.busy_share` of the time: pro
 apply keep the machine. Jobs go oldest first per status (each status has its retention), on the partial
 index jobs_finished; a batch goes once no job refers to it; the ledger and hour rollups go
 after `retention.ledger_s`. What was counted stays counted: the rollups (rollups.py) outlive the rows.
+With the history go the rows of daemons that died (batchd.instances) a day after their last heartbeat.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TypeAlias
 import asyncpg
 import structlog
 
+from . import instances
 from .aio import run_loop
 from .config import RetentionSettings
 from .context import Context
@@ -58,6 +60,11 @@ async def prune_history(db: Executor, retention: RetentionSettings) -> dict[str,
             for kind in ("costs", "hourly_rollups")
         )
     return {kind: await _drain(delete_chunk, chunk, share) for kind, delete_chunk in work}
+
+
+async def prune_instances(db: Executor, chunk: int, older_than_s: float = instances.RETENTION_S) -> int:
+    """Deletes the rows of daemons without a heartbeat for `older_than_s` (they died); returns how many."""
+    return await _drain(lambda: _deleted(db, "prune_instances", older_than_s, chunk), chunk, busy_share=1.0)
 
 
 async def _deleted(db: Executor, query: str, *args: object) -> int:
@@ -99,6 +106,7 @@ async def run(ctx: Context) -> None:
 
     async def prune_old_history() -> None:
         counts = await prune_history(ctx.pool, retention)
+        counts["instances"] = await prune_instances(ctx.pool, retention.chunk)
         if any(counts.values()):
             log.info("history.pruned", **{kind: n for kind, n in counts.items() if n})
 

@@ -1,7 +1,8 @@
-"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up; both without a
-token, so they reveal nothing but that), the tenant-scoped API under `/v1/` (jobs, the dashboard's
-overview, the SSE stream of sse.py), `/metrics` (Prometheus, admin token only: it names every tenant) and
-the dashboard itself at `/` (static files from batchd/dashboard/).
+"""batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up, and the API
+taking the key; both without a token, so they reveal nothing but that and the API's URL), the
+tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py), `/metrics`
+(Prometheus, admin token only: it names every tenant) and the dashboard itself at `/` (static files from
+batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -36,6 +37,7 @@ from .tenants import Principal, authenticate
 
 log = structlog.get_logger("batchd.server")
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
+API_PROBLEM: web.AppKey[Callable[[], str | None]] = web.AppKey("api_problem")
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool")
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token")
 SECURE_COOKIE: web.AppKey[bool | None] = web.AppKey("secure_cookie")
@@ -124,7 +126,9 @@ async def healthz(_request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready, or which dependency is not. Anyone may ask (load balancers and health checks send no token),
     so the answer names the dependency and nothing of it: the driver's error would show the database's
-    host, port, role or database name. That goes to the log."""
+    host, port, role or database name. That goes to the log. The API is named by its URL, which is no
+    secret (the key never is), with the reason: the key refused (401 or 403), unreachable, not checked
+    yet (health.py): a daemon that may send nothing is not ready."""
     problems = []
     try:
         await request.app[POOL].fetchval(sql("db_now"), timeout=2)
@@ -133,6 +137,9 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("database: unavailable")
     if not request.app[READY_CHECK]():
         problems.append("listener: not connected")
+    api = request.app[API_PROBLEM]()
+    if api is not None:
+        problems.append(api)
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
@@ -233,10 +240,12 @@ def create_app(
     metrics: Metrics | None = None,
     readings: Readings | None = None,
     session_max_age_s: int = HttpSettings().session_max_age_s,
+    api_problem: Callable[[], str | None] = lambda: None,
 ) -> web.Application:
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
     app[READY_CHECK] = ready
+    app[API_PROBLEM] = api_problem
     app[ADMIN_TOKEN] = admin_token
     app[SECURE_COOKIE] = secure_cookie
     app[SESSION_MAX_AGE_S] = session_max_age_s

@@ -177,12 +177,77 @@ def render_finished(report: Report) -> list[str]:
     ]
 
 
+# -- the daemons (batchd.instances) --------------------------------------------------------------------------
+
+# A daemon heartbeats every `heartbeat_s` (its row says how often): one silent for this many intervals died,
+# or is stuck; its leases lapse to the others meanwhile.
+SILENT_AFTER_HEARTBEATS = 3
+_API_TROUBLE = {
+    "refused": "THE API KEY IS REFUSED",
+    "unreachable": "THE API IS UNREACHABLE",
+}
+
+
+async def collect_daemons(connection: Connection, report: Report) -> None:
+    """Each daemon running on this database (its row in batchd.instances), with the leases it holds now."""
+    daemons = []
+    for row in await connection.fetch(sql("status_daemons")):
+        daemon = dict(row)
+        daemon["heartbeat_age_s"] = round(max(0.0, row["heartbeat_age_s"]), 1)
+        daemon["silent"] = row["heartbeat_age_s"] > SILENT_AFTER_HEARTBEATS * row["heartbeat_s"]
+        daemons.append(daemon)
+    report["daemons"] = daemons
+
+
+def render_daemons(report: Report) -> list[str]:
+    """The daemons block of `batchd status`: who runs where, since when, alive or silent, the leases each
+    holds, and the API as each last found it, a refused key said in capitals."""
+    daemons: list[dict[str, Any]] = report["daemons"]
+    lines = ["Daemons:"]
+    if not daemons:
+        lines.append("  (none running)")
+    for daemon in daemons:
+        batches, sync = daemon["batches_leased"], daemon["sync_jobs_leased"]
+        since_heartbeat = age(daemon["heartbeat_age_s"])
+        who = f"on {daemon['host']} (pid {daemon['pid']}, batchd {daemon['version']})"
+        lines.append(f"  {daemon['instance_id']}  {who}")
+        heartbeat = f"last heartbeat {since_heartbeat} ago"
+        if daemon["silent"]:
+            heartbeat += " — SILENT: it died or is stuck; its leases pass to other daemons as they run out"
+        lines.append(f"      up since {daemon['started_at']:%Y-%m-%d %H:%M:%S %Z}, {heartbeat}")
+        lines.append(
+            f"      leases: {batches} batch{'es' if batches != 1 else ''}, "
+            f"{sync} sync job{'s' if sync != 1 else ''}"
+        )
+        lines.append(f"      {_api_line(daemon)}")
+    return lines
+
+
+def _api_line(daemon: dict[str, Any]) -> str:
+    state, url, checked = daemon["api_state"], daemon["api_url"], daemon["api_checked_at"]
+    when = "" if checked is None else f" (checked {checked:%Y-%m-%d %H:%M:%S %Z})"
+    if state == "ok":
+        return f"API {url}: ok{when}"
+    if state == "unchecked":
+        return f"API {url}: not checked yet (starting)"
+    trouble = _API_TROUBLE.get(state, state.upper())
+    fix = (
+        "fix the key (a key file named by [anthropic] api_key_file is read again at each check; a credential "
+        "or $ANTHROPIC_API_KEY needs a restart)"
+        if state == "refused"
+        else "check [anthropic] base_url and the network"
+    )
+    reason = str(daemon["api_reason"] or "").removeprefix("unreachable: ")
+    return f"API {url}: {trouble}: {reason}{when}; this daemon sends nothing meanwhile: {fix}"
+
+
 # The report's sections in the order they are shown: each one's collector and renderer.
 SECTIONS: list[tuple[Collector, Renderer]] = [
     (collect_jobs, render_jobs),
     (collect_budgets, render_budgets),
     (collect_batches, render_batches),
     (collect_finished, render_finished),
+    (collect_daemons, render_daemons),
 ]
 
 

@@ -127,8 +127,10 @@ async def _refused(
 
 def _refused_backoff(ctx: Context, attempts: int, status: int) -> float:
     daemon = ctx.settings.daemon
-    if status in (401, 403):
-        return daemon.retry_max_s  # a key or permission problem: an operator must act; do not hammer the API
+    if status == 403:
+        return daemon.retry_max_s  # a permission the key lacks: an operator must act; do not hammer the API
+    # A 401 marked the API refused (provider.py): the batch's next step waits until a check passes, then
+    # sends at once, rather than sit out a long delay after the key was fixed.
     return backoff_s(attempts, daemon.retry_min_s, daemon.retry_max_s)
 
 

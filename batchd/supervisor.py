@@ -5,8 +5,10 @@
     pending with no jobs left --> abandoned
 
 Which batches this process drives is decided by leases in the database: it takes those it owns, and those
-whose owner's lease ran out (a daemon that died), and renews its leases while it lives. Every step starts
-from what the database says, so a task can be cancelled at any await and started again anywhere.
+whose owner's lease ran out (a daemon that died), and renews its leases while it lives; each renewal is also
+the daemon's heartbeat in batchd.instances (instances.py). Every step starts from what the database says,
+so a task can be cancelled at any await and started again anywhere. A step that would call the API waits
+while the API is not usable (health.py: the key refused, the API unreachable), its batch left as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from uuid import UUID
 import anthropic
 import structlog
 
-from . import store
+from . import instances, store
 from .aio import run_loop
 from .context import Context
 from .poller import poll_until_ended
@@ -72,6 +74,7 @@ class Supervisor:
                 # At start, when a dead daemon's lease ran out, or when a batch's task ended early.
                 log.info("batch.leased", batch_id=str(row["id"]), status=row["status"])
             self.start(row["id"])
+        await instances.heartbeat(self.ctx)
 
     async def stop(self) -> None:
         """Cancel every batch task (each is safe to stop at any await) and hand the leases back."""
@@ -117,6 +120,10 @@ class Supervisor:
         batch = await store.get_batch(ctx.pool, batch_id)
         if batch is None or batch.status in FINAL_BATCH_STATUSES or batch.owner != ctx.instance_id:
             return False
+        if not ctx.provider.health.usable:
+            # Every step below calls the API. Looked at again when the API is ok, and every lease meanwhile.
+            await ctx.provider.health.wait_usable(ctx.stopping, ctx.settings.daemon.lease_s)
+            return not ctx.stopping.is_set()
         if batch.wait_s > 0 and batch.status == "pending":
             return not await ctx.sleep(batch.wait_s)
         if batch.status == "pending":

@@ -17,10 +17,11 @@ comes due when the next `auto` deadline comes within reach) it
    this process's lease before any call;
 4. calls the API, one task per job, and applies the outcome with the statement that applies batch results
    (results.apply_rows): the result, the cost ledger at the full price (`via` 'sync'), the tallies (totals
-   and budgets), and events. A refusal for a passing reason (429, 5xx, 529, 408, 409, a key problem, a lost
+   and budgets), and events. A refusal for a passing reason (429, 5xx, 529, 408, 409, a 403, a lost
    connection) queues the job again with attempts + 1 and a backoff (the API's retry-after when it gives
    one), until `[batching] max_attempts`; a refusal of the request itself (400, 404, 413, 422) fails it with
-   the API's message.
+   the API's message. A 401 is the key's fault, not the job's: the job goes back to the queue as it was,
+   and nothing is claimed until the key works again (health.py).
 
 On SIGTERM it stops claiming, lets the calls in flight finish for a few seconds, cancels the rest and hands
 their jobs back to the queue at once.
@@ -44,7 +45,7 @@ from . import budgets, store
 from .aio import run_loop
 from .config import API_MAX_BYTES
 from .context import Context
-from .provider import call_status, retry_after
+from .provider import api_message, call_status, retry_after
 from .results import apply_rows, plain_counts, row_fault, set_aside
 from .store import DB_ERRORS, sql
 from .templates import BODY_OVERHEAD, Prepared, prepare
@@ -58,6 +59,9 @@ ROUTE_CHUNK = 1_000
 # Statuses that say the request itself is wrong: sending it again would get the same answer.
 REQUEST_REFUSED = frozenset({400, 404, 413, 422})
 MAX_BACKOFF_S = 300.0
+# The key itself refused: the job is handed back untouched. A 403 stays a passing refusal that counts (a
+# permission the key lacks for this request: a model, say), and is not retried for MAX_BACKOFF_S.
+KEY_REFUSED_STATUS = 401
 MIN_LOOK_S = 0.05
 APPLY_ATTEMPTS = 5  # an outcome not recorded is a call paid for and made again: try hard to record it
 SyncRow = tuple[UUID, str, str | None, str | None, float | None]
@@ -118,7 +122,9 @@ class SyncSender:
             await pool.execute(sql("renew_sync_leases"), ctx.instance_id, lease_s)
         await self._route()
         free = ctx.settings.routing.concurrency - len(self.calls)
-        if free > 0:
+        # Nothing is claimed while the API refuses the key or does not answer (health.py): the change back
+        # to ok wakes the sender.
+        if free > 0 and ctx.provider.health.usable:
             # Budgets are checked as the flusher checks them before each flush: a tenant over budget is
             # held (claim_sync leaves its jobs queued) or its jobs failed, whichever path they take.
             await budgets.check(pool, self.budget_clock())
@@ -199,6 +205,10 @@ class SyncSender:
         try:
             message = await self.ctx.provider.create_message(json.loads(prepared.params))
         except anthropic.APIStatusError as error:
+            if error.status_code == KEY_REFUSED_STATUS:
+                self.sent += 1
+                await self._hand_back(prepared.job_id, error)
+                return
             row = self._refused(prepared.job_id, error, attempts)
         except anthropic.APIConnectionError as error:  # APITimeoutError too
             # Unanswered: the API may have done the work, and will be asked again (no idempotency key).
@@ -221,6 +231,17 @@ class SyncSender:
             bound.warning("job.failed", path="sync", reason=reason, seconds=seconds)
         else:
             bound.warning("sync.retrying", error=reason, retry_in_s=retry_in_s, attempts=attempts + 1)
+
+    async def _hand_back(self, job_id: UUID, error: anthropic.APIStatusError) -> None:
+        """A 401: the key, not the job. The job is queued again as it was, no attempt counted; the API is
+        marked refused (provider.py), so nothing is claimed until a check passes again. Left `sending` if the
+        database cannot be reached: taken back after its lease, like any."""
+        try:
+            await self.ctx.pool.execute(sql("release_sync_job"), job_id, self.ctx.instance_id)
+        except DB_ERRORS as failure:
+            log.warning("sync.release_failed", error=str(failure))
+            return
+        log.info("sync.handed_back", job_id=str(job_id), reason=f"{error.status_code}: {api_message(error)}")
 
     def _refused(self, job_id: UUID, error: anthropic.APIStatusError, attempts: int) -> SyncRow:
         kind, message = _provider_error(error)

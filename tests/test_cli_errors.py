@@ -6,6 +6,7 @@ lacks, 69 unavailable, 141 a reader that left)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import uuid
@@ -16,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from support import BATCHD, run_batchd, write_config
+
+from batchd import __version__, migrate
 
 EX_CONFIG = 78
 EX_NOPERM = 77
@@ -191,6 +194,93 @@ async def test_an_applied_migration_that_was_edited_is_one_line_exit_78(
     assert "migration 0002_" in line
     assert "was changed after it was applied" in line
     assert "restore the file as it was" in line
+
+
+# -- a database a newer batchd migrated ----------------------------------------------------------------------
+
+
+async def migrated_by_a_newer_batchd(url: str) -> str:
+    """Migrates the database, then records one migration more, as a newer batchd would have; returns its
+    name as batchd shows it."""
+    connection = await asyncpg.connect(url)
+    try:
+        await migrate.migrate(connection)
+        newest = migrate.shipped_migrations()[-1].version
+        await connection.execute(
+            "INSERT INTO batchd.migrations (version, name, checksum) VALUES ($1, 'from_the_future', 'x')",
+            newest + 1,
+        )
+    finally:
+        await connection.close()
+    return f"{newest + 1:04d}_from_the_future"
+
+
+async def test_a_database_a_newer_batchd_migrated_is_refused_by_run_migrate_and_status_exit_78(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    theirs = await migrated_by_a_newer_batchd(blank_database_url)
+    last = migrate.shipped_migrations()[-1]
+    ours = f"{last.version:04d}_{last.name}"
+    config = write_config(tmp_path / "batchd.toml", with_user(blank_database_url, "postgres"))
+    commands = (["run", *QUIET], ["migrate"], ["status"], ["tenant", "list"])
+    results = await asyncio.gather(
+        *(run_batchd(*command, "--config", str(config), cwd=tmp_path, env=API_KEY) for command in commands)
+    )
+    for command, (code, out, err) in zip(commands, results, strict=True):
+        line = only_line(err)
+        assert (code, out) == (EX_CONFIG, ""), (command, err)
+        assert line.startswith(f"batchd: {with_user(blank_database_url, 'postgres', '***')}: "), line
+        assert "the database is ahead of this batchd" in line, line  # `migrate` too: not "up to date"
+        assert f"its newest migration is {theirs}, this batchd's ({__version__}) is {ours}" in line, line
+        assert "upgrade batchd" in line, line
+    connection = await asyncpg.connect(blank_database_url)
+    try:
+        assert await connection.fetchval("SELECT max(version) FROM batchd.migrations") == last.version + 1
+    finally:
+        await connection.close()
+
+
+# -- how far `batchd run` got --------------------------------------------------------------------------------
+
+
+def start_and_failure(err: str) -> tuple[list[dict[str, object]], str]:
+    """`batchd run`'s stderr at info: its log (JSON lines, stderr not being a terminal), then one failure
+    line, the last."""
+    assert "Traceback" not in err, err
+    assert SECRET not in err, err
+    *logged, last = err.splitlines()
+    assert last.startswith("batchd: "), err
+    return [json.loads(line) for line in logged], last
+
+
+async def test_run_at_info_logs_what_it_is_starting_with_before_its_one_failure_line(
+    blank_database_url: str, tmp_path: Path
+) -> None:
+    down_url = f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/postgres"
+    await migrated_by_a_newer_batchd(blank_database_url)
+    down = write_config(tmp_path / "down.toml", down_url)
+    ahead = write_config(tmp_path / "ahead.toml", with_user(blank_database_url, "postgres"))
+    (down_code, _, down_err), (ahead_code, _, ahead_err) = await asyncio.gather(
+        run_batchd("run", "--config", str(down), cwd=tmp_path, env=API_KEY),
+        run_batchd("run", "--config", str(ahead), cwd=tmp_path, env=API_KEY),
+    )
+
+    logged, last = start_and_failure(down_err)
+    assert down_code == EX_UNAVAILABLE, down_err
+    assert [entry["event"] for entry in logged] == ["daemon.starting", "daemon.stopped"]
+    starting = logged[0]
+    assert starting["level"] == "info"
+    assert starting["config"] == str(down)
+    assert starting["database"] == f"postgresql://postgres:***@127.0.0.1:{urlsplit(down_url).port}/postgres"
+    assert starting["api"] == "http://127.0.0.1:1"
+    assert starting["http"] == "127.0.0.1:0"
+    assert (starting["version"], str(starting["instance_id"])[:7]) == (__version__, "batchd-")
+    assert "cannot connect to postgresql://postgres:***@127.0.0.1:" in last
+
+    logged, last = start_and_failure(ahead_err)
+    assert ahead_code == EX_CONFIG, ahead_err
+    assert [entry["event"] for entry in logged] == ["daemon.starting", "daemon.stopped"]
+    assert "the database is ahead of this batchd" in last
 
 
 # -- a reader that stops reading -----------------------------------------------------------------------------

@@ -182,8 +182,8 @@ async def test_injected_api_faults_show_as_errors_with_their_status(
     assert got.value("batchd_api_calls_total", endpoint="create", status="500") == 1
     assert got.value("batchd_api_calls_total", endpoint="retrieve", status="503") == 2
     # The 500 may have made a batch (a gateway's 500 can come after the work): batchd listed the provider's
-    # batches before sending again.
-    assert (got.value("batchd_api_calls_total", endpoint="list", status="200") or 0) >= 1
+    # batches before sending again (besides the list of one that checks the key at start).
+    assert (got.value("batchd_api_calls_total", endpoint="list", status="200") or 0) >= 2
     assert (
         got.value("batchd_api_calls_total", endpoint="create", status="200")
         == stats["statuses"]["create 200"]

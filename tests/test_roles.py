@@ -432,6 +432,15 @@ REFUSED = [
     "INSERT INTO batchd.tallies (tenant_id, status, jobs, cost_usd) VALUES ('acme', 'succeeded', 1, 1e9)",
     "DELETE FROM batchd.rollups",
     "INSERT INTO batchd.events (type) VALUES ('job.succeeded')",
+    # The daemons' rows say who runs where and whether the API takes the key: not a producer's to read, nor
+    # to forge (a fake live daemon would hide a dead one from the operator).
+    "SELECT 1 FROM batchd.instances",
+    (
+        "INSERT INTO batchd.instances (instance_id, host, pid, version, started_at, heartbeat_s, api_url,"
+        " api_state) VALUES ('batchd-fake', 'h', 1, '0', now(), 20, 'https://api.anthropic.com', 'ok')"
+    ),
+    "UPDATE batchd.instances SET heartbeat_at = now()",
+    "DELETE FROM batchd.instances",
     "INSERT INTO batchd.tenants (name) VALUES ('mine')",
     "UPDATE batchd.wakeup SET armed = true",
     "UPDATE batchd.jobs SET tenant_id = tenant_id WHERE id = $1",
@@ -547,6 +556,25 @@ async def test_with_row_level_security_a_tenant_producer_sees_and_touches_only_i
             await connection.close()
 
 
+DEAD_DAEMON = (
+    "INSERT INTO batchd.instances (instance_id, host, pid, version, started_at, heartbeat_at, heartbeat_s,"
+    " api_url, api_state) VALUES ('batchd-dead', 'h', 1, '0', now(), now() - interval '2 days', 20,"
+    " 'https://api.anthropic.com', 'ok')"
+)
+
+
+async def pruned_as_the_daemon(db: asyncpg.Connection, daemon_db: asyncpg.Connection) -> None:
+    events = await db.fetchval("SELECT count(*) FROM batchd.events")
+    assert await pruner.prune_events(daemon_db, 1e-6, 1000) == events, "the pruner's DELETE is allowed"
+    await db.execute(DEAD_DAEMON)
+    assert await pruner.prune_instances(daemon_db, 100) == 1, "and so is the dead daemons' prune"
+
+
+async def instance_rows(connection: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await connection.fetch("SELECT instance_id, api_state FROM batchd.instances")
+    return [(row["instance_id"], row["api_state"]) for row in rows]
+
+
 async def test_the_daemon_role_runs_the_daemon_for_every_tenant_under_row_level_security(
     deployment: Deployment,
     db: asyncpg.Connection,
@@ -570,6 +598,8 @@ async def test_the_daemon_role_runs_the_daemon_for_every_tenant_under_row_level_
         token = await tenants.add_tenant(daemon_db, "acme")
         jobs: dict[str, list[Any]] = {}
         async with Daemon(settings).running() as daemon, aiohttp.ClientSession() as http:
+            # Its own row, written as the daemon role (and deleted by it when it stops, below).
+            assert await instance_rows(daemon_db) == [(daemon.instance_id, "ok")]
             for tenant, producer in producers.items():
                 jobs[tenant] = await insert_raw(
                     producer, tenant, [f"{tenant} question {i}" for i in range(5)]
@@ -621,8 +651,8 @@ async def test_the_daemon_role_runs_the_daemon_for_every_tenant_under_row_level_
 
             await wait_until(settled)
 
-        events = await db.fetchval("SELECT count(*) FROM batchd.events")
-        assert await pruner.prune_events(daemon_db, 1e-6, 1000) == events, "the pruner's DELETE is allowed"
+        assert await instance_rows(db) == [], "it deleted its row"
+        await pruned_as_the_daemon(db, daemon_db)
     finally:
         for connection in (*producers.values(), daemon_db):
             await connection.close()

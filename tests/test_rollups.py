@@ -437,7 +437,8 @@ async def test_the_upgrade_to_0012_tallies_the_history_so_far(blank_database_url
             )
         await connection.execute(OLD_HISTORY)
         await connection.execute(OLD_LEDGER)
-        assert [m.version for m in await migrate.migrate(connection)] == [12]
+        later = [m.version for m in migrate.shipped_migrations() if m.version >= 12]
+        assert [m.version for m in await migrate.migrate(connection)] == later
         assert await connection.fetchval("SELECT count(*) FROM batchd.rollups") == 0, "the daemon folds"
         await assert_exact(connection)
         await rollups.fold(connection, 50)

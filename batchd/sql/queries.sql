@@ -1249,3 +1249,49 @@ DELETE FROM batchd.costs
 DELETE FROM batchd.rollups
  WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.rollups
                           WHERE span = 'hour' AND start < now() - make_interval(secs => $1) LIMIT $2));
+
+-- name: instance_heartbeat
+-- This daemon's row (batchd.instances): written at start, then with every renewal of its leases; put back
+-- whole if the pruner took it (a daemon paused for a day). The API's state is as it last found it.
+INSERT INTO batchd.instances AS i
+       (instance_id, host, pid, version, started_at, heartbeat_at, heartbeat_s,
+        api_url, api_state, api_checked_at, api_reason)
+VALUES ($1, $2, $3, $4, $5, now(), $6, $7, $8, $9, $10)
+    ON CONFLICT (instance_id) DO UPDATE
+   SET heartbeat_at = now(), heartbeat_s = EXCLUDED.heartbeat_s, api_url = EXCLUDED.api_url,
+       api_state = EXCLUDED.api_state, api_checked_at = EXCLUDED.api_checked_at,
+       api_reason = EXCLUDED.api_reason;
+
+-- name: instance_remove
+-- A daemon that stops takes its row with it.
+DELETE FROM batchd.instances WHERE instance_id = $1;
+
+-- name: prune_instances
+-- One bounded chunk of the rows of daemons without a heartbeat for $1 seconds: they died (a daemon that
+-- stops deletes its own).
+DELETE FROM batchd.instances
+ WHERE instance_id IN (SELECT instance_id FROM batchd.instances
+                        WHERE heartbeat_at < now() - make_interval(secs => $1)
+                        LIMIT $2
+                          FOR UPDATE SKIP LOCKED);
+
+-- name: status_daemons
+-- `batchd status`, its daemons: each instance's row, how long since its heartbeat (by the database's
+-- clock, which wrote it), and the leases it holds now: open batches it owns and jobs it is sending.
+SELECT i.instance_id, i.host, i.pid, i.version, i.started_at, i.heartbeat_at, i.heartbeat_s,
+       extract(epoch FROM now() - i.heartbeat_at)::float8 AS heartbeat_age_s,
+       i.api_url, i.api_state, i.api_checked_at, i.api_reason,
+       (SELECT count(*) FROM batchd.batches AS b
+         WHERE b.status IN ('pending', 'in_progress', 'ended') AND b.owner = i.instance_id
+           AND b.lease_until > now()) AS batches_leased,
+       (SELECT count(*) FROM batchd.jobs AS j
+         WHERE j.status = 'sending' AND j.sync_owner = i.instance_id
+           AND j.sync_lease_until > now()) AS sync_jobs_leased
+  FROM batchd.instances AS i
+ ORDER BY i.started_at, i.instance_id;
+
+-- name: release_sync_job
+-- A sync call refused for the API key (401): the job goes back to the queue as it was, no attempt counted
+-- (the key is the operator's to fix, not the job's fault), and is sent once the key works again.
+UPDATE batchd.jobs SET status = 'queued', sync_owner = NULL, sync_lease_until = NULL
+ WHERE id = $1 AND status = 'sending' AND sync_owner = $2;

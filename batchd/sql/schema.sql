@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0012): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0013): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -297,6 +297,24 @@ CREATE TABLE batchd.rollups (
     sync_cost_usd           numeric NOT NULL,
     unpriced                bigint NOT NULL,
     PRIMARY KEY (span, start, tenant_id, status, path, job_type, model)
+);
+
+-- The daemons running on this database, one row each (per start of `batchd run`: `instance_id` is the
+-- batches' `owner`), upserted at start and with every lease renewal (`heartbeat_at`, every `heartbeat_s`),
+-- with the API's state as the daemon last found it; deleted when the daemon stops, pruned a day after its
+-- last heartbeat when it died. [0013]
+CREATE TABLE batchd.instances (
+    instance_id     text PRIMARY KEY CHECK (length(instance_id) BETWEEN 1 AND 200),
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    version         text NOT NULL,
+    started_at      timestamptz NOT NULL,
+    heartbeat_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_s     double precision NOT NULL CHECK (heartbeat_s > 0),
+    api_url         text NOT NULL,
+    api_state       text NOT NULL CHECK (api_state IN ('unchecked', 'ok', 'refused', 'unreachable')),
+    api_checked_at  timestamptz,
+    api_reason      text
 );
 
 -- The one row of each singleton table.
