@@ -313,7 +313,9 @@ async def test_a_daemon_has_a_row_that_heartbeats_counts_its_leases_and_goes_whe
         await insert_raw(db, "acme", ["a question"])
 
         async def leasing() -> bool:
-            (daemon_row,) = await status.collect_daemons(db)
+            report: status.Report = {}
+            await status.collect_daemons(db, report)
+            (daemon_row,) = report["daemons"]
             return bool(daemon_row["batches_leased"] == 1)
 
         await wait_until(leasing, timeout=10)
