@@ -129,8 +129,10 @@ async def test_an_empty_database_shows_every_section(
         "Batches by status",
         "Open batches:",
         f"Jobs finished since {hour}:",
+        "Daemons:",
     ]
     assert "(no jobs)" in out
+    assert "(none running)" in out
     assert "(none)" in out
 
 
