@@ -260,7 +260,10 @@ def scratch_root() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any) -> str:
+async def run_status(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any
+) -> tuple[int, str, str]:
+    """Runs `argv` to its end (killed past `timeout`): its exit status, standard output and error."""
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, **kwargs
     )
@@ -270,8 +273,15 @@ async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert process.returncode == 0, f"{argv} exited {process.returncode}:\n{out.decode()}\n{err.decode()}"
-    return out.decode()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any) -> str:
+    """Runs `argv`, which must succeed; its standard output."""
+    code, out, err = await run_status(*argv, env=env, timeout=timeout, **kwargs)
+    assert code == 0, f"{argv} exited {code}:\n{out}\n{err}"
+    return out
 
 
 @asynccontextmanager
@@ -592,8 +602,27 @@ async def set_up(host: Host, emulator_url: str, superuser: str) -> None:
             "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'batchd'"
         ) == ("batchd_owner")
         assert await db.fetchval("SELECT array_agg(role_name) FROM batchd.daemon_roles") == ["batchd"]
+
+        # Run again without -v daemon (an upgrade's roles.sql, say), roles.sql keeps the daemon it recorded;
+        # when the record is ambiguous, it refuses rather than guess.
+        await psql_script(host, "roles.sql")
+        assert await db.fetchval("SELECT array_agg(role_name) FROM batchd.daemon_roles") == ["batchd"]
+        await db.execute("INSERT INTO batchd.daemon_roles VALUES ('batchd_daemon')")
+        code, _, err = await psql_script(host, "roles.sql", check=False)
+        assert code != 0
+        assert "names more than one role (batchd, batchd_daemon)" in err
+        await db.execute("DELETE FROM batchd.daemon_roles WHERE role_name = 'batchd_daemon'")
     finally:
         await db.close()
+
+
+async def psql_script(host: Host, script: str, *, check: bool = True) -> tuple[int, str, str]:
+    """The installed deploy/sql/SCRIPT, as the superuser, without variables."""
+    path = host.path(f"/opt/batchd/.venv/share/batchd/deploy/sql/{script}")
+    argv = ("psql", "-X", "-U", "postgres", "-d", "batchd", "-f", str(path))
+    code, out, err = await run_status(*argv, env=host.env, cwd=host.release)
+    assert code == 0 or not check, f"{script} exited {code}:\n{out}\n{err}"
+    return code, out, err
 
 
 async def read_the_stream(host: Host, stack: AsyncExitStack, token: str) -> str:
@@ -713,3 +742,6 @@ async def test_the_guides_steps_install_and_run_batchd_behind_nginx(tmp_path: Pa
 
         succeeded_id = await read_the_stream(host, stack, token)
         await through_nginx(host, tls, token, succeeded_id)
+
+        # rls.sql without -v daemon gives the recorded daemon, `batchd`, its policy.
+        assert "batchd sees every tenant" in (await psql_script(host, "rls.sql"))[1]
