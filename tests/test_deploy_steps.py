@@ -42,6 +42,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from sse_support import Collector
 from support import QUICK, log_tail, start_emulator, to_toml, unit_settings, wait_until
 
 import batchd
@@ -412,7 +413,9 @@ def nginx_program() -> str:
 
 def nginx_main_config(host: Host, prefix: Path) -> Path:
     """What Debian's /etc/nginx/nginx.conf gives the snippet (an http block that includes sites-enabled,
-    gzip on), with a pid, logs and temporary files of the test's own; workers as nobody when root."""
+    gzip on), with a pid, logs and temporary files of the test's own; workers as nobody when root. nginx
+    ignores batchd's `X-Accel-Buffering: no` here, so that what keeps the stream unbuffered is the snippet's
+    own proxy_buffering."""
     workers = "user nobody nogroup;" if os.geteuid() == 0 else ""
     temporary = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
@@ -431,6 +434,7 @@ http {{
     access_log {prefix / "access.log"};
 {temporary}
     gzip on;
+    proxy_ignore_headers X-Accel-Buffering;
     include {host.path("/etc/nginx/sites-enabled")}/*;
 }}
 """)
@@ -478,11 +482,11 @@ async def nginx_running(
             assert process.returncode is None, f"nginx exited {process.returncode}"
             try:
                 async with (
-                    aiohttp.ClientSession() as session,
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
                     session.get(f"{url}/readyz", ssl=tls, server_hostname=SERVER_NAME) as response,
                 ):
                     return response.status == 200
-            except aiohttp.ClientConnectionError:
+            except (aiohttp.ClientConnectionError, TimeoutError):
                 return False
 
         await wait_until(answers, timeout=30, interval=0.05)
@@ -625,10 +629,11 @@ async def psql_script(host: Host, script: str, *, check: bool = True) -> tuple[i
     return code, out, err
 
 
-async def read_the_stream(host: Host, stack: AsyncExitStack, token: str) -> str:
-    """Step 9: the guide's curl on a tenant's stream through nginx (its name and port are the test's nginx:
-    curl's connect-to, from a .curlrc), the producer's job, and its completion arriving while the response
-    is still open (nginx passed it on, rather than wait for the end). The succeeded event's id."""
+async def read_the_stream(host: Host, stack: AsyncExitStack, tls: ssl.SSLContext, token: str) -> str:
+    """Step 9: a tenant's stream through nginx, read by the guide's curl (its name and port are the test's
+    nginx: curl's connect-to, from a .curlrc; it speaks HTTP/2 to this snippet) and by an HTTP/1.1 client
+    (where nginx, buffering, held the stream's very first bytes back); the producer's job; and its completion
+    reaching both while their responses are still open. The succeeded event's id."""
     curl_home = host.root / "curl"
     curl_home.mkdir()
     (curl_home / ".curlrc").write_text(f"connect-to = {SERVER_NAME}:443:127.0.0.1:{host.ports['https']}\n")
@@ -644,12 +649,29 @@ async def read_the_stream(host: Host, stack: AsyncExitStack, token: str) -> str:
     )
     stream = Stream(curl)
     stack.push_async_callback(stream.close)
+    session = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)))
+    try:
+        async with asyncio.timeout(30):
+            response = await stack.enter_async_context(
+                session.get(
+                    f"https://127.0.0.1:{host.ports['https']}/v1/events",
+                    headers={"Authorization": f"Bearer {token}"},
+                    ssl=tls,
+                    server_hostname=SERVER_NAME,
+                )
+            )
+    except TimeoutError:
+        pytest.fail("nginx sent an HTTP/1.1 stream's response no header within 30 s: it is buffering")
+    assert (response.status, response.version) == (200, aiohttp.HttpVersion11)
+    http11 = Collector(response)
+    stack.push_async_callback(http11.close)
 
     async def subscribed() -> bool:
         assert curl.returncode is None, f"curl exited {curl.returncode}"
         return any(message.retry is not None for message in stream.messages)
 
     await wait_until(subscribed, timeout=30)
+    await http11.until(lambda collector: any(message.retry is not None for message in collector.messages))
     out = await host.step("check-job")
     (job_id,) = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", out)
 
@@ -658,6 +680,12 @@ async def read_the_stream(host: Host, stack: AsyncExitStack, token: str) -> str:
         return any(event["job_id"] == job_id for event in stream.events("job.succeeded"))
 
     await wait_until(succeeded, timeout=60)
+    await http11.until(
+        lambda collector: any(
+            message.event == "job.succeeded" and json.loads(message.data)["job_id"] == job_id
+            for message in collector.events
+        )
+    )
     assert [event["job_id"] for event in stream.events("job.submitted")] == [job_id]
     (event_id,) = [message.id for message in stream.messages if message.event == "job.succeeded"]
     assert event_id is not None
@@ -670,11 +698,14 @@ async def through_nginx(host: Host, tls: ssl.SSLContext, token: str, succeeded_i
     TLS: step 4's secure_cookie), and plain HTTP's redirect."""
     https = f"https://127.0.0.1:{host.ports['https']}"
     admin_token = host.path(f"/etc/batchd/{ADMIN_CREDENTIAL_NAME}").read_text().strip()
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(int(succeeded_id) - 1)}
-        async with session.get(
-            f"{https}/v1/events", headers=headers, ssl=tls, server_hostname=SERVER_NAME
-        ) as response:
+        async with (
+            asyncio.timeout(30),
+            session.get(
+                f"{https}/v1/events", headers=headers, ssl=tls, server_hostname=SERVER_NAME
+            ) as response,
+        ):
             assert response.status == 200
             resumed = await anext(
                 message async for message in messages(response.content.iter_any()) if message.is_event
@@ -740,7 +771,7 @@ async def test_the_guides_steps_install_and_run_batchd_behind_nginx(tmp_path: Pa
         out = await host.step("operator")
         (token,) = [line for line in out.splitlines() if line.startswith(TOKEN_PREFIX)]
 
-        succeeded_id = await read_the_stream(host, stack, token)
+        succeeded_id = await read_the_stream(host, stack, tls, token)
         await through_nginx(host, tls, token, succeeded_id)
 
         # rls.sql without -v daemon gives the recorded daemon, `batchd`, its policy.
