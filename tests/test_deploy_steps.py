@@ -46,7 +46,7 @@ from sse_support import Collector
 from support import QUICK, log_tail, start_emulator, to_toml, unit_settings, wait_until
 
 import batchd
-from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME, HttpSettings
+from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME, EventsSettings, HttpSettings
 from batchd.dev import embedded_pg
 from batchd.dev.sse_client import Message, messages
 from batchd.tenants import TOKEN_PREFIX
@@ -151,10 +151,11 @@ def test_every_step_of_the_guide_is_run_or_says_why_not() -> None:
     assert f"server {http.host}:{http.port};" in snippet
     edit = tomllib.loads(next(step.text for step in steps if step.name == "configure-edit"))
     assert not {"host", "port"} & set(edit.get("http", {}))
-    # The event streams' location is unbuffered and outlives the heartbeat.
+    # The event streams' location is unbuffered, and waits for a heartbeat far longer than one takes.
     events = snippet[snippet.index("location = /v1/events") :]
     assert "proxy_buffering off;" in events
-    assert "proxy_read_timeout 1h;" in events
+    (hours,) = re.findall(r"proxy_read_timeout (\d+)h;", events)
+    assert int(hours) * 3600 >= 10 * EventsSettings().heartbeat_s
 
 
 def moved(text: str, root: Path) -> str:
@@ -201,6 +202,7 @@ class Host:
     steps: dict[str, Step]
     ports: dict[str, int]
     env: dict[str, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
 
     @property
     def record(self) -> Path:
@@ -222,6 +224,7 @@ class Host:
         """The guide's step `name` as bash runs it: the stand-ins, then its commands, paths moved."""
         found = self.steps[name]
         assert found.language == "sh", name
+        self.ran.append(name)
         prelude = PRELUDE + (NOT_ROOT_PRELUDE if os.geteuid() != 0 else "")
         return prelude + moved(found.text, self.root)
 
@@ -330,6 +333,7 @@ def configure(host: Host, overrides: dict[str, dict[str, Any]]) -> None:
     """The guide's edit of /etc/batchd/batchd.toml (its TOML, paths moved), then the test's own."""
     path = host.path("/etc/batchd/batchd.toml")
     settings = tomllib.loads(path.read_text())
+    host.ran.append("configure-edit")
     for layer in (tomllib.loads(moved(host.steps["configure-edit"].text, host.root)), overrides):
         for section, keys in layer.items():
             settings[section] = {**settings.get(section, {}), **keys}
@@ -776,3 +780,4 @@ async def test_the_guides_steps_install_and_run_batchd_behind_nginx(tmp_path: Pa
 
         # rls.sql without -v daemon gives the recorded daemon, `batchd`, its policy.
         assert "batchd sees every tenant" in (await psql_script(host, "rls.sql"))[1]
+    assert host.ran == [name for name in STEPS if name not in NOT_RUN]
