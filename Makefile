@@ -26,7 +26,7 @@ OLDEST_VENV ?= .venv-oldest
 # name==version with the name normalized as PyPI does (lower case, - for _ and .), sorted: for comm.
 NORMALIZE := awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$2}' | sort
 
-.PHONY: test test-nodb test-latest test-oldest lock dist demo lint typecheck pytest postgres chromium systemd bench clean
+.PHONY: test test-nodb test-latest test-oldest lock dist demo lint typecheck pytest postgres chromium systemd nginx bench clean
 
 # The venv is built anew from the lock whenever the lock or the project's metadata changes, so nothing left
 # over from an earlier lock survives in it. The project itself goes in without its dependencies (the lock
@@ -51,7 +51,7 @@ $(TOOLS)/bin/uv:
 # The suite against the newest release of every dependency, in a throwaway venv: drift shows up here, on
 # purpose, before it reaches a fresh machine. Prints which packages differ from the lock; when it passes,
 # `make lock` takes them.
-test-latest: postgres chromium systemd
+test-latest: postgres chromium systemd nginx
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -66,7 +66,7 @@ test-latest: postgres chromium systemd
 # The suite against the lowest release of each direct dependency that pyproject.toml allows (their own
 # dependencies as new as those allow): the lower bounds are claims, and this checks them. Only pytest: the
 # oldest ruff and mypy allowed lint and type-check differently, which says nothing about batchd at run time.
-test-oldest: $(TOOLS)/bin/uv postgres chromium systemd
+test-oldest: $(TOOLS)/bin/uv postgres chromium systemd nginx
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra embedded --resolution lowest-direct \
@@ -92,7 +92,7 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 # The tests use $(DATABASE_URL) when it answers, else an embedded PostgreSQL in .batchd/pgdata.
-pytest: $(VENV)/.installed postgres chromium systemd
+pytest: $(VENV)/.installed postgres chromium systemd nginx
 	BATCHD_TEST_DATABASE_URL=$$($(BIN)/python -m batchd.dev.embedded_pg ensure --url $(DATABASE_URL)) \
 		$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
@@ -130,6 +130,24 @@ systemd:
 	echo "Installing Debian's systemd for systemd-analyze (tests/test_deploy.py)"; \
 	$$SUDO apt-get update && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
+
+# What tests/test_deploy_steps.py runs deploy/README.md's steps with: nginx (the shipped snippet, in front of
+# the daemon), curl and openssl (the guide's own commands) and Debian's python3-venv (the guide's first
+# step), from Debian's packages the same way; a no-op once installed.
+nginx:
+	@missing=; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then \
+		missing="$$missing python3-venv"; fi; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "missing:$$missing; installing them needs root (or sudo): run apt-get install$$missing as root" >&2; exit 1; fi; \
+	echo "Installing Debian's$$missing for tests/test_deploy_steps.py"; \
+	$$SUDO apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
 
 # The demo's configuration is development's (the emulator, the local server), never the shipped batchd.toml,
 # which is production's template and talks to the real API.

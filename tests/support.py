@@ -395,6 +395,17 @@ def log_events(log: Path) -> Counter[str]:
 
 # -- the units' sandbox, as far as a test can build it without systemd ---------------------------------------
 
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """A unit file's `Key=value` lines (comments and sections left out), every value of each key."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";", "[")):
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
 PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
 # Runs a command under the kernel's MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3+), which is what the
 # unit's MemoryDenyWriteExecute=yes asks systemd for: no writable-and-executable memory, no mapping made

@@ -18,7 +18,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import daemon_config, in_unit_sandbox, insert_raw, unit_sandbox_unavailable, wait_until, watched
+from support import (
+    daemon_config,
+    in_unit_sandbox,
+    insert_raw,
+    unit_sandbox_unavailable,
+    unit_settings,
+    wait_until,
+    watched,
+)
 
 from batchd import cli
 from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME
@@ -55,16 +63,6 @@ def exposure(analyze: str, unit: Path) -> float:
     assert result.returncode == 0, result.stderr
     (score,) = re.findall(rf"Overall exposure level for {re.escape(unit.name)}: ([\d.]+)", result.stdout)
     return float(score)
-
-
-def unit_settings(text: str) -> dict[str, list[str]]:
-    """A unit file's `Key=value` lines (comments and sections left out), every value of each key."""
-    settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not line.startswith(("#", ";", "[")):
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
 
 
 def test_the_daemon_unit_passes_systemd_analyze_verify_and_matches_batchd(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ SHARED = [
     "deploy/sql/roles.sql",
     "deploy/sql/rls.sql",
     "deploy/sql/tenant_producer.sql",
+    "deploy/nginx/batchd.conf",
 ]
 
 

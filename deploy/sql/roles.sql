@@ -6,7 +6,8 @@
 -- It is idempotent, all or nothing (one transaction), and converges batchd's objects to exactly the
 -- privileges below. Optional psql variables (-v name=value):
 --
---   owner, daemon, producer   the three roles' names (default batchd_owner, batchd_daemon, batchd_producer)
+--   owner, daemon, producer   the three roles' names (default batchd_owner, batchd_daemon, batchd_producer;
+--                             the daemon's, once a run has recorded it in batchd.daemon_roles, that one)
 --   owner_password, daemon_password, producer_password
 --                             set that role's password (or leave them unset and use `\password ROLE` in psql,
 --                             which never sends the password in clear; a -v value is visible in `ps`)
@@ -42,7 +43,22 @@
 \endif
 \if :{?daemon}
 \else
-    \set daemon batchd_daemon
+    -- The daemon the last run of roles.sql recorded (batchd.daemon_roles), so that a run without -v daemon
+    -- does not hand the daemon's place to another role; else the default.
+    SELECT to_regclass('batchd.daemon_roles') IS NOT NULL AS batchd_has_daemon_roles \gset
+    \if :batchd_has_daemon_roles
+        SELECT count(*) > 1 AS batchd_daemons_ambiguous FROM batchd.daemon_roles \gset
+        \if :batchd_daemons_ambiguous
+            DO $$ BEGIN
+                RAISE EXCEPTION 'batchd.daemon_roles names more than one role (%): '
+                                'say which runs batchd with -v daemon=NAME',
+                    (SELECT string_agg(role_name, ', ' ORDER BY role_name) FROM batchd.daemon_roles);
+            END $$;
+        \endif
+        SELECT coalesce(min(role_name), 'batchd_daemon') AS daemon FROM batchd.daemon_roles \gset
+    \else
+        \set daemon batchd_daemon
+    \endif
 \endif
 \if :{?producer}
 \else
