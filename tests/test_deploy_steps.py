@@ -141,6 +141,30 @@ def guide_steps() -> list[Step]:
     return steps
 
 
+def commands(script: str) -> list[str]:
+    """A shell script's commands: continued lines joined, `&&` lists split, comments and spacing dropped."""
+    joined = re.sub(r"\\\n\s*", " ", script)
+    lines = (line.split(" # ")[0] for line in joined.splitlines())
+    return [" ".join(part.split()) for line in lines for part in line.split(" && ") if part.strip()]
+
+
+def test_the_readmes_steps_are_the_guides() -> None:
+    """The README's "Run it for real" is the guide, shortened: each of its commands is one of the guide's,
+    in the guide's order, so the two cannot tell an operator different things."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run it for real") :]
+    (block,) = re.findall(r"```sh\n(.*?)\n```", section[: section.index("\n## ")], flags=re.DOTALL)
+    guide = [command for step in guide_steps() if step.language == "sh" for command in commands(step.text)]
+    ours = commands(block)
+    assert len(ours) >= 10
+    missing = [command for command in ours if command not in guide]
+    assert not missing, f"README commands that the guide does not run: {missing}"
+    at = 0
+    for command in ours:
+        assert command in guide[at:], f"the README runs {command!r} out of the guide's order"
+        at = guide.index(command, at) + 1
+
+
 def test_every_step_of_the_guide_is_run_or_says_why_not() -> None:
     steps = guide_steps()
     assert [step.name for step in steps] == STEPS
