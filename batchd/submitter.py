@@ -31,7 +31,7 @@ from anthropic.types.messages import MessageBatch
 
 from .backoff import backoff_s
 from .context import Context
-from .provider import retry_after
+from .provider import api_message, retry_after
 from .store import Batch, sql
 from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, job_id_from, new_tag
 
@@ -101,7 +101,7 @@ async def _refused(
     ctx: Context, batch: Batch, rows: list[asyncpg.Record], error: anthropic.APIStatusError
 ) -> None:
     bound = log.bind(batch_id=str(batch.id), status=error.status_code)
-    message = f"{error.status_code}: {_message(error)}"
+    message = f"{error.status_code}: {api_message(error)}"
     if error.status_code >= 500:
         # A gateway may answer 5xx after the work was done: treat it as unanswered, and reconcile, no sooner
         # than the provider asked (529 overloaded carries a retry-after).
@@ -132,15 +132,6 @@ def _refused_backoff(ctx: Context, attempts: int, status: int) -> float:
     # A 401 marked the API refused (provider.py): the batch's next step waits until a check passes, then
     # sends at once, rather than sit out a long delay after the key was fixed.
     return backoff_s(attempts, daemon.retry_min_s, daemon.retry_max_s)
-
-
-def _message(error: anthropic.APIStatusError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error")
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
-    return str(error.message)
 
 
 def _request_index(message: str) -> int | None:
