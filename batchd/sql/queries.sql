@@ -814,15 +814,7 @@ SELECT coalesce(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::bigint AS suc
 
 -- name: status_by_tenant
 -- Jobs per tenant and status: those in flight counted (jobs_live), finished ones from the rollups.
-SELECT tenant_id, status, sum(jobs)::bigint AS jobs
-  FROM (SELECT tenant_id, status, count(*) AS jobs
-          FROM batchd.jobs
-         WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
-         GROUP BY tenant_id, status
-        UNION ALL
-        SELECT tenant_id, status, jobs FROM batchd.totals_since(NULL, NULL)) AS counted
- GROUP BY tenant_id, status
- ORDER BY tenant_id, status;
+SELECT tenant_id, status, jobs FROM batchd.job_counts() ORDER BY tenant_id, status;
 
 -- name: open_batches
 SELECT id, provider_batch_id, status, request_count, request_counts, created_at, submitted_at, owner, last_error
@@ -857,14 +849,7 @@ INSERT INTO batchd.tokens (tenant_id, token_sha256) VALUES ($1, $2) RETURNING id
 -- (producers name tenants by writing jobs; those have no row), with its tokens and its jobs per status:
 -- those in flight counted on jobs_live, finished ones from the rollups, as `batchd status` counts them.
 WITH jobs AS (
-    SELECT tenant_id, status, sum(jobs)::bigint AS jobs
-      FROM (SELECT tenant_id, status, count(*) AS jobs
-              FROM batchd.jobs
-             WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
-             GROUP BY tenant_id, status
-            UNION ALL
-            SELECT tenant_id, status, jobs FROM batchd.totals_since(NULL, NULL)) AS counted
-     GROUP BY tenant_id, status
+    SELECT tenant_id, status, jobs FROM batchd.job_counts()
 ), tokens AS (
     SELECT tenant_id,
            count(*) FILTER (WHERE revoked_at IS NULL) AS active_tokens,
@@ -971,14 +956,8 @@ SELECT (SELECT count(*) FROM batchd.jobs WHERE status = 'queued') AS queued,
 -- What GET /metrics reports of the database, in one statement (so one snapshot): jobs per tenant and status
 -- (those in flight counted on jobs_live, which holds only them; finished ones from the rollups, for all
 -- time), batches per status, and the age of the job at the head of the queue (one row of jobs_queued).
-SELECT 'jobs' AS kind, tenant_id, status, count(*) AS n, NULL::float8 AS age_s
-  FROM batchd.jobs
- WHERE status IN ('queued', 'submitting', 'submitted', 'sending')
- GROUP BY tenant_id, status
-UNION ALL
-SELECT 'jobs', tenant_id, status, sum(jobs)::bigint, NULL
-  FROM batchd.totals_since(NULL, NULL)
- GROUP BY tenant_id, status
+SELECT 'jobs' AS kind, tenant_id, status, jobs AS n, NULL::float8 AS age_s
+  FROM batchd.job_counts()
 UNION ALL
 SELECT 'batches', NULL, status, count(*), NULL
   FROM batchd.batches

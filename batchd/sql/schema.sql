@@ -598,6 +598,22 @@ LANGUAGE sql STABLE AS $$
        AND (since IS NULL OR t.at >= (SELECT hour FROM bounds))
 $$;
 
+-- Jobs per tenant and status, for all time: those in flight counted on jobs_live (which holds only them),
+-- finished ones from the rollups and the tallies (batchd.totals_since): `batchd status`, `batchd tenant
+-- list` and /metrics count them so, at a cost that follows the work in flight, not the history. Inlined. [0013]
+CREATE FUNCTION batchd.job_counts()
+RETURNS TABLE (tenant_id text, status text, jobs bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT counted.tenant_id, counted.status, sum(counted.jobs)::bigint
+      FROM (SELECT j.tenant_id, j.status, count(*) AS jobs
+              FROM batchd.jobs AS j
+             WHERE j.status IN ('queued', 'submitting', 'submitted', 'sending')
+             GROUP BY j.tenant_id, j.status
+            UNION ALL
+            SELECT t.tenant_id, t.status, t.jobs FROM batchd.totals_since(NULL, NULL) AS t) AS counted
+     GROUP BY counted.tenant_id, counted.status
+$$;
+
 -- ---- triggers ---------------------------------------------------------------------------------------------
 
 -- INSERT on batchd.jobs, once per statement: refuses jobs past a tenant's max_queued, and notifies

@@ -28,3 +28,19 @@ CREATE TABLE batchd.instances (
     api_checked_at  timestamptz,
     api_reason      text
 );
+
+-- Jobs per tenant and status, for all time: those in flight counted on jobs_live (which holds only them),
+-- finished ones from the rollups and the tallies (batchd.totals_since): `batchd status`, `batchd tenant
+-- list` and /metrics count them so, at a cost that follows the work in flight, not the history. Inlined.
+CREATE FUNCTION batchd.job_counts()
+RETURNS TABLE (tenant_id text, status text, jobs bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT counted.tenant_id, counted.status, sum(counted.jobs)::bigint
+      FROM (SELECT j.tenant_id, j.status, count(*) AS jobs
+              FROM batchd.jobs AS j
+             WHERE j.status IN ('queued', 'submitting', 'submitted', 'sending')
+             GROUP BY j.tenant_id, j.status
+            UNION ALL
+            SELECT t.tenant_id, t.status, t.jobs FROM batchd.totals_since(NULL, NULL) AS t) AS counted
+     GROUP BY counted.tenant_id, counted.status
+$$;
