@@ -234,18 +234,31 @@ async def run_python(
     cwd: Path | None = None,
     stdin: bytes | None = None,
 ) -> tuple[int, str, str]:
-    """Runs `python ARGV` to the end and returns (exit status, stdout, stderr); `env` is the whole
-    environment when given. communicate() returns only once nothing holds the pipes, so a child that left a
-    server holding our stdout would hang here (as it would hang `$(...)` in a Makefile): it is killed when it
-    outlives `timeout`."""
+    """Runs `python ARGV` to the end and returns (exit status, stdout, stderr): run_command with this
+    interpreter."""
+    return await run_command(sys.executable, *argv, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+
+
+async def run_command(
+    *argv: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+    **spawn: Any,
+) -> tuple[int, str, str]:
+    """Runs `argv` to the end and returns (exit status, stdout, stderr); `env` is the whole environment when
+    given, `spawn` goes to create_subprocess_exec (user, group, ...). communicate() returns only once nothing
+    holds the pipes, so a child that left a server holding our stdout would hang here (as it would hang
+    `$(...)` in a Makefile): it is killed when it outlives `timeout`."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
         *argv,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
         cwd=cwd,
+        **spawn,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(stdin), timeout=timeout)
@@ -255,6 +268,20 @@ async def run_python(
             await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+# What a checkout accumulates locally, left out of the copies that tests build a release from.
+CHECKOUT_LOCAL = (
+    ".git",
+    ".venv*",
+    "__pycache__",
+    "build",
+    "dist",
+    "*.egg-info",
+    ".*_cache",
+    ".batchd",
+    "test-artifacts",
+)
 
 
 # -- the real daemon, as a process, stopped and killed ----------------------------------------------------

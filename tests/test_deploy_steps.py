@@ -43,7 +43,16 @@ import aiohttp
 import asyncpg
 import pytest
 from sse_support import Collector
-from support import QUICK, log_tail, start_emulator, to_toml, unit_settings, wait_until
+from support import (
+    CHECKOUT_LOCAL,
+    QUICK,
+    log_tail,
+    run_command,
+    start_emulator,
+    to_toml,
+    unit_settings,
+    wait_until,
+)
 
 import batchd
 from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME, EventsSettings, HttpSettings
@@ -90,18 +99,6 @@ MOVED = (
     "/run/postgresql",
 )
 SERVER_NAME = "batchd.example.com"
-# What a checkout accumulates locally, left out of the copy `make dist` runs in (as tests/test_wheel.py).
-LOCAL = (
-    ".git",
-    ".venv*",
-    "__pycache__",
-    "build",
-    "dist",
-    "*.egg-info",
-    ".*_cache",
-    ".batchd",
-    "test-artifacts",
-)
 # Stand-ins for the tools that cannot run here; each records its arguments.
 PRELUDE = r"""
 set -euo pipefail
@@ -288,26 +285,9 @@ def scratch_root() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_status(
-    *argv: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any
-) -> tuple[int, str, str]:
-    """Runs `argv` to its end (killed past `timeout`): its exit status, standard output and error."""
-    process = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, **kwargs
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60, **kwargs: Any) -> str:
     """Runs `argv`, which must succeed; its standard output."""
-    code, out, err = await run_status(*argv, env=env, timeout=timeout, **kwargs)
+    code, out, err = await run_command(*argv, env=env, timeout=timeout, **kwargs)
     assert code == 0, f"{argv} exited {code}:\n{out}\n{err}"
     return out
 
@@ -594,7 +574,7 @@ async def install(host: Host, build: Path) -> None:
     assert apt.split()[:2] == ["apt", "install"]
     assert set(apt.split()[2:]) == {"python3-venv", "postgresql", "nginx"}
 
-    shutil.copytree(ROOT, build, ignore=shutil.ignore_patterns(*LOCAL))
+    shutil.copytree(ROOT, build, ignore=shutil.ignore_patterns(*CHECKOUT_LOCAL))
     await host.step("dist", cwd=build)
     (wheel,) = (build / "dist").glob(f"batchd-{batchd.__version__}-py3-none-any.whl")
     shutil.copy(wheel, host.release)
@@ -652,7 +632,7 @@ async def psql_script(host: Host, script: str, *, check: bool = True) -> tuple[i
     """The installed deploy/sql/SCRIPT, as the superuser, without variables."""
     path = host.path(f"/opt/batchd/.venv/share/batchd/deploy/sql/{script}")
     argv = ("psql", "-X", "-U", "postgres", "-d", "batchd", "-f", str(path))
-    code, out, err = await run_status(*argv, env=host.env, cwd=host.release)
+    code, out, err = await run_command(*argv, env=host.env, cwd=host.release)
     assert code == 0 or not check, f"{script} exited {code}:\n{out}\n{err}"
     return code, out, err
 

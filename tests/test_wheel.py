@@ -20,25 +20,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from support import daemon_config, daemon_process, raw_request, running_emulator, wait_until
+from support import CHECKOUT_LOCAL, daemon_config, daemon_process, raw_request, running_emulator, wait_until
 
 import batchd
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-# Left out of the copy the build starts from: what a checkout accumulates locally.
-LOCAL = (
-    ".git",
-    ".venv*",
-    "__pycache__",
-    "build",
-    "dist",
-    "*.egg-info",
-    ".*_cache",
-    ".batchd",
-    "test-artifacts",
-)
 # What the package cannot run without, beside its modules.
 PACKAGE_DATA = [
     "batchd/py.typed",
@@ -74,7 +62,7 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sdist and the wheel, built the way `python -m build` does by default: the wheel from the sdist."""
     work = tmp_path_factory.mktemp("build")
     source = work / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*CHECKOUT_LOCAL))
     out = work / "dist"
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source, cwd=work)
     return out
