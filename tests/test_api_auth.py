@@ -272,8 +272,9 @@ async def test_a_short_admin_token_in_the_environment_or_the_credential_stops_ba
         ({"CREDENTIALS_DIRECTORY": str(empty)}, credential + str(empty / ADMIN_CREDENTIAL_NAME), "shorter"),
         ({"CREDENTIALS_DIRECTORY": str(unreadable)}, credential, "cannot read"),
     ]
+    # Each process ends at its configuration; five at once on a loaded machine took over 30 s to import.
     runs = [
-        run_python("-m", "batchd", "run", "--config", str(config), env={**base, **env}, timeout=30)
+        run_python("-m", "batchd", "run", "--config", str(config), env={**base, **env}, timeout=90)
         for env, _, _ in cases
     ]
     for (code, _, err), (env, names, problem) in zip(await asyncio.gather(*runs), cases, strict=True):
