@@ -13,8 +13,10 @@ instruments the parts update; this module, what is read from the database).
 - The money (`billed_totals`), one query over the rollups: what `batchd report` shows for all time per
   tenant and model (jobs, tokens, cost, saved), and the prompt cache per job type. Database-wide too.
   Both metrics readings follow `[http] metrics_interval_s` and `metrics_timeout_s`.
-- The dashboard's overview (`overview_*`), five queries in one REPEATABLE READ snapshot, read for every
-  tenant at once (the admin's view); each request then takes its principal's share of it (`Overview.view`).
+- The dashboard's overview (`overview_*` and `tenant_budgets`), six queries in one REPEATABLE READ
+  snapshot, read for every tenant at once (the admin's view); each request then takes its principal's share
+  of it (`Overview.view`). Every one reads the work in flight or the rollups (budgets: this month's day
+  rows of the tenants with a budget), never the history.
   `[http] overview_interval_s` and `overview_timeout_s`.
 
 Tenants are a label of `batchd_jobs`: one series per tenant and status. Past `MAX_TENANTS` tenants, the
@@ -146,6 +148,7 @@ class View:
     queued: list[dict[str, Any]] = field(default_factory=list)
     open_batches: list[dict[str, Any]] = field(default_factory=list)
     totals: list[dict[str, Any]] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,27 @@ async def _read_overview(connection: Connection) -> Overview:
     batches = await connection.fetch(sql("overview_batches"))
     totals = await connection.fetch(sql("overview_totals"))
     unpublished = await connection.fetch(sql("overview_unpublished"))
-    return _overview(heads, queued, batches, _less(totals, unpublished))
+    budgets = await connection.fetch(sql("tenant_budgets"))
+    return _overview(heads, queued, batches, _less(totals, unpublished), [_budget(row) for row in budgets])
+
+
+def _budget(row: asyncpg.Record) -> dict[str, Any]:
+    """A tenant's budgets as JSON numbers (null: no such budget) and why and since when it is held."""
+
+    def usd(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    return {
+        "tenant_id": row["tenant_id"],
+        "day_usd": usd(row["budget_day_usd"]),
+        "month_usd": usd(row["budget_month_usd"]),
+        "spent_day_usd": float(row["spent_day_usd"]),
+        "spent_month_usd": float(row["spent_month_usd"]),
+        "over_budget": row["over_budget"],
+        "held": row["hold_reason"] is not None,
+        "hold_reason": row["hold_reason"],
+        "held_since": row["held_since"],
+    }
 
 
 def _overview(
@@ -250,6 +273,7 @@ def _overview(
     queued: Iterable[asyncpg.Record],
     batches: Iterable[asyncpg.Record],
     totals: list[dict[str, Any]],
+    budgets: Iterable[dict[str, Any]],
 ) -> Overview:
     head = base = 0
     tenant_heads: dict[str, int] = {}
@@ -284,6 +308,9 @@ def _overview(
     for totals_row in totals:
         admin.totals.append(totals_row)
         tenant(totals_row["tenant_id"]).totals.append(totals_row)
+    for budget in budgets:
+        admin.budgets.append(budget)
+        tenant(budget["tenant_id"]).budgets.append(budget)
     return Overview(admin, tenants, tenant_heads, base)
 
 

@@ -186,6 +186,7 @@ async def overview(request: web.Request) -> web.Response:
         "queued": view.queued,
         "open_batches": view.open_batches,
         "totals": view.totals,
+        "budgets": view.budgets,
         "statuses": statuses.described(),  # the page's names for them: it keeps no list of its own
     }
     return web.json_response(body, dumps=_dumps)

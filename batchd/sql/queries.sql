@@ -936,6 +936,7 @@ SELECT tenant_id,
        sum(cache_read_tokens)::bigint AS cache_read_input_tokens,
        sum(cache_write_5m_tokens + cache_write_1h_tokens)::bigint AS cache_creation_input_tokens,
        sum(cost_usd)::float8 AS cost_usd,
+       sum(sync_cost_usd)::float8 AS sync_cost_usd,
        sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
   FROM batchd.totals_since(NULL, NULL)
  GROUP BY tenant_id
@@ -954,6 +955,7 @@ SELECT j.tenant_id,
        coalesce(sum(c.cache_read_tokens), 0)::bigint AS cache_read_input_tokens,
        coalesce(sum(c.cache_write_5m_tokens + c.cache_write_1h_tokens), 0)::bigint AS cache_creation_input_tokens,
        coalesce(sum(c.cost_usd), 0)::float8 AS cost_usd,
+       coalesce(sum(c.sync_cost_usd), 0)::float8 AS sync_cost_usd,
        coalesce(sum(c.sync_cost_usd - c.cost_usd), 0)::float8 AS saved_usd
   FROM (SELECT DISTINCT job_id FROM batchd.events WHERE seq IS NULL AND job_id IS NOT NULL) AS e
   JOIN batchd.jobs AS j ON j.id = e.job_id
@@ -1085,7 +1087,9 @@ RETURNING name, budget_day_usd, budget_month_usd, over_budget, hold_reason;
 SELECT pg_notify('batchd_jobs', '');
 
 -- name: tenant_budgets
--- `batchd status`: every tenant with a budget or held, with what it spent this UTC day and month.
+-- `batchd status` and the dashboard's overview: every tenant with a budget or held, with what it spent this
+-- UTC day and month (from batchd.spend: a rollup row per day of the month, on rollups_tenant, and the
+-- tallies not yet folded).
 SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason, t.held_since,
        s.spent_day_usd, s.spent_month_usd
   FROM batchd.tenants AS t
