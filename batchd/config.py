@@ -396,15 +396,15 @@ class HttpSettings(_Section):
         default=2.0,
         ge=0,
         description="`GET /v1/overview` reads the database at most once per this (for every tenant at once, "
-        "shared by every request meanwhile); 0: only requests that come while a reading is under way share "
-        "it",
+        "shared by every request meanwhile), and `GET /v1/series` once per window; 0: only requests that "
+        "come while a reading is under way share it",
     )
     overview_timeout_s: float = Field(
         default=5.0,
         gt=0,
         le=300,
-        description="the overview's reading is ended by the database after this (its statement timeout); the "
-        "overview then answers 503 until the next interval",
+        description="the overview's reading (and each of `GET /v1/series`) is ended by the database after "
+        "this (its statement timeout); the overview (or the series) then answers 503 until the next interval",
     )
     metrics_interval_s: float = Field(
         default=1.5,

@@ -13,8 +13,13 @@ instruments the parts update; this module, what is read from the database).
 - The money (`billed_totals`), one query over the rollups: what `batchd report` shows for all time per
   tenant and model (jobs, tokens, cost, saved), and the prompt cache per job type. Database-wide too.
   Both metrics readings follow `[http] metrics_interval_s` and `metrics_timeout_s`.
-- The dashboard's overview (`overview_*`), five queries in one REPEATABLE READ snapshot, read for every
-  tenant at once (the admin's view); each request then takes its principal's share of it (`Overview.view`).
+- The dashboard's overview (`overview_*` and `tenant_budgets`), six queries in one REPEATABLE READ
+  snapshot, read for every tenant at once (the admin's view); each request then takes its principal's share
+  of it (`Overview.view`). Every one reads the work in flight or the rollups (budgets: this month's day
+  rows of the tenants with a budget), never the history.
+- The charts' series (`series`), one reading per window (`WINDOWS`: the last hour and day by the hour rollups,
+  the last 30 days by the day rollups), for every tenant at once and split per principal (`Series.view`),
+  on the overview's interval and timeout.
   `[http] overview_interval_s` and `overview_timeout_s`.
 
 Tenants are a label of `batchd_jobs`: one series per tenant and status. Past `MAX_TENANTS` tenants, the
@@ -30,6 +35,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 import asyncpg
@@ -52,6 +58,21 @@ BACKSTOP_EXTRA_S = 1.0
 TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 PROMPT_KINDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
 MAX_TENANTS = 500
+# GET /v1/series?window=: how far back, and the rollups' span (their interval) it is read in.
+WINDOWS: dict[str, tuple[float, str]] = {
+    "1h": (3600.0, "hour"),
+    "1d": (86400.0, "hour"),
+    "30d": (30 * 86400.0, "day"),
+}
+SERIES_COUNTS = ("succeeded", "failed", "canceled", "batch_jobs", "sync_jobs")
+SERIES_SUMS = (
+    *SERIES_COUNTS,
+    "input_tokens",
+    "cache_write_tokens",
+    "cache_read_tokens",
+    "cost_usd",
+    "sync_cost_usd",
+)
 
 
 class Reading(Generic[T]):
@@ -146,6 +167,7 @@ class View:
     queued: list[dict[str, Any]] = field(default_factory=list)
     open_batches: list[dict[str, Any]] = field(default_factory=list)
     totals: list[dict[str, Any]] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,42 @@ class Overview:
         if tenant_id is None:
             return self.admin
         return self.tenants.get(tenant_id) or View(self.tenant_heads.get(tenant_id, self.tenant_base))
+
+
+@dataclass(frozen=True)
+class Series:
+    """One window's intervals (their starts, oldest first) and each tenant's sums in them."""
+
+    interval: str  # "hour" or "day"
+    starts: list[datetime]
+    tenants: dict[str, dict[datetime, dict[str, Any]]]  # tenant -> start -> SERIES_SUMS
+
+    def view(self, tenant_id: str | None) -> list[dict[str, Any]]:
+        """Every interval of the window, summed over every tenant (tenant_id None: the admin) or one
+        tenant's own, with what a chart shows of it."""
+        tenants = self.tenants.values() if tenant_id is None else [self.tenants.get(tenant_id, {})]
+        intervals = []
+        for start in self.starts:
+            sums: dict[str, Any] = dict.fromkeys(SERIES_SUMS, 0)
+            for rows in tenants:
+                if (row := rows.get(start)) is not None:
+                    for key in SERIES_SUMS:
+                        sums[key] += row[key]
+            sent = sums["batch_jobs"] + sums["sync_jobs"]
+            intervals.append(
+                {
+                    "start": start,
+                    **{key: sums[key] for key in SERIES_COUNTS},
+                    "cost_usd": sums["cost_usd"],
+                    "sync_cost_usd": sums["sync_cost_usd"],
+                    "saved_usd": sums["sync_cost_usd"] - sums["cost_usd"],
+                    "batch_share": sums["batch_jobs"] / sent if sent else None,
+                    "cache_hit_ratio": cache_hit_ratio(
+                        sums["input_tokens"], sums["cache_write_tokens"], sums["cache_read_tokens"]
+                    ),
+                }
+            )
+        return intervals
 
 
 class Readings:
@@ -202,6 +260,16 @@ class Readings:
             timeout_s=http.overview_timeout_s,
             isolation="repeatable_read",
         )
+        self._series = {
+            window: Reading(
+                f"series_{window}",
+                _series_reader(seconds, interval),
+                interval_s=http.overview_interval_s,
+                timeout_s=http.overview_timeout_s,
+                isolation="repeatable_read",
+            )
+            for window, (seconds, interval) in WINDOWS.items()
+        }
 
     @property
     def snapshot_queries(self) -> int:
@@ -227,6 +295,14 @@ class Readings:
         """The last overview, read anew when it is older than its interval; None when that reading failed."""
         return await self._overview.get(pool)
 
+    async def series(self, pool: asyncpg.Pool, window: str) -> Series | None:
+        """The last series of `window` (a key of WINDOWS), read anew when older than the overview's
+        interval; None when that reading failed."""
+        return await self._series[window].get(pool)
+
+    def series_queries(self, window: str) -> int:
+        return self._series[window].queries
+
 
 async def _read_snapshot(connection: Connection) -> Snapshot:
     return _snapshot(await connection.fetch(sql("metrics_snapshot")))
@@ -242,7 +318,38 @@ async def _read_overview(connection: Connection) -> Overview:
     batches = await connection.fetch(sql("overview_batches"))
     totals = await connection.fetch(sql("overview_totals"))
     unpublished = await connection.fetch(sql("overview_unpublished"))
-    return _overview(heads, queued, batches, _less(totals, unpublished))
+    budgets = await connection.fetch(sql("tenant_budgets"))
+    return _overview(heads, queued, batches, _less(totals, unpublished), [_budget(row) for row in budgets])
+
+
+def _series_reader(seconds: float, interval: str) -> Callable[[Connection], Awaitable[Series]]:
+    async def read(connection: Connection) -> Series:
+        starts = [row["start"] for row in await connection.fetch(sql("series_intervals"), interval, seconds)]
+        tenants: dict[str, dict[datetime, dict[str, Any]]] = {}
+        for row in await connection.fetch(sql("series"), interval, starts[0]):
+            tenants.setdefault(row["tenant_id"], {})[row["start"]] = {key: row[key] for key in SERIES_SUMS}
+        return Series(interval, starts, tenants)
+
+    return read
+
+
+def _budget(row: asyncpg.Record) -> dict[str, Any]:
+    """A tenant's budgets as JSON numbers (null: no such budget) and why and since when it is held."""
+
+    def usd(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    return {
+        "tenant_id": row["tenant_id"],
+        "day_usd": usd(row["budget_day_usd"]),
+        "month_usd": usd(row["budget_month_usd"]),
+        "spent_day_usd": float(row["spent_day_usd"]),
+        "spent_month_usd": float(row["spent_month_usd"]),
+        "over_budget": row["over_budget"],
+        "held": row["hold_reason"] is not None,
+        "hold_reason": row["hold_reason"],
+        "held_since": row["held_since"],
+    }
 
 
 def _overview(
@@ -250,6 +357,7 @@ def _overview(
     queued: Iterable[asyncpg.Record],
     batches: Iterable[asyncpg.Record],
     totals: list[dict[str, Any]],
+    budgets: Iterable[dict[str, Any]],
 ) -> Overview:
     head = base = 0
     tenant_heads: dict[str, int] = {}
@@ -284,6 +392,9 @@ def _overview(
     for totals_row in totals:
         admin.totals.append(totals_row)
         tenant(totals_row["tenant_id"]).totals.append(totals_row)
+    for budget in budgets:
+        admin.budgets.append(budget)
+        tenant(budget["tenant_id"]).budgets.append(budget)
     return Overview(admin, tenants, tenant_heads, base)
 
 

@@ -30,7 +30,7 @@ from . import statuses
 from .config import HttpSettings
 from .events import EventHub
 from .metrics import Metrics
-from .readings import Readings
+from .readings import WINDOWS, Readings
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
@@ -186,7 +186,33 @@ async def overview(request: web.Request) -> web.Response:
         "queued": view.queued,
         "open_batches": view.open_batches,
         "totals": view.totals,
+        "budgets": view.budgets,
         "statuses": statuses.described(),  # the page's names for them: it keeps no list of its own
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
+async def series(request: web.Request) -> web.Response:
+    """What the dashboard's charts draw: per interval of the window (`?window=1h|1d|30d`: hours for the
+    first two, UTC days for the last), the jobs finished by outcome and by path, spend and savings, the
+    share sent in batches and the prompt cache's hit ratio; the principal's own (every tenant's for the
+    admin). Read from the rollups only, shared as the overview's snapshot is (readings.py)."""
+    window = request.query.get("window", "1d")
+    if window not in WINDOWS:
+        return _error(400, f"window must be one of {', '.join(WINDOWS)}")
+    principal = request[PRINCIPAL]
+    readings = request.app[READINGS]
+    reading = await readings.series(request.app[POOL], window)
+    if reading is None:
+        response = _error(503, "the database could not be read; try again shortly")
+        response.headers["Retry-After"] = str(max(1, math.ceil(readings.overview_interval_s)))
+        return response
+    body = {
+        "tenant": principal.tenant_id,
+        "admin": principal.is_admin,
+        "window": window,
+        "interval": reading.interval,
+        "intervals": reading.view(principal.tenant_id),
     }
     return web.json_response(body, dumps=_dumps)
 
@@ -262,6 +288,7 @@ def create_app(
     # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.
     app.router.add_get("/v1/jobs/{job_id:[^/]+}", get_job)
     app.router.add_get("/v1/overview", overview)
+    app.router.add_get("/v1/series", series)
     app.router.add_get("/v1/session", who_am_i)
     app.router.add_post("/v1/session", start_session)
     app.router.add_delete("/v1/session", end_session)

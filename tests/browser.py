@@ -177,7 +177,10 @@ class Browser:
             await self.send(f"{domain}.enable")
         # --window-size counts headless Chromium's make-believe toolbars (the page got 1280x757): the page
         # itself is made the window's size, so screenshots show what a 1280x900 window's content would.
-        width, height = WINDOW_SIZE
+        await self.set_viewport(*WINDOW_SIZE)
+
+    async def set_viewport(self, width: int, height: int) -> None:
+        """Lays the page out as a window of that size would (media queries included)."""
         metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
         await self.send("Emulation.setDeviceMetricsOverride", **metrics)
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -225,6 +226,23 @@ async def insert_aged(db: Any, tenant: str, count: int, age_s: float) -> list[An
         age_s,
     )
     return [row["id"] for row in rows]
+
+
+# A known workload, as the statements that finish jobs tally it (the rollups' input): per tenant, jobs
+# succeeded and failed, tokens, and what they cost at batch prices and would have cost through the Messages
+# API. Nothing of it is in batchd.jobs: the overview must read it from the rollups.
+WORKLOAD_TALLY = """
+INSERT INTO batchd.tallies (tenant_id, status, path, model, jobs, billed, input_tokens, output_tokens,
+                            cost_usd, sync_cost_usd)
+VALUES ($1, 'succeeded', 'batch', 'm', $2, $2, $3, $4, $5, $6), ($1, 'failed', 'batch', '', $7, 0, 0, 0, 0, 0)
+"""
+
+
+async def add_workload(
+    db: Any, tenant: str, *, succeeded: int, failed: int, tokens: tuple[int, int], cost: str, sync: str
+) -> None:
+    """`tokens`: (input, output); `cost` and `sync`: USD, at batch prices and at the Messages API's."""
+    await db.execute(WORKLOAD_TALLY, tenant, succeeded, *tokens, Decimal(cost), Decimal(sync), failed)
 
 
 async def run_python(

@@ -9,15 +9,18 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import WINDOW_SIZE as WINDOW
 from browser import Browser, headless_chromium
 from support import (
     ADMIN_TOKEN,
     QUICK,
     EmulatorHandle,
+    add_workload,
     insert_aged,
     insert_raw,
     raw_request,
@@ -25,7 +28,7 @@ from support import (
     wait_until,
 )
 
-from batchd import statuses, tenants
+from batchd import budgets, statuses, tenants
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
@@ -162,11 +165,10 @@ async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
         # What the ledger says acme's jobs cost, and saved: half, at batch prices.
         cost = float(await db.fetchval("SELECT sum(cost_usd) FROM batchd.costs WHERE tenant_id = 'acme'"))
         await browser.wait_for(f"{card('cost')} > 0 && Math.abs({card('cost')} - {cost}) < 1e-12")
-        cost_sub = await browser.evaluate(
-            "document.querySelector('[data-testid=card-cost] .card-sub').textContent"
+        saved_sub = await browser.evaluate(
+            "document.querySelector('[data-testid=card-saved] .card-sub').textContent"
         )
-        assert "saved" in cost_sub
-        assert "50%" in cost_sub
+        assert saved_sub == "50% less than the Messages API"
         await browser.screenshot(ARTIFACTS / "dashboard-tenant.png")
 
         # A completion row opens the job with its result.
@@ -384,3 +386,112 @@ async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(
         assert await browser.evaluate(CONNECTION) == "signed-out"
         assert await browser.evaluate("document.getElementById('dashboard-view').hidden") is True
         await browser.screenshot(ARTIFACTS / "dashboard-signin.png")
+
+
+# Every element of the page outside the feed (which scrolls sideways on a phone, by design) whose content is
+# wider than its box, and the page itself if wider than the window; and every card showing a compact number
+# without the exact one in its title.
+OVERFLOWING = """(() => {
+  const feed = document.querySelector('[data-testid=feed]').closest('.table-wrap');
+  const name = (node) => node.tagName.toLowerCase() + (node.dataset.testid ? `[${node.dataset.testid}]` : '')
+    + (node.className && typeof node.className === 'string' ? `.${node.className.split(' ').join('.')}` : '')
+    + ` "${node.textContent.trim().slice(0, 40)}"`;
+  const found = [];
+  for (const node of document.querySelectorAll('body *')) {
+    if (!(node instanceof HTMLElement) || feed.contains(node) || !node.getClientRects().length) continue;
+    if (node.scrollWidth > node.clientWidth + 1 && getComputedStyle(node).display !== 'inline') {
+      found.push(`${name(node)}: ${node.scrollWidth} > ${node.clientWidth}`);
+    }
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth) found.push('page too wide');
+  for (const value of document.querySelectorAll('.card-value[data-exact]')) {
+    if (value.textContent !== value.dataset.exact && value.title !== value.dataset.exact) {
+      found.push(`${name(value)} is compact without its exact value in its title`);
+    }
+  }
+  return found;
+})()"""
+NARROW = (390, 844)
+
+
+def text_of(test_id: str) -> str:
+    return f"document.querySelector('[data-testid={test_id}]').textContent.replace(/\\s+/g, ' ').trim()"
+
+
+def card_text(name: str) -> str:
+    return f"document.querySelector('[data-testid=card-{name}] .card-value').textContent"
+
+
+async def assert_fits(browser: Browser, screenshot: str) -> None:
+    """Nothing overflows its box at 1280 px and at 390 px; a screenshot at each width."""
+    for width, height in (WINDOW, NARROW):
+        await browser.set_viewport(width, height)
+        await browser.wait_for(f"window.innerWidth === {width}")
+        await browser.evaluate(
+            "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+        )
+        assert await browser.evaluate(OVERFLOWING) == [], f"at {width} px"
+        await browser.screenshot(ARTIFACTS / f"{screenshot}-{width}.png")
+        await browser.evaluate("document.querySelector('[data-testid=table-money]').scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / f"{screenshot}-{width}-spend.png")
+        await browser.evaluate("window.scrollTo(0, 0)")
+    await browser.set_viewport(*WINDOW)
+
+
+async def test_money_and_budgets_per_tenant_exact_and_a_held_tenant_sees_why_its_jobs_wait(
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
+) -> None:
+    # A known history (the rollups' input) and budgets: acme spent $1,234.50 today, over its $100 a day, so
+    # it is held; globex spent $0.25 of its $50 a month.
+    await add_workload(
+        db, "acme", succeeded=123_456, failed=7, tokens=(9_876_543_210, 1_234_567), cost="1234.5", sync="2469"
+    )
+    await add_workload(db, "globex", succeeded=12, failed=0, tokens=(1_200, 340), cost="0.25", sync="0.5")
+    await budgets.set_budget(db, "acme", day=Decimal(100), month=Decimal(5000))
+    await budgets.set_budget(db, "globex", month=Decimal(50))
+    await budgets.check(db)
+    reason = "over its daily budget: 1234.5 USD spent of 100 USD today (UTC)"
+    async with serve() as (_, url):
+        await insert_raw(db, "acme", [f"acme {n}" for n in range(50)])  # held: they stay queued
+
+        async with dashboard() as browser:
+            await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+            await browser.wait_for(f"{CONNECTION} === 'live' && {card('queued')} === 50")
+            assert await browser.evaluate(card_text("succeeded")) == "123,468"
+            assert await browser.evaluate(card_text("failed")) == "7"
+            assert await browser.evaluate(card_text("cost")) == "$1,234.75"
+            assert await browser.evaluate(card_text("saved")) == "$1,234.75"
+            cost_sub = "document.querySelector('[data-testid=card-cost] .card-sub').textContent"
+            assert await browser.evaluate(cost_sub) == "Messages API price $2,469.50"
+            saved_sub = "document.querySelector('[data-testid=card-saved] .card-sub').textContent"
+            assert "50% less" in await browser.evaluate(saved_sub)
+            queued_sub = "document.querySelector('[data-testid=card-queued] .card-sub').textContent"
+            assert "1 tenant held" in await browser.evaluate(queued_sub)
+            acme, globex = await browser.evaluate(table_cells("table-money"))
+            # tenant, cost, Messages API, saved, today, this month, budget
+            assert acme[:4] == ["acme", "$1,234.50", "$2,469.00", "$1,234.50"]
+            assert acme[4:6] == ["$1,234.50 of $100.00", "$1,234.50 of $5,000.00"]
+            assert acme[6].startswith("Held since "), acme
+            assert acme[6].endswith(reason), acme
+            assert globex[:4] == ["globex", "$0.2500", "$0.5000", "$0.2500"]
+            assert globex[4:] == ["$0.2500 · no limit", "$0.2500 of $50.00", "Within budget"]
+            held = await browser.evaluate(text_of("held"))
+            assert held.startswith("acme is held since "), held
+            assert reason in held
+            await assert_fits(browser, "dashboard-money-admin")
+
+        async with dashboard() as browser:
+            await browser.navigate(f"{url}/#token={tokens['acme']}")
+            await browser.wait_for(f"{CONNECTION} === 'live' && {card('queued')} === 50")
+            assert await browser.evaluate(card_text("succeeded")) == "123,456"
+            assert await browser.evaluate(card("input-tokens")) == 9_876_543_210
+            assert await browser.evaluate(card_text("cost")) == "$1,234.50"
+            assert "held: over budget" in await browser.evaluate(queued_sub)
+            (own,) = await browser.evaluate(table_cells("table-money"))
+            assert own[:6] == acme[:6]
+            held = await browser.evaluate(text_of("held"))
+            assert held.startswith("Your jobs are held since "), held
+            assert reason in held
+            assert "Queued jobs wait (none is sent) until the budget allows again" in held
+            assert "globex" not in await browser.evaluate("document.body.innerHTML")
+            await assert_fits(browser, "dashboard-money-tenant")

@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
 
@@ -13,8 +15,17 @@ import aiohttp
 import asyncpg
 import pytest
 import structlog
-from support import ADMIN_TOKEN, QUICK, EmulatorHandle, insert_aged, wait_for_jobs, wait_until
+from support import (
+    ADMIN_TOKEN,
+    QUICK,
+    EmulatorHandle,
+    add_workload,
+    insert_aged,
+    wait_for_jobs,
+    wait_until,
+)
 
+from batchd import budgets
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 from batchd.tenants import add_tenant
@@ -372,3 +383,63 @@ async def test_an_asker_that_leaves_does_not_end_the_reading_the_others_await(
         assert status == 200, body
         assert body["tenant"] == "acme"
         assert daemon.readings.overview_queries == 1, "the reading went on for the one that stayed"
+
+
+async def test_each_tenant_sees_its_own_money_and_budget_and_the_admin_sees_every_tenants(
+    db: Any, tokens: dict[str, str], serve: Any
+) -> None:
+    await add_workload(
+        db, "acme", succeeded=123_456, failed=7, tokens=(9_876_543_210, 1_234_567), cost="1234.5", sync="2469"
+    )
+    await add_workload(db, "globex", succeeded=12, failed=0, tokens=(1_200, 340), cost="0.25", sync="0.5")
+    await budgets.set_budget(db, "acme", day=Decimal(100), month=Decimal(5000))
+    await budgets.set_budget(db, "globex", month=Decimal(50))
+    await budgets.check(db)  # acme spent 1,234.50 of 100 today: held; globex is under its month's budget
+    async with serve() as (_, url):
+        acme = await overview(url, tokens["acme"])
+        globex = await overview(url, tokens["globex"])
+        admin = await overview(url, ADMIN_TOKEN)
+
+    def money(body: dict[str, Any]) -> dict[str, tuple[int, float, float, float]]:
+        return {
+            row["tenant_id"]: (row["succeeded"], row["cost_usd"], row["sync_cost_usd"], row["saved_usd"])
+            for row in body["totals"]
+        }
+
+    assert money(acme) == {"acme": (123_456, 1234.5, 2469.0, 1234.5)}
+    assert money(globex) == {"globex": (12, 0.25, 0.5, 0.25)}
+    assert money(admin) == {**money(acme), **money(globex)}
+    assert acme["totals"][0]["failed"] == 7
+    assert acme["totals"][0]["input_tokens"] == 9_876_543_210
+
+    (held,) = acme["budgets"]
+    held_since = held.pop("held_since")
+    assert held == {
+        "tenant_id": "acme",
+        "day_usd": 100.0,
+        "month_usd": 5000.0,
+        "spent_day_usd": 1234.5,
+        "spent_month_usd": 1234.5,
+        "over_budget": "hold",
+        "held": True,
+        "hold_reason": "over its daily budget: 1234.5 USD spent of 100 USD today (UTC)",
+    }
+    since = await db.fetchval("SELECT held_since FROM batchd.tenants WHERE name = 'acme'")
+    assert datetime.fromisoformat(held_since) == since
+    # A tenant sees its own budget only; no other tenant's name or numbers are in its answer.
+    (own,) = globex["budgets"]
+    assert (own["tenant_id"], own["held"], own["hold_reason"]) == ("globex", False, None)
+    assert own["held_since"] is None
+    assert (own["day_usd"], own["month_usd"], own["spent_month_usd"]) == (None, 50.0, 0.25)
+    assert "acme" not in json.dumps(globex)
+    assert "globex" not in json.dumps(acme)
+    assert [row["tenant_id"] for row in admin["budgets"]] == ["acme", "globex"]
+    assert admin["budgets"][1] == own
+
+
+async def test_a_tenant_with_no_budget_gets_an_empty_list(
+    db: Any, tokens: dict[str, str], serve: Any
+) -> None:
+    await budgets.set_budget(db, "acme", day=Decimal(1))
+    async with serve() as (_, url):
+        assert (await overview(url, tokens["globex"]))["budgets"] == []

@@ -25,6 +25,7 @@
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
     "cost_usd", // from the ledger, in each overview (job events carry no cost: it moves when batches end)
+    "sync_cost_usd",
     "saved_usd",
   ];
   // The statuses' labels come with every overview (batchd/statuses.py): the page keeps no list of its own.
@@ -93,7 +94,12 @@
   };
 
   const num = (value) => integer.format(Number(value) || 0);
+  // A share that rounds to 0% but is not nothing says so.
+  const share = (part, whole) => (part > 0 && part / whole < 0.0005 ? "< 0.1%" : percent.format(part / whole));
+  // Compact only in a narrow cell, which then carries the exact number in its title.
   const big = (value) => ((Number(value) || 0) >= 100_000 ? compact.format(value) : num(value));
+  const compactDollars = (value) =>
+    `$${new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 2 }).format(Number(value) || 0)}`;
   const shortId = (id) => (id ? String(id).slice(0, 8) : "—");
 
   function duration(seconds) {
@@ -526,13 +532,36 @@
 
   // ---- rendering -----------------------------------------------------------------------------------
 
-  function setCard(testId, value, sub, exact) {
+  /** A card's number, exact (with thousands separators); only when that does not fit the card, compact,
+   * the exact value staying in the title. */
+  function setCard(testId, value, sub, format = num, short = (v) => compact.format(v)) {
     const card = byTestId(testId);
     const valueNode = $(".card-value", card);
-    valueNode.textContent = big(value);
     valueNode.dataset.value = String(value);
-    valueNode.title = exact === false ? "" : num(value);
+    valueNode.dataset.exact = format(value);
+    valueNode.dataset.short = short(Number(value) || 0);
+    valueNode.title = format(value);
+    fitCard(valueNode);
     $(".card-sub", card).textContent = sub || "\u00a0";
+  }
+
+  function fitCard(valueNode) {
+    valueNode.textContent = valueNode.dataset.exact;
+    if (valueNode.scrollWidth > valueNode.clientWidth) valueNode.textContent = valueNode.dataset.short;
+  }
+
+  function fitCards() {
+    for (const node of document.querySelectorAll(".card-value[data-exact]")) fitCard(node);
+  }
+
+  /** Each cell names its column (data-label): narrow screens show a table's rows as stacked label: value. */
+  function labelCells(table) {
+    const labels = [...table.tHead.rows[0].cells].map((cell) => cell.textContent.trim());
+    for (const row of table.tBodies[0].rows) {
+      [...row.cells].forEach((cell, index) => {
+        cell.dataset.label = labels[index] || "";
+      });
+    }
   }
 
   function sumTotals() {
@@ -559,14 +588,14 @@
     setCard(
       "card-failed",
       sum.failed,
-      finished ? `${percent.format(sum.failed / finished)} of finished jobs` : "no finished jobs yet",
+      finished ? `${share(sum.failed, finished)} of finished jobs` : "no finished jobs yet",
     );
     const cache = sum.cache_read_input_tokens + sum.cache_creation_input_tokens;
     setCard(
       "card-input-tokens",
       sum.input_tokens,
       cache
-        ? `cache read ${big(sum.cache_read_input_tokens)} · write ${big(sum.cache_creation_input_tokens)}`
+        ? `cache read ${num(sum.cache_read_input_tokens)} · write ${num(sum.cache_creation_input_tokens)}`
         : "no cache use",
     );
     setCard(
@@ -576,15 +605,100 @@
         ? `≈ ${num(sum.output_tokens / sum.succeeded)} per completed job`
         : "no completed jobs yet",
     );
-    const cost = byTestId("card-cost");
-    const costNode = $(".card-value", cost);
-    costNode.textContent = dollars(sum.cost_usd);
-    costNode.dataset.value = String(sum.cost_usd);
-    const sync = sum.cost_usd + sum.saved_usd;
-    $(".card-sub", cost).textContent = sync
-      ? `saved ${dollars(sum.saved_usd)} (${percent.format(sum.saved_usd / sync)}) vs the Messages API`
-      : "nothing spent yet";
+    const sync = sum.sync_cost_usd;
+    setCard(
+      "card-cost",
+      sum.cost_usd,
+      sync ? `Messages API price ${dollars(sync)}` : "nothing spent yet",
+      dollars,
+      compactDollars,
+    );
+    setCard(
+      "card-saved",
+      sum.saved_usd,
+      sync ? `${percent.format(sum.saved_usd / sync)} less than the Messages API` : "nothing spent yet",
+      dollars,
+      compactDollars,
+    );
     renderTenants();
+    renderMoney();
+  }
+
+  /** Budgets' words: "$12.30 of $25.00", or what was spent when there is no such budget. */
+  function spentOf(spent, limit) {
+    return limit === null || limit === undefined ? `${dollars(spent)} · no limit` : `${dollars(spent)} of ${dollars(limit)}`;
+  }
+
+  function heldText(budget) {
+    const since = budget.held_since ? `since ${dateTime(budget.held_since)}` : "";
+    return [since, budget.hold_reason].filter(Boolean).join(": ");
+  }
+
+  function renderMoney() {
+    const overview = state.snapshot;
+    const budgets = new Map((overview.budgets || []).map((row) => [row.tenant_id, row]));
+    const names = [...new Set([...state.totals.keys(), ...budgets.keys()])].sort();
+    const rows = names.map((name) => {
+      const totals = state.totals.get(name) || emptyTotals();
+      const budget = budgets.get(name);
+      let state_;
+      if (!budget) state_ = el("td", { className: "muted", text: "no budget" });
+      else if (budget.held) {
+        const doing = budget.over_budget === "fail" ? "queued jobs fail" : "jobs wait in the queue";
+        state_ = el(
+          "td",
+          { className: "budget-state" },
+          el(
+            "span",
+            {},
+            el("span", { className: "badge badge-held", text: "Held", title: doing }),
+            el("span", { className: "hold-reason", text: ` ${heldText(budget)}` }),
+          ),
+        );
+      } else state_ = el("td", {}, el("span", { className: "badge badge-within", text: "Within budget" }));
+      return el(
+        "tr",
+        { dataset: { tenant: name, held: budget && budget.held ? "true" : "false" } },
+        el("td", { className: "tenant", text: name, title: name }),
+        el("td", { className: "num", text: dollars(totals.cost_usd) }),
+        el("td", { className: "num", text: dollars(totals.sync_cost_usd) }),
+        el("td", { className: "num good", text: dollars(totals.saved_usd) }),
+        el("td", {
+          className: "num",
+          text: budget ? spentOf(budget.spent_day_usd, budget.day_usd) : "—",
+        }),
+        el("td", {
+          className: "num",
+          text: budget ? spentOf(budget.spent_month_usd, budget.month_usd) : "—",
+        }),
+        state_,
+      );
+    });
+    const table = byTestId("table-money");
+    $("tbody", table).replaceChildren(...rows);
+    labelCells(table);
+    byTestId("money-empty").hidden = rows.length > 0;
+    renderHeld([...budgets.values()].filter((row) => row.held));
+  }
+
+  /** Why queued jobs wait: the held tenants (a tenant sees only itself), above the tables. */
+  function renderHeld(held) {
+    const node = byTestId("held");
+    node.hidden = held.length === 0;
+    const lines = held.map((budget) => {
+      const who = state.session.admin ? `${budget.tenant_id} is held` : "Your jobs are held";
+      const doing =
+        budget.over_budget === "fail"
+          ? "Queued jobs fail"
+          : "Queued jobs wait (none is sent)";
+      return el(
+        "p",
+        { dataset: { testid: "held-line", tenant: budget.tenant_id } },
+        el("strong", { text: who }),
+        ` ${heldText(budget)}. ${doing} until the budget allows again: a new UTC day or month, or a raised budget.`,
+      );
+    });
+    node.replaceChildren(...lines);
   }
 
   function renderOverview() {
@@ -612,7 +726,13 @@
     const overview = state.snapshot;
     if (!overview || !overview.queued.length) return;
     const oldest = Math.max(...overview.queued.map((row) => Number(row.oldest_s) || 0));
-    $(".card-sub", byTestId("card-queued")).textContent = `oldest waiting ${duration(oldest + elapsed())}`;
+    const held = (overview.budgets || []).filter((row) => row.held);
+    const waiting = `oldest waiting ${duration(oldest + elapsed())}`;
+    let why = "";
+    if (held.length && state.session.admin) why = ` · ${num(held.length)} tenant${held.length > 1 ? "s" : ""} held`;
+    else if (held.length) why = " · held: over budget";
+    byTestId("card-queued").classList.toggle("card-warn", held.length > 0);
+    $(".card-sub", byTestId("card-queued")).textContent = `${waiting}${why}`;
   }
 
   function ageCell(seconds) {
@@ -625,21 +745,33 @@
     const overview = state.snapshot;
     const queued = new Map(overview.queued.map((row) => [row.tenant_id, row]));
     const names = [...new Set([...queued.keys(), ...state.totals.keys()])].sort();
+    const held = new Map((overview.budgets || []).filter((row) => row.held).map((row) => [row.tenant_id, row]));
     const rows = names.map((name) => {
       const waiting = queued.get(name);
       const totals = state.totals.get(name) || emptyTotals();
+      const hold = held.get(name);
       return el(
         "tr",
         { dataset: { tenant: name } },
         el("td", { className: "tenant", text: name, title: name }),
-        el("td", { className: "num strong", text: num(waiting ? waiting.jobs : 0) }),
+        el(
+          "td",
+          { className: "num strong" },
+          hold ? el("span", { className: "badge badge-held", text: "Held", title: heldText(hold) }) : null,
+          ` ${num(waiting ? waiting.jobs : 0)}`,
+        ),
         waiting ? ageCell(Number(waiting.oldest_s) || 0) : el("td", { className: "num muted", text: "—" }),
         el("td", { className: "num", text: num(totals.succeeded) }),
         el("td", { className: totals.failed ? "num bad" : "num", text: num(totals.failed) }),
-        el("td", { className: "num", text: `${big(totals.input_tokens)} / ${big(totals.output_tokens)}` }),
+        el("td", {
+          className: "num",
+          text: `${big(totals.input_tokens)} / ${big(totals.output_tokens)}`,
+          title: `${num(totals.input_tokens)} input / ${num(totals.output_tokens)} output tokens`,
+        }),
       );
     });
     $("tbody", byTestId("table-tenants")).replaceChildren(...rows);
+    labelCells(byTestId("table-tenants"));
     byTestId("tenants-empty").hidden = rows.length > 0;
   }
 
@@ -673,6 +805,7 @@
       ),
     );
     $("tbody", byTestId("table-batches")).replaceChildren(...rows);
+    labelCells(byTestId("table-batches"));
     byTestId("batches-empty").hidden = rows.length > 0;
     $("#batches-note").textContent = rows.length ? `${rows.length} open` : "";
   }
@@ -691,11 +824,16 @@
     for (const valueNode of document.querySelectorAll(".card-value")) {
       valueNode.textContent = "—";
       valueNode.dataset.value = "";
+      delete valueNode.dataset.exact;
       valueNode.title = "";
     }
     for (const sub of document.querySelectorAll(".card-sub")) sub.textContent = "\u00a0";
-    for (const id of ["table-tenants", "table-batches", "feed"]) $("tbody", byTestId(id)).replaceChildren();
-    for (const id of ["tenants-empty", "batches-empty", "feed-empty"]) byTestId(id).hidden = false;
+    for (const id of ["table-tenants", "table-batches", "table-money", "feed"]) {
+      $("tbody", byTestId(id)).replaceChildren();
+    }
+    for (const id of ["tenants-empty", "batches-empty", "money-empty", "feed-empty"]) byTestId(id).hidden = false;
+    byTestId("held").hidden = true;
+    byTestId("card-queued").classList.remove("card-warn");
     for (const id of ["#tenants-note", "#batches-note"]) $(id).textContent = "";
     $("#feed-note").textContent = "newest first";
     byTestId("snapshot-note").textContent = "";
@@ -906,6 +1044,7 @@
   async function boot() {
     $("#signin-form").addEventListener("submit", onSignInSubmit);
     $("#sign-out").addEventListener("click", onSignOut);
+    window.addEventListener("resize", fitCards);
     const feed = byTestId("feed");
     feed.addEventListener("click", onFeedClick);
     feed.addEventListener("keydown", onFeedKey);

@@ -921,6 +921,7 @@ SELECT tenant_id,
        sum(cache_read_tokens)::bigint AS cache_read_input_tokens,
        sum(cache_write_5m_tokens + cache_write_1h_tokens)::bigint AS cache_creation_input_tokens,
        sum(cost_usd)::float8 AS cost_usd,
+       sum(sync_cost_usd)::float8 AS sync_cost_usd,
        sum(sync_cost_usd - cost_usd)::float8 AS saved_usd
   FROM batchd.totals_since(NULL, NULL)
  GROUP BY tenant_id
@@ -939,6 +940,7 @@ SELECT j.tenant_id,
        coalesce(sum(c.cache_read_tokens), 0)::bigint AS cache_read_input_tokens,
        coalesce(sum(c.cache_write_5m_tokens + c.cache_write_1h_tokens), 0)::bigint AS cache_creation_input_tokens,
        coalesce(sum(c.cost_usd), 0)::float8 AS cost_usd,
+       coalesce(sum(c.sync_cost_usd), 0)::float8 AS sync_cost_usd,
        coalesce(sum(c.sync_cost_usd - c.cost_usd), 0)::float8 AS saved_usd
   FROM (SELECT DISTINCT job_id FROM batchd.events WHERE seq IS NULL AND job_id IS NOT NULL) AS e
   JOIN batchd.jobs AS j ON j.id = e.job_id
@@ -1064,7 +1066,9 @@ RETURNING name, budget_day_usd, budget_month_usd, over_budget, hold_reason;
 SELECT pg_notify('batchd_jobs', '');
 
 -- name: tenant_budgets
--- `batchd status`: every tenant with a budget or held, with what it spent this UTC day and month.
+-- `batchd status` and the dashboard's overview: every tenant with a budget or held, with what it spent this
+-- UTC day and month (from batchd.spend: a rollup row per day of the month, on rollups_tenant, and the
+-- tallies not yet folded).
 SELECT t.name AS tenant_id, t.budget_day_usd, t.budget_month_usd, t.over_budget, t.hold_reason, t.held_since,
        s.spent_day_usd, s.spent_month_usd
   FROM batchd.tenants AS t
@@ -1274,3 +1278,43 @@ SELECT i.instance_id, i.host, i.pid, i.version, i.started_at, i.heartbeat_at, i.
 -- (the key is the operator's to fix, not the job's fault), and is sent once the key works again.
 UPDATE batchd.jobs SET status = 'queued', sync_owner = NULL, sync_lease_until = NULL
  WHERE id = $1 AND status = 'sending' AND sync_owner = $2;
+
+-- name: series_intervals
+-- GET /v1/series: the UTC $1s ('hour' or 'day') of the last $2 seconds, oldest first, by the database's clock
+-- (read in the same snapshot as `series`, so both see the same now()).
+SELECT generate_series(date_trunc($1, now() AT TIME ZONE 'UTC' - make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                       date_trunc($1, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                       make_interval(hours => CASE $1 WHEN 'hour' THEN 1 ELSE 24 END)) AS start;
+
+-- name: series
+-- GET /v1/series: per tenant and UTC $1 ('hour' or 'day': the rollups' span of that name) from $2 on, jobs
+-- finished by outcome and by path, prompt tokens, cost and Messages API cost. Reads the rollup rows of the
+-- window (a range of the rollups' primary key, span and start) and the tallies not yet folded (a few: the fold
+-- drains them), so its cost is the window's rows whatever the history.
+WITH rows AS (
+    SELECT r.start, r.tenant_id, r.status, r.path, r.jobs, r.input_tokens,
+           r.cache_write_5m_tokens + r.cache_write_1h_tokens AS cache_write_tokens, r.cache_read_tokens,
+           r.cost_usd, r.sync_cost_usd
+      FROM batchd.rollups AS r
+     WHERE r.span = $1 AND r.start >= $2
+    UNION ALL
+    SELECT date_trunc($1, t.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', t.tenant_id, t.status, t.path, t.jobs,
+           t.input_tokens, t.cache_write_5m_tokens + t.cache_write_1h_tokens, t.cache_read_tokens, t.cost_usd,
+           t.sync_cost_usd
+      FROM batchd.tallies AS t
+     WHERE t.at >= $2
+)
+SELECT start, tenant_id,
+       coalesce(sum(jobs) FILTER (WHERE status = 'succeeded'), 0)::bigint AS succeeded,
+       coalesce(sum(jobs) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(jobs) FILTER (WHERE status = 'canceled'), 0)::bigint AS canceled,
+       coalesce(sum(jobs) FILTER (WHERE path = 'batch'), 0)::bigint AS batch_jobs,
+       coalesce(sum(jobs) FILTER (WHERE path = 'sync'), 0)::bigint AS sync_jobs,
+       sum(input_tokens)::bigint AS input_tokens,
+       sum(cache_write_tokens)::bigint AS cache_write_tokens,
+       sum(cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(cost_usd)::float8 AS cost_usd,
+       sum(sync_cost_usd)::float8 AS sync_cost_usd
+  FROM rows
+ GROUP BY start, tenant_id
+ ORDER BY start, tenant_id;
