@@ -16,8 +16,8 @@ import dataclasses
 import json
 import math
 import uuid
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -35,6 +35,7 @@ from .readings import Readings
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
+from .text import parse_duration
 
 log = structlog.get_logger("batchd.server")
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
@@ -52,6 +53,10 @@ TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
 DASHBOARD = Path(__file__).parent / "dashboard"
 STREAMS_CLOSE_TIMEOUT_S = 3.0
 JOB_JSON_FIELDS = ("metadata", "error", "usage", "result")
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1_000
+LIST_SCAN_FACTOR = 10  # a page filtered by status reads at most this many jobs per job it may hold
+NIL_UUID = uuid.UUID(int=0)
 JOB_FIELDS = (
     "id",
     "tenant_id",
@@ -70,6 +75,7 @@ JOB_FIELDS = (
     "submitted_at",
     "completed_at",
 )
+LIST_FIELDS = tuple(field for field in JOB_FIELDS if field != "result")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -104,10 +110,121 @@ async def get_job(request: web.Request) -> web.Response:
     row = await request.app[POOL].fetchrow(sql("get_job"), job_id)
     if row is None or not request[PRINCIPAL].may_see(row["tenant_id"]):
         return _error(404, "no such job")
-    # The jsonb columns come as the database's own text, spliced in as they are (see the query).
-    fields = {field: row[field] for field in JOB_FIELDS if field not in JOB_JSON_FIELDS}
-    spliced = "".join(f', "{field}": {row[field] or "null"}' for field in JOB_JSON_FIELDS)
-    return web.Response(text=_dumps(fields)[:-1] + spliced + "}", content_type="application/json")
+    return web.Response(text=_job_json(row, JOB_FIELDS), content_type="application/json")
+
+
+def _job_json(row: asyncpg.Record, names: tuple[str, ...]) -> str:
+    # The jsonb columns come as the database's own text, spliced in as they are (see get_job's query).
+    fields = {field: row[field] for field in names if field not in JOB_JSON_FIELDS}
+    spliced = "".join(f', "{field}": {row[field] or "null"}' for field in JOB_JSON_FIELDS if field in names)
+    return _dumps(fields)[:-1] + spliced + "}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a `GET /v1/jobs` asks for: whose jobs (None: every tenant's), after which id, of which status."""
+
+    tenant: str | None
+    after: uuid.UUID
+    cursor: uuid.UUID | None
+    status: str | None
+    limit: int
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """A page of jobs, oldest first, keyset on the id (time-ordered: a UUID version 7, by the millisecond;
+    jobs of one millisecond in their ids' order). The cost of a page is bounded whatever the history: it
+    reads at most LIST_SCAN_FACTOR times `limit` jobs (and one) of an index from the cursor on
+    (jobs_tenant_id for a tenant, the primary key for the admin), and filters the status among those. A
+    page may so hold fewer than `limit` jobs, even none, with `more` true: follow `next_cursor` while
+    `more` is; a page with `more` false still has the cursor to ask again later, for newer jobs."""
+    try:
+        listing = _listing(request.query, request[PRINCIPAL])
+    except Refusal as refusal:
+        return refusal.response()
+    pool = request.app[POOL]
+    scan = listing.limit * (LIST_SCAN_FACTOR if listing.status is not None else 1)
+    # One more than is read, to tell whether any job follows.
+    if listing.tenant is None:
+        rows = await pool.fetch(sql("scan_jobs"), listing.after, scan + 1)
+    else:
+        rows = await pool.fetch(sql("scan_tenant_jobs"), listing.tenant, listing.after, scan + 1)
+    scanned = rows[:scan]
+    picked = [row["id"] for row in scanned if listing.status in (None, row["status"])][: listing.limit]
+    if len(picked) == listing.limit:
+        last, more = picked[-1], picked[-1] != rows[-1]["id"]
+    else:
+        last, more = (scanned[-1]["id"] if scanned else listing.cursor), len(rows) > scan
+    found = await pool.fetch(sql("list_jobs"), picked) if picked else []
+    # A job whose status changed between the two reads is left out rather than shown under another status.
+    jobs = [_job_json(row, LIST_FIELDS) for row in found if listing.status in (None, row["status"])]
+    head = _dumps({"next_cursor": None if last is None else str(last), "more": more})
+    return web.Response(
+        text=head[:-1] + ', "jobs": [' + ", ".join(jobs) + "]}", content_type="application/json"
+    )
+
+
+def _listing(query: Mapping[str, str], principal: Principal) -> Listing:
+    tenant = query.get("tenant") or principal.tenant_id
+    if not principal.may_see(tenant or ""):
+        raise Refusal(403, f"this token reads tenant {principal.tenant_id}'s jobs only")
+    status = query.get("status") or None
+    if status is not None and status not in statuses.JOB_STATUSES:
+        raise Refusal(400, f"status must be one of {', '.join(statuses.JOB_STATUSES)}", field="status")
+    try:
+        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise Refusal(400, f"limit must be an integer from 1 to {LIST_LIMIT_MAX:,}", field="limit")
+    cursor = None
+    if "cursor" in query:
+        try:
+            cursor = uuid.UUID(query["cursor"])
+        except ValueError:
+            raise Refusal(400, "cursor must be a next_cursor a listing gave", field="cursor") from None
+    after = max(cursor or NIL_UUID, _since(query["since"]) if "since" in query else NIL_UUID)
+    return Listing(tenant, after, cursor, status, limit)
+
+
+def _since(text: str) -> uuid.UUID:
+    """The largest id below every job made at or after `since` (an ISO 8601 time with a time zone, or a
+    duration before now: 30m, 2h, 1d). A job's id begins with the milliseconds it was made at."""
+    seconds = parse_duration(text)
+    try:
+        since = (
+            datetime.now(UTC) - timedelta(seconds=seconds)
+            if seconds is not None
+            else datetime.fromisoformat(text)
+        )
+    except (ValueError, OverflowError):
+        since = None
+    if since is None or since.tzinfo is None:
+        message = (
+            "since must be an ISO 8601 time with a time zone (2026-12-01T12:00:00Z) or a duration: 30m, 2h"
+        )
+        raise Refusal(400, message, field="since")
+    milliseconds = min(max(math.floor(since.timestamp() * 1000), 0), 2**48 - 1)
+    return uuid.UUID(int=max((milliseconds << 80) - 1, 0))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """`DELETE /v1/jobs/{id}`: cancels a queued job, as a producer's `batchd.cancel_job` does. Another
+    tenant's job is a 404, as on GET; a job no longer queued (in a batch, sent, finished) is a 409."""
+    try:
+        job_id = uuid.UUID(request.match_info["job_id"])
+    except ValueError:
+        return _error(404, "no such job")
+    pool = request.app[POOL]
+    tenant = await pool.fetchval(sql("job_tenant"), job_id)
+    if tenant is None or not request[PRINCIPAL].may_see(tenant):
+        return _error(404, "no such job")
+    if not await pool.fetchval(sql("cancel_job"), job_id):
+        row = await pool.fetchrow(sql("get_job"), job_id)
+        status = "gone" if row is None else row["status"]
+        message = f"the job is {status}: only a queued job can be canceled"
+        return Refusal(409, message, job_status=None if row is None else status).response()
+    return web.json_response({"id": str(job_id), "status": statuses.JobStatus.CANCELED})
 
 
 class Refusal(Exception):  # noqa: N818 - reads as the answer it is
@@ -409,6 +526,8 @@ def create_app(
     # Any segment reaches get_job, which reads every spelling uuid.UUID does and answers 404 in JSON for the
     # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.
     app.router.add_get("/v1/jobs/{job_id:[^/]+}", get_job)
+    app.router.add_delete("/v1/jobs/{job_id:[^/]+}", cancel_job)
+    app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_post("/v1/jobs", post_jobs)
     app.router.add_get("/v1/overview", overview)
     app.router.add_get("/v1/session", who_am_i)

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import ADMIN_TOKEN, raw_request
+from support import ADMIN_TOKEN, raw_request, wait_until
 
 from batchd.daemon import Daemon
 
@@ -325,3 +325,160 @@ async def test_a_tenant_at_its_max_queued_is_refused_with_429(
     # Another tenant's queue is its own.
     status, _, _ = await post(session, url, [job(), job()], tokens["globex"])
     assert status == 202
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, token: str | None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with session.get(url, headers=headers) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json()
+
+
+async def pages(
+    session: aiohttp.ClientSession, url: str, token: str, query: str = ""
+) -> tuple[list[dict[str, Any]], int]:
+    """Every job a listing gives, following its cursor; and how many pages it took."""
+    jobs, count, cursor = [], 0, None
+    while True:
+        suffix = "" if cursor is None else f"&cursor={cursor}"
+        status, page = await get_json(session, f"{url}/v1/jobs?{query}{suffix}", token)
+        assert status == 200, page
+        count += 1
+        jobs += page["jobs"]
+        cursor = page["next_cursor"]
+        if not page["more"]:
+            return jobs, count
+
+
+async def test_a_tenant_lists_its_own_jobs_a_page_at_a_time(
+    db: Any, tokens: dict[str, str], url: str, session: aiohttp.ClientSession
+) -> None:
+    _, acme, _ = await post(session, url, [job(str(i), metadata={"i": i}) for i in range(5)], tokens["acme"])
+    await post(session, url, [job("g"), job("g")], tokens["globex"])
+    _, more, _ = await post(session, url, [job("late", metadata={"i": 5})], tokens["acme"])
+    # By the millisecond each was made in; those of one millisecond in their ids' order.
+    ids = sorted((item["id"] for item in acme["jobs"] + more["jobs"]), key=uuid.UUID)
+
+    listed, count = await pages(session, url, tokens["acme"], "limit=2")
+    assert [item["id"] for item in listed] == ids, "every one of acme's jobs, oldest first, none of globex's"
+    assert count == 3
+    assert sorted(item["metadata"]["i"] for item in listed) == list(range(6))
+    assert {item["tenant_id"] for item in listed} == {"acme"}
+    assert "result" not in listed[0]
+    assert listed[0]["status"] == "queued"
+
+    # By status: canceled ones only, however few among the others.
+    for job_id in ids[1:3]:
+        await db.execute("SELECT batchd.cancel_job($1)", uuid.UUID(job_id))
+    canceled, _ = await pages(session, url, tokens["acme"], "status=canceled&limit=1")
+    assert [item["id"] for item in canceled] == ids[1:3]
+    queued, _ = await pages(session, url, tokens["acme"], "status=queued")
+    assert [item["id"] for item in queued] == [ids[0], *ids[3:]]
+
+    # The admin sees every tenant's, or one tenant's; a tenant may not ask for another's.
+    every, _ = await pages(session, url, ADMIN_TOKEN, "limit=3")
+    assert len(every) == 8
+    globex, _ = await pages(session, url, ADMIN_TOKEN, "tenant=globex")
+    assert {item["tenant_id"] for item in globex} == {"globex"}
+    assert len(globex) == 2
+    status, answer = await get_json(session, f"{url}/v1/jobs?tenant=globex", tokens["acme"])
+    assert status == 403
+    assert "acme" in answer["error"]["message"]
+    status, _ = await get_json(session, f"{url}/v1/jobs", None)
+    assert status == 401
+
+
+async def test_a_listing_by_status_reads_a_bounded_number_of_jobs(
+    db: Any, tokens: dict[str, str], url: str, session: aiohttp.ClientSession
+) -> None:
+    """A page filtered by status reads at most LIST_SCAN_FACTOR jobs per job it may hold: a rare status
+    among many jobs is reached through pages that are short, even empty, but never a read of the whole
+    history."""
+    await post(session, url, [job()] * 5, tokens["acme"])
+    await post(session, url, [job()] * 5, tokens["acme"])
+    await post(session, url, job(), tokens["acme"])
+    rows = await db.fetch("SELECT id FROM batchd.jobs ORDER BY id")
+    await db.execute("SELECT batchd.cancel_job($1)", rows[-1]["id"])
+    status, page = await get_json(session, f"{url}/v1/jobs?status=canceled&limit=1", tokens["acme"])
+    assert status == 200
+    assert page["jobs"] == []
+    assert page["more"] is True
+    assert page["next_cursor"] == str(rows[9]["id"])  # LIST_SCAN_FACTOR (10) jobs read, the 10th the cursor
+    listed, count = await pages(session, url, tokens["acme"], "status=canceled&limit=1")
+    assert [item["id"] for item in listed] == [str(rows[-1]["id"])]
+    assert count == 2
+
+
+async def test_since_starts_a_listing_at_a_time(
+    db: Any, tokens: dict[str, str], url: str, session: aiohttp.ClientSession
+) -> None:
+    await post(session, url, [job(), job()], tokens["acme"])
+    # A job's id carries the millisecond it was made in: `middle` is in a millisecond after the first two
+    # jobs' and before the third's.
+    await wait_until_later(db, await db.fetchval("SELECT clock_timestamp()"))
+    middle = await db.fetchval("SELECT clock_timestamp()")
+    await wait_until_later(db, middle)
+    _, newer, _ = await post(session, url, job(), tokens["acme"])
+    listed, _ = await pages(session, url, tokens["acme"], f"since={middle.isoformat().replace('+', '%2B')}")
+    assert [item["id"] for item in listed] == [newer["id"]]
+    everything, _ = await pages(session, url, tokens["acme"], "since=1h")
+    assert len(everything) == 3
+    for query, field in [
+        ("since=yesterday", "since"),
+        ("since=2026-01-01T00:00:00", "since"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=x", "limit"),
+        ("status=done", "status"),
+        ("cursor=nope", "cursor"),
+    ]:
+        status, answer = await get_json(session, f"{url}/v1/jobs?{query}", tokens["acme"])
+        assert status == 400, query
+        assert answer["error"]["field"] == field
+
+
+async def wait_until_later(db: Any, instant: Any) -> None:
+    """Until the database's clock is past `instant`'s millisecond (ids are made in milliseconds)."""
+
+    async def later() -> bool:
+        return bool(await db.fetchval("SELECT clock_timestamp() - $1 > interval '2 milliseconds'", instant))
+
+    await wait_until(later, timeout=5, interval=0.001)
+
+
+async def test_delete_cancels_a_queued_job_of_ones_own(
+    db: Any, tokens: dict[str, str], url: str, session: aiohttp.ClientSession
+) -> None:
+    _, first, _ = await post(session, url, job(), tokens["acme"])
+    _, other, _ = await post(session, url, job(), tokens["globex"])
+
+    async def delete(job_id: str, token: str | None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with session.delete(f"{url}/v1/jobs/{job_id}", headers=headers) as response:
+            assert response.content_type == "application/json"
+            return response.status, await response.json()
+
+    for missing in (other["id"], str(uuid.uuid4()), "not-a-job"):
+        status, answer = await delete(missing, tokens["acme"])
+        assert status == 404, "another tenant's job looks exactly like one that does not exist"
+        assert answer["error"]["message"] == "no such job"
+    assert (await delete(first["id"], None))[0] == 401
+
+    status, answer = await delete(first["id"], tokens["acme"])
+    assert status == 200
+    assert answer == {"id": first["id"], "status": "canceled"}
+    assert (
+        await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", uuid.UUID(first["id"]))
+        == "canceled"
+    )
+    status, answer = await delete(first["id"], tokens["acme"])
+    assert status == 409
+    assert answer["error"]["job_status"] == "canceled"
+
+    await db.execute("UPDATE batchd.jobs SET status = 'failed' WHERE id = $1", uuid.UUID(other["id"]))
+    status, answer = await delete(other["id"], ADMIN_TOKEN)
+    assert status == 409
+    assert "the job is failed" in answer["error"]["message"]
+    assert (
+        await db.fetchval("SELECT status FROM batchd.jobs WHERE id = $1", uuid.UUID(other["id"])) == "failed"
+    )

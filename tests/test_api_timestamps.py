@@ -113,6 +113,10 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
         await call("POST", "/v1/jobs", tokens["acme"], body=posted)
         await call("POST", "/v1/jobs", body=[{**posted, "tenant_id": "acme"}])
         await call("POST", "/v1/jobs", tokens["acme"], body={"request": {}})
+        for query in ("limit=2", "status=succeeded&tenant=acme", "limit=0"):
+            await call("GET", f"/v1/jobs?{query}", route="/v1/jobs")
+        for token in (tokens["acme"], tokens["globex"]):  # 409, 404
+            await call("DELETE", f"/v1/jobs/{done}", token, route="/v1/jobs/{job_id}")
         # The event stream's frames: the events (after every one was published), and a reset.
         async with sse_stream(session, url, ADMIN_TOKEN, last_event_id=0) as stream:
             await stream.until(lambda c: len(c.data()) >= 2)
@@ -135,6 +139,7 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
         for body in bodies
         for where, value in times(body)
     ]
+    assert {where for route, where, _ in found if route == "/v1/jobs"} >= {".jobs[0].created_at"}
     assert {where for route, where, _ in found if route == "/v1/jobs/{job_id}"} >= {
         ".created_at",
         ".submitted_at",
