@@ -4,6 +4,7 @@ writing that tenant's jobs only, and the limits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
@@ -130,6 +131,19 @@ async def test_a_retried_post_returns_the_same_ids_and_adds_nothing(
     other = await post(session, url, job(), tokens["globex"], key)
     assert other[1]["enqueued"] is True
     assert other[1]["id"] != first[1]["id"]
+
+
+async def test_concurrent_posts_of_one_key_make_one_job(
+    db: Any, tokens: dict[str, str], url: str, session: aiohttp.ClientSession
+) -> None:
+    """Retries that overlap (a client that timed out and sent again): the INSERTs conflict in the database,
+    the later ones wait for the first to commit, skip, and answer its id."""
+    key = {"Idempotency-Key": "overlapping"}
+    answers = await asyncio.gather(*(post(session, url, job(), tokens["acme"], key) for _ in range(8)))
+    assert {status for status, _, _ in answers} == {202}
+    assert len({answer["id"] for _, answer, _ in answers}) == 1
+    assert sum(answer["enqueued"] for _, answer, _ in answers) == 1
+    assert len(await jobs_of(db)) == 1
 
 
 async def test_a_list_with_a_bad_job_adds_none_and_names_each_bad_one(
