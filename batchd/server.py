@@ -221,14 +221,16 @@ async def cancel_job(request: web.Request) -> web.Response:
         return _error(404, "no such job")
     if not await pool.fetchval(sql("cancel_job"), job_id):
         row = await pool.fetchrow(sql("get_job"), job_id)
-        status = "gone" if row is None else row["status"]
-        message = f"the job is {status}: only a queued job can be canceled"
-        return Refusal(409, message, job_status=None if row is None else status).response()
+        if row is None:  # pruned meanwhile
+            return _error(404, "no such job")
+        message = f"the job is {row['status']}: only a queued job can be canceled"
+        return Refusal(409, message, job_status=row["status"]).response()
     return web.json_response({"id": str(job_id), "status": statuses.JobStatus.CANCELED})
 
 
 class Refusal(Exception):  # noqa: N818 - reads as the answer it is
-    """A POST's jobs refused, none written: the HTTP status and the error's body."""
+    """A request of the jobs' API refused (for a POST: none of its jobs written): the HTTP status, the
+    error's other members, and headers."""
 
     def __init__(
         self, status: int, message: str, headers: dict[str, str] | None = None, **members: object
