@@ -418,6 +418,19 @@ class HttpSettings(_Section):
         description="each of the metrics' readings is ended by the database after this; the database's "
         "metrics are then left out until the next interval",
     )
+    max_post_bytes: int = Field(
+        default=16_000_000,
+        ge=1_000,
+        le=API_MAX_BYTES,
+        description="the largest body `POST /v1/jobs` reads (bytes); a larger one is answered 413 unread. A "
+        "job larger than this goes in through SQL or `batchd enqueue`",
+    )
+    max_post_jobs: int = Field(
+        default=1_000,
+        ge=1,
+        le=100_000,
+        description="the most jobs one `POST /v1/jobs` may carry (a JSON array); more: 413",
+    )
 
 
 class TenantLimits(_Section):

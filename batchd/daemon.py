@@ -349,6 +349,7 @@ class Daemon:
             readings=self.readings,
             session_max_age_s=self.settings.http.session_max_age_s,
             api_problem=api.problem,
+            settings=self.settings,
         )
         # A stream whose client leaves is cancelled at once (its slot and subscription freed), not at its next
         # heartbeat; every handler is safe to cancel (the database rolls back what it was doing).

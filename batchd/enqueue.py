@@ -38,7 +38,12 @@ KEYS = ("tenant_id", "request", "job_type", "input", "metadata", "idempotency_ke
 
 
 class BadJob(Exception):  # noqa: N818 - reads as the verdict it is
-    pass
+    """What is wrong with a job; `field` names the member at fault, when one is (the HTTP API's answer
+    carries it)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BadInput(Exception):  # noqa: N818 - the same
@@ -63,6 +68,7 @@ class Defaults:
     route: str | None = None
     deadline: datetime | None = None
     metadata: str | None = None  # a JSON object's text
+    tenant_hint: str = " (or give --tenant)"  # how a job without tenant_id gets one, said when it has none
 
 
 @dataclass
@@ -85,28 +91,35 @@ class Checker:
             raise BadJob("a job must be a JSON object")
         unknown = set(value) - set(KEYS)
         if unknown:
-            raise BadJob(f"unknown field(s) {', '.join(sorted(unknown))}; a job has {', '.join(KEYS)}")
+            raise BadJob(
+                f"unknown field(s) {', '.join(sorted(unknown))}; a job has {', '.join(KEYS)}", min(unknown)
+            )
         tenant = value.get("tenant_id", defaults.tenant_id)
         if not isinstance(tenant, str) or not tenant:
-            raise BadJob("tenant_id must be a non-empty string (or give --tenant)")
+            raise BadJob(f"tenant_id must be a non-empty string{defaults.tenant_hint}", "tenant_id")
         if ("request" in value) == ("job_type" in value):
-            raise BadJob("a job has either `request` (Messages API params) or `job_type` with `input`")
+            raise BadJob(
+                "a job has either `request` (Messages API params) or `job_type` with `input`",
+                "request" if "request" in value else "job_type",
+            )
         if "input" in value and "job_type" not in value:
-            raise BadJob("`input` goes with `job_type`")
+            raise BadJob("`input` goes with `job_type`", "input")
         for key in ("job_type", "idempotency_key"):
             if key in value and not isinstance(value[key], str):
-                raise BadJob(f"{key} must be a string")
+                raise BadJob(f"{key} must be a string", key)
         route = value.get("route", defaults.route or "batch")
         if route not in ROUTES:
-            raise BadJob(f"route must be one of {', '.join(ROUTES)}, not {route!r}")
+            raise BadJob(f"route must be one of {', '.join(ROUTES)}, not {route!r}", "route")
         deadline = defaults.deadline
         if "deadline" in value and value["deadline"] is not None:
             if not isinstance(value["deadline"], str):
-                raise BadJob("deadline must be a string: an ISO 8601 time with a time zone, or 30m, 2h, 1d")
+                raise BadJob(
+                    "deadline must be a string: an ISO 8601 time with a time zone, or 30m, 2h, 1d", "deadline"
+                )
             deadline = parse_deadline(value["deadline"])
         metadata = value.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
-            raise BadJob("metadata must be a JSON object")
+            raise BadJob("metadata must be a JSON object", "metadata")
         self._check_request(value, tenant)
         if defaults.metadata is not None and "metadata" not in value:
             text = _with_member(text, "metadata", defaults.metadata)
@@ -117,7 +130,7 @@ class Checker:
         type's rendering, and the size."""
         request = value.get("request")
         if "request" in value and (problem := request_problem(request)) is not None:
-            raise BadJob(problem)
+            raise BadJob(problem, "request")
         claimed = ClaimedJob(
             id=UUID(int=0),
             tenant_id=tenant,
@@ -129,7 +142,9 @@ class Checker:
         )
         outcome = prepare(claimed, self.settings.job_types, self.max_request_bytes)
         if isinstance(outcome, str):
-            raise BadJob(outcome)
+            if "request" in value:
+                raise BadJob(outcome, "request")
+            raise BadJob(outcome, "job_type" if outcome.startswith("unknown job type") else "input")
         if isinstance(request, dict):
             self._priced(request["model"])
 
@@ -165,10 +180,11 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
     except ValueError:
         raise BadJob(
             f"deadline {text!r} is neither an ISO 8601 time with a time zone (2026-12-01T12:00:00Z) nor a "
-            "duration from now (30m, 2h, 1d)"
+            "duration from now (30m, 2h, 1d)",
+            "deadline",
         ) from None
     if deadline.tzinfo is None:
-        raise BadJob(f"deadline {text!r} must carry a time zone (e.g. 2026-12-01T12:00:00Z)")
+        raise BadJob(f"deadline {text!r} must carry a time zone (e.g. 2026-12-01T12:00:00Z)", "deadline")
     return deadline
 
 
@@ -252,22 +268,39 @@ def _chain(first: str, rest: Iterable[str]) -> Iterator[str]:
 def check_text(text: str, checker: Checker, defaults: Defaults) -> NewJob | str:
     """One job's JSON text, checked: the job, or what is wrong with it."""
     try:
-        return checker.check(loads(text), text, defaults)
-    except json.JSONDecodeError as error:
-        return f"not JSON: {error.msg} (column {error.colno})"
-    except (ValueError, RecursionError) as error:  # _storable, _no_constant, json's limits on integers
-        return f"not JSON the database can read: {error}"
+        return check_job(text, checker, defaults)
     except BadJob as error:
         return str(error)
+
+
+def check_job(text: str, checker: Checker, defaults: Defaults) -> NewJob:
+    """One job's JSON text, checked: the job; BadJob says what is wrong with it."""
+    try:
+        value = loads(text)
+    except json.JSONDecodeError as error:
+        raise BadJob(f"not JSON: {error.msg} (column {error.colno})") from None
+    except (ValueError, RecursionError) as error:  # _storable, _no_constant, json's limits on integers
+        raise BadJob(f"not JSON the database can read: {error}") from None
+    return checker.check(value, text, defaults)
 
 
 def _read_array(text: str, checker: Checker, defaults: Defaults, blank: int) -> Iterator[Checked]:
     """A JSON array's jobs, each checked from its own text; a break in the array's syntax ends the reading.
     `blank`: the blank lines before `text` in the file."""
 
-    def line(position: int) -> int:
-        return blank + text.count("\n", 0, position) + 1
+    def where(position: int) -> str:
+        return f" (line {blank + text.count(chr(10), 0, position) + 1})"
 
+    for number, (start, end) in enumerate(array_items(text, where, "the file"), start=1):
+        yield f"job {number}{where(start)}", check_text(text[start:end], checker, defaults)
+
+
+def array_items(
+    text: str, where: Callable[[int], str] = lambda _position: "", whole: str = "the input"
+) -> Iterator[tuple[int, int]]:
+    """Where each item of the JSON array `text` holds (past white space, it starts with `[`) begins and
+    ends, read as it goes: each item's own text is then read as a job. A break in the array's syntax raises
+    BadInput, naming the item (`job N`) and, by `where`, its place in `whole`."""
     position = _skip_space(text, 0) + 1  # past the `[`
     number = 0
     while True:
@@ -278,21 +311,20 @@ def _read_array(text: str, checker: Checker, defaults: Defaults, blank: int) -> 
         try:
             _, end = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            raise BadInput(f"job {number} (line {line(position)}): not JSON: {error.msg}") from None
+            raise BadInput(f"job {number}{where(position)}: not JSON: {error.msg}") from None
         except (ValueError, RecursionError) as error:
-            raise BadInput(
-                f"job {number} (line {line(position)}): not JSON the database can read: {error}"
-            ) from None
-        yield f"job {number} (line {line(position)})", check_text(text[position:end], checker, defaults)
+            problem = f"not JSON the database can read: {error}"
+            raise BadInput(f"job {number}{where(position)}: {problem}") from None
+        yield position, end
         position = _skip_space(text, end)
         if text.startswith(",", position):
             position += 1
             continue
         if text.startswith("]", position):
             break
-        raise BadInput(f"after job {number}: expected `,` or `]` (line {line(position)})")
+        raise BadInput(f"after job {number}: expected `,` or `]`{where(position)}")
     if _skip_space(text, position + 1) != len(text):
-        raise BadInput(f"the file goes on after its JSON array (line {line(position)})")
+        raise BadInput(f"{whole} goes on after its JSON array{where(position)}")
 
 
 def job_text(members: dict[str, str]) -> str:

@@ -1,8 +1,8 @@
 """batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up, and the API
 taking the key; both without a token, so they reveal nothing but that and the API's URL), the
-tenant-scoped API under `/v1/` (jobs, the dashboard's overview, the SSE stream of sse.py), `/metrics`
-(Prometheus, admin token only: it names every tenant) and the dashboard itself at `/` (static files from
-batchd/dashboard/).
+tenant-scoped API under `/v1/` (jobs: read, and posted as a producer's INSERT; the dashboard's overview,
+the SSE stream of sse.py), `/metrics` (Prometheus, admin token only: it names every tenant) and the
+dashboard itself at `/` (static files from batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -12,11 +12,12 @@ No token or a bad one: 401. A job of another tenant: 404, the same as one that d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -26,14 +27,15 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import statuses
-from .config import HttpSettings
+from . import enqueue, statuses
+from .config import HttpSettings, Settings
 from .events import EventHub
 from .metrics import Metrics
 from .readings import WINDOWS, Readings
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
 from .tenants import Principal, authenticate
+from .text import parse_duration
 
 log = structlog.get_logger("batchd.server")
 READY_CHECK: web.AppKey[Callable[[], bool]] = web.AppKey("ready_check")
@@ -45,10 +47,16 @@ SESSION_MAX_AGE_S: web.AppKey[int] = web.AppKey("session_max_age_s")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 READINGS: web.AppKey[Readings] = web.AppKey("readings", Readings)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+CHECKER: web.AppKey[enqueue.Checker] = web.AppKey("checker", enqueue.Checker)
 TOKEN_COOKIE = "batchd_token"  # noqa: S105 - the cookie's name, not a secret
 DASHBOARD = Path(__file__).parent / "dashboard"
 STREAMS_CLOSE_TIMEOUT_S = 3.0
 JOB_JSON_FIELDS = ("metadata", "error", "usage", "result")
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1_000
+LIST_SCAN_FACTOR = 10  # a page filtered by status reads at most this many jobs per job it may hold
+NIL_UUID = uuid.UUID(int=0)
 JOB_FIELDS = (
     "id",
     "tenant_id",
@@ -67,6 +75,7 @@ JOB_FIELDS = (
     "submitted_at",
     "completed_at",
 )
+LIST_FIELDS = tuple(field for field in JOB_FIELDS if field != "result")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -101,10 +110,263 @@ async def get_job(request: web.Request) -> web.Response:
     row = await request.app[POOL].fetchrow(sql("get_job"), job_id)
     if row is None or not request[PRINCIPAL].may_see(row["tenant_id"]):
         return _error(404, "no such job")
-    # The jsonb columns come as the database's own text, spliced in as they are (see the query).
-    fields = {field: row[field] for field in JOB_FIELDS if field not in JOB_JSON_FIELDS}
-    spliced = "".join(f', "{field}": {row[field] or "null"}' for field in JOB_JSON_FIELDS)
-    return web.Response(text=_dumps(fields)[:-1] + spliced + "}", content_type="application/json")
+    return web.Response(text=_job_json(row, JOB_FIELDS), content_type="application/json")
+
+
+def _job_json(row: asyncpg.Record, names: tuple[str, ...]) -> str:
+    # The jsonb columns come as the database's own text, spliced in as they are (see get_job's query).
+    fields = {field: row[field] for field in names if field not in JOB_JSON_FIELDS}
+    spliced = "".join(f', "{field}": {row[field] or "null"}' for field in JOB_JSON_FIELDS if field in names)
+    return _dumps(fields)[:-1] + spliced + "}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a `GET /v1/jobs` asks for: whose jobs (None: every tenant's), after which id, of which status."""
+
+    tenant: str | None
+    after: uuid.UUID
+    cursor: uuid.UUID | None
+    status: str | None
+    limit: int
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """A page of jobs, oldest first, keyset on the id (time-ordered: a UUID version 7, by the millisecond;
+    jobs of one millisecond in their ids' order). The cost of a page is bounded whatever the history: it
+    reads at most LIST_SCAN_FACTOR times `limit` jobs (and one) of an index from the cursor on
+    (jobs_tenant_id for a tenant, the primary key for the admin), and filters the status among those. A
+    page may so hold fewer than `limit` jobs, even none, with `more` true: follow `next_cursor` while
+    `more` is; a page with `more` false still has the cursor to ask again later, for newer jobs."""
+    try:
+        listing = _listing(request.query, request[PRINCIPAL])
+    except Refusal as refusal:
+        return refusal.response()
+    pool = request.app[POOL]
+    scan = listing.limit * (LIST_SCAN_FACTOR if listing.status is not None else 1)
+    # One more than is read, to tell whether any job follows.
+    if listing.tenant is None:
+        rows = await pool.fetch(sql("scan_jobs"), listing.after, scan + 1)
+    else:
+        rows = await pool.fetch(sql("scan_tenant_jobs"), listing.tenant, listing.after, scan + 1)
+    scanned = rows[:scan]
+    picked = [row["id"] for row in scanned if listing.status in (None, row["status"])][: listing.limit]
+    if len(picked) == listing.limit:
+        last, more = picked[-1], picked[-1] != rows[-1]["id"]
+    else:
+        last, more = (scanned[-1]["id"] if scanned else listing.cursor), len(rows) > scan
+    found = await pool.fetch(sql("list_jobs"), picked) if picked else []
+    # A job whose status changed between the two reads is left out rather than shown under another status.
+    jobs = [_job_json(row, LIST_FIELDS) for row in found if listing.status in (None, row["status"])]
+    head = _dumps({"next_cursor": None if last is None else str(last), "more": more})
+    return web.Response(
+        text=head[:-1] + ', "jobs": [' + ", ".join(jobs) + "]}", content_type="application/json"
+    )
+
+
+def _listing(query: Mapping[str, str], principal: Principal) -> Listing:
+    tenant = query.get("tenant") or principal.tenant_id
+    if not principal.may_see(tenant or ""):
+        raise Refusal(403, f"this token reads tenant {principal.tenant_id}'s jobs only")
+    status = query.get("status") or None
+    if status is not None and status not in statuses.JOB_STATUSES:
+        raise Refusal(400, f"status must be one of {', '.join(statuses.JOB_STATUSES)}", field="status")
+    try:
+        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise Refusal(400, f"limit must be an integer from 1 to {LIST_LIMIT_MAX:,}", field="limit")
+    cursor = None
+    if "cursor" in query:
+        try:
+            cursor = uuid.UUID(query["cursor"])
+        except ValueError:
+            raise Refusal(400, "cursor must be a next_cursor a listing gave", field="cursor") from None
+    after = max(cursor or NIL_UUID, _since(query["since"]) if "since" in query else NIL_UUID)
+    return Listing(tenant, after, cursor, status, limit)
+
+
+def _since(text: str) -> uuid.UUID:
+    """The largest id below every job made at or after `since` (an ISO 8601 time with a time zone, or a
+    duration before now: 30m, 2h, 1d). A job's id begins with the milliseconds it was made at."""
+    seconds = parse_duration(text)
+    try:
+        since = (
+            datetime.now(UTC) - timedelta(seconds=seconds)
+            if seconds is not None
+            else datetime.fromisoformat(text)
+        )
+    except (ValueError, OverflowError):
+        since = None
+    if since is None or since.tzinfo is None:
+        message = (
+            "since must be an ISO 8601 time with a time zone (2026-12-01T12:00:00Z) or a duration: 30m, 2h"
+        )
+        raise Refusal(400, message, field="since")
+    milliseconds = min(max(math.floor(since.timestamp() * 1000), 0), 2**48 - 1)
+    return uuid.UUID(int=max((milliseconds << 80) - 1, 0))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """`DELETE /v1/jobs/{id}`: cancels a queued job, as a producer's `batchd.cancel_job` does. Another
+    tenant's job is a 404, as on GET; a job no longer queued (in a batch, sent, finished) is a 409."""
+    try:
+        job_id = uuid.UUID(request.match_info["job_id"])
+    except ValueError:
+        return _error(404, "no such job")
+    pool = request.app[POOL]
+    tenant = await pool.fetchval(sql("job_tenant"), job_id)
+    if tenant is None or not request[PRINCIPAL].may_see(tenant):
+        return _error(404, "no such job")
+    if not await pool.fetchval(sql("cancel_job"), job_id):
+        row = await pool.fetchrow(sql("get_job"), job_id)
+        if row is None:  # pruned meanwhile
+            return _error(404, "no such job")
+        message = f"the job is {row['status']}: only a queued job can be canceled"
+        return Refusal(409, message, job_status=row["status"]).response()
+    return web.json_response({"id": str(job_id), "status": statuses.JobStatus.CANCELED})
+
+
+class Refusal(Exception):  # noqa: N818 - reads as the answer it is
+    """A request of the jobs' API refused (for a POST: none of its jobs written): the HTTP status, the
+    error's other members, and headers."""
+
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, **members: object
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+        self.members = members
+
+    def response(self) -> web.Response:
+        body = {"error": {"status": self.status, "message": str(self), **self.members}}
+        return web.json_response(body, status=self.status, dumps=_dumps, headers=self.headers)
+
+
+async def post_jobs(request: web.Request) -> web.Response:
+    """Producers' INSERT over HTTP: one job (a JSON object) or several (a JSON array), checked as `batchd
+    enqueue` checks them (enqueue.py: the database's request_problem and the daemon's templates, in Python)
+    and written in one transaction, all or none. A tenant's token writes that tenant's jobs only; the admin
+    token names each job's tenant_id. A job whose idempotency key its tenant already holds is not added:
+    the answer gives the holder's id (`enqueued`: false), so a retried POST never makes a job twice.
+
+    The pool's role is batchd's own, which the database's producer checks (jobs_guard_insert) trust with
+    every column: the strictness is here instead. A job may carry the producer contract's members only
+    (any other is refused, naming it), and insert_jobs names only the columns a producer may write."""
+    try:
+        single, jobs = await _posted_jobs(request)
+        ids, added = await _insert_posted(request, jobs)
+    except Refusal as refusal:
+        return refusal.response()
+    answers = [{"id": str(job_id), "enqueued": new} for job_id, new in zip(ids, added, strict=True)]
+    if single:
+        response = web.json_response(answers[0], status=202)
+        response.headers["Location"] = f"/v1/jobs/{ids[0]}"
+        return response
+    return web.json_response({"jobs": answers}, status=202)
+
+
+async def _posted_jobs(request: web.Request) -> tuple[bool, list[enqueue.NewJob]]:
+    """(whether the body is one job, its jobs checked), or the Refusal saying why not."""
+    principal = request[PRINCIPAL]
+    http = request.app[SETTINGS].http
+    texts, single = _job_texts(await _body_text(request, http.max_post_bytes), http.max_post_jobs)
+    key = _idempotency_header(request, single)
+    defaults = enqueue.Defaults(
+        tenant_id=principal.tenant_id, tenant_hint=" (the admin token names each job's)"
+    )
+    checker = request.app[CHECKER]
+    jobs, problems = [], []
+    for index, job_text in enumerate(texts):
+        try:
+            job = enqueue.check_job(job_text, checker, defaults)
+        except enqueue.BadJob as error:
+            problems.append({"index": index, "field": error.field, "message": str(error)})
+            continue
+        if not principal.may_see(job.tenant_id):
+            raise Refusal(403, f"job {index}: this token writes tenant {principal.tenant_id}'s jobs only")
+        if key is not None:
+            if job.idempotency_key not in (None, key):
+                raise Refusal(400, "the Idempotency-Key header and the job's idempotency_key differ")
+            job = dataclasses.replace(job, idempotency_key=key)
+        jobs.append(job)
+    if problems:
+        first = problems[0]
+        message = f"job {first['index']}: {first['message']}" if not single else str(first["message"])
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1:,} more bad job(s); none was enqueued)"
+        raise Refusal(400, message, problems=problems)
+    return single, jobs
+
+
+def _idempotency_header(request: web.Request, single: bool) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not single:
+        raise Refusal(400, "the Idempotency-Key header goes with one job; give each job its idempotency_key")
+    if key is not None and not key.strip():
+        raise Refusal(400, "the Idempotency-Key header is empty")
+    return key
+
+
+def _job_texts(text: str, max_jobs: int) -> tuple[list[str], bool]:
+    """(each job's JSON text, whether the body is one job rather than an array)."""
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        return [text], True
+    try:
+        spans = list(enqueue.array_items(text, whole="the body"))
+    except enqueue.BadInput as error:
+        raise Refusal(400, str(error)) from None
+    if not spans:
+        raise Refusal(400, "the array holds no job")
+    if len(spans) > max_jobs:
+        raise Refusal(
+            413, f"{len(spans):,} jobs; a request may carry at most {max_jobs:,} ([http] max_post_jobs)"
+        )
+    return [text[a:b] for a, b in spans], False
+
+
+async def _body_text(request: web.Request, limit: int) -> str:
+    too_large = Refusal(413, f"the body is larger than {limit:,} bytes ([http] max_post_bytes)")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():  # read as it comes, refused as soon as it is too large
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        return body.decode()
+    except UnicodeDecodeError as error:
+        raise Refusal(400, f"the body is not UTF-8: {error}") from None
+
+
+async def _insert_posted(
+    request: web.Request, jobs: list[enqueue.NewJob]
+) -> tuple[list[uuid.UUID], list[bool]]:
+    settings = request.app[SETTINGS]
+    try:
+        async with request.app[POOL].acquire() as connection:
+            outcome = await enqueue.insert_jobs(connection, [(None, job) for job in jobs], holders=True)
+    except asyncpg.ConfigurationLimitExceededError as error:
+        # The tenant's max_queued. Queued jobs leave the queue when they are flushed, within max_wait_s.
+        retry = str(max(1, math.ceil(settings.batching.max_wait_s)))
+        raise Refusal(
+            429, error.message, {"Retry-After": retry}, detail=error.detail, hint=error.hint
+        ) from None
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as error:
+        raise Refusal(400, f"the database refused the jobs: {error.message}", detail=error.detail) from None
+    except DB_ERRORS as error:
+        log.warning("http.enqueue_failed", error=str(error) or type(error).__name__)
+        raise Refusal(503, "the database could not be written; try again shortly") from None
+    if any(job_id is None for job_id in outcome.ids):
+        # A key's holder gone between the INSERT and the look-up (pruned): a retry will add the job.
+        raise Refusal(503, "a job holding an idempotency key went away meanwhile; try again")
+    return [job_id for job_id in outcome.ids if job_id is not None], outcome.added
 
 
 def _dumps(value: object) -> str:
@@ -267,7 +529,10 @@ def create_app(
     readings: Readings | None = None,
     session_max_age_s: int = HttpSettings().session_max_age_s,
     api_problem: Callable[[], str | None] = lambda: None,
+    settings: Settings | None = None,
 ) -> web.Application:
+    """`settings`: the daemon's, for checking posted jobs as it will (its job types, its batches' size) and
+    the [http] limits on a POST."""
     app = web.Application(middlewares=[authenticate_api])
     app[POOL] = pool
     app[READY_CHECK] = ready
@@ -275,6 +540,8 @@ def create_app(
     app[ADMIN_TOKEN] = admin_token
     app[SECURE_COOKIE] = secure_cookie
     app[SESSION_MAX_AGE_S] = session_max_age_s
+    app[SETTINGS] = settings if settings is not None else Settings()
+    app[CHECKER] = enqueue.Checker(app[SETTINGS])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # The database's readings, for the overview and (registered on the metrics' registry) for /metrics.
@@ -287,6 +554,9 @@ def create_app(
     # Any segment reaches get_job, which reads every spelling uuid.UUID does and answers 404 in JSON for the
     # rest: aiohttp's default pattern refuses braces ({uuid} is one of those spellings) with a plain-text 404.
     app.router.add_get("/v1/jobs/{job_id:[^/]+}", get_job)
+    app.router.add_delete("/v1/jobs/{job_id:[^/]+}", cancel_job)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_post("/v1/jobs", post_jobs)
     app.router.add_get("/v1/overview", overview)
     app.router.add_get("/v1/series", series)
     app.router.add_get("/v1/session", who_am_i)

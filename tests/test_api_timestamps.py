@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 from sse_support import sse_stream
-from support import ADMIN_TOKEN, insert_raw
+from support import ADMIN_TOKEN, insert_raw, raw_request
 
 from batchd.config import EventsSettings
 from batchd.events import EventHub
@@ -86,10 +86,15 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
     async with serve() as (daemon, url):
 
         async def call(
-            method: str, path: str, token: str | None = ADMIN_TOKEN, route: str | None = None
+            method: str,
+            path: str,
+            token: str | None = ADMIN_TOKEN,
+            route: str | None = None,
+            body: Any = None,
         ) -> None:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            async with session.request(method, f"{url}{path}", headers=headers) as response:
+            data = None if body is None else json.dumps(body)
+            async with session.request(method, f"{url}{path}", headers=headers, data=data) as response:
                 assert response.content_type == "application/json", (path, response.status)
                 answers.setdefault(route or path, []).append(await response.json())
 
@@ -106,6 +111,14 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
             await call("GET", f"/v1/jobs/{job}", route="/v1/jobs/{job_id}")
             await call("GET", f"/v1/jobs/{job}", tokens["acme"], route="/v1/jobs/{job_id}")
         await call("GET", "/v1/events?job_id=nope", route="/v1/events")
+        posted = {"request": raw_request("posted"), "deadline": "2026-12-01T12:00:00Z"}
+        await call("POST", "/v1/jobs", tokens["acme"], body=posted)
+        await call("POST", "/v1/jobs", body=[{**posted, "tenant_id": "acme"}])
+        await call("POST", "/v1/jobs", tokens["acme"], body={"request": {}})
+        for query in ("limit=2", "status=succeeded&tenant=acme", "limit=0"):
+            await call("GET", f"/v1/jobs?{query}", route="/v1/jobs")
+        for token in (tokens["acme"], tokens["globex"]):  # 409, 404
+            await call("DELETE", f"/v1/jobs/{done}", token, route="/v1/jobs/{job_id}")
         # The event stream's frames: the events (after every one was published), and a reset.
         async with sse_stream(session, url, ADMIN_TOKEN, last_event_id=0) as stream:
             await stream.until(lambda c: len(c.data()) >= 2)
@@ -128,6 +141,7 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
         for body in bodies
         for where, value in times(body)
     ]
+    assert {where for route, where, _ in found if route == "/v1/jobs"} >= {".jobs[0].created_at"}
     assert {where for route, where, _ in found if route == "/v1/jobs/{job_id}"} >= {
         ".created_at",
         ".submitted_at",

@@ -789,6 +789,22 @@ SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_re
        error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
   FROM batchd.jobs WHERE id = $1;
 
+-- name: scan_tenant_jobs
+-- `GET /v1/jobs`, a tenant's: the next $3 of its jobs after the cursor $2, by id (time-ordered), from the
+-- index jobs_tenant_id. Their status only: the page is filtered from these, then read (list_jobs).
+SELECT id, status FROM batchd.jobs WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3;
+
+-- name: scan_jobs
+-- The same for the admin, every tenant's, from the primary key.
+SELECT id, status FROM batchd.jobs WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: list_jobs
+-- A page of `GET /v1/jobs`: what `GET /v1/jobs/{id}` shows of each job but its result (a page's size stays
+-- bounded: read a job for its result). jsonb as the database's text, as get_job does.
+SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
+       error::text AS error, usage::text AS usage, created_at, submitted_at, completed_at
+  FROM batchd.jobs WHERE id = ANY($1::uuid[]) ORDER BY id;
+
 -- name: job_tenant
 SELECT tenant_id FROM batchd.jobs WHERE id = $1;
 

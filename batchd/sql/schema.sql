@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0013): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0014): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -347,6 +347,8 @@ CREATE INDEX jobs_queued_tenant ON batchd.jobs (tenant_id, seq) WHERE status = '
 CREATE INDEX jobs_queued_routed ON batchd.jobs (deadline, seq) WHERE status = 'queued' AND route <> 'batch';
 -- Jobs in flight through the Messages API, for lease renewal and taking back a dead daemon's. [0007]
 CREATE INDEX jobs_sending ON batchd.jobs (sync_lease_until) WHERE status = 'sending';
+-- A tenant's jobs in the order they were made: `GET /v1/jobs` pages through it by id. [0014]
+CREATE INDEX jobs_tenant_id ON batchd.jobs (tenant_id, id);
 
 CREATE UNIQUE INDEX events_seq ON batchd.events (seq);
 CREATE INDEX events_unpublished ON batchd.events (id) WHERE seq IS NULL;
