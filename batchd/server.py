@@ -66,6 +66,8 @@ JOB_FIELDS = (
     "created_at",
     "submitted_at",
     "completed_at",
+    "cost_usd",
+    "sync_cost_usd",
 )
 
 

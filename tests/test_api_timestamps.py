@@ -99,6 +99,8 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
             await call("GET", "/v1/overview", token)
             await call("GET", "/v1/session", token)
             await call("POST", "/v1/session", token)
+            for window in ("1h", "1d", "30d"):
+                await call("GET", f"/v1/series?window={window}", token, route="/v1/series")
         await call("DELETE", "/v1/session")
         for job in (done, canceled, failed, submitted, "not-a-job", "00000000-0000-0000-0000-000000000000"):
             await call("GET", f"/v1/jobs/{job}", route="/v1/jobs/{job_id}")
