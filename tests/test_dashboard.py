@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -621,3 +621,111 @@ async def test_completions_page_through_and_a_job_opens_in_a_dialog_as_text(
         await click(browser, "feed-newer")
         assert await browser.evaluate(FEED_RANGE) == page_range(1, PAGE_SIZE, 61)
         assert await browser.evaluate("document.querySelector('[data-testid=feed-newer]').disabled")
+
+
+TALLY = """
+INSERT INTO batchd.tallies (at, tenant_id, status, path, model, jobs, billed, input_tokens, cache_read_tokens,
+                            cost_usd, sync_cost_usd)
+VALUES (now() - $1 * interval '1 minute', $2, $3, $4, 'm', $5, $5, $6, $7, $8, $9)
+"""
+# (minutes ago, tenant, status, path, jobs, input tokens, cache read tokens, cost, Messages API cost)
+CHART_WORKLOAD = [
+    (10, "acme", "succeeded", "batch", 5, 100, 300, "1", "2"),
+    (10, "acme", "failed", "batch", 1, 0, 0, "0", "0"),
+    (10, "acme", "succeeded", "sync", 2, 20, 0, "0.6", "0.6"),
+    (10, "globex", "succeeded", "batch", 4, 40, 0, "2", "4"),
+    (3 * 24 * 60, "acme", "succeeded", "batch", 9, 90, 0, "9", "18"),  # in the 30 days only
+]
+CHART = "document.querySelector('[data-testid=charts]')"
+
+
+def chart_bars(test_id: str) -> str:
+    """A chart's intervals: their data (data-*), their title, and the height of each bar part."""
+    return (
+        f"[...document.querySelectorAll('[data-testid={test_id}] g.bar')].map((g) => ({{...g.dataset,"
+        " title: g.querySelector('title').textContent,"
+        " parts: Object.fromEntries([...g.querySelectorAll('rect.part')]"
+        ".map((r) => [r.dataset.part, Number(r.getAttribute('height'))]))}))"
+    )
+
+
+async def bar_at(browser: Browser, test_id: str, start: datetime) -> dict[str, Any]:
+    bars = await browser.evaluate(chart_bars(test_id))
+    (bar,) = [bar for bar in bars if datetime.fromisoformat(bar["start"]) == start]
+    return dict(bar)
+
+
+async def test_charts_draw_the_series_of_the_chosen_window_each_principal_its_own(
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
+) -> None:
+    for minutes, tenant, status, path, jobs, input_tokens, read, cost, sync in CHART_WORKLOAD:
+        await db.execute(
+            TALLY, minutes, tenant, status, path, jobs, input_tokens, read, Decimal(cost), Decimal(sync)
+        )
+    now: datetime = await db.fetchval("SELECT now()")
+    hour = (now - timedelta(minutes=10)).replace(minute=0, second=0, microsecond=0)
+    day = (now - timedelta(days=3)).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with serve() as (_, url):
+        await charts_as_the_admin(url, hour)
+        await charts_as_a_tenant(url, tokens["acme"], hour, day)
+
+
+async def charts_as_the_admin(url: str, hour: datetime) -> None:
+    """Every tenant's numbers, summed. The day window is the default: 25 hours."""
+    async with dashboard() as browser:
+        await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 25
+        jobs = await bar_at(browser, "chart-jobs", hour)
+        assert (jobs["succeeded"], jobs["failed"], jobs["canceled"]) == ("11", "1", "0")
+        assert "11 succeeded · 1 failed · 0 canceled" in jobs["title"]
+        assert jobs["parts"]["succeeded"] == pytest.approx(100 * 11 / 12)
+        money = await bar_at(browser, "chart-money", hour)
+        assert float(money["costUsd"]) == pytest.approx(3.6)
+        assert float(money["savedUsd"]) == pytest.approx(3.0)
+        assert "cost $3.6 · saved $3" in money["title"]
+        assert "Messages API price $6.6" in money["title"]
+        share = await bar_at(browser, "chart-share", hour)
+        assert float(share["batchShare"]) == pytest.approx(10 / 12)
+        assert "10 in batches · 2 sync" in share["title"]
+        cache = await bar_at(browser, "chart-cache", hour)
+        assert float(cache["cacheHitRatio"]) == pytest.approx(300 / 460)
+        total = "document.querySelector('[data-testid=chart-jobs] .chart-total').textContent"
+        assert await browser.evaluate(total) == "12 jobs"
+        await assert_fits(browser, "dashboard-charts-admin")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-charts-admin.png")
+
+
+async def charts_as_a_tenant(url: str, token: str, hour: datetime, day: datetime) -> None:
+    """acme's own numbers only, in every window."""
+    async with dashboard() as browser:
+        await browser.navigate(f"{url}/#token={token}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        jobs = await bar_at(browser, "chart-jobs", hour)
+        assert (jobs["succeeded"], jobs["failed"]) == ("7", "1")
+        money = await bar_at(browser, "chart-money", hour)
+        assert float(money["costUsd"]) == pytest.approx(1.6)
+        assert float(money["syncCostUsd"]) == pytest.approx(2.6)
+        share = await bar_at(browser, "chart-share", hour)
+        assert float(share["batchShare"]) == pytest.approx(6 / 8)
+        cache = await bar_at(browser, "chart-cache", hour)
+        assert float(cache["cacheHitRatio"]) == pytest.approx(300 / 420)
+        succeeded = f"{chart_bars('chart-jobs')}.reduce((sum, bar) => sum + Number(bar.succeeded), 0)"
+        assert await browser.evaluate(succeeded) == 7
+
+        await browser.evaluate("document.querySelector('[data-testid=window-30d]').click()")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '30d'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 31
+        assert await browser.evaluate(succeeded) == 16
+        old = await bar_at(browser, "chart-money", day)
+        assert float(old["costUsd"]) == pytest.approx(9)
+        assert "saved $9" in old["title"]
+
+        await browser.evaluate("document.querySelector('[data-testid=window-1h]').click()")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1h'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 2
+        assert "globex" not in await browser.evaluate("document.body.innerHTML")
+        await assert_fits(browser, "dashboard-charts-tenant")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-charts-tenant.png")

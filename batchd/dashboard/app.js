@@ -65,6 +65,8 @@
     feed: [], // the completions kept, newest first (at most FEED_LIMIT)
     feedStart: 0, // index in `feed` of the first row shown (0: the newest page)
     dialogJob: null, // the job the detail dialog shows, or is loading
+    chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
+    seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
     renderTimer: null,
   };
 
@@ -267,6 +269,8 @@
     setConnection("connecting");
     state.intervals.push(setInterval(tick, 1000));
     state.intervals.push(setInterval(refresh, REFRESH_MS));
+    state.intervals.push(setInterval(loadSeries, REFRESH_MS));
+    loadSeries();
     state.needStream = state.backfill = true;
     refresh();
   }
@@ -839,6 +843,11 @@
     state.feed = [];
     state.feedStart = 0;
     drawFeed();
+    for (const figure of document.querySelectorAll(".chart")) {
+      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to"]) $(part, figure).replaceChildren();
+    }
+    delete byTestId("charts").dataset.state;
+    delete byTestId("charts").dataset.window;
     for (const id of ["table-tenants", "table-batches", "table-money", "feed"]) {
       $("tbody", byTestId(id)).replaceChildren();
     }
@@ -1070,6 +1079,169 @@
     openJob(row.dataset.jobId);
   }
 
+  // ---- charts (GET /v1/series), hand-drawn SVG --------------------------------------------------------
+
+  const SVG = "http://www.w3.org/2000/svg";
+  const PLOT_HEIGHT = 100; // the viewBox's height; each interval is 10 wide (a bar of 8 and a gap)
+  const MIN_SLOTS = 12;
+
+  function svg(tag, attributes, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attributes || {})) node.setAttribute(key, String(value));
+    node.append(...children);
+    return node;
+  }
+
+  function svgTitle(text) {
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = text;
+    return title;
+  }
+
+  /** An interval's name, in UTC as the series counts: "2026-12-07 14:00 UTC" or "2026-12-07 UTC". */
+  function intervalName(start, interval) {
+    const iso = new Date(start).toISOString();
+    return interval === "hour" ? `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC` : `${iso.slice(0, 10)} UTC`;
+  }
+
+  /** Amounts in titles to the 10th decimal, not to cents: a job's cost is often a fraction of one (and the
+   * API's doubles leave noise past that: 6.6 - 3.6 is 2.9999999999999996). */
+  const exactDollars = (value) => `$${Number((Number(value) || 0).toFixed(10))}`;
+  const ratio = (value) => (value === null || value === undefined ? "—" : percent.format(value));
+
+  async function loadSeries() {
+    if (!state.session) return;
+    const generation = state.generation;
+    state.seriesAsked += 1;
+    const asked = state.seriesAsked;
+    const window_ = state.chartWindow;
+    const panel = byTestId("charts");
+    panel.dataset.state = "loading";
+    let answer;
+    try {
+      answer = await api("GET", `/v1/series?window=${encodeURIComponent(window_)}`);
+    } catch {
+      answer = { status: 0, ok: false, body: null };
+    }
+    if (generation !== state.generation || asked !== state.seriesAsked) return;
+    if (answer.status === 401) {
+      showSignIn("Your session ended: sign in again.");
+      return;
+    }
+    if (!answer.ok || !answer.body) {
+      panel.dataset.state = "failed"; // the charts drawn before stay until the next try
+      return;
+    }
+    drawCharts(answer.body);
+    panel.dataset.window = window_;
+    panel.dataset.state = "loaded";
+  }
+
+  function chooseWindow(window_) {
+    state.chartWindow = window_;
+    for (const button of document.querySelectorAll(".windows button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.window === window_));
+    }
+    loadSeries();
+  }
+
+  /** One chart: per interval a <g data-start> carrying the interval's numbers (data-*) and, in its <title>,
+   * what they are exactly; in it a hit area the interval's height, and the stacked bars scaled to `top`. */
+  function drawChart(testId, series, parts, top, describe, total) {
+    const figure = byTestId(testId);
+    const count = series.intervals.length;
+    // At least MIN_SLOTS wide, the intervals at the right end: the hour window's two bars stay bars.
+    const offset = Math.max(0, MIN_SLOTS - count);
+    const plot = svg("svg", {
+      viewBox: `0 0 ${(count + offset) * 10} ${PLOT_HEIGHT}`,
+      preserveAspectRatio: "none",
+      role: "img",
+      "aria-label": $(".chart-title", figure).textContent,
+    });
+    series.intervals.forEach((row, position) => {
+      const index = position + offset;
+      const group = svg("g", { class: "bar", "data-start": row.start }, svgTitle(describe(row, series.interval)));
+      for (const [key, value] of Object.entries(row)) {
+        if (key !== "start") group.setAttribute(`data-${key.replaceAll("_", "-")}`, value === null ? "" : String(value));
+      }
+      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
+      let y = PLOT_HEIGHT;
+      for (const [key, value] of parts(row)) {
+        const height = top > 0 ? (Math.max(0, value) / top) * PLOT_HEIGHT : 0;
+        if (height <= 0) continue;
+        y -= height;
+        group.append(
+          svg("rect", { class: `part part-${key}`, "data-part": key, x: index * 10 + 1, y, width: 8, height }),
+        );
+      }
+      plot.append(group);
+    });
+    $(".chart-plot", figure).replaceChildren(plot);
+    $(".chart-total", figure).textContent = total;
+    const first = series.intervals[0];
+    const last = series.intervals[count - 1];
+    $(".chart-from", figure).textContent = first ? intervalName(first.start, series.interval) : "";
+    $(".chart-to", figure).textContent = last ? `${intervalName(last.start, series.interval)} (so far)` : "";
+  }
+
+  function drawCharts(series) {
+    const rows = series.intervals;
+    const sum = (key) => rows.reduce((total, row) => total + (Number(row[key]) || 0), 0);
+    const finished = (row) => row.succeeded + row.failed + row.canceled;
+    drawChart(
+      "chart-jobs",
+      series,
+      (row) => [
+        ["succeeded", row.succeeded],
+        ["failed", row.failed],
+        ["canceled", row.canceled],
+      ],
+      Math.max(0, ...rows.map(finished)),
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: ${num(row.succeeded)} succeeded · ${num(row.failed)} failed · ${num(row.canceled)} canceled`,
+      `${num(sum("succeeded") + sum("failed") + sum("canceled"))} jobs`,
+    );
+    drawChart(
+      "chart-money",
+      series,
+      (row) => [
+        ["cost", row.cost_usd],
+        ["saved", row.saved_usd],
+      ],
+      Math.max(0, ...rows.map((row) => Math.max(row.sync_cost_usd, row.cost_usd))),
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: cost ${exactDollars(row.cost_usd)} · saved ${exactDollars(row.saved_usd)} · Messages API price ${exactDollars(row.sync_cost_usd)}`,
+      `${dollars(sum("cost_usd"))} spent · ${dollars(sum("saved_usd"))} saved`,
+    );
+    const sent = sum("batch_jobs") + sum("sync_jobs");
+    drawChart(
+      "chart-share",
+      series,
+      (row) =>
+        row.batch_share === null
+          ? []
+          : [
+              ["batch", row.batch_share],
+              ["sync", 1 - row.batch_share],
+            ],
+      1,
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: ${num(row.batch_jobs)} in batches · ${num(row.sync_jobs)} sync` +
+        (row.batch_share === null ? " · none sent" : ` · batch share ${ratio(row.batch_share)}`),
+      sent ? `${ratio(sum("batch_jobs") / sent)} in batches` : "none sent",
+    );
+    const hits = rows.filter((row) => row.cache_hit_ratio !== null);
+    drawChart(
+      "chart-cache",
+      series,
+      (row) => (row.cache_hit_ratio === null ? [] : [["hits", row.cache_hit_ratio]]),
+      1,
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: cache hit ratio ${row.cache_hit_ratio === null ? "— (no prompt tokens)" : `${ratio(row.cache_hit_ratio)} (${row.cache_hit_ratio})`}`,
+      hits.length ? `best ${ratio(Math.max(...hits.map((row) => row.cache_hit_ratio)))}` : "no prompt tokens",
+    );
+  }
+
   // ---- start ---------------------------------------------------------------------------------------
 
   /** A token in the address's fragment (`#token=…`, from a link batchd printed) is used once: it becomes
@@ -1100,6 +1272,9 @@
     feed.addEventListener("click", onFeedClick);
     feed.addEventListener("keydown", onFeedKey);
     byTestId("feed-newer").addEventListener("click", () => turnFeed(-1));
+    for (const button of document.querySelectorAll(".windows button")) {
+      button.addEventListener("click", () => chooseWindow(button.dataset.window));
+    }
     byTestId("feed-older").addEventListener("click", () => turnFeed(1));
     const dialog = byTestId("job-dialog");
     byTestId("job-dialog-close").addEventListener("click", closeJob);
