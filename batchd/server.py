@@ -74,6 +74,8 @@ JOB_FIELDS = (
     "created_at",
     "submitted_at",
     "completed_at",
+    "cost_usd",
+    "sync_cost_usd",
 )
 LIST_FIELDS = tuple(field for field in JOB_FIELDS if field != "result")
 

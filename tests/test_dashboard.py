@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-FEED_LIMIT = 200  # rows the page keeps in its feed (app.js)
+FEED_LIMIT = 200  # completions the page keeps (app.js)
+PAGE_SIZE = 25  # of which the completions table shows one page
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +66,13 @@ def feed_has(job_ids: list[str], status: str = "succeeded") -> str:
         f" return {json.dumps(job_ids)}.every((id) => rows.some((r) => r.job === id && r.status === status));"
         " })()"
     )
+
+
+JOB_DETAIL = "document.querySelector('[data-testid=job-detail]')"
+JOB_LOADED = (
+    f"({JOB_DETAIL}.dataset.state === 'loaded' && document.querySelector('[data-testid=job-dialog]').open)"
+)
+FEED_RANGE = "document.querySelector('[data-testid=feed-range]').textContent"
 
 
 def feed_row(job_id: str) -> str:
@@ -173,10 +183,7 @@ async def test_a_tenant_signs_in_and_sees_its_own_completions_only(
 
         # A completion row opens the job with its result.
         await browser.evaluate(f"{feed_row(acme_jobs[0])}.click()")
-        detail = await browser.wait_for(
-            "(() => { const d = document.querySelector('[data-testid=job-detail] .job-detail');"
-            " return d && d.textContent; })()"
-        )
+        detail = await browser.wait_for(f"{JOB_LOADED} && {JOB_DETAIL}.textContent")
         assert acme_jobs[0] in detail
         assert "Result" in detail
         # Its times, read by the browser from the API's ISO 8601: dates, not "—" nor "Invalid Date".
@@ -325,7 +332,9 @@ async def test_the_feed_keeps_the_newest_rows_and_a_reload_counts_each_job_once(
         await browser.wait_for(f"{CONNECTION} === 'live'")
         await insert_raw(db, "acme", [f"acme {n}" for n in range(many)])
         await browser.wait_for(f"{card('succeeded')} === {many}")
-        await browser.wait_for(f"{FEED_ROWS}.length === {FEED_LIMIT}")
+        # It keeps the newest FEED_LIMIT, of which the table shows one page.
+        await browser.wait_for(f"{FEED_RANGE} === '{page_range(1, PAGE_SIZE, FEED_LIMIT)}'")
+        assert await browser.evaluate(f"{FEED_ROWS}.length") == PAGE_SIZE
         assert await browser.evaluate(f"{FEED_ROWS}.every((row) => row.status === 'succeeded')")
         output_tokens = await db.fetchval(
             "SELECT sum((usage->>'output_tokens')::bigint) FROM batchd.jobs WHERE tenant_id = 'acme'"
@@ -388,18 +397,20 @@ async def test_a_bad_token_is_refused_and_the_page_stays_signed_out(
         await browser.screenshot(ARTIFACTS / "dashboard-signin.png")
 
 
-# Every element of the page outside the feed (which scrolls sideways on a phone, by design) whose content is
-# wider than its box, and the page itself if wider than the window; and every card showing a compact number
-# without the exact one in its title.
+# Every element of the page whose content is wider than its box (but for a text cut with an ellipsis by
+# design, whose whole text is in its title), and the page itself if wider than the window; and every card
+# showing a compact number without the exact one in its title.
 OVERFLOWING = """(() => {
-  const feed = document.querySelector('[data-testid=feed]').closest('.table-wrap');
   const name = (node) => node.tagName.toLowerCase() + (node.dataset.testid ? `[${node.dataset.testid}]` : '')
     + (node.className && typeof node.className === 'string' ? `.${node.className.split(' ').join('.')}` : '')
     + ` "${node.textContent.trim().slice(0, 40)}"`;
   const found = [];
   for (const node of document.querySelectorAll('body *')) {
-    if (!(node instanceof HTMLElement) || feed.contains(node) || !node.getClientRects().length) continue;
-    if (node.scrollWidth > node.clientWidth + 1 && getComputedStyle(node).display !== 'inline') {
+    if (!(node instanceof HTMLElement) || !node.getClientRects().length) continue;
+    const style = getComputedStyle(node);
+    if (style.textOverflow === 'ellipsis' && style.overflowX !== 'visible'
+        && (node.title || node.querySelector('[title]'))) continue;
+    if (node.scrollWidth > node.clientWidth + 1 && style.display !== 'inline') {
       found.push(`${name(node)}: ${node.scrollWidth} > ${node.clientWidth}`);
     }
   }
@@ -495,3 +506,230 @@ async def test_money_and_budgets_per_tenant_exact_and_a_held_tenant_sees_why_its
             assert "Queued jobs wait (none is sent) until the budget allows again" in held
             assert "globex" not in await browser.evaluate("document.body.innerHTML")
             await assert_fits(browser, "dashboard-money-tenant")
+
+
+HOSTILE = '<img src=x onerror="document.body.dataset.pwned = 1"><b>bold</b>'
+PAGE_HEIGHT = "document.documentElement.scrollHeight"
+
+
+def job_facts() -> str:
+    """The job dialog's facts: field -> [shown text, the server's value]."""
+    return (
+        "Object.fromEntries([...document.querySelectorAll('[data-testid=job-detail] [data-field] dd')]"
+        ".map((dd) => [dd.parentElement.dataset.field, [dd.textContent, dd.dataset.value]]))"
+    )
+
+
+async def click(browser: Browser, test_id: str) -> None:
+    await browser.evaluate(f"document.querySelector('[data-testid={test_id}]').click()")
+
+
+def page_range(first: int, last: int, count: int) -> str:
+    """The pager's words for rows first to last of count."""
+    return f"{first}\u2013{last} of {count}"
+
+
+async def assert_job_dialog(browser: Browser, db: Any, job_id: str) -> None:
+    """The open dialog shows the job as the database and its ledger hold it, its result as text."""
+    facts = await browser.evaluate(job_facts())
+    job = await db.fetchrow("SELECT * FROM batchd.jobs WHERE id = $1", uuid.UUID(job_id))
+    assert facts["status"][1] == "succeeded", facts
+    assert facts["status"][0].startswith("Succeeded"), facts
+    for field, column in (
+        ("created", "created_at"),
+        ("submitted", "submitted_at"),
+        ("completed", "completed_at"),
+    ):
+        assert datetime.fromisoformat(facts[field][1]) == job[column], field
+        assert re.search(r"\d{1,4}\D\d{1,2}\D\d{1,4}", facts[field][0]), facts[field]
+    assert facts["path"][1] == job["path"] == "batch"
+    assert job["path_reason"]
+    assert facts["path-reason"][1] == job["path_reason"], facts
+    assert json.loads(facts["usage"][1]) == job["usage"]
+    assert f"{job['usage']['output_tokens']} out" in facts["usage"][0]
+    cost, sync = await db.fetchrow(
+        "SELECT cost_usd, sync_cost_usd FROM batchd.costs WHERE job_id = $1", uuid.UUID(job_id)
+    )
+    assert Decimal(facts["cost"][1]) == cost
+    assert Decimal(facts["sync-cost"][1]) == sync
+    assert facts["cost"][0].startswith("$")
+    # The result is the model's text, shown as text: the markup in it is not markup on the page.
+    result = "document.querySelector('[data-testid=job-detail] [data-field=result]')"
+    assert HOSTILE in await browser.evaluate(f"{result}.textContent")
+    assert await browser.evaluate(f"{JOB_DETAIL}.querySelectorAll('img, b, script').length") == 0
+    assert await browser.evaluate("document.body.dataset.pwned") is None
+
+
+async def test_completions_page_through_and_a_job_opens_in_a_dialog_as_text(
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
+) -> None:
+    """A known workload: one job whose prompt (so whose emulated result) is markup, then 60 more. The table
+    shows a page of them at a time, the page stays as tall whatever their count, nothing scrolls sideways at
+    1280 or 390 px, and a row opens the job in a dialog, its result as text."""
+    async with serve() as (_, url), dashboard() as browser:
+        await browser.navigate(f"{url}/#token={tokens['acme']}")
+        await browser.wait_for(f"{CONNECTION} === 'live'")
+        (hostile,) = [str(job) for job in await insert_raw(db, "acme", [HOSTILE])]
+        await wait_for_jobs(db, done=1)
+        await browser.wait_for(feed_has([hostile]))
+        await browser.wait_for(NO_OPEN_BATCHES)
+        short_height = await browser.evaluate(PAGE_HEIGHT)
+        later = [str(job) for job in await insert_raw(db, "acme", [f"acme {n}" for n in range(60)])]
+        await browser.wait_for(
+            f"{card('succeeded')} === 61 && {FEED_RANGE} === '{page_range(1, PAGE_SIZE, 61)}'"
+        )
+        await browser.wait_for(NO_OPEN_BATCHES)
+
+        # One page in the table, whatever the count: the page grows by at most a page of rows.
+        assert await browser.evaluate(f"{FEED_ROWS}.length") == PAGE_SIZE
+        row_height = await browser.evaluate(
+            "document.querySelector('[data-testid=feed-row]').getBoundingClientRect().height"
+        )
+        full_height = await browser.evaluate(PAGE_HEIGHT)
+        assert full_height <= short_height + (PAGE_SIZE + 2) * row_height, (short_height, full_height)
+        await assert_fits(browser, "dashboard-completions")
+
+        # Older, older: every job once, the first one (the oldest) last; then back to the newest.
+        seen: list[str] = []
+        for first, last in ((1, PAGE_SIZE), (26, 50), (51, 61)):
+            assert await browser.evaluate(FEED_RANGE) == page_range(first, last, 61)
+            seen += [row["job"] for row in await browser.evaluate(FEED_ROWS)]
+            if last < 61:
+                await click(browser, "feed-older")
+        assert await browser.evaluate("document.querySelector('[data-testid=feed-older]').disabled")
+        assert sorted(seen) == sorted([hostile, *later])
+        assert seen[-1] == hostile
+        await browser.screenshot(ARTIFACTS / "dashboard-completions-last-page.png")
+
+        # The oldest job opens in the dialog: its facts as the API and the ledger hold them.
+        await browser.evaluate(f"{feed_row(hostile)}.click()")
+        await browser.wait_for(JOB_LOADED)
+        await assert_job_dialog(browser, db, hostile)
+        for width, height in (WINDOW, NARROW):
+            await browser.set_viewport(width, height)
+            await browser.wait_for(f"window.innerWidth === {width}")
+            dialog = "document.querySelector('[data-testid=job-dialog]')"
+            assert await browser.evaluate(f"{dialog}.getBoundingClientRect().right") <= width
+            assert await browser.evaluate(OVERFLOWING) == [], f"at {width} px"
+            await browser.screenshot(ARTIFACTS / f"dashboard-job-dialog-{width}.png")
+        await browser.set_viewport(*WINDOW)
+
+        # Closed. Completions arriving meanwhile do not move the rows a reader of an older page looks at.
+        await click(browser, "job-dialog-close")
+        assert await browser.evaluate("document.querySelector('[data-testid=job-dialog]').open") is False
+        shown = await browser.evaluate(FEED_ROWS)
+        await insert_raw(db, "acme", [f"more {n}" for n in range(5)])
+        await browser.wait_for(f"{FEED_RANGE} === '{page_range(56, 66, 66)}'")
+        assert await browser.evaluate(FEED_ROWS) == shown
+        await click(browser, "feed-newer")
+        await click(browser, "feed-newer")
+        assert await browser.evaluate(FEED_RANGE) == page_range(1, PAGE_SIZE, 66)
+        assert await browser.evaluate("document.querySelector('[data-testid=feed-newer]').disabled")
+
+
+TALLY = """
+INSERT INTO batchd.tallies (at, tenant_id, status, path, model, jobs, billed, input_tokens, cache_read_tokens,
+                            cost_usd, sync_cost_usd)
+VALUES (now() - $1 * interval '1 minute', $2, $3, $4, 'm', $5, $5, $6, $7, $8, $9)
+"""
+# (minutes ago, tenant, status, path, jobs, input tokens, cache read tokens, cost, Messages API cost)
+CHART_WORKLOAD = [
+    (10, "acme", "succeeded", "batch", 5, 100, 300, "1", "2"),
+    (10, "acme", "failed", "batch", 1, 0, 0, "0", "0"),
+    (10, "acme", "succeeded", "sync", 2, 20, 0, "0.6", "0.6"),
+    (10, "globex", "succeeded", "batch", 4, 40, 0, "2", "4"),
+    (3 * 24 * 60, "acme", "succeeded", "batch", 9, 90, 0, "9", "18"),  # in the 30 days only
+]
+CHART = "document.querySelector('[data-testid=charts]')"
+
+
+def chart_bars(test_id: str) -> str:
+    """A chart's intervals: their data (data-*), their title, and the height of each bar part."""
+    return (
+        f"[...document.querySelectorAll('[data-testid={test_id}] g.bar')].map((g) => ({{...g.dataset,"
+        " title: g.querySelector('title').textContent,"
+        " parts: Object.fromEntries([...g.querySelectorAll('rect.part')]"
+        ".map((r) => [r.dataset.part, Number(r.getAttribute('height'))]))}))"
+    )
+
+
+async def bar_at(browser: Browser, test_id: str, start: datetime) -> dict[str, Any]:
+    bars = await browser.evaluate(chart_bars(test_id))
+    (bar,) = [bar for bar in bars if datetime.fromisoformat(bar["start"]) == start]
+    return dict(bar)
+
+
+async def test_charts_draw_the_series_of_the_chosen_window_each_principal_its_own(
+    db: Any, tokens: dict[str, str], serve: Callable[..., Any]
+) -> None:
+    for minutes, tenant, status, path, jobs, input_tokens, read, cost, sync in CHART_WORKLOAD:
+        await db.execute(
+            TALLY, minutes, tenant, status, path, jobs, input_tokens, read, Decimal(cost), Decimal(sync)
+        )
+    now: datetime = await db.fetchval("SELECT now()")
+    hour = (now - timedelta(minutes=10)).replace(minute=0, second=0, microsecond=0)
+    day = (now - timedelta(days=3)).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with serve() as (_, url):
+        await charts_as_the_admin(url, hour)
+        await charts_as_a_tenant(url, tokens["acme"], hour, day)
+
+
+async def charts_as_the_admin(url: str, hour: datetime) -> None:
+    """Every tenant's numbers, summed. The day window is the default: 25 hours."""
+    async with dashboard() as browser:
+        await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 25
+        jobs = await bar_at(browser, "chart-jobs", hour)
+        assert (jobs["succeeded"], jobs["failed"], jobs["canceled"]) == ("11", "1", "0")
+        assert "11 succeeded · 1 failed · 0 canceled" in jobs["title"]
+        assert jobs["parts"]["succeeded"] == pytest.approx(100 * 11 / 12)
+        money = await bar_at(browser, "chart-money", hour)
+        assert float(money["costUsd"]) == pytest.approx(3.6)
+        assert float(money["savedUsd"]) == pytest.approx(3.0)
+        assert "cost $3.6 · saved $3" in money["title"]
+        assert "Messages API price $6.6" in money["title"]
+        share = await bar_at(browser, "chart-share", hour)
+        assert float(share["batchShare"]) == pytest.approx(10 / 12)
+        assert "10 in batches · 2 sync" in share["title"]
+        cache = await bar_at(browser, "chart-cache", hour)
+        assert float(cache["cacheHitRatio"]) == pytest.approx(300 / 460)
+        total = "document.querySelector('[data-testid=chart-jobs] .chart-total').textContent"
+        assert await browser.evaluate(total) == "12 jobs"
+        await assert_fits(browser, "dashboard-charts-admin")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-charts-admin.png")
+
+
+async def charts_as_a_tenant(url: str, token: str, hour: datetime, day: datetime) -> None:
+    """acme's own numbers only, in every window."""
+    async with dashboard() as browser:
+        await browser.navigate(f"{url}/#token={token}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        jobs = await bar_at(browser, "chart-jobs", hour)
+        assert (jobs["succeeded"], jobs["failed"]) == ("7", "1")
+        money = await bar_at(browser, "chart-money", hour)
+        assert float(money["costUsd"]) == pytest.approx(1.6)
+        assert float(money["syncCostUsd"]) == pytest.approx(2.6)
+        share = await bar_at(browser, "chart-share", hour)
+        assert float(share["batchShare"]) == pytest.approx(6 / 8)
+        cache = await bar_at(browser, "chart-cache", hour)
+        assert float(cache["cacheHitRatio"]) == pytest.approx(300 / 420)
+        succeeded = f"{chart_bars('chart-jobs')}.reduce((sum, bar) => sum + Number(bar.succeeded), 0)"
+        assert await browser.evaluate(succeeded) == 7
+
+        await browser.evaluate("document.querySelector('[data-testid=window-30d]').click()")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '30d'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 31
+        assert await browser.evaluate(succeeded) == 16
+        old = await bar_at(browser, "chart-money", day)
+        assert float(old["costUsd"]) == pytest.approx(9)
+        assert "saved $9" in old["title"]
+
+        await browser.evaluate("document.querySelector('[data-testid=window-1h]').click()")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1h'")
+        assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 2
+        assert "globex" not in await browser.evaluate("document.body.innerHTML")
+        await assert_fits(browser, "dashboard-charts-tenant")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-charts-tenant.png")

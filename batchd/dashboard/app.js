@@ -8,7 +8,8 @@
 (() => {
   "use strict";
 
-  const FEED_LIMIT = 200; // rows kept in the completions feed
+  const FEED_LIMIT = 200; // completions the page keeps (in memory; the table shows one page of them)
+  const PAGE_SIZE = 25; // rows of the completions table: the page's height does not grow with the count
   const BACKFILL_EVENTS = 200; // events before the snapshot replayed into the feed (not the totals) on open
   const REFRESH_MS = 30_000;
   const BATCH_REFRESH_MS = 1_000; // after batch.submitted / batch.ended, at most once per this
@@ -61,6 +62,11 @@
     backfill: false, // …from a little before it, to fill the feed
     intervals: [],
     pendingRows: [], // events waiting to become feed rows at the next render
+    feed: [], // the completions kept, newest first (at most FEED_LIMIT)
+    feedStart: 0, // index in `feed` of the first row shown (0: the newest page)
+    dialogJob: null, // the job the detail dialog shows, or is loading
+    chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
+    seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
     renderTimer: null,
   };
 
@@ -100,7 +106,8 @@
   const big = (value) => ((Number(value) || 0) >= 100_000 ? compact.format(value) : num(value));
   const compactDollars = (value) =>
     `$${new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 2 }).format(Number(value) || 0)}`;
-  const shortId = (id) => (id ? String(id).slice(0, 8) : "—");
+  // The end of an id: ids made at the same moment (UUIDv7) share their start, not their random tail.
+  const shortId = (id) => (id ? `…${String(id).slice(-8)}` : "—");
 
   function duration(seconds) {
     const s = Math.max(0, Math.floor(seconds));
@@ -262,6 +269,8 @@
     setConnection("connecting");
     state.intervals.push(setInterval(tick, 1000));
     state.intervals.push(setInterval(refresh, REFRESH_MS));
+    state.intervals.push(setInterval(loadSeries, REFRESH_MS));
+    loadSeries();
     state.needStream = state.backfill = true;
     refresh();
   }
@@ -280,6 +289,9 @@
     state.deltas = [];
     state.totals = new Map();
     state.pendingRows = [];
+    state.feed = [];
+    state.feedStart = 0;
+    closeJob();
     state.cursor = state.baseId = state.wantId = 0;
     state.retryMs = RETRY_MIN_MS;
   }
@@ -828,6 +840,14 @@
       valueNode.title = "";
     }
     for (const sub of document.querySelectorAll(".card-sub")) sub.textContent = "\u00a0";
+    state.feed = [];
+    state.feedStart = 0;
+    drawFeed();
+    for (const figure of document.querySelectorAll(".chart")) {
+      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to"]) $(part, figure).replaceChildren();
+    }
+    delete byTestId("charts").dataset.state;
+    delete byTestId("charts").dataset.window;
     for (const id of ["table-tenants", "table-batches", "table-money", "feed"]) {
       $("tbody", byTestId(id)).replaceChildren();
     }
@@ -862,9 +882,9 @@
     return el(
       "tr",
       {
-        className: item.live ? "feed-row is-new" : "feed-row",
+        className: item.fresh ? "feed-row is-new" : "feed-row",
         tabindex: "0",
-        "aria-expanded": "false",
+        "aria-haspopup": "dialog",
         title: "Show the job",
         dataset: {
           testid: "feed-row",
@@ -887,65 +907,84 @@
     );
   }
 
+  /** New events join the kept completions (newest first, FEED_LIMIT of them); a reader on an older page
+   * keeps the rows they look at (the page moves down by what arrived). */
   function renderFeed() {
     const items = state.pendingRows;
     state.pendingRows = [];
     if (!items.length) return;
-    const body = $("tbody", byTestId("feed"));
-    const fragment = document.createDocumentFragment();
-    for (let i = items.length - 1; i >= 0; i -= 1) fragment.append(feedRow(items[i]));
-    body.prepend(fragment);
-    // Keep FEED_LIMIT job rows (an expanded row's details go with it).
-    const rows = body.querySelectorAll("tr.feed-row");
-    for (let i = FEED_LIMIT; i < rows.length; i += 1) {
-      const next = rows[i].nextElementSibling;
-      if (next && next.classList.contains("detail-row")) next.remove();
-      rows[i].remove();
-    }
-    byTestId("feed-empty").hidden = true;
-    $("#feed-note").textContent = `newest first · last ${Math.min(rows.length, FEED_LIMIT)}`;
+    const arrived = items.reverse();
+    for (const item of arrived) item.fresh = item.live;
+    state.feed = arrived.concat(state.feed).slice(0, FEED_LIMIT);
+    if (state.feedStart > 0) state.feedStart += arrived.length;
+    drawFeed();
+    for (const item of arrived) item.fresh = false; // highlighted on arrival only, not on a later page turn
   }
 
-  // ---- a job's details, on click -------------------------------------------------------------------
+  /** The table holds one page (PAGE_SIZE rows) of the kept completions, whatever their count. */
+  function drawFeed() {
+    const count = state.feed.length;
+    const lastStart = Math.max(0, count - 1);
+    state.feedStart = Math.max(0, Math.min(state.feedStart, lastStart));
+    const start = state.feedStart;
+    const shown = state.feed.slice(start, start + PAGE_SIZE);
+    $("tbody", byTestId("feed")).replaceChildren(...shown.map(feedRow));
+    byTestId("feed-empty").hidden = count > 0;
+    byTestId("feed-pager").hidden = count <= PAGE_SIZE;
+    byTestId("feed-range").textContent = count
+      ? `${num(start + 1)}–${num(start + shown.length)} of ${num(count)}`
+      : "";
+    byTestId("feed-newer").disabled = start === 0;
+    byTestId("feed-older").disabled = start + PAGE_SIZE >= count;
+    $("#feed-note").textContent = count ? `newest first · the last ${num(count)} kept` : "newest first";
+  }
 
-  async function toggleJob(row) {
-    const next = row.nextElementSibling;
-    if (next && next.classList.contains("detail-row")) {
-      next.remove();
-      row.setAttribute("aria-expanded", "false");
-      return;
-    }
-    row.setAttribute("aria-expanded", "true");
-    const cell = el(
-      "td",
-      { colspan: String(row.cells.length) },
-      el("p", { className: "muted", text: "Loading…" }),
-    );
-    const detailRow = el(
-      "tr",
-      { className: "detail-row", dataset: { testid: "job-detail", jobId: row.dataset.jobId } },
-      cell,
-    );
-    row.after(detailRow);
-    const jobId = row.dataset.jobId;
+  function turnFeed(step) {
+    state.feedStart = Math.max(0, state.feedStart + step * PAGE_SIZE);
+    if (step < 0 && state.feedStart < PAGE_SIZE) state.feedStart = 0;
+    drawFeed();
+  }
+
+  // ---- a job's details, in a dialog ----------------------------------------------------------------
+
+  async function openJob(jobId) {
+    const dialog = byTestId("job-dialog");
+    const body = byTestId("job-detail");
+    const generation = state.generation;
+    state.dialogJob = jobId;
+    body.dataset.jobId = jobId;
+    body.dataset.state = "loading";
+    $("#job-dialog-title").textContent = `Job ${shortId(jobId)}`;
+    body.replaceChildren(el("p", { className: "muted", text: "Loading…" }));
+    if (!dialog.open) dialog.showModal();
+    const show = (...nodes) => {
+      if (state.dialogJob !== jobId || generation !== state.generation) return false;
+      body.replaceChildren(...nodes);
+      return true;
+    };
     try {
       const answer = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+      if (state.dialogJob !== jobId || generation !== state.generation) return;
       if (answer.status === 401) {
         showSignIn("Your session ended: sign in again.");
         return;
       }
       if (!answer.ok || !answer.body) {
-        cell.replaceChildren(
-          el("p", { className: "error-text", text: `Could not load the job (${answer.status}).` }),
-        );
+        show(el("p", { className: "error-text", text: `Could not load the job (${answer.status}).` }));
+        body.dataset.state = "failed";
         return;
       }
-      cell.replaceChildren(jobDetails(answer.body));
+      if (show(...jobDetails(answer.body))) body.dataset.state = "loaded";
     } catch (error) {
-      cell.replaceChildren(
-        el("p", { className: "error-text", text: `Could not load the job: ${error.message}` }),
-      );
+      show(el("p", { className: "error-text", text: `Could not load the job: ${error.message}` }));
+      body.dataset.state = "failed";
     }
+  }
+
+  function closeJob() {
+    state.dialogJob = null;
+    const dialog = byTestId("job-dialog");
+    if (dialog && dialog.open) dialog.close();
   }
 
   function resultText(result) {
@@ -962,53 +1001,74 @@
     return parts.join(" · ");
   }
 
+  /** The job's facts, each a <div data-field> whose <dd> carries the server's value in data-value. */
   function jobDetails(job) {
+    const took =
+      job.created_at && job.completed_at
+        ? duration((new Date(job.completed_at) - new Date(job.created_at)) / 1000)
+        : null;
+    // A job's cost is often a fraction of a cent: the ledger's exact amount, without trailing zeros.
+    const money = (value) =>
+      value === null || value === undefined
+        ? "—"
+        : `$${String(value).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "")}`;
+    const saved =
+      job.cost_usd !== null && job.sync_cost_usd !== null && job.cost_usd !== undefined
+        ? (Number(job.sync_cost_usd) - Number(job.cost_usd)).toFixed(10)
+        : null;
     const facts = [
-      ["Job", job.id],
-      ["Tenant", job.tenant_id],
-      ["Status", `${statusLabel(state.jobLabels, job.status)} (attempts: ${job.attempts})`],
-      ["Batch", job.batch_id || "—"],
-      ["Type", job.job_type || "raw request"],
-      ["Created", dateTime(job.created_at)],
-      ["Completed", dateTime(job.completed_at)],
+      ["status", "Status", `${statusLabel(state.jobLabels, job.status)} · attempts: ${job.attempts}`, job.status],
+      ["tenant", "Tenant", job.tenant_id, job.tenant_id],
+      ["type", "Type", job.job_type || "raw request", job.job_type],
+      ["path", "Path", job.path ? `${job.path} (route: ${job.route})` : `not decided (route: ${job.route})`, job.path],
+      ["path-reason", "Why this path", job.path_reason || "—", job.path_reason],
+      ["batch", "Batch", job.batch_id || "—", job.batch_id],
+      ["created", "Created", dateTime(job.created_at), job.created_at],
+      ["submitted", "Submitted", dateTime(job.submitted_at), job.submitted_at],
+      ["completed", "Completed", took ? `${dateTime(job.completed_at)} (after ${took})` : dateTime(job.completed_at), job.completed_at],
+      ["usage", "Tokens", job.usage ? usageText(job.usage) : "—", job.usage ? JSON.stringify(job.usage) : null],
+      ["cost", "Cost", money(job.cost_usd), job.cost_usd],
+      ["sync-cost", "Messages API price", money(job.sync_cost_usd), job.sync_cost_usd],
+      ["saved", "Saved", money(saved), null], // a difference of doubles, to 10 places: not exact
     ];
-    if (job.usage) facts.push(["Tokens", usageText(job.usage)]);
     const list = el("dl", { className: "facts" });
-    for (const [term, value] of facts)
-      list.append(el("div", {}, el("dt", { text: term }), el("dd", { text: value })));
-    const parts = [list];
+    for (const [field, term, text, value] of facts) {
+      list.append(
+        el(
+          "div",
+          { dataset: { field } },
+          el("dt", { text: term }),
+          el("dd", { text, title: value === null || value === undefined ? "" : String(value), dataset: { value: value ?? "" } }),
+        ),
+      );
+    }
+    const parts = [el("p", { className: "mono job-id", text: job.id, dataset: { field: "id" } }), list];
+    // Results, errors and metadata are text from elsewhere (the model, the API, a producer): textContent only.
+    const text = resultText(job.result);
+    if (text !== null)
+      parts.push(el("h3", { text: "Result" }), el("pre", { className: "result-text", dataset: { field: "result" }, text }));
+    else if (job.result)
+      parts.push(
+        el("h3", { text: "Result" }),
+        el("pre", { dataset: { field: "result" }, text: JSON.stringify(job.result, null, 2) }),
+      );
     if (job.error)
       parts.push(
         el("h3", { text: "Error" }),
-        el("pre", { className: "error-text", text: JSON.stringify(job.error, null, 2) }),
+        el("pre", { className: "error-text", dataset: { field: "error" }, text: JSON.stringify(job.error, null, 2) }),
       );
     if (job.metadata !== null && job.metadata !== undefined) {
-      parts.push(el("h3", { text: "Metadata" }), el("pre", { text: JSON.stringify(job.metadata, null, 2) }));
+      parts.push(
+        el("h3", { text: "Metadata" }),
+        el("pre", { dataset: { field: "metadata" }, text: JSON.stringify(job.metadata, null, 2) }),
+      );
     }
-    const text = resultText(job.result);
-    if (text !== null)
-      parts.push(el("h3", { text: "Result" }), el("pre", { className: "result-text", text }));
-    else if (job.result)
-      parts.push(el("h3", { text: "Result" }), el("pre", { text: JSON.stringify(job.result, null, 2) }));
-    parts.push(
-      el(
-        "p",
-        { className: "raw-link" },
-        el("a", {
-          href: `/v1/jobs/${encodeURIComponent(job.id)}`,
-          target: "_blank",
-          rel: "noopener",
-          text: "Raw JSON ↗",
-        }),
-      ),
-    );
-    return el("div", { className: "job-detail" }, ...parts);
+    return parts;
   }
 
   function onFeedClick(event) {
-    if (event.target.closest("a")) return;
     const row = event.target.closest("tr.feed-row");
-    if (row) toggleJob(row);
+    if (row) openJob(row.dataset.jobId);
   }
 
   function onFeedKey(event) {
@@ -1016,7 +1076,170 @@
     const row = event.target.closest("tr.feed-row");
     if (!row || event.target !== row) return;
     event.preventDefault();
-    toggleJob(row);
+    openJob(row.dataset.jobId);
+  }
+
+  // ---- charts (GET /v1/series), hand-drawn SVG --------------------------------------------------------
+
+  const SVG = "http://www.w3.org/2000/svg";
+  const PLOT_HEIGHT = 100; // the viewBox's height; each interval is 10 wide (a bar of 8 and a gap)
+  const MIN_SLOTS = 12;
+
+  function svg(tag, attributes, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attributes || {})) node.setAttribute(key, String(value));
+    node.append(...children);
+    return node;
+  }
+
+  function svgTitle(text) {
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = text;
+    return title;
+  }
+
+  /** An interval's name, in UTC as the series counts: "2026-12-07 14:00 UTC" or "2026-12-07 UTC". */
+  function intervalName(start, interval) {
+    const iso = new Date(start).toISOString();
+    return interval === "hour" ? `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC` : `${iso.slice(0, 10)} UTC`;
+  }
+
+  /** Amounts in titles to the 10th decimal, not to cents: a job's cost is often a fraction of one (and the
+   * API's doubles leave noise past that: 6.6 - 3.6 is 2.9999999999999996). */
+  const exactDollars = (value) => `$${Number((Number(value) || 0).toFixed(10))}`;
+  const ratio = (value) => (value === null || value === undefined ? "—" : percent.format(value));
+
+  async function loadSeries() {
+    if (!state.session) return;
+    const generation = state.generation;
+    state.seriesAsked += 1;
+    const asked = state.seriesAsked;
+    const window_ = state.chartWindow;
+    const panel = byTestId("charts");
+    panel.dataset.state = "loading";
+    let answer;
+    try {
+      answer = await api("GET", `/v1/series?window=${encodeURIComponent(window_)}`);
+    } catch {
+      answer = { status: 0, ok: false, body: null };
+    }
+    if (generation !== state.generation || asked !== state.seriesAsked) return;
+    if (answer.status === 401) {
+      showSignIn("Your session ended: sign in again.");
+      return;
+    }
+    if (!answer.ok || !answer.body) {
+      panel.dataset.state = "failed"; // the charts drawn before stay until the next try
+      return;
+    }
+    drawCharts(answer.body);
+    panel.dataset.window = window_;
+    panel.dataset.state = "loaded";
+  }
+
+  function chooseWindow(window_) {
+    state.chartWindow = window_;
+    for (const button of document.querySelectorAll(".windows button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.window === window_));
+    }
+    loadSeries();
+  }
+
+  /** One chart: per interval a <g data-start> carrying the interval's numbers (data-*) and, in its <title>,
+   * what they are exactly; in it a hit area the interval's height, and the stacked bars scaled to `top`. */
+  function drawChart(testId, series, parts, top, describe, total) {
+    const figure = byTestId(testId);
+    const count = series.intervals.length;
+    // At least MIN_SLOTS wide, the intervals at the right end: the hour window's two bars stay bars.
+    const offset = Math.max(0, MIN_SLOTS - count);
+    const plot = svg("svg", {
+      viewBox: `0 0 ${(count + offset) * 10} ${PLOT_HEIGHT}`,
+      preserveAspectRatio: "none",
+      role: "img",
+      "aria-label": $(".chart-title", figure).textContent,
+    });
+    series.intervals.forEach((row, position) => {
+      const index = position + offset;
+      const group = svg("g", { class: "bar", "data-start": row.start }, svgTitle(describe(row, series.interval)));
+      for (const [key, value] of Object.entries(row)) {
+        if (key !== "start") group.setAttribute(`data-${key.replaceAll("_", "-")}`, value === null ? "" : String(value));
+      }
+      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
+      let y = PLOT_HEIGHT;
+      for (const [key, value] of parts(row)) {
+        const height = top > 0 ? (Math.max(0, value) / top) * PLOT_HEIGHT : 0;
+        if (height <= 0) continue;
+        y -= height;
+        group.append(
+          svg("rect", { class: `part part-${key}`, "data-part": key, x: index * 10 + 1, y, width: 8, height }),
+        );
+      }
+      plot.append(group);
+    });
+    $(".chart-plot", figure).replaceChildren(plot);
+    $(".chart-total", figure).textContent = total;
+    const first = series.intervals[0];
+    const last = series.intervals[count - 1];
+    $(".chart-from", figure).textContent = first ? intervalName(first.start, series.interval) : "";
+    $(".chart-to", figure).textContent = last ? `${intervalName(last.start, series.interval)} (so far)` : "";
+  }
+
+  function drawCharts(series) {
+    const rows = series.intervals;
+    const sum = (key) => rows.reduce((total, row) => total + (Number(row[key]) || 0), 0);
+    const finished = (row) => row.succeeded + row.failed + row.canceled;
+    drawChart(
+      "chart-jobs",
+      series,
+      (row) => [
+        ["succeeded", row.succeeded],
+        ["failed", row.failed],
+        ["canceled", row.canceled],
+      ],
+      Math.max(0, ...rows.map(finished)),
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: ${num(row.succeeded)} succeeded · ${num(row.failed)} failed · ${num(row.canceled)} canceled`,
+      `${num(sum("succeeded") + sum("failed") + sum("canceled"))} jobs`,
+    );
+    drawChart(
+      "chart-money",
+      series,
+      (row) => [
+        ["cost", row.cost_usd],
+        ["saved", row.saved_usd],
+      ],
+      Math.max(0, ...rows.map((row) => Math.max(row.sync_cost_usd, row.cost_usd))),
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: cost ${exactDollars(row.cost_usd)} · saved ${exactDollars(row.saved_usd)} · Messages API price ${exactDollars(row.sync_cost_usd)}`,
+      `${dollars(sum("cost_usd"))} spent · ${dollars(sum("saved_usd"))} saved`,
+    );
+    const sent = sum("batch_jobs") + sum("sync_jobs");
+    drawChart(
+      "chart-share",
+      series,
+      (row) =>
+        row.batch_share === null
+          ? []
+          : [
+              ["batch", row.batch_share],
+              ["sync", 1 - row.batch_share],
+            ],
+      1,
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: ${num(row.batch_jobs)} in batches · ${num(row.sync_jobs)} sync` +
+        (row.batch_share === null ? " · none sent" : ` · batch share ${ratio(row.batch_share)}`),
+      sent ? `${ratio(sum("batch_jobs") / sent)} in batches` : "none sent",
+    );
+    const hits = rows.filter((row) => row.cache_hit_ratio !== null);
+    drawChart(
+      "chart-cache",
+      series,
+      (row) => (row.cache_hit_ratio === null ? [] : [["hits", row.cache_hit_ratio]]),
+      1,
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: cache hit ratio ${row.cache_hit_ratio === null ? "— (no prompt tokens)" : `${ratio(row.cache_hit_ratio)} (${row.cache_hit_ratio})`}`,
+      hits.length ? `best ${ratio(Math.max(...hits.map((row) => row.cache_hit_ratio)))}` : "no prompt tokens",
+    );
   }
 
   // ---- start ---------------------------------------------------------------------------------------
@@ -1048,6 +1271,20 @@
     const feed = byTestId("feed");
     feed.addEventListener("click", onFeedClick);
     feed.addEventListener("keydown", onFeedKey);
+    byTestId("feed-newer").addEventListener("click", () => turnFeed(-1));
+    for (const button of document.querySelectorAll(".windows button")) {
+      button.addEventListener("click", () => chooseWindow(button.dataset.window));
+    }
+    byTestId("feed-older").addEventListener("click", () => turnFeed(1));
+    const dialog = byTestId("job-dialog");
+    byTestId("job-dialog-close").addEventListener("click", closeJob);
+    // A click on the backdrop (the dialog element itself, outside its box) closes it too.
+    dialog.addEventListener("click", (event) => {
+      if (event.target === dialog) closeJob();
+    });
+    dialog.addEventListener("close", () => {
+      state.dialogJob = null;
+    });
     // A new row's highlight plays once (not again when a resize shows a hidden column).
     feed.addEventListener("animationend", (event) => {
       const row = event.target.closest("tr.is-new");

@@ -786,7 +786,10 @@ SELECT batchd.cancel_job($1);
 -- producer may write (nesting past its recursion limit, integers past 4,300 digits: a 500), and rounds
 -- numbers to doubles (metadata would not come back untouched).
 SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
-       error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at
+       error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at,
+       -- What the ledger billed for it (null when nothing was billed, or the model had no price).
+       (SELECT sum(c.cost_usd) FROM batchd.costs c WHERE c.job_id = jobs.id) AS cost_usd,
+       (SELECT sum(c.sync_cost_usd) FROM batchd.costs c WHERE c.job_id = jobs.id) AS sync_cost_usd
   FROM batchd.jobs WHERE id = $1;
 
 -- name: scan_tenant_jobs
