@@ -380,6 +380,11 @@ async def test_a_tenant_lists_its_own_jobs_a_page_at_a_time(
     assert {item["tenant_id"] for item in listed} == {"acme"}
     assert "result" not in listed[0]
     assert listed[0]["status"] == "queued"
+    async with session.get(
+        f"{url}/v1/jobs/{ids[0]}", headers={"Authorization": f"Bearer {tokens['acme']}"}
+    ) as one:
+        shown = await one.json()
+    assert listed[0] == {key: value for key, value in shown.items() if key != "result"}, "as GET shows it"
 
     # By status: canceled ones only, however few among the others.
     for job_id in ids[1:3]:

@@ -787,10 +787,12 @@ SELECT batchd.cancel_job($1);
 -- numbers to doubles (metadata would not come back untouched).
 SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
        error::text AS error, usage::text AS usage, result::text AS result, created_at, submitted_at, completed_at,
-       -- What the ledger billed for it (null when nothing was billed, or the model had no price).
-       (SELECT sum(c.cost_usd) FROM batchd.costs c WHERE c.job_id = jobs.id) AS cost_usd,
-       (SELECT sum(c.sync_cost_usd) FROM batchd.costs c WHERE c.job_id = jobs.id) AS sync_cost_usd
-  FROM batchd.jobs WHERE id = $1;
+       billed.cost_usd, billed.sync_cost_usd
+  FROM batchd.jobs
+  -- What the ledger billed for it (null when nothing was billed, or the model had no price): its primary key.
+ CROSS JOIN LATERAL (SELECT sum(c.cost_usd) AS cost_usd, sum(c.sync_cost_usd) AS sync_cost_usd
+                       FROM batchd.costs AS c WHERE c.job_id = jobs.id) AS billed
+ WHERE id = $1;
 
 -- name: scan_tenant_jobs
 -- `GET /v1/jobs`, a tenant's: the next $3 of its jobs after the cursor $2, by id (time-ordered), from the
@@ -805,8 +807,12 @@ SELECT id, status FROM batchd.jobs WHERE id > $1 ORDER BY id LIMIT $2;
 -- A page of `GET /v1/jobs`: what `GET /v1/jobs/{id}` shows of each job but its result (a page's size stays
 -- bounded: read a job for its result). jsonb as the database's text, as get_job does.
 SELECT id, tenant_id, status, attempts, batch_id, job_type, route, path, path_reason, metadata::text AS metadata,
-       error::text AS error, usage::text AS usage, created_at, submitted_at, completed_at
-  FROM batchd.jobs WHERE id = ANY($1::uuid[]) ORDER BY id;
+       error::text AS error, usage::text AS usage, created_at, submitted_at, completed_at,
+       billed.cost_usd, billed.sync_cost_usd
+  FROM batchd.jobs
+ CROSS JOIN LATERAL (SELECT sum(c.cost_usd) AS cost_usd, sum(c.sync_cost_usd) AS sync_cost_usd
+                       FROM batchd.costs AS c WHERE c.job_id = jobs.id) AS billed
+ WHERE id = ANY($1::uuid[]) ORDER BY id;
 
 -- name: job_tenant
 SELECT tenant_id FROM batchd.jobs WHERE id = $1;
