@@ -7,6 +7,7 @@ formats checked); and every documented status is seen, but the few listed with t
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, cast
 
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from sse_support import sse_stream
 from support import ADMIN_TOKEN, QUICK, insert_raw, raw_request, wait_until
 
-from batchd import enqueue, openapi, server
+from batchd import budgets, enqueue, openapi, server
 from batchd.config import EventsSettings
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
@@ -141,14 +142,15 @@ class UnreadableReadings(Readings):
 
 @pytest.fixture
 def emulator_config() -> EmulatorConfig:
-    return QUICK  # batches end within a second
+    # A batch stays open a second or so (its overview is read meanwhile), then ends.
+    return QUICK.model_copy(update={"processing_time_s": (1.0, 1.5)})
 
 
 @pytest.fixture
 def daemon(daemon_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Daemon:
     monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
     settings = daemon_settings(
-        http={"max_post_jobs": MAX_POST_JOBS},
+        http={"max_post_jobs": MAX_POST_JOBS, "overview_interval_s": 0},
         batching={"max_requests": BATCH_SIZE, "max_wait_s": 3600.0},
         events={"poll_interval_s": 1.0, "max_streams_per_tenant": 1},
     )
@@ -161,6 +163,7 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
 ) -> None:
     observed = Observed()
     acme, globex = tokens["acme"], tokens["globex"]
+    answers: dict[str, list[Any]] = {}
 
     async def call(  # noqa: PLR0917 - reads as the request line it is
         method: str,
@@ -177,6 +180,8 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
         async with session.request(method, target, headers=sent, data=data) as response:
             text = await response.text()
             answer = json.loads(text) if response.content_type == JSON else text
+            if response.status == 200:
+                answers.setdefault(path, []).append(answer)
             observed.answer(
                 path,
                 method.lower(),
@@ -216,6 +221,16 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
             "POST", "/v1/jobs", token=globex, body={"request": raw_request("s"), "route": "sync"}
         )
         assert status == 202
+
+        def shows_open_batch(asker: str) -> Callable[[], Awaitable[bool]]:
+            async def shows() -> bool:
+                _, overview = await call("GET", "/v1/overview", token=asker)
+                return bool(overview["open_batches"])
+
+            return shows
+
+        for asker in (ADMIN_TOKEN, globex):
+            await wait_until(shows_open_batch(asker), timeout=10, interval=0.05)
         await admin_stream.until(
             lambda c: (
                 sum(m.event == "job.succeeded" for m in c.messages) == BATCH_SIZE + 1
@@ -224,6 +239,11 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
             timeout=30,
         )
         done = posted["jobs"][0]["id"]
+        # Budgets: globex reaches one, then may spend again (one of each event); acme stays held.
+        for tenant, budget in [("globex", 0), ("globex", 1000), ("acme", 0)]:
+            await db.execute("UPDATE batchd.tenants SET budget_day_usd = $2 WHERE name = $1", tenant, budget)
+            assert (await budgets.check(db)).transitions
+        await admin_stream.until(lambda c: sum(m.event.startswith("tenant.") for m in c.messages) == 3)
         # A job failed as the flusher fails one.
         (failed,) = await insert_raw(db, "acme", ["fails"])
         await db.execute(sql("fail_jobs"), [failed], ["request lacks model"])
@@ -350,4 +370,10 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
         "job.canceled",
         "batch.submitted",
         "batch.ended",
+        "tenant.held",
+        "tenant.released",
     }
+    # The overview's lists were seen with rows in them, and a held tenant's budget.
+    for member in ("queued", "open_batches", "totals", "budgets"):
+        assert any(overview[member] for overview in answers["/v1/overview"]), member
+    assert any(budget["held"] for overview in answers["/v1/overview"] for budget in overview["budgets"])
