@@ -285,9 +285,13 @@ class Client:
         resume from: a connection cut before then goes on from the new connection's now (to start from a
         known point, pass the `last_event_id` of `GET /v1/overview`). Refusals (401 a revoked token, 400,
         403, 404, 429) raise."""
-        async for item in self._stream(_filters(types, job_id, batch_id), last_event_id):
-            if isinstance(item, Event):
-                yield item
+        stream = self._stream(_filters(types, job_id, batch_id), last_event_id)
+        try:
+            async for item in stream:
+                if isinstance(item, Event):
+                    yield item
+        finally:
+            await stream.aclose()  # its connection closed now, not whenever the generator is collected
 
     async def _stream(
         self, params: dict[str, str], last_event_id: int | None
