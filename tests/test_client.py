@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from sse_support import logged
 from support import ADMIN_TOKEN, QUICK, insert_raw, raw_request, wait_for_jobs, wait_until
+from test_roles import Deployment, _deployment
 
 from batchd.client import (
     BadRequest,
@@ -307,3 +308,34 @@ async def test_a_resume_from_an_id_never_sent_is_a_reset_then_live_events(
         succeeded = await anext(stream)
         assert (succeeded.type, succeeded.data["job_id"]) == ("job.succeeded", str(job_id))
         await stream.aclose()
+
+
+@pytest.fixture
+async def deployment(database_template: str) -> AsyncIterator[Deployment]:
+    """A database with the roles, row-level security and a producer role per tenant (test_roles.py)."""
+    async with _deployment(database_template) as made:
+        await made.roles()
+        await made.psql("rls.sql", daemon=made.daemon)
+        for tenant in ("acme", "globex"):
+            await made.tenant(tenant)
+        yield made
+
+
+async def test_a_tenants_producer_role_submits_its_own_jobs_and_is_refused_anothers(
+    deployment: Deployment,
+) -> None:
+    """The producer as the untrusted role it runs as: its tenant's jobs go in (a held key answers its
+    holder, read back under row-level security); a job for another tenant is the database's refusal."""
+    acme = await deployment.connect(deployment.tenant_role("acme"))
+    superuser = await deployment.connect()
+    try:
+        producer = PostgresProducer(acme, "acme")
+        first = await producer.submit(job(metadata={"user": 7}), idempotency_key="order-1")
+        assert await producer.submit(job("again"), idempotency_key="order-1") == first
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await producer.submit([job("mine"), job("theirs", tenant_id="globex")])
+        rows = await superuser.fetch("SELECT id::text, tenant_id, status FROM batchd.jobs")
+        assert [tuple(row) for row in rows] == [(first, "acme", "queued")]  # all or none: "mine" is not in
+    finally:
+        await acme.close()
+        await superuser.close()
