@@ -339,3 +339,14 @@ async def test_a_tenants_producer_role_submits_its_own_jobs_and_is_refused_anoth
     finally:
         await acme.close()
         await superuser.close()
+
+
+def test_reconnection_waits_what_the_server_advises_doubled_per_failure_capped_and_jittered() -> None:
+    client = Client("http://127.0.0.1:1", "token", max_retry_s=4.0)
+    for _ in range(200):
+        assert 1.0 <= client._delay(2.0, 1) <= 2.0  # the server's retry:, jittered down to half of it
+        assert 2.0 <= client._delay(2.0, 2) <= 4.0
+        assert 2.0 <= client._delay(2.0, 9) <= 4.0  # capped at max_retry_s
+        assert client._delay(0.0, 1) == 0.0  # retry: 0 is honoured once
+        assert 0.1 <= client._delay(0.0, 3) <= 0.4  # then a floor, doubled: no loop hammering the server
+    assert len({client._delay(2.0, 1) for _ in range(20)}) > 1  # clients cut off together spread out
