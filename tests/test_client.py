@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -214,8 +215,7 @@ class CuttingProxy:
     """A TCP proxy in front of the daemon whose connections the test cuts, as a network would."""
 
     def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.retarget(target)
         self.writers: list[asyncio.StreamWriter] = []
         self.connections = 0
         self.server: asyncio.Server | None = None
@@ -225,9 +225,18 @@ class CuttingProxy:
         port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
+    def retarget(self, target: str) -> None:
+        """Connections from now on go to `target` (another daemon)."""
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()  # no daemon there: the client sees its connection refused
+            return
         self.writers += [writer, upstream_writer]
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -249,6 +258,11 @@ class CuttingProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def received_at_least(received: list[Event], count: int) -> Callable[[], Any]:
@@ -350,3 +364,39 @@ def test_reconnection_waits_what_the_server_advises_doubled_per_failure_capped_a
         assert client._delay(0.0, 1) == 0.0  # retry: 0 is honoured once
         assert 0.1 <= client._delay(0.0, 3) <= 0.4  # then a floor, doubled: no loop hammering the server
     assert len({client._delay(2.0, 1) for _ in range(20)}) > 1  # clients cut off together spread out
+
+
+async def test_events_go_on_from_another_daemon_after_the_first_one_stops(
+    db: Any, tokens: dict[str, str], serve: Any
+) -> None:
+    """The server stopping ends the stream with `disconnect` (not handed out); the client retries while no
+    daemon answers and resumes from its last id on the next one, which missed nothing meanwhile."""
+    received: list[Event] = []
+
+    async def follow(client: Client) -> None:
+        async for event in client.events(last_event_id=0):
+            received.append(event)  # noqa: PERF401 - seen by the test while the stream goes on
+
+    async with AsyncExitStack() as stack:
+        async with serve(retry_ms=50) as (_, first_url):
+            proxy = CuttingProxy(first_url)
+            stack.push_async_callback(proxy.close)
+            url = await proxy.start()
+            client = await stack.enter_async_context(Client(url, tokens["acme"], max_retry_s=0.5))
+            following = asyncio.create_task(follow(client))
+            stack.push_async_callback(stop, following)
+            await insert_raw(db, "acme", ["first"])
+            await wait_for_jobs(db, done=1)
+            served_by_first = await logged(db, "acme")
+            await wait_until(received_at_least(received, len(served_by_first)), timeout=30)
+        # While no daemon runs, the job waits; its events come from the second daemon.
+        await insert_raw(db, "acme", ["between"])
+        async with serve(retry_ms=50) as (_, second_url):
+            proxy.retarget(second_url)
+            await insert_raw(db, "acme", ["second"])
+            await wait_for_jobs(db, done=3)
+            expected = await logged(db, "acme")
+            await wait_until(received_at_least(received, len(expected)), timeout=30)
+        assert len(expected) > len(served_by_first) > 0
+        assert [(e.id, e.type, e.data.get("job_id")) for e in received] == expected
+        assert proxy.connections >= 2
