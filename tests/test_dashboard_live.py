@@ -1,7 +1,9 @@
 """The dashboard under a stream of completions: its cards and charts move with each event without reading
 the series or the overview again per event, and 100,000 completions streamed through a real daemon leave
 its memory, its DOM and its frames bounded. The events are written straight into the event log (as
-tests/test_sse.py does) so that the daemon publishes and streams them as fast as it can.
+tests/test_sse.py does) so that the daemon publishes and streams them as fast as it can. And the flow,
+with known numbers: the queue over the page's snapshots, the batch turnaround the router uses, and why jobs
+went sync.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from browser import Browser
+from support import ADMIN_TOKEN, insert_aged
 from test_dashboard import (
     ARTIFACTS,
     CONNECTION,
@@ -23,6 +27,8 @@ from test_dashboard import (
     dashboard,
     page_range,
 )
+
+from batchd.daemon import Daemon
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +150,103 @@ async def test_100k_completions_move_cards_and_charts_with_bounded_memory_and_fr
         assert await browser.evaluate(chart_sum("batchJobs")) == 100_000
         assert await browser.evaluate(card("succeeded")) == 100_000
         assert await browser.evaluate(card("output-tokens")) == 300_000
+
+
+# Ten applied batches that took 10, 20, ... 100 s: p50 55 s, p90 91 s (percentile_cont), which the router
+# uses once it has `min_samples` of them.
+APPLIED_BATCHES = """
+INSERT INTO batchd.batches (tag, status, request_count, bytes, created_at, applied_at)
+SELECT lpad(i::text, 12, 'a'), 'applied', 1, 100, now() - make_interval(secs => 1000 + 10 * i),
+       now() - make_interval(secs => 1000)
+  FROM generate_series(1, 10) AS i
+"""
+FINISHED_SYNC = """
+INSERT INTO batchd.jobs (tenant_id, request, status, route, path, path_reason, completed_at)
+SELECT $1, '{}'::jsonb, 'succeeded', 'sync', 'sync', $2, now() - make_interval(secs => $4)
+  FROM generate_series(1, $3)
+"""
+DEADLINE_REASON = "auto: deadline in 3 s < flush in 0 s + batch p90 91 s + margin 30 s (10 batches)"
+
+
+def flow_values(test_id: str) -> str:
+    return (
+        f"[...document.querySelectorAll('[data-testid={test_id}] g.bar')].map((g) => Number(g.dataset.value))"
+    )
+
+
+def flow_facts(test_id: str) -> str:
+    return (
+        f"Object.fromEntries([...document.querySelectorAll('[data-testid={test_id}] .facts div')]"
+        ".map((d) => [d.dataset.field, d.querySelector('dd').dataset.value]))"
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_the_flow_shows_the_queue_over_time_the_turnaround_and_why_jobs_went_sync(
+    db: Any, tokens: dict[str, str], daemon_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHD_ADMIN_TOKEN", ADMIN_TOKEN)
+    await db.execute(APPLIED_BATCHES)
+    await db.execute(FINISHED_SYNC, "acme", "sync: route = sync", 4, 60)
+    await db.execute(FINISHED_SYNC, "acme", DEADLINE_REASON, 2, 60)
+    await db.execute(FINISHED_SYNC, "acme", "sync: route = sync", 7, 7200)  # two hours ago: not counted
+    await db.execute(FINISHED_SYNC, "globex", "sync: route = sync", 5, 60)
+    await insert_aged(db, "acme", 3, 120)
+    await insert_aged(db, "globex", 2, 300)
+    # Queued jobs stay queued: no flush for an hour nor for a count.
+    settings = daemon_settings(
+        events={"poll_interval_s": 1.0},
+        routing={"window": 10, "min_samples": 5},
+        batching={"max_wait_s": 3600, "max_requests": 10_000},
+    )
+    daemon = Daemon(settings)
+    async with daemon.running(), dashboard() as browser, aiohttp.ClientSession() as http:
+        url = daemon.http_url
+        await browser.navigate(f"{url}/#token={tokens['acme']}")
+        await browser.wait_for(f"{CONNECTION} === 'live' && {flow_values('flow-queue')}.length >= 1")
+        assert await browser.evaluate(flow_values("flow-queue")) == [3]
+        (wait,) = await browser.evaluate(flow_values("flow-wait"))
+        assert 120 <= wait < 120 + 60
+        turnaround = await browser.evaluate(flow_facts("flow-turnaround"))
+        assert {key: float(value) for key, value in turnaround.items()} == {
+            "p50": 55.0,
+            "p90": pytest.approx(91.0),
+            "routing-p90": pytest.approx(91.0),
+        }
+        routing_text = (
+            "document.querySelector('[data-testid=flow-turnaround] [data-field=routing-p90] dd').textContent"
+        )
+        assert "(the p90 of 10 batches) + margin" in await browser.evaluate(routing_text)
+        assert await browser.evaluate(flow_facts("flow-sync")) == {
+            "route": "4",
+            "deadline": "2",
+            "other": "0",
+        }
+        total = "document.querySelector('[data-testid=flow-sync] .chart-total').textContent"
+        assert await browser.evaluate(total) == "6 jobs"
+
+        # The page keeps the queue's depth at each snapshot: two more queued, a snapshot after a batch
+        # event, and the chart has both.
+        await insert_aged(db, "acme", 2, 10)
+        await db.execute(
+            "INSERT INTO batchd.events (type, tenant_id, batch_id, data)"
+            " VALUES ('batch.ended', 'acme', $1, '{\"status\": \"ended\"}')",
+            uuid.uuid4(),
+        )
+        await db.execute("NOTIFY batchd_events")
+        # (A snapshot shared with an earlier asker may come first, 3 again: the page then asks once more.)
+        values = f"{flow_values('flow-queue')}"
+        await browser.wait_for(f"{values}[0] === 3 && {values}.at(-1) === 5")
+        assert set(await browser.evaluate(values)) == {3, 5}
+        assert "globex" not in await browser.evaluate("document.body.innerHTML")
+        await browser.evaluate("document.querySelector('[data-testid=flow]').scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-flow.png")
+
+        # The admin's overview: every tenant's sync jobs; the same turnaround.
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with http.get(f"{url}/v1/overview", headers=headers) as response:
+            body = await response.json()
+        assert {row["reason"]: row["jobs"] for row in body["sync_last_hour"]} == {"route": 9, "deadline": 2}
+        assert body["turnaround"]["p50_s"] == 55.0
+        assert body["turnaround"]["samples"] == 10
+        assert body["turnaround"]["measured"] is True

@@ -29,6 +29,12 @@
     "cache_creation_input_tokens",
   ];
   const INTERVAL_MS = { hour: 3_600_000, day: 86_400_000 };
+  const FLOW_POINTS = 60; // the queue's depth and oldest wait at the last this many snapshots (~30 min)
+  const SYNC_REASONS = {
+    route: ["route = sync", "the producer asked for the Messages API"],
+    deadline: ["deadline too near", "an auto job whose deadline was nearer than the flush + batch p90 + margin"],
+    other: ["other", "another reason"],
+  };
   const BATCH_REFRESH_MS = 1_000; // after batch.submitted / batch.ended, at most once per this
   const RETRY_MIN_MS = 2_000;
   const RETRY_MAX_MS = 30_000;
@@ -86,6 +92,7 @@
     chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
     seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
     series: null, // the last series drawn, moved on by job events
+    flow: [], // [{at, queued, oldest_s}] at each snapshot, oldest first (at most FLOW_POINTS)
     seriesDirty: false, // redraw the charts at the next render
     renderTimer: null,
   };
@@ -308,6 +315,7 @@
     state.snapshot = null;
     state.deltas = [];
     state.deltasFrom = 0;
+    state.flow = [];
     state.series = null;
     state.seriesDirty = false;
     state.totals = new Map();
@@ -411,8 +419,13 @@
     }
     state.totals = totals;
     if (rebase) for (const delta of state.deltas) addToTotals(delta);
+    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const oldest = Math.max(0, ...overview.queued.map((row) => Number(row.oldest_s) || 0));
+    state.flow.push({ at: state.snapshotWallClock.toISOString(), queued, oldest_s: oldest });
+    if (state.flow.length > FLOW_POINTS) state.flow.splice(0, state.flow.length - FLOW_POINTS);
     renderOverview();
     renderTotals();
+    renderFlow();
   }
 
   function addToTotals(delta) {
@@ -884,7 +897,10 @@
     state.feedStart = 0;
     drawFeed();
     for (const figure of document.querySelectorAll(".chart")) {
-      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to"]) $(part, figure).replaceChildren();
+      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to", ".flow-facts"]) {
+        const node = $(part, figure);
+        if (node) node.replaceChildren(); // the flow's facts have no plot, the charts no facts
+      }
     }
     delete byTestId("charts").dataset.state;
     delete byTestId("charts").dataset.window;
@@ -1321,6 +1337,96 @@
       (row, interval) =>
         `${intervalName(row.start, interval)}: cache hit ratio ${row.cache_hit_ratio === null ? "— (no prompt tokens)" : `${ratio(row.cache_hit_ratio)} (${row.cache_hit_ratio})`}`,
       hits.length ? `best ${ratio(Math.max(...hits.map((row) => row.cache_hit_ratio)))}` : "no prompt tokens",
+    );
+  }
+
+  // ---- the flow: the queue over the last snapshots, batch turnaround, what went sync and why -------
+
+  /** Bars of one number per snapshot, kept by the page (the server keeps no history of its queue). */
+  function drawFlowChart(testId, key, format, total) {
+    const figure = byTestId(testId);
+    const points = state.flow;
+    const offset = Math.max(0, MIN_SLOTS - points.length);
+    const top = Math.max(0, ...points.map((point) => point[key]));
+    const plot = svg("svg", {
+      viewBox: `0 0 ${(points.length + offset) * 10} ${PLOT_HEIGHT}`,
+      preserveAspectRatio: "none",
+      role: "img",
+      "aria-label": $(".chart-title", figure).textContent,
+    });
+    points.forEach((point, position) => {
+      const index = position + offset;
+      const group = svg(
+        "g",
+        { class: "bar", "data-at": point.at, "data-value": point[key] },
+        svgTitle(`${clockTime(point.at)}: ${format(point[key])}`),
+      );
+      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
+      const height = top > 0 ? (point[key] / top) * PLOT_HEIGHT : 0;
+      if (height > 0) {
+        group.append(
+          svg("rect", { class: `part part-${key === "queued" ? "queued" : "wait"}`, x: index * 10 + 1, y: PLOT_HEIGHT - height, width: 8, height }),
+        );
+      }
+      plot.append(group);
+    });
+    $(".chart-plot", figure).replaceChildren(plot);
+    $(".chart-total", figure).textContent = total;
+    $(".chart-from", figure).textContent = points.length ? clockTime(points[0].at) : "";
+    $(".chart-to", figure).textContent = points.length ? clockTime(points[points.length - 1].at) : "";
+  }
+
+  /** One <div data-field> of a facts list, its exact value in data-value. */
+  function fact(field, term, text, value, ...extra) {
+    return el(
+      "div",
+      { dataset: { field } },
+      el("dt", { text: term }),
+      el("dd", { text, title: value === null || value === undefined ? "" : String(value), dataset: { value: value ?? "" } }, ...extra),
+    );
+  }
+
+  const seconds = (value) => (value === null || value === undefined ? "—" : duration(value));
+
+  function renderFlow() {
+    const overview = state.snapshot;
+    const last = state.flow[state.flow.length - 1];
+    drawFlowChart("flow-queue", "queued", (value) => `${num(value)} queued`, last ? `${num(last.queued)} now` : "");
+    drawFlowChart(
+      "flow-wait",
+      "oldest_s",
+      (value) => `oldest waiting ${seconds(value)}`,
+      last ? (last.queued ? `${seconds(last.oldest_s)} now` : "nothing waits") : "",
+    );
+    $("#flow-note").textContent = `the queue at each of the last ${num(state.flow.length)} snapshots`;
+
+    const turnaround = overview.turnaround || {};
+    const measured = turnaround.samples > 0;
+    const turnaroundFigure = byTestId("flow-turnaround");
+    $(".chart-total", turnaroundFigure).textContent = measured
+      ? `last ${num(turnaround.samples)} applied batches`
+      : "no batch applied yet";
+    const routing = turnaround.measured
+      ? `${seconds(turnaround.routing_p90_s)} (the p90 of ${num(turnaround.samples)} batches) + margin ${seconds(turnaround.margin_s)}`
+      : `${seconds(turnaround.routing_p90_s)} assumed (${num(turnaround.samples)} of ${num(turnaround.min_samples)} batches measured) + margin ${seconds(turnaround.margin_s)}`;
+    $(".flow-facts", turnaroundFigure).replaceChildren(
+      fact("p50", "p50", seconds(turnaround.p50_s), turnaround.p50_s),
+      fact("p90", "p90", seconds(turnaround.p90_s), turnaround.p90_s),
+      fact("routing-p90", "Routing uses", routing, turnaround.routing_p90_s),
+    );
+
+    const rows = overview.sync_last_hour || [];
+    const sent = rows.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const syncFigure = byTestId("flow-sync");
+    $(".chart-total", syncFigure).textContent = sent ? `${num(sent)} jobs` : "none";
+    $(".flow-facts", syncFigure).replaceChildren(
+      ...Object.entries(SYNC_REASONS).map(([reason, [term, hint]]) => {
+        const row = rows.find((entry) => entry.reason === reason);
+        const jobs = row ? Number(row.jobs) || 0 : 0;
+        const meter = el("span", { className: "meter", title: hint });
+        meter.style.width = sent ? `${(jobs / sent) * 100}%` : "0";
+        return fact(reason, term, sent ? `${num(jobs)} · ${share(jobs, sent)}` : num(jobs), jobs, meter);
+      }),
     );
   }
 
