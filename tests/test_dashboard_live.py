@@ -49,7 +49,7 @@ WATCH_FRAMES = """(() => {
   requestAnimationFrame(step);
 })()"""
 # Generous: a frame held this long is a page that stops answering, not a slow machine's jitter (a
-# 2-core machine shared with other test runs measured 417 to 567 ms, docs/benchmarks.md).
+# 2-core machine shared with other test runs measured 417 to 583 ms, docs/benchmarks.md).
 LONGEST_FRAME_MS = 2_000
 HEAP_FACTOR = 3  # the heap after 100,000 completions, at most this many times the heap after 1,000
 
