@@ -52,6 +52,7 @@ from .ratelimit import RateLimiter
 from .readings import Readings
 from .redact import redact_url
 from .server import create_app
+from .store import Routing
 from .supervisor import Supervisor
 from .sync import SyncSender
 
@@ -94,7 +95,9 @@ class Daemon:
         self.hub: EventHub | None = None
         self.http_url: str | None = None
         self.metrics = Metrics()  # this daemon's own registry, served at GET /metrics
-        self.readings = Readings(self.metrics.registry, settings.http)  # the database's, read when asked
+        self.readings = Readings(  # the database's, read when asked
+            self.metrics.registry, settings.http, Routing.from_settings(settings.routing)
+        )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Runs until `stop` is set (or a signal arrives when `stop` is None)."""

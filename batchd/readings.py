@@ -43,10 +43,10 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .config import HttpSettings
+from .config import HttpSettings, RoutingSettings
 from .report import cache_hit_ratio
 from .statuses import BATCH_STATUSES, JOB_STATUSES
-from .store import DB_ERRORS, Connection, sql
+from .store import DB_ERRORS, Connection, Routing, sql
 
 log = structlog.get_logger("batchd.readings")
 
@@ -168,6 +168,10 @@ class View:
     open_batches: list[dict[str, Any]] = field(default_factory=list)
     totals: list[dict[str, Any]] = field(default_factory=list)
     budgets: list[dict[str, Any]] = field(default_factory=list)
+    sync_last_hour: list[dict[str, Any]] = field(default_factory=list)  # {reason, jobs}
+
+
+SYNC_REASONS = ("route", "deadline", "other")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,16 @@ class Overview:
     tenants: dict[str, View]  # those with a row in any of the views
     tenant_heads: dict[str, int]  # each tenant's last event id
     tenant_base: int  # the last event id of a tenant that has had no event yet
+    # The batch turnaround, every tenant's batches: the router's p90 (what each job's path_reason already
+    # quotes to its tenant) and the p50 and p90 measured, no tenant's own data.
+    turnaround: dict[str, Any] = field(default_factory=dict)
+
+    def tenant_view(self, tenant_id: str) -> View:
+        """A tenant's view, made (with its event id) when it has none yet."""
+        view = self.tenants.get(tenant_id)
+        if view is None:
+            view = self.tenants[tenant_id] = View(self.tenant_heads.get(tenant_id, self.tenant_base))
+        return view
 
     def view(self, tenant_id: str | None) -> View:
         """The admin's view (tenant_id None) or a tenant's: its own rows only, and its own event id."""
@@ -227,8 +241,11 @@ class Readings:
     """The database's last readings: the metrics' (as the registry they are registered on shows them at each
     scrape) and the overview's."""
 
-    def __init__(self, registry: CollectorRegistry, http: HttpSettings | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, http: HttpSettings | None = None, routing: Routing | None = None
+    ) -> None:
         http = http or HttpSettings()
+        routing = routing or Routing.from_settings(RoutingSettings())
         self.database_errors = Counter(
             "batchd_metrics_database_errors",
             "Readings of the database for the metrics that failed (their metrics are left out of the scrapes "
@@ -255,7 +272,7 @@ class Readings:
         )
         self._overview = Reading(
             "overview",
-            _read_overview,
+            _overview_reader(routing),
             interval_s=http.overview_interval_s,
             timeout_s=http.overview_timeout_s,
             isolation="repeatable_read",
@@ -312,14 +329,44 @@ async def _read_ledger(connection: Connection) -> Ledger:
     return _ledger(await connection.fetch(sql("billed_totals"), None, None))
 
 
-async def _read_overview(connection: Connection) -> Overview:
-    heads = await connection.fetch(sql("overview_heads"))  # first: the snapshot is taken at it
-    queued = await connection.fetch(sql("overview_queued"))
-    batches = await connection.fetch(sql("overview_batches"))
-    totals = await connection.fetch(sql("overview_totals"))
-    unpublished = await connection.fetch(sql("overview_unpublished"))
-    budgets = await connection.fetch(sql("tenant_budgets"))
-    return _overview(heads, queued, batches, _less(totals, unpublished), [_budget(row) for row in budgets])
+def _overview_reader(routing: Routing) -> Callable[[Connection], Awaitable[Overview]]:
+    async def read(connection: Connection) -> Overview:
+        heads = await connection.fetch(sql("overview_heads"))  # first: the snapshot is taken at it
+        queued = await connection.fetch(sql("overview_queued"))
+        batches = await connection.fetch(sql("overview_batches"))
+        totals = await connection.fetch(sql("overview_totals"))
+        unpublished = await connection.fetch(sql("overview_unpublished"))
+        budgets = await connection.fetch(sql("tenant_budgets"))
+        turnaround = await connection.fetchrow(
+            sql("overview_turnaround"), routing.window, routing.min_samples, routing.prior_s
+        )
+        sync = await connection.fetch(sql("overview_sync"))
+        overview = _overview(
+            heads, queued, batches, _less(totals, unpublished), [_budget(row) for row in budgets]
+        )
+        for row in sync:
+            entry = {"reason": row["reason"], "jobs": row["jobs"]}
+            overview.tenant_view(row["tenant_id"]).sync_last_hour.append(entry)
+            _add_reason(overview.admin.sync_last_hour, entry)
+        overview.turnaround.update(
+            {
+                **(dict(turnaround) if turnaround is not None else {}),  # an aggregate: one row
+                "margin_s": routing.margin_s,
+                "window": routing.window,
+                "min_samples": routing.min_samples,
+            }
+        )
+        return overview
+
+    return read
+
+
+def _add_reason(rows: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    for row in rows:
+        if row["reason"] == entry["reason"]:
+            row["jobs"] += entry["jobs"]
+            return
+    rows.append(dict(entry))
 
 
 def _series_reader(seconds: float, interval: str) -> Callable[[Connection], Awaitable[Series]]:

@@ -456,6 +456,8 @@ async def overview(request: web.Request) -> web.Response:
         "open_batches": view.open_batches,
         "totals": view.totals,
         "budgets": view.budgets,
+        "turnaround": snapshot.turnaround,
+        "sync_last_hour": view.sync_last_hour,
         "statuses": statuses.described(),  # the page's names for them: it keeps no list of its own
     }
     return web.json_response(body, dumps=_dumps)

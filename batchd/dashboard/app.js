@@ -12,6 +12,29 @@
   const PAGE_SIZE = 25; // rows of the completions table: the page's height does not grow with the count
   const BACKFILL_EVENTS = 200; // events before the snapshot replayed into the feed (not the totals) on open
   const REFRESH_MS = 30_000;
+  // The charts move with the job events; reading the series again only corrects what events cannot tell
+  // (money, a job's path when its event does not say it, rollups of another process's clock).
+  const SERIES_REFRESH_MS = 300_000;
+  // Events after the snapshot kept one by one to re-base the totals on the next snapshot. Past this many the
+  // oldest are let go: a snapshot older than them is then not re-based on (its counts would lack events the
+  // page cannot re-add), only its money taken, so memory stays bounded however fast completions arrive.
+  const MAX_DELTAS = 5_000;
+  const COUNT_FIELDS = [
+    "succeeded",
+    "failed",
+    "canceled",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+  ];
+  const INTERVAL_MS = { hour: 3_600_000, day: 86_400_000 };
+  const FLOW_POINTS = 60; // the queue's depth and oldest wait at the last this many snapshots (~30 min)
+  const SYNC_REASONS = {
+    route: ["route = sync", "the producer asked for the Messages API"],
+    deadline: ["deadline too near", "an auto job whose deadline was nearer than the flush + batch p90 + margin"],
+    other: ["other", "another reason"],
+  };
   const BATCH_REFRESH_MS = 1_000; // after batch.submitted / batch.ended, at most once per this
   const RETRY_MIN_MS = 2_000;
   const RETRY_MAX_MS = 30_000;
@@ -49,6 +72,7 @@
     baseId: 0, // the snapshot's last_event_id: events up to it are in the snapshot's numbers
     wantId: 0, // the last batch event's id: a snapshot taken before it lacks what the batch changed
     deltas: [], // [{id, tenant, counts}] of events after baseId, to re-base on the next snapshot
+    deltasFrom: 0, // the id of the last delta let go (MAX_DELTAS): a snapshot before it is not re-based on
     totals: new Map(), // tenant -> {succeeded, failed, ...}: snapshot + deltas
     cursor: 0, // the last event id received (where a reopened stream resumes)
     source: null,
@@ -67,6 +91,9 @@
     dialogJob: null, // the job the detail dialog shows, or is loading
     chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
     seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
+    series: null, // the last series drawn, moved on by job events
+    flow: [], // [{at, queued, oldest_s}] at each snapshot, oldest first (at most FLOW_POINTS)
+    seriesDirty: false, // redraw the charts at the next render
     renderTimer: null,
   };
 
@@ -269,7 +296,7 @@
     setConnection("connecting");
     state.intervals.push(setInterval(tick, 1000));
     state.intervals.push(setInterval(refresh, REFRESH_MS));
-    state.intervals.push(setInterval(loadSeries, REFRESH_MS));
+    state.intervals.push(setInterval(loadSeries, SERIES_REFRESH_MS));
     loadSeries();
     state.needStream = state.backfill = true;
     refresh();
@@ -287,6 +314,10 @@
     state.refreshing = state.refreshAgain = state.needStream = state.backfill = false;
     state.snapshot = null;
     state.deltas = [];
+    state.deltasFrom = 0;
+    state.flow = [];
+    state.series = null;
+    state.seriesDirty = false;
     state.totals = new Map();
     state.pendingRows = [];
     state.feed = [];
@@ -364,7 +395,10 @@
     state.snapshot = overview;
     state.snapshotAt = performance.now();
     state.snapshotWallClock = new Date();
-    state.baseId = overview.last_event_id;
+    // Taken before events the page no longer holds one by one: its counts cannot be re-based on, the
+    // page's own (an earlier snapshot plus every event since) are exact and stay; its money is taken.
+    const rebase = overview.last_event_id >= state.deltasFrom;
+    state.baseId = Math.max(state.baseId, overview.last_event_id);
     state.deltas = state.deltas.filter((delta) => delta.id > state.baseId);
     for (const [labels, described] of [
       [state.jobLabels, overview.statuses.jobs],
@@ -374,14 +408,24 @@
     }
     const totals = new Map();
     for (const row of overview.totals) {
-      const entry = emptyTotals();
-      for (const field of TOTAL_FIELDS) entry[field] = Number(row[field]) || 0;
+      const entry = rebase ? emptyTotals() : { ...(state.totals.get(row.tenant_id) || emptyTotals()) };
+      for (const field of TOTAL_FIELDS) {
+        if (rebase || !COUNT_FIELDS.includes(field)) entry[field] = Number(row[field]) || 0;
+      }
       totals.set(row.tenant_id, entry);
     }
+    if (!rebase) {
+      for (const [tenant, entry] of state.totals) if (!totals.has(tenant)) totals.set(tenant, entry);
+    }
     state.totals = totals;
-    for (const delta of state.deltas) addToTotals(delta);
+    if (rebase) for (const delta of state.deltas) addToTotals(delta);
+    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const oldest = Math.max(0, ...overview.queued.map((row) => Number(row.oldest_s) || 0));
+    state.flow.push({ at: state.snapshotWallClock.toISOString(), queued, oldest_s: oldest });
+    if (state.flow.length > FLOW_POINTS) state.flow.splice(0, state.flow.length - FLOW_POINTS);
     renderOverview();
     renderTotals();
+    renderFlow();
   }
 
   function addToTotals(delta) {
@@ -525,7 +569,12 @@
       counts[type.slice(4)] = 1;
       const delta = { id, tenant: data.tenant, counts };
       state.deltas.push(delta);
+      if (state.deltas.length > MAX_DELTAS) {
+        const gone = state.deltas.splice(0, state.deltas.length - MAX_DELTAS);
+        state.deltasFrom = gone[gone.length - 1].id;
+      }
       addToTotals(delta);
+      countInSeries(type.slice(4), data);
     }
     state.pendingRows.push({ id, type, data, live });
     if (state.pendingRows.length > FEED_LIMIT)
@@ -539,6 +588,10 @@
       state.renderTimer = null;
       renderTotals();
       renderFeed();
+      if (state.seriesDirty) {
+        state.seriesDirty = false;
+        drawCharts(state.series);
+      }
     }, 30);
   }
 
@@ -844,7 +897,10 @@
     state.feedStart = 0;
     drawFeed();
     for (const figure of document.querySelectorAll(".chart")) {
-      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to"]) $(part, figure).replaceChildren();
+      for (const part of [".chart-plot", ".chart-total", ".chart-from", ".chart-to", ".flow-facts"]) {
+        const node = $(part, figure);
+        if (node) node.replaceChildren(); // the flow's facts have no plot, the charts no facts
+      }
     }
     delete byTestId("charts").dataset.state;
     delete byTestId("charts").dataset.window;
@@ -1132,9 +1188,51 @@
       panel.dataset.state = "failed"; // the charts drawn before stay until the next try
       return;
     }
+    state.series = answer.body;
+    state.seriesDirty = false;
     drawCharts(answer.body);
     panel.dataset.window = window_;
     panel.dataset.state = "loaded";
+  }
+
+  /** A job that finished, counted in the interval of the series it finished in (a new one when it is
+   * past the last: the window then moves on by one), as the next reading of the series would count it. Its
+   * path is known when it says so: a job with a batch went in one; one that succeeded without, sync. */
+  function countInSeries(outcome, data) {
+    const series = state.series;
+    if (!series || !series.intervals.length || !(outcome in series.intervals[0])) return;
+    const length = INTERVAL_MS[series.interval];
+    const at = data.at ? Date.parse(data.at) : Date.now();
+    if (!length || Number.isNaN(at)) return;
+    const rows = series.intervals;
+    let last = rows[rows.length - 1];
+    let lastStart = Date.parse(last.start);
+    while (at >= lastStart + length) {
+      lastStart += length;
+      last = emptyInterval(new Date(lastStart).toISOString(), last);
+      rows.push(last);
+      rows.shift();
+    }
+    let row = null;
+    for (let index = rows.length - 1; index >= 0 && row === null; index -= 1) {
+      if (at >= Date.parse(rows[index].start)) row = rows[index];
+    }
+    if (row === null) return;
+    row[outcome] += 1;
+    if (outcome === "succeeded" || outcome === "failed") {
+      if (data.batch_id) row.batch_jobs += 1;
+      else if (outcome === "succeeded") row.sync_jobs += 1;
+      const sent = row.batch_jobs + row.sync_jobs;
+      row.batch_share = sent ? row.batch_jobs / sent : null;
+    }
+    state.seriesDirty = true;
+  }
+
+  function emptyInterval(start, like) {
+    const row = { start };
+    for (const key of Object.keys(like)) if (key !== "start") row[key] = 0;
+    row.batch_share = row.cache_hit_ratio = null; // nothing sent, no prompt tokens: yet
+    return row;
   }
 
   function chooseWindow(window_) {
@@ -1239,6 +1337,96 @@
       (row, interval) =>
         `${intervalName(row.start, interval)}: cache hit ratio ${row.cache_hit_ratio === null ? "— (no prompt tokens)" : `${ratio(row.cache_hit_ratio)} (${row.cache_hit_ratio})`}`,
       hits.length ? `best ${ratio(Math.max(...hits.map((row) => row.cache_hit_ratio)))}` : "no prompt tokens",
+    );
+  }
+
+  // ---- the flow: the queue over the last snapshots, batch turnaround, what went sync and why -------
+
+  /** Bars of one number per snapshot, kept by the page (the server keeps no history of its queue). */
+  function drawFlowChart(testId, key, format, total) {
+    const figure = byTestId(testId);
+    const points = state.flow;
+    const offset = Math.max(0, MIN_SLOTS - points.length);
+    const top = Math.max(0, ...points.map((point) => point[key]));
+    const plot = svg("svg", {
+      viewBox: `0 0 ${(points.length + offset) * 10} ${PLOT_HEIGHT}`,
+      preserveAspectRatio: "none",
+      role: "img",
+      "aria-label": $(".chart-title", figure).textContent,
+    });
+    points.forEach((point, position) => {
+      const index = position + offset;
+      const group = svg(
+        "g",
+        { class: "bar", "data-at": point.at, "data-value": point[key] },
+        svgTitle(`${clockTime(point.at)}: ${format(point[key])}`),
+      );
+      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
+      const height = top > 0 ? (point[key] / top) * PLOT_HEIGHT : 0;
+      if (height > 0) {
+        group.append(
+          svg("rect", { class: `part part-${key === "queued" ? "queued" : "wait"}`, x: index * 10 + 1, y: PLOT_HEIGHT - height, width: 8, height }),
+        );
+      }
+      plot.append(group);
+    });
+    $(".chart-plot", figure).replaceChildren(plot);
+    $(".chart-total", figure).textContent = total;
+    $(".chart-from", figure).textContent = points.length ? clockTime(points[0].at) : "";
+    $(".chart-to", figure).textContent = points.length ? clockTime(points[points.length - 1].at) : "";
+  }
+
+  /** One <div data-field> of a facts list, its exact value in data-value. */
+  function fact(field, term, text, value, ...extra) {
+    return el(
+      "div",
+      { dataset: { field } },
+      el("dt", { text: term }),
+      el("dd", { text, title: value === null || value === undefined ? "" : String(value), dataset: { value: value ?? "" } }, ...extra),
+    );
+  }
+
+  const seconds = (value) => (value === null || value === undefined ? "—" : duration(value));
+
+  function renderFlow() {
+    const overview = state.snapshot;
+    const last = state.flow[state.flow.length - 1];
+    drawFlowChart("flow-queue", "queued", (value) => `${num(value)} queued`, last ? `${num(last.queued)} now` : "");
+    drawFlowChart(
+      "flow-wait",
+      "oldest_s",
+      (value) => `oldest waiting ${seconds(value)}`,
+      last ? (last.queued ? `${seconds(last.oldest_s)} now` : "nothing waits") : "",
+    );
+    $("#flow-note").textContent = `the queue at each of the last ${num(state.flow.length)} snapshots`;
+
+    const turnaround = overview.turnaround || {};
+    const measured = turnaround.samples > 0;
+    const turnaroundFigure = byTestId("flow-turnaround");
+    $(".chart-total", turnaroundFigure).textContent = measured
+      ? `last ${num(turnaround.samples)} applied batches`
+      : "no batch applied yet";
+    const routing = turnaround.measured
+      ? `${seconds(turnaround.routing_p90_s)} (the p90 of ${num(turnaround.samples)} batches) + margin ${seconds(turnaround.margin_s)}`
+      : `${seconds(turnaround.routing_p90_s)} assumed (${num(turnaround.samples)} of ${num(turnaround.min_samples)} batches measured) + margin ${seconds(turnaround.margin_s)}`;
+    $(".flow-facts", turnaroundFigure).replaceChildren(
+      fact("p50", "p50", seconds(turnaround.p50_s), turnaround.p50_s),
+      fact("p90", "p90", seconds(turnaround.p90_s), turnaround.p90_s),
+      fact("routing-p90", "Routing uses", routing, turnaround.routing_p90_s),
+    );
+
+    const rows = overview.sync_last_hour || [];
+    const sent = rows.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const syncFigure = byTestId("flow-sync");
+    $(".chart-total", syncFigure).textContent = sent ? `${num(sent)} jobs` : "none";
+    $(".flow-facts", syncFigure).replaceChildren(
+      ...Object.entries(SYNC_REASONS).map(([reason, [term, hint]]) => {
+        const row = rows.find((entry) => entry.reason === reason);
+        const jobs = row ? Number(row.jobs) || 0 : 0;
+        const meter = el("span", { className: "meter", title: hint });
+        meter.style.width = sent ? `${(jobs / sent) * 100}%` : "0";
+        return fact(reason, term, sent ? `${num(jobs)} · ${share(jobs, sent)}` : num(jobs), jobs, meter);
+      }),
     );
   }
 

@@ -973,6 +973,38 @@ SELECT j.tenant_id,
  WHERE j.status IN ('succeeded', 'failed', 'canceled')
  GROUP BY j.tenant_id;
 
+-- name: overview_turnaround
+-- The batch turnaround the router uses (batchd.batch_turnaround: the p90 of the last $1 applied batches, the
+-- prior $3 while fewer than $2 are), and the p50 and p90 measured over those same batches (null: none yet),
+-- on batches_applied_at: at most $1 rows whatever the history.
+WITH r AS (
+    SELECT extract(epoch FROM applied_at - created_at)::float8 AS s
+      FROM batchd.batches
+     WHERE applied_at IS NOT NULL
+     ORDER BY applied_at DESC
+     LIMIT $1::integer
+)
+SELECT t.p90_s AS routing_p90_s, t.samples, t.measured,
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) FROM r) AS p50_s,
+       (SELECT percentile_cont(0.9) WITHIN GROUP (ORDER BY s) FROM r) AS p90_s
+  FROM batchd.batch_turnaround($1::integer, $2::integer, $3::float8) AS t;
+
+-- name: overview_sync
+-- Jobs finished in the last hour that went through the Messages API, per tenant and why, as a kind of their
+-- path_reason (batchd.route_reason): `route` (the producer asked: route = sync), `deadline` (an auto job whose
+-- deadline was too near for a batch), `other`. Only these words leave the query, never the text itself.
+-- On jobs_finished: the last hour's finished jobs.
+SELECT tenant_id,
+       CASE WHEN path_reason LIKE 'sync: route = sync%' THEN 'route'
+            WHEN path_reason LIKE 'auto: deadline %' THEN 'deadline'
+            ELSE 'other' END AS reason,
+       count(*) AS jobs
+  FROM batchd.jobs
+ WHERE status IN ('succeeded', 'failed', 'canceled') AND completed_at >= now() - interval '1 hour'
+   AND path = 'sync'
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
+
 -- name: status_summary
 -- The daemon's one-line status for systemd (STATUS=), every few seconds: two counts on partial indexes
 -- (jobs_queued, batches_open), every daemon's work on this database.
