@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .enqueue import ROUTES
-from .readings import WINDOWS
+from .readings import SYNC_REASONS, WINDOWS
 from .sse import EVENT_TYPES
 from .statuses import BATCH_STATUSES, JOB_STATUSES
 
@@ -372,6 +372,32 @@ def _schemas() -> dict[str, Schema]:
                             "hold_reason": {"type": ["string", "null"]},
                             "held_since": _nullable(TIME),
                         }
+                    ),
+                },
+                "turnaround": _object(
+                    {
+                        "routing_p90_s": {
+                            **NUMBER,
+                            "description": "The p90 the router uses (the prior till measured).",
+                        },
+                        "samples": COUNT,
+                        "measured": BOOLEAN,
+                        "p50_s": {
+                            **_nullable(NUMBER),
+                            "description": "Measured; null: no batch applied yet.",
+                        },
+                        "p90_s": _nullable(NUMBER),
+                        "margin_s": NUMBER,
+                        "window": COUNT,
+                        "min_samples": COUNT,
+                    },
+                    description="The batch turnaround of every tenant's batches, as the router uses it.",
+                ),
+                "sync_last_hour": {
+                    "type": "array",
+                    "description": "The principal's jobs finished in the last hour through the Messages API.",
+                    "items": _object(
+                        {"reason": {"type": "string", "enum": list(SYNC_REASONS)}, "jobs": COUNT}
                     ),
                 },
                 "statuses": _object({"jobs": status_rows, "batches": status_rows}),

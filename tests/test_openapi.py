@@ -382,6 +382,6 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
         "tenant.released",
     }
     # The overview's lists were seen with rows in them, and a held tenant's budget.
-    for member in ("queued", "open_batches", "totals", "budgets"):
+    for member in ("queued", "open_batches", "totals", "budgets", "sync_last_hour"):
         assert any(overview[member] for overview in answers["/v1/overview"]), member
     assert any(budget["held"] for overview in answers["/v1/overview"] for budget in overview["budgets"])
