@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import enqueue, statuses
+from . import enqueue, openapi, statuses
 from .config import HttpSettings, Settings
 from .events import EventHub
 from .metrics import Metrics
@@ -93,8 +93,13 @@ def _token(request: web.Request) -> str | None:
 
 @web.middleware
 async def authenticate_api(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/v1/") or (request.method == "DELETE" and request.path == "/v1/session"):
-        return await handler(request)  # signing out must work with a revoked token too
+    # Signing out must work with a revoked token too; the API's description holds no data (openapi.py).
+    if (
+        not request.path.startswith("/v1/")
+        or (request.method == "DELETE" and request.path == "/v1/session")
+        or request.path == "/v1/openapi.json"
+    ):
+        return await handler(request)
     principal = await authenticate(request.app[POOL], _token(request), request.app[ADMIN_TOKEN])
     if principal is None:
         response = _error(401, "a valid token is required (Authorization: Bearer, access_token or cookie)")
@@ -518,6 +523,10 @@ async def end_session(_request: web.Request) -> web.Response:
     return response
 
 
+async def openapi_document(_request: web.Request) -> web.Response:
+    return web.Response(text=openapi.document_text(), content_type="application/json")
+
+
 async def dashboard(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -566,6 +575,7 @@ def create_app(
     app.router.add_get("/v1/session", who_am_i)
     app.router.add_post("/v1/session", start_session)
     app.router.add_delete("/v1/session", end_session)
+    app.router.add_get("/v1/openapi.json", openapi_document)
     app.router.add_get("/", dashboard)
     app.router.add_static("/static/", DASHBOARD)
     app.on_response_prepare.append(no_cache_by_default)

@@ -22,8 +22,9 @@ from batchd.store import sql
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 TIME_LIKE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d")
-# Routes that answer something other than JSON: the page, its files, Prometheus' text.
-NOT_JSON = {"/", "/static", "/metrics"}
+# Routes that answer something other than JSON: the page, its files, Prometheus' text; and the API's
+# description, whose `…_at` members are the schemas of times (tests/test_openapi.py checks those).
+NOT_JSON = {"/", "/static", "/metrics", "/v1/openapi.json"}
 
 
 def times(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
