@@ -757,3 +757,33 @@ async def charts_as_a_tenant(url: str, token: str, hour: datetime, day: datetime
         await assert_fits(browser, "dashboard-charts-tenant")
         await browser.evaluate(f"{CHART}.scrollIntoView()")
         await browser.screenshot(ARTIFACTS / "dashboard-charts-tenant.png")
+
+
+async def test_the_admins_spend_chart_names_the_top_tenants_and_sums_the_others(
+    db: Any, serve: Callable[..., Any]
+) -> None:
+    """Seven tenants spent in the hour: the five that spent most each have a part, the other two one."""
+    for n in range(7):
+        cost = Decimal(n + 1)
+        await db.execute(TALLY, 10, f"tenant-{n}", "succeeded", "batch", 1, 0, 0, cost, 2 * cost)
+    now: datetime = await db.fetchval("SELECT now()")
+    hour = (now - timedelta(minutes=10)).replace(minute=0, second=0, microsecond=0)
+    async with serve() as (_, url), dashboard() as browser:
+        await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        money = await bar_at(browser, "chart-money", hour)
+        parts = [part for part in await browser.evaluate(SPEND_PARTS) if part["start"] == money["start"]]
+        assert [part["tenant"] for part in parts] == [f"tenant-{n}" for n in (6, 5, 4, 3, 2)] + [""]
+        assert [float(part["costUsd"]) for part in parts] == pytest.approx([7, 6, 5, 4, 3, 3])
+        assert [float(part["savedUsd"]) for part in parts] == pytest.approx([7, 6, 5, 4, 3, 3])
+        assert parts[-1]["title"].startswith("2 other tenants, ")
+        assert parts[-1]["title"].endswith(": cost $3 · saved $3")
+        assert "\n2 other tenants: cost $3 · saved $3" in money["title"]
+        assert await browser.evaluate(MONEY_KEYS) == [
+            *(f"tenant-{n} (cost)" for n in (6, 5, 4, 3, 2)),
+            "2 other tenants (cost)",
+            "saved (to the Messages API price)",
+        ]
+        await assert_fits(browser, "dashboard-spend-by-tenant")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-spend-by-tenant.png")
