@@ -73,6 +73,8 @@ SERIES_SUMS = (
     "cost_usd",
     "sync_cost_usd",
 )
+# The admin's spend chart: the tenants that spent the most in the window each on their own, the rest summed.
+SPEND_TENANTS = 5
 
 
 class Reading(Generic[T]):
@@ -235,6 +237,42 @@ class Series:
                 }
             )
         return intervals
+
+    def spend_by_tenant(self, top: int = SPEND_TENANTS) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """For the admin: the `top` tenants that spent the most in the window (then by name), each with its
+        cost and saving per interval (aligned with `view`'s), and the other tenants' summed (None when there
+        are none). A tenant that spent nothing in the window is left out."""
+
+        def spend(rows: dict[datetime, dict[str, Any]]) -> list[dict[str, Any]]:
+            out = []
+            for start in self.starts:
+                row = rows.get(start)
+                cost = row["cost_usd"] if row else 0.0
+                sync = row["sync_cost_usd"] if row else 0.0
+                out.append({"cost_usd": cost, "saved_usd": sync - cost})
+            return out
+
+        spent = []
+        for tenant, rows in self.tenants.items():
+            intervals = spend(rows)
+            cost = sum(entry["cost_usd"] for entry in intervals)
+            saved = sum(entry["saved_usd"] for entry in intervals)
+            if cost or saved:
+                spent.append({"tenant": tenant, "cost_usd": cost, "saved_usd": saved, "intervals": intervals})
+        spent.sort(key=lambda entry: (-entry["cost_usd"], entry["tenant"]))
+        rest = spent[top:]
+        if not rest:
+            return spent, None
+        others = [
+            {key: sum(entry["intervals"][index][key] for entry in rest) for key in ("cost_usd", "saved_usd")}
+            for index in range(len(self.starts))
+        ]
+        return spent[:top], {
+            "tenants": len(rest),
+            "cost_usd": sum(entry["cost_usd"] for entry in rest),
+            "saved_usd": sum(entry["saved_usd"] for entry in rest),
+            "intervals": others,
+        }
 
 
 class Readings:

@@ -478,13 +478,16 @@ async def series(request: web.Request) -> web.Response:
         response = _error(503, "the database could not be read; try again shortly")
         response.headers["Retry-After"] = str(max(1, math.ceil(readings.overview_interval_s)))
         return response
-    body = {
+    body: dict[str, object] = {
         "tenant": principal.tenant_id,
         "admin": principal.is_admin,
         "window": window,
         "interval": reading.interval,
         "intervals": reading.view(principal.tenant_id),
     }
+    if principal.is_admin:
+        # Which tenant spent what is the admin's alone: a tenant's answer has no such key.
+        body["spend_by_tenant"], body["spend_others"] = reading.spend_by_tenant()
     return web.json_response(body, dumps=_dumps)
 
 

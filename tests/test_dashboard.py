@@ -641,6 +641,13 @@ CHART_WORKLOAD = [
     (3 * 24 * 60, "acme", "succeeded", "batch", 9, 90, 0, "9", "18"),  # in the 30 days only
 ]
 CHART = "document.querySelector('[data-testid=charts]')"
+# The admin's spend chart's parts by tenant: their data (data-*), the interval's start and their own title.
+SPEND_PARTS = (
+    "[...document.querySelectorAll('[data-testid=chart-money] rect[data-tenant]')]"
+    ".map((r) => ({...r.dataset, start: r.parentNode.dataset.start,"
+    " title: r.querySelector('title').textContent}))"
+)
+MONEY_KEYS = "[...document.querySelectorAll('[data-testid=chart-money] .key')].map((k) => k.textContent)"
 
 
 def chart_bars(test_id: str) -> str:
@@ -689,6 +696,21 @@ async def charts_as_the_admin(url: str, hour: datetime) -> None:
         assert float(money["savedUsd"]) == pytest.approx(3.0)
         assert "cost $3.6 · saved $3" in money["title"]
         assert "Messages API price $6.6" in money["title"]
+        # Stacked by tenant, the one that spent most in the window first; each part its tenant's numbers.
+        assert "\nglobex: cost $2 · saved $2\nacme: cost $1.6 · saved $1" in money["title"]
+        spenders = [part for part in await browser.evaluate(SPEND_PARTS) if part["start"] == money["start"]]
+        assert [part["tenant"] for part in spenders] == ["globex", "acme"]
+        globex, acme = spenders
+        assert [float(globex["costUsd"]), float(globex["savedUsd"])] == pytest.approx([2, 2])
+        assert [float(acme["costUsd"]), float(acme["savedUsd"])] == pytest.approx([1.6, 1])
+        assert acme["title"].startswith("acme, ")
+        assert acme["title"].endswith(": cost $1.6 · saved $1")
+        assert money["parts"]["tenant-0"] + money["parts"]["tenant-1"] == pytest.approx(100 * 3.6 / 6.6)
+        assert await browser.evaluate(MONEY_KEYS) == [
+            "globex (cost)",
+            "acme (cost)",
+            "saved (to the Messages API price)",
+        ]
         share = await bar_at(browser, "chart-share", hour)
         assert float(share["batchShare"]) == pytest.approx(10 / 12)
         assert "10 in batches · 2 sync" in share["title"]
@@ -730,6 +752,38 @@ async def charts_as_a_tenant(url: str, token: str, hour: datetime, day: datetime
         await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1h'")
         assert len(await browser.evaluate(chart_bars("chart-jobs"))) == 2
         assert "globex" not in await browser.evaluate("document.body.innerHTML")
+        assert await browser.evaluate(SPEND_PARTS) == []
+        assert await browser.evaluate(MONEY_KEYS) == ["cost", "saved (to the Messages API price)"]
         await assert_fits(browser, "dashboard-charts-tenant")
         await browser.evaluate(f"{CHART}.scrollIntoView()")
         await browser.screenshot(ARTIFACTS / "dashboard-charts-tenant.png")
+
+
+async def test_the_admins_spend_chart_names_the_top_tenants_and_sums_the_others(
+    db: Any, serve: Callable[..., Any]
+) -> None:
+    """Seven tenants spent in the hour: the five that spent most each have a part, the other two one."""
+    for n in range(7):
+        cost = Decimal(n + 1)
+        await db.execute(TALLY, 10, f"tenant-{n}", "succeeded", "batch", 1, 0, 0, cost, 2 * cost)
+    now: datetime = await db.fetchval("SELECT now()")
+    hour = (now - timedelta(minutes=10)).replace(minute=0, second=0, microsecond=0)
+    async with serve() as (_, url), dashboard() as browser:
+        await browser.navigate(f"{url}/#token={ADMIN_TOKEN}")
+        await browser.wait_for(f"{CHART}.dataset.state === 'loaded' && {CHART}.dataset.window === '1d'")
+        money = await bar_at(browser, "chart-money", hour)
+        parts = [part for part in await browser.evaluate(SPEND_PARTS) if part["start"] == money["start"]]
+        assert [part["tenant"] for part in parts] == [f"tenant-{n}" for n in (6, 5, 4, 3, 2)] + [""]
+        assert [float(part["costUsd"]) for part in parts] == pytest.approx([7, 6, 5, 4, 3, 3])
+        assert [float(part["savedUsd"]) for part in parts] == pytest.approx([7, 6, 5, 4, 3, 3])
+        assert parts[-1]["title"].startswith("2 other tenants, ")
+        assert parts[-1]["title"].endswith(": cost $3 · saved $3")
+        assert "\n2 other tenants: cost $3 · saved $3" in money["title"]
+        assert await browser.evaluate(MONEY_KEYS) == [
+            *(f"tenant-{n} (cost)" for n in (6, 5, 4, 3, 2)),
+            "2 other tenants (cost)",
+            "saved (to the Messages API price)",
+        ]
+        await assert_fits(browser, "dashboard-spend-by-tenant")
+        await browser.evaluate(f"{CHART}.scrollIntoView()")
+        await browser.screenshot(ARTIFACTS / "dashboard-spend-by-tenant.png")

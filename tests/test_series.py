@@ -5,7 +5,7 @@ the rollups and the tallies not yet folded, at a cost set by the window, not by 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +15,7 @@ from support import ADMIN_TOKEN, QUICK
 
 from batchd import rollups
 from batchd.emulator import EmulatorConfig
+from batchd.readings import SERIES_SUMS, SPEND_TENANTS, Series
 from batchd.store import sql
 
 HOUR = timedelta(hours=1)
@@ -140,6 +141,11 @@ async def test_each_window_counts_each_interval_for_the_admin_and_each_tenant_it
                     assert row["saved_usd"] == pytest.approx(float(want[start]["sync"] - want[start]["cost"]))
                     sent = row["batch_jobs"] + row["sync_jobs"]
                     assert row["batch_share"] == (pytest.approx(row["batch_jobs"] / sent) if sent else None)
+                if principal is None:
+                    assert_spend_by_tenant(now, starts, interval, body, workload)
+                else:
+                    assert "spend_by_tenant" not in body
+                    assert "spend_others" not in body
 
         # The last 10 minutes, as acme sees them: 6 of its 8 jobs sent went in batches, and 300 of 420 prompt
         # tokens were read from the cache.
@@ -161,6 +167,60 @@ async def test_each_window_counts_each_interval_for_the_admin_and_each_tenant_it
         assert "1h, 1d, 30d" in body["error"]["message"]
         code, _ = await get_series(url, "not-a-token", "1d")
         assert code == 401
+
+
+def assert_spend_by_tenant(
+    now: datetime, starts: list[datetime], interval: str, body: dict[str, Any], workload: list[Tally]
+) -> None:
+    """The admin's answer: each tenant that spent in the window, most first, its cost and saving in each
+    interval; two tenants leave no others."""
+    assert body["spend_others"] is None
+    spent = {}
+    for tenant in ("acme", "globex"):
+        want = expected(now, starts[0], interval, tenant, workload)
+        if sum(row["cost"] for row in want.values()):
+            spent[tenant] = want
+    got = body["spend_by_tenant"]
+    assert [entry["tenant"] for entry in got] == sorted(
+        spent, key=lambda tenant: -sum(row["cost"] for row in spent[tenant].values())
+    )
+    for entry in got:
+        want = spent[entry["tenant"]]
+        assert len(entry["intervals"]) == len(starts)
+        for start, row in zip(starts, entry["intervals"], strict=True):
+            cost = want[start]["cost"] if start in want else Decimal(0)
+            sync = want[start]["sync"] if start in want else Decimal(0)
+            assert row["cost_usd"] == pytest.approx(float(cost))
+            assert row["saved_usd"] == pytest.approx(float(sync - cost))
+        assert entry["cost_usd"] == pytest.approx(float(sum(row["cost"] for row in want.values())))
+
+
+def test_past_the_top_tenants_the_rest_are_summed_as_others() -> None:
+    starts = [datetime(2026, 12, 7, hour, tzinfo=UTC) for hour in range(3)]
+    tenants: dict[str, dict[datetime, dict[str, Any]]] = {}
+    for n in range(SPEND_TENANTS + 3):
+        sums: dict[str, Any] = dict.fromkeys(SERIES_SUMS, 0)
+        tenants[f"t{n}"] = {starts[1]: {**sums, "cost_usd": float(n), "sync_cost_usd": 2.0 * n}}
+    tenants["idle"] = {starts[2]: dict.fromkeys(SERIES_SUMS, 0)}  # jobs, but nothing spent: left out
+    top, others = Series("hour", starts, tenants).spend_by_tenant()
+    names = [f"t{n}" for n in range(SPEND_TENANTS + 3)][::-1]
+    assert [entry["tenant"] for entry in top] == names[:SPEND_TENANTS]
+    assert top[0]["intervals"] == [
+        {"cost_usd": 0.0, "saved_usd": 0.0},
+        {"cost_usd": float(SPEND_TENANTS + 2), "saved_usd": float(SPEND_TENANTS + 2)},
+        {"cost_usd": 0.0, "saved_usd": 0.0},
+    ]
+    # t0 spent nothing; t1 and t2 are the others.
+    assert others == {
+        "tenants": 2,
+        "cost_usd": 3.0,
+        "saved_usd": 3.0,
+        "intervals": [
+            {"cost_usd": 0.0, "saved_usd": 0.0},
+            {"cost_usd": 3.0, "saved_usd": 3.0},
+            {"cost_usd": 0.0, "saved_usd": 0.0},
+        ],
+    }
 
 
 # 400 days of history in the rollups, as the defaults keep it (retention.hourly_rollups and day rows, for 5

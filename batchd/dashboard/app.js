@@ -904,6 +904,7 @@
     }
     delete byTestId("charts").dataset.state;
     delete byTestId("charts").dataset.window;
+    drawMoneyKeys(null); // the admin's tenants leave the legend with the admin
     for (const id of ["table-tenants", "table-batches", "table-money", "feed"]) {
       $("tbody", byTestId(id)).replaceChildren();
     }
@@ -1212,6 +1213,11 @@
       last = emptyInterval(new Date(lastStart).toISOString(), last);
       rows.push(last);
       rows.shift();
+      // The admin's spend by tenant stays aligned with the intervals (nothing spent yet in the new one).
+      for (const entry of [...(series.spend_by_tenant || []), ...(series.spend_others ? [series.spend_others] : [])]) {
+        entry.intervals.push({ cost_usd: 0, saved_usd: 0 });
+        entry.intervals.shift();
+      }
     }
     let row = null;
     for (let index = rows.length - 1; index >= 0 && row === null; index -= 1) {
@@ -1264,13 +1270,22 @@
       }
       group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
       let y = PLOT_HEIGHT;
-      for (const [key, value] of parts(row)) {
+      // A part may carry its own attributes (data-*) and title: one tenant's share of the admin's spend.
+      for (const [key, value, own] of parts(row, position)) {
         const height = top > 0 ? (Math.max(0, value) / top) * PLOT_HEIGHT : 0;
         if (height <= 0) continue;
         y -= height;
-        group.append(
-          svg("rect", { class: `part part-${key}`, "data-part": key, x: index * 10 + 1, y, width: 8, height }),
-        );
+        const rect = svg("rect", {
+          ...(own ? own.attributes : {}),
+          class: `part part-${key}`,
+          "data-part": key,
+          x: index * 10 + 1,
+          y,
+          width: 8,
+          height,
+        });
+        if (own) rect.append(svgTitle(own.title));
+        group.append(rect);
       }
       plot.append(group);
     });
@@ -1280,6 +1295,46 @@
     const last = series.intervals[count - 1];
     $(".chart-from", figure).textContent = first ? intervalName(first.start, series.interval) : "";
     $(".chart-to", figure).textContent = last ? `${intervalName(last.start, series.interval)} (so far)` : "";
+  }
+
+  const spendText = (spend) => `cost ${exactDollars(spend.cost_usd)} · saved ${exactDollars(spend.saved_usd)}`;
+
+  /** The admin's spend by tenant (GET /v1/series gives the tenants that spent most and the rest summed):
+   * one stacked part each, or null for a tenant's page (whose answer has no such thing). */
+  function spendParts(series) {
+    if (!Array.isArray(series.spend_by_tenant)) return null;
+    const parts = series.spend_by_tenant.map((entry, index) => ({
+      key: `tenant-${index}`,
+      tenant: entry.tenant,
+      name: entry.tenant,
+      intervals: entry.intervals,
+    }));
+    const others = series.spend_others;
+    if (others) {
+      const name = `${num(others.tenants)} other tenant${others.tenants === 1 ? "" : "s"}`;
+      parts.push({ key: "others", tenant: "", name, intervals: others.intervals });
+    }
+    return parts;
+  }
+
+  /** The spend chart's legend: the cost and what was saved, the cost split by tenant for the admin. */
+  function drawMoneyKeys(spenders) {
+    const keys = $(".chart-keys", byTestId("chart-money"));
+    const saved = el("span", { className: "key key-saved", text: "saved (to the Messages API price)" });
+    if (!spenders) {
+      keys.replaceChildren(el("span", { className: "key key-cost", text: "cost" }), saved);
+      return;
+    }
+    keys.replaceChildren(
+      ...spenders.map((spender) =>
+        el("span", {
+          className: `key key-${spender.key}`,
+          text: `${spender.name} (cost)`,
+          dataset: { tenant: spender.tenant },
+        }),
+      ),
+      saved,
+    );
   }
 
   function drawCharts(series) {
@@ -1299,16 +1354,43 @@
         `${intervalName(row.start, interval)}: ${num(row.succeeded)} succeeded · ${num(row.failed)} failed · ${num(row.canceled)} canceled`,
       `${num(sum("succeeded") + sum("failed") + sum("canceled"))} jobs`,
     );
+    const spenders = spendParts(series);
+    drawMoneyKeys(spenders);
     drawChart(
       "chart-money",
       series,
-      (row) => [
-        ["cost", row.cost_usd],
-        ["saved", row.saved_usd],
-      ],
+      (row, position) =>
+        spenders
+          ? [
+              ...spenders.map((spender) => {
+                const spend = spender.intervals[position] || { cost_usd: 0, saved_usd: 0 };
+                return [
+                  spender.key,
+                  spend.cost_usd,
+                  {
+                    attributes: {
+                      "data-tenant": spender.tenant,
+                      "data-cost-usd": spend.cost_usd,
+                      "data-saved-usd": spend.saved_usd,
+                    },
+                    title: `${spender.name}, ${intervalName(row.start, series.interval)}: ${spendText(spend)}`,
+                  },
+                ];
+              }),
+              ["saved", row.saved_usd],
+            ]
+          : [
+              ["cost", row.cost_usd],
+              ["saved", row.saved_usd],
+            ],
       Math.max(0, ...rows.map((row) => Math.max(row.sync_cost_usd, row.cost_usd))),
-      (row, interval) =>
-        `${intervalName(row.start, interval)}: cost ${exactDollars(row.cost_usd)} · saved ${exactDollars(row.saved_usd)} · Messages API price ${exactDollars(row.sync_cost_usd)}`,
+      (row, interval) => {
+        const whole = `${intervalName(row.start, interval)}: cost ${exactDollars(row.cost_usd)} · saved ${exactDollars(row.saved_usd)} · Messages API price ${exactDollars(row.sync_cost_usd)}`;
+        if (!spenders) return whole;
+        const index = rows.indexOf(row);
+        const lines = spenders.map((spender) => `${spender.name}: ${spendText(spender.intervals[index] || {})}`);
+        return [whole, ...lines].join("\n");
+      },
       `${dollars(sum("cost_usd"))} spent · ${dollars(sum("saved_usd"))} saved`,
     );
     const sent = sum("batch_jobs") + sum("sync_jobs");
