@@ -67,6 +67,10 @@ DECIMAL: Schema = {
     "pattern": r"^-?[0-9]+(\.[0-9]+)?(E[-+]?[0-9]+)?$",
     "description": "USD as an exact decimal string; null when nothing was billed or the model had no price.",
 }
+SPEND_INTERVALS: Schema = {
+    "type": "array",
+    "items": _object({"cost_usd": NUMBER, "saved_usd": NUMBER}),
+}
 TENANT: Schema = {
     "type": ["string", "null"],
     "description": "The token's tenant; null for the admin token (every tenant's).",
@@ -428,7 +432,36 @@ def _schemas() -> dict[str, Schema]:
                         }
                     ),
                 },
+                "spend_by_tenant": {
+                    "type": "array",
+                    "description": "The admin's only: the tenants that spent the most in the window (the "
+                    "top five, most first), each with its cost and saving per interval, aligned with "
+                    "`intervals`.",
+                    "items": _object(
+                        {
+                            "tenant": STRING,
+                            "cost_usd": NUMBER,
+                            "saved_usd": NUMBER,
+                            "intervals": SPEND_INTERVALS,
+                        }
+                    ),
+                },
+                "spend_others": {
+                    **_nullable(
+                        _object(
+                            {
+                                "tenants": COUNT,
+                                "cost_usd": NUMBER,
+                                "saved_usd": NUMBER,
+                                "intervals": SPEND_INTERVALS,
+                            }
+                        )
+                    ),
+                    "description": "The admin's only: the other tenants' spend summed; null when there are "
+                    "none.",
+                },
             },
+            optional=("spend_by_tenant", "spend_others"),
             description="Oldest interval first, every interval of the window present.",
         ),
         "Session": _object({"tenant": TENANT, "admin": BOOLEAN}),
