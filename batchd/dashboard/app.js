@@ -94,6 +94,10 @@
     series: null, // the last series drawn, moved on by job events
     flow: [], // [{at, queued, oldest_s}] at each snapshot, oldest first (at most FLOW_POINTS)
     seriesDirty: false, // redraw the charts at the next render
+    // The last event the series' reading holds, as the stream numbers them: later job events are counted
+    // into it, whatever snapshot the cards were re-based on since. null: not known yet (the series was read
+    // before the stream opened: the snapshot the stream opens from stands for it).
+    seriesFrom: null,
     renderTimer: null,
   };
 
@@ -318,6 +322,7 @@
     state.flow = [];
     state.series = null;
     state.seriesDirty = false;
+    state.seriesFrom = null;
     state.totals = new Map();
     state.pendingRows = [];
     state.feed = [];
@@ -369,6 +374,7 @@
       if (answer.body.last_event_id < state.wantId) scheduleRefresh();
       if (state.needStream) {
         const head = answer.body.last_event_id;
+        if (state.seriesFrom === null) state.seriesFrom = head;
         openStream(state.backfill ? Math.max(0, head - BACKFILL_EVENTS) : head);
         state.needStream = state.backfill = false;
       }
@@ -480,7 +486,9 @@
         closeStream();
         setConnection("reconnecting", "Catching up from a fresh snapshot");
         state.needStream = true;
+        state.seriesFrom = null;
         refresh();
+        loadSeries();
       }),
     );
     source.addEventListener(
@@ -574,8 +582,11 @@
         state.deltasFrom = gone[gone.length - 1].id;
       }
       addToTotals(delta);
-      countInSeries(type.slice(4), data);
     }
+    // The charts follow their own reading, not the cards' snapshot: a snapshot taken ahead of the stream
+    // (the stream lagging under load) must not leave the events between out of the charts.
+    const inSeries = state.seriesFrom === null ? live : id > state.seriesFrom;
+    if (inSeries && type !== "job.retrying") countInSeries(type.slice(4), data);
     state.pendingRows.push({ id, type, data, live });
     if (state.pendingRows.length > FEED_LIMIT)
       state.pendingRows.splice(0, state.pendingRows.length - FEED_LIMIT);
@@ -1190,6 +1201,7 @@
       return;
     }
     state.series = answer.body;
+    state.seriesFrom = state.source ? state.cursor : null;
     state.seriesDirty = false;
     drawCharts(answer.body);
     panel.dataset.window = window_;
