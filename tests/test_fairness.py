@@ -35,10 +35,10 @@ async def claimed(db: Any, limit: int, window: int | None = None) -> list[asyncp
     transaction = db.transaction()
     await transaction.start()
     try:
-        jobs = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit, ROUTING)
+        claim = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit, ROUTING)
         return [
             await db.fetchrow("SELECT id, tenant_id, job_type, seq FROM batchd.jobs WHERE id = $1", job.id)
-            for job in jobs
+            for job in claim.jobs
         ]
     finally:
         await transaction.rollback()
