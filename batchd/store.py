@@ -210,12 +210,12 @@ async def claim(
     rows = await connection.fetch(
         sql("claim_fair"), limit - len(jobs), taken, max(window, limit), *routing.params()
     )
-    return Claim(jobs + [ClaimedJob._make(row[:_JOB_COLUMNS]) for row in _in_turn_order(rows)], whole=False)
+    return Claim(jobs + in_turn_order(rows), whole=False)
 
 
-def _in_turn_order(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
-    """claim_fair's jobs by turn, then seq. A job locked by a scan of its tenant's queue (its span) comes
-    without its turn: the n-th of its tenant's, in seq order, has it at (n - 1/2) / weight."""
+def in_turn_order(rows: list[asyncpg.Record]) -> list[ClaimedJob]:
+    """claim_fair's jobs by turn, then seq. A job locked by a scan of its tenant's queue comes without its
+    turn: the n-th of its tenant's, in seq order, has it at (n - 1/2) / weight."""
     keyed: list[tuple[float, int, asyncpg.Record]] = []
     spans: dict[str, list[asyncpg.Record]] = {}
     for row in rows:
@@ -227,7 +227,7 @@ def _in_turn_order(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
         span.sort(key=_seq)
         keyed += (((n - 0.5) / row["weight"], row["seq"], row) for n, row in enumerate(span, 1))
     keyed.sort(key=_turn_and_seq)
-    return [row for _, _, row in keyed]
+    return [ClaimedJob._make(row[:_JOB_COLUMNS]) for _, _, row in keyed]
 
 
 def _seq(row: asyncpg.Record) -> int:

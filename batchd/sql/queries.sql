@@ -145,13 +145,14 @@ SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text 
 --
 -- The pick reads little more of each queue than it takes from it:
 -- 1. Heads. Each tenant's first jobs in seq order: its weight's part of $1 were every tenant to have enough,
---    and two more; and where the first of them with a cacheable prefix is. Up to and including that job, a
+--    and one more; and where the first of them with a cacheable prefix is. Up to and including that job, a
 --    tenant's turn order is its seq order (the jobs before it are each a group of their own; it heads its
---    group, whose later jobs may then come before the tenant's others). Reading other tenants further can
---    only take fewer jobs from a tenant, or one more at a tie; so the pick made on the heads stands for a
---    tenant whose order is known two jobs past its share of the pick, and read that far or as far as it may
---    give (its window, or $1).
--- 2. More. A tenant whose head was too short, without such a job, reads on in seq order as far as it may
+--    group, whose later jobs may then come before the tenant's others). Reading more of any queue can only
+--    lower the last turn picked, so a tenant then gets no more than it got from the heads, or one more at a
+--    tie. So the pick on the heads stands for a tenant that did not get all its head read (or gave all it may:
+--    its window, or $1) and got none from its first such job on: its picks and the one more are in what was
+--    read, in their places.
+-- 2. More. A tenant whose head was too short, with no such job in it, reads on in seq order as far as it may
 --    give, and the pick is made again.
 -- 3. Windows. A tenant whose pick reaches a job with a cacheable prefix is read whole, its jobs grouped.
 -- Its picked jobs are then locked: those of a tenant whose pick is its first jobs in seq order by one scan of
@@ -188,7 +189,7 @@ queued_tenants (tenant_id) AS (
        AND q.tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)
 ), shares AS (
     SELECT tenant_id, weight, size, least(size, $1::bigint) AS most,
-           least(size, $1::bigint, ceil($1::numeric * weight / sum(weight) OVER ())::bigint + 2) AS head_size
+           least(size, $1::bigint, ceil($1::numeric * weight / sum(weight) OVER ())::bigint + 1) AS head_size
       FROM windows
      WHERE size > 0
 ), heads AS MATERIALIZED (
@@ -217,8 +218,9 @@ queued_tenants (tenant_id) AS (
     (SELECT tenant_id FROM heads WHERE (SELECT count(*) FROM heads) > $1 ORDER BY turn, seq LIMIT $1)
 ), first_verdicts AS MATERIALIZED (
     SELECT s.tenant_id, s.weight, s.size, s.most, r.read, r.last_seq, r.first_prefixed,
-           (r.first_prefixed IS NULL OR coalesce(p.picked, 0) + 2 <= r.first_prefixed)
-           AND (r.read < s.head_size OR s.head_size = s.most OR coalesce(p.picked, 0) + 2 <= r.read) AS settled
+           -- Settled: its picks, and the one more a tie may give it, are read, in their places.
+           (r.first_prefixed IS NULL OR coalesce(p.picked, 0) < r.first_prefixed)
+           AND (r.read < s.head_size OR s.head_size = s.most OR coalesce(p.picked, 0) < r.read) AS settled
       FROM shares AS s
       JOIN (SELECT tenant_id, count(*) AS read, max(seq) AS last_seq,
                    min(n) FILTER (WHERE prefixed) AS first_prefixed
@@ -249,11 +251,12 @@ queued_tenants (tenant_id) AS (
      ORDER BY turn, seq
      LIMIT $1
 ), verdicts AS MATERIALIZED (
-    -- A tenant that read more has read as far as it may give: it is settled if known two jobs past its pick.
+    -- A tenant that read more has read as far as it may give: settled unless it got its first job with a
+    -- cacheable prefix or one after it.
     SELECT v.tenant_id, v.weight, v.size,
            v.settled OR (v.first_prefixed IS NULL
                          AND (m.first_prefixed IS NULL
-                              OR coalesce(p.picked, 0) + 2 <= m.first_prefixed)) AS settled,
+                              OR coalesce(p.picked, 0) < m.first_prefixed)) AS settled,
            coalesce(v.first_prefixed, m.first_prefixed) AS first_prefixed
       FROM first_verdicts AS v
       LEFT JOIN (SELECT tenant_id, min(n) FILTER (WHERE prefixed) AS first_prefixed FROM more GROUP BY tenant_id)
