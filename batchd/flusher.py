@@ -29,7 +29,7 @@ from .aio import run_loop
 from .config import API_MAX_BYTES
 from .context import Context
 from .store import DB_ERRORS, sql
-from .templates import BODY_OVERHEAD, Prepared, create_body, custom_id, new_tag, prepare
+from .templates import BODY_OVERHEAD, Prepared, create_body, new_tag, prepare
 
 log = structlog.get_logger("batchd.flusher")
 
@@ -212,7 +212,7 @@ class Flusher:
                     [p.params for p in rendered],
                     [reasons[p.job_id] for p in rendered],
                 )
-        body = create_body([(custom_id(tag, p.job_id), p.params) for p in chosen])
+        body = create_body(tag, ((p.job_id, p.params) for p in chosen))
         self.batches_made += 1
         log.info("batch.recorded", batch_id=str(batch_id), jobs=len(chosen), bytes=size, failed=len(failed))
         self.on_batch(batch_id, body)

@@ -33,7 +33,7 @@ from .backoff import backoff_s
 from .context import Context
 from .provider import retry_after
 from .store import Batch, sql
-from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, job_id_from, new_tag
+from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, job_id_from, new_tag
 
 log = structlog.get_logger("batchd.submitter")
 
@@ -60,7 +60,7 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
             await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send", ctx.instance_id)
             bound.info("batch.abandoned", reason="no jobs left to send")
             return
-        body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
+        body = create_body(batch.tag, ((row["id"], row["params"]) for row in rows))
     grace = ctx.settings.daemon.reconcile_grace_s
     started = await ctx.pool.fetchval(sql("begin_create"), batch.id, ctx.instance_id, grace)
     if started is None:

@@ -33,7 +33,7 @@ from batchd.provider import Provider
 from batchd.ratelimit import RateLimiter
 from batchd.results import apply_results
 from batchd.submitter import reconcile, record_submitted
-from batchd.templates import create_body, custom_id, new_tag
+from batchd.templates import create_body, new_tag
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ async def pending_batch(db: Any, ctx: Context, jobs: int) -> tuple[uuid.UUID, li
     batch_id = await db.fetchval(store.sql("insert_batch"), tag, jobs, 1000, OLD, 30.0)
     await db.execute(store.sql("assign_raw_jobs"), batch_id, ids, ["test"] * jobs)
     rows = await db.fetch(store.sql("batch_payload"), batch_id)
-    body = create_body([(custom_id(tag, row["id"]), row["params"]) for row in rows])
+    body = create_body(tag, ((row["id"], row["params"]) for row in rows))
     return batch_id, ids, body
 
 
