@@ -81,9 +81,20 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
 
 
 async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *, adopted: bool) -> None:
+    """The provider made the batch: its id, then its jobs `submitted`. The id is committed on its own first
+    when the create answered (recording 100,000 jobs takes seconds): a daemon that dies before its jobs are
+    recorded leaves a batch its successor records without reconciling, which would wait for the provider's
+    batch to end. An adopted batch, found by reconciling, is recorded in one transaction."""
+    if not adopted:
+        await ctx.pool.execute(sql("batch_created"), batch.id, created.id, ctx.instance_id)
+    await record_jobs_submitted(ctx, batch, created.id, adopted=adopted)
+
+
+async def record_jobs_submitted(ctx: Context, batch: Batch, provider_batch_id: str, *, adopted: bool) -> None:
+    """The batch in progress, its jobs `submitted`, and the events saying so (at once: batch_submitted)."""
     async with ctx.pool.acquire() as connection, connection.transaction():
         status = await connection.execute(
-            sql("batch_submitted"), batch.id, created.id, adopted, ctx.instance_id
+            sql("batch_submitted"), batch.id, provider_batch_id, adopted, ctx.instance_id
         )
         await connection.execute(sql("notify_events"))
     if status.split()[-1] != "0":  # "INSERT 0 n": n batch.submitted events, none when it was not pending
@@ -91,7 +102,7 @@ async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *,
     log.info(
         "batch.submitted",
         batch_id=str(batch.id),
-        provider_batch_id=created.id,
+        provider_batch_id=provider_batch_id,
         requests=batch.request_count,
         adopted=adopted,
     )

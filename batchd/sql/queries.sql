@@ -457,8 +457,16 @@ SELECT last_error FROM batchd.batches WHERE id = $1;
 -- name: set_create_attempts
 UPDATE batchd.batches SET create_attempts = $2 WHERE id = ANY($1::uuid[]) AND owner = $3;
 
+-- name: batch_created
+-- The provider's answer to a create: its batch id, committed the moment it comes, before the jobs are recorded
+-- (batch_submitted: seconds for 100,000). Until then the batch stays pending; a daemon that died in between
+-- leaves it so, and the next owner records its jobs without reconciling (supervisor.py).
+UPDATE batchd.batches SET provider_batch_id = $2
+ WHERE id = $1 AND status = 'pending' AND owner = $3 AND provider_batch_id IS NULL;
+
 -- name: batch_submitted
 -- The batch, its jobs, and the events saying so, at once; each tenant hears of its own share of the batch.
+-- Its provider id may be recorded already (batch_created).
 WITH batch AS (
     UPDATE batchd.batches
        SET provider_batch_id = $2, status = 'in_progress', submitted_at = now(), last_error = NULL,
