@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -318,6 +319,52 @@ async def run_json_child(script: str, args: list[str], timeout_s: float) -> dict
         )
     report: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
     return report
+
+
+# -- where the time goes: each statement as the driver saw it ----------------------------------------------
+
+
+class StatementTimes:
+    """The time each of batchd's named queries (store.QUERIES) took, as the driver saw it (from sending it to
+    its last row decoded), on every connection batchd opens while `watching()`."""
+
+    def __init__(self) -> None:
+        from batchd import store  # noqa: PLC0415 - only the scripts that watch statements pay for the import
+
+        self._names = {text: name for name, text in store.QUERIES.items()}
+        self.seconds: dict[str, float] = {}
+        self.calls: Counter[str] = Counter()
+
+    def _log(self, record: asyncpg.connection.LoggedQuery) -> None:
+        name = self._names.get(record.query, "(not batchd's)")
+        self.seconds[name] = self.seconds.get(name, 0.0) + record.elapsed
+        self.calls[name] += 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[StatementTimes]:
+        """Every connection batchd's store opens meanwhile (its pools', its listener's) reports here."""
+        from batchd import store  # noqa: PLC0415
+
+        original = store.init_connection
+
+        async def init_and_watch(connection: asyncpg.Connection) -> None:
+            await original(connection)
+            connection.add_query_logger(self._log)
+
+        store.init_connection = init_and_watch
+        try:
+            yield self
+        finally:
+            store.init_connection = original
+
+    def summary(self, top: int = 8) -> str:
+        """The statements that took longest, with their calls: "claim_all 1.23 s (1), ..."."""
+        longest = sorted(self.seconds.items(), key=lambda item: -item[1])[:top]
+        return ", ".join(f"{name} {seconds:.2f} s ({self.calls[name]})" for name, seconds in longest)
 
 
 # -- verdicts ----------------------------------------------------------------------------------------------
