@@ -52,9 +52,11 @@ NOT_ABOUT_THE_REQUESTS = frozenset({401, 403, 408, 409, 429, 502, 503, 504, 529}
 async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
     bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
     rows: list[asyncpg.Record] | None = None
-    # The body the flusher built is sent as is while the batch still holds exactly its jobs; otherwise (a
-    # restart, a split) it is rebuilt from the params stored with each job, exactly as first claimed.
-    if body is None or await ctx.pool.fetchval(sql("submitting_count"), batch.id) != batch.request_count:
+    # The body the flusher built is sent as is on the batch's first attempt: until a create is answered,
+    # nothing changes a batch's jobs (a refusal splits or shrinks it). Otherwise (a restart, a retry) it is
+    # rebuilt from the params stored with each job, exactly as first claimed. (Counting the batch's jobs to
+    # check took 0.1 to 0.4 s for 100,000.)
+    if body is None or batch.create_attempts > 0:
         rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
         if not rows:
             await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send", ctx.instance_id)

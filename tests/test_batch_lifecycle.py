@@ -295,7 +295,7 @@ async def test_a_created_batch_whose_jobs_were_not_recorded_is_recorded_by_the_n
             status = await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch_id)
             return bool(status == "in_progress")
 
-        await wait_until(recorded, timeout=20)
+        await wait_until(recorded, timeout=60)
     assert await job_counts(db) == {"submitted": 5}
     submitted = await db.fetch("SELECT job_id FROM batchd.events WHERE type = 'job.submitted'")
     assert sorted(row["job_id"] for row in submitted) == sorted(ids)

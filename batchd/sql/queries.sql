@@ -385,9 +385,6 @@ UPDATE batchd.jobs AS j
   FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, params, reason)
  WHERE j.id = r.id;
 
--- name: submitting_count
-SELECT count(*) FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitting';
-
 -- name: batch_payload
 -- What to send again when a batch must be rebuilt after a restart: the params exactly as first claimed.
 SELECT id, coalesce(params, request)::text AS params
