@@ -577,10 +577,9 @@ async def test_the_first_batch_holds_the_small_tenants_jobs(
     small = await insert_raw(db, "small", [f"small {i}" for i in range(10)])
     config = daemon_settings(batching={"max_requests": 1_000, "max_in_flight_requests": 1_000})
     async with start_daemon(config):
+        # Sent, and its jobs recorded submitted (its provider id is committed first).
         await wait_until(
-            lambda: _true(
-                db.fetchval("SELECT count(*) FROM batchd.batches WHERE provider_batch_id IS NOT NULL")
-            )
+            lambda: _true(db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'in_progress'"))
         )
         first = await db.fetchval("SELECT id FROM batchd.batches ORDER BY created_at LIMIT 1")
         in_first = await db.fetch("SELECT id, tenant_id FROM batchd.jobs WHERE batch_id = $1", first)
