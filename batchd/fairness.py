@@ -2,7 +2,9 @@
 
 Each tenant has a *weight* (default 1): when more is queued than one batch may hold, the flusher's claim
 (`claim_fair` in queries.sql) fills the batch in turns of weighted round robin across the tenants with
-queued jobs, so a tenant that dumps 200,000 jobs does not push a tenant with 10 behind all of them. A tenant
+queued jobs, so a tenant that dumps 200,000 jobs does not push a tenant with 10 behind all of them. When
+everything fits (and no tenant has a max_in_flight), there is nothing to share: `claim_all` takes it all in
+one pass (store.claim). A tenant
 may also have a *max_queued* (past it the database refuses the producer's INSERT, with a message that says
 so) and a *max_in_flight* (the most of its requests in open batches; past it its jobs wait in the queue).
 

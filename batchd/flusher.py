@@ -31,7 +31,7 @@ from .aio import run_loop
 from .config import API_MAX_BYTES
 from .context import Context
 from .store import DB_ERRORS, sql
-from .templates import BODY_OVERHEAD, Prepared, create_body, custom_id, new_tag, prepare
+from .templates import BODY_OVERHEAD, Prepared, create_body, new_tag, prepare
 
 log = structlog.get_logger("batchd.flusher")
 
@@ -96,7 +96,8 @@ class Flusher:
             # Tenants over budget are held (or their jobs failed) before the queue is looked at: the claim
             # and queue_head leave held tenants' jobs out; a tenant the budget allows again is released.
             await budgets.check(pool, self.budget_clock())
-            head = await store.queue_head(pool, batching.max_requests, self.routing)
+            # One more than a batch holds: the claim learns whether everything that may go fits in this one.
+            head = await store.queue_head(pool, batching.max_requests + 1, self.routing)
             now = head.now
             if head.jobs == 0:
                 await self._set_wakeup(armed=True, wake_seq=0)
@@ -109,7 +110,7 @@ class Flusher:
             if not full and due_at > now:
                 await self._set_wakeup(armed=False, wake_seq=self._wake_seq(head))
                 return (due_at - now).total_seconds()
-            flushed = await self.flush_one()
+            flushed = await self.flush_one(head)
             if flushed.capped:
                 # Woken when one of this daemon's batches closes; the sweep covers other daemons' batches.
                 return None
@@ -137,8 +138,31 @@ class Flusher:
         by_bytes = math.ceil((batching.max_bytes - head.bytes) / average)
         return (head.last_seq or 0) + max(1, min(by_count, by_bytes))
 
-    async def flush_one(self) -> Flushed:
-        """Claim one batch's worth of jobs and record the batch, in one transaction."""
+    def _prepare(
+        self, jobs: list[store.ClaimedJob], max_bytes: int
+    ) -> tuple[list[Prepared], list[tuple[UUID, str]], int, bool]:
+        """The requests that go, in claim order, up to max_bytes; the jobs that never can, and why; the create
+        body's size; and whether max_bytes cut the claim short (the rest stay queued, unlocked at commit, for
+        the next batch)."""
+        job_types = self.ctx.settings.job_types
+        chosen: list[Prepared] = []
+        failed: list[tuple[UUID, str]] = []
+        size = BODY_OVERHEAD
+        for job in jobs:
+            prepared = prepare(job, job_types, max_bytes - BODY_OVERHEAD)
+            if isinstance(prepared, str):
+                failed.append((job.id, prepared))
+                continue
+            if size + prepared.size > max_bytes:
+                return chosen, failed, size, True
+            chosen.append(prepared)
+            size += prepared.size
+        return chosen, failed, size, False
+
+    async def flush_one(self, head: store.QueueHead | None = None) -> Flushed:
+        """Claim one batch's worth of jobs and record the batch, in one transaction. `head`, the queue as last
+        looked at, tells whether everything that may go would fit: fairness then has nothing to decide and
+        the claim takes it all in one pass (without it, the claim finds out)."""
         settings = self.ctx.settings
         batching = settings.batching
         max_bytes = min(batching.max_bytes, API_MAX_BYTES)
@@ -150,25 +174,23 @@ class Flusher:
                 log.info("flusher.in_flight_cap", in_flight=in_flight, cap=batching.max_in_flight_requests)
                 return Flushed(None, 0, 0, capped=True)
             now = await connection.fetchval(sql("db_now"))
-            claimed = await store.claim(
-                connection,
-                budget,
-                now + timedelta(seconds=batching.deadline_slack_s),
-                math.ceil(budget * (1 + batching.cache_lookahead)),
-                self.routing,
-            )
-            chosen: list[Prepared] = []
-            failed: list[tuple[UUID, str]] = []
-            size = BODY_OVERHEAD
-            for job in claimed:
-                prepared = prepare(job, settings.job_types, max_bytes - BODY_OVERHEAD)
-                if isinstance(prepared, str):
-                    failed.append((job.id, prepared))
-                    continue
-                if size + prepared.size > max_bytes:
-                    break  # the rest stay queued, unlocked at commit, for the next batch
-                chosen.append(prepared)
-                size += prepared.size
+            whole = head is None or (head.jobs <= budget and head.bytes < max_bytes)
+            while True:
+                claim = await store.claim(
+                    connection,
+                    budget,
+                    now + timedelta(seconds=batching.deadline_slack_s),
+                    math.ceil(budget * (1 + batching.cache_lookahead)),
+                    self.routing,
+                    whole=whole,
+                )
+                chosen, failed, size, cut = self._prepare(claim.jobs, max_bytes)
+                if not (cut and claim.whole):
+                    break
+                # Taken whole, in seq order, but more than max_bytes: which jobs wait for the next batch is
+                # fairness's to decide after all. Claimed again (this transaction's locks do not stand in
+                # its way), in turn order.
+                whole = False
             if failed:
                 await connection.execute(sql("fail_jobs"), [i for i, _ in failed], [m for _, m in failed])
                 await connection.execute(sql("notify_events"))
@@ -181,7 +203,7 @@ class Flusher:
                 sql("insert_batch"), tag, len(chosen), size, self.ctx.instance_id, settings.daemon.lease_s
             )
             # Each job records its path and why, as the claim judged it (batchd.route_reason).
-            reasons = {job.id: job.path_reason for job in claimed}
+            reasons = {job.id: job.path_reason for job in claim.jobs}
             raw = [p.job_id for p in chosen if not p.rendered]
             rendered = [p for p in chosen if p.rendered]
             if raw:
@@ -196,7 +218,7 @@ class Flusher:
                     [p.params for p in rendered],
                     [reasons[p.job_id] for p in rendered],
                 )
-        body = create_body([(custom_id(tag, p.job_id), p.params) for p in chosen])
+        body = create_body(tag, ((p.job_id, p.params) for p in chosen))
         self.batches_made += 1
         log.info("batch.recorded", batch_id=str(batch_id), jobs=len(chosen), bytes=size, failed=len(failed))
         self.on_batch(batch_id, body)

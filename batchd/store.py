@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 from uuid import UUID
 
 import asyncpg
@@ -128,8 +128,10 @@ class Routing:
         return (self.window, self.min_samples, self.prior_s, self.margin_s)
 
 
-@dataclass(frozen=True)
-class ClaimedJob:
+class ClaimedJob(NamedTuple):
+    """A job as a claim returns it: its columns in the claims' order, so a row is made into one at C speed (a
+    batch holds up to 100,000 of them)."""
+
     id: UUID
     tenant_id: str
     request: str | None  # the raw request's JSON text, untouched
@@ -138,6 +140,16 @@ class ClaimedJob:
     attempts: int
     problem: str | None  # why the raw request cannot be sent, as the database sees it
     path_reason: str | None = None  # why it goes the way it is claimed for (batchd.route_reason)
+
+
+# claim_urgent, claim_all and claim_fair return a ClaimedJob's columns first (claim_fair then turn and seq).
+_JOB_COLUMNS = len(ClaimedJob._fields)
+
+
+@dataclass(frozen=True)
+class Claim:
+    jobs: list[ClaimedJob]  # in the order they should go: urgent first, then seq order or turn order
+    whole: bool  # every job that may go was taken (claim_all): fairness had nothing to decide
 
 
 @dataclass(frozen=True)
@@ -172,17 +184,59 @@ async def queue_head(db: asyncpg.Pool | asyncpg.Connection, limit: int, routing:
 
 
 async def claim(
-    connection: Connection, limit: int, urgent_before: datetime, window: int, routing: Routing
-) -> list[ClaimedJob]:
-    """Lock up to `limit` queued jobs that may go in a batch, near deadlines first, then shared fairly
-    between tenants (looking at up to `window` jobs of each), skipping what another daemon holds."""
-    rows = list(await connection.fetch(sql("claim_urgent"), limit, urgent_before, *routing.params()))
-    if len(rows) < limit:
-        taken = [row["id"] for row in rows]
-        rows += await connection.fetch(
-            sql("claim_fair"), limit - len(rows), taken, max(window, limit), *routing.params()
-        )
-    return [ClaimedJob(**dict(row)) for row in rows]
+    connection: Connection,
+    limit: int,
+    urgent_before: datetime,
+    window: int,
+    routing: Routing,
+    *,
+    whole: bool = True,
+) -> Claim:
+    """Lock up to `limit` queued jobs that may go in a batch, skipping what another daemon holds: those whose
+    deadline is near first, then the rest: all of them in one pass when they all fit (`whole` False: the
+    caller knows they do not), else shared fairly between tenants, looking at up to `window` jobs of each."""
+    await connection.execute(sql("claim_settings"))  # for the rest of the caller's transaction
+    urgent = await connection.fetch(sql("claim_urgent"), limit, urgent_before, *routing.params())
+    jobs = [ClaimedJob._make(row) for row in urgent]
+    if len(jobs) >= limit:
+        return Claim(jobs, whole=False)
+    taken = [job.id for job in jobs]
+    if whole:
+        rows = await connection.fetch(sql("claim_all"), limit - len(jobs), taken, *routing.params())
+        if 0 < len(rows) <= limit - len(jobs):
+            return Claim(jobs + [ClaimedJob._make(row) for row in rows], whole=True)
+        # None (an empty queue, or a max_in_flight somewhere) or one too many: they are claimed fairly; what
+        # claim_all locked stays queued at commit.
+    rows = await connection.fetch(
+        sql("claim_fair"), limit - len(jobs), taken, max(window, limit), *routing.params()
+    )
+    return Claim(jobs + in_turn_order(rows), whole=False)
+
+
+def in_turn_order(rows: list[asyncpg.Record]) -> list[ClaimedJob]:
+    """claim_fair's jobs by turn, then seq. A job locked by a scan of its tenant's queue comes without its
+    turn: the n-th of its tenant's, in seq order, has it at (n - 1/2) / weight."""
+    keyed: list[tuple[float, int, asyncpg.Record]] = []
+    spans: dict[str, list[asyncpg.Record]] = {}
+    for row in rows:
+        if row["turn"] is None:
+            spans.setdefault(row["tenant_id"], []).append(row)
+        else:
+            keyed.append((row["turn"], row["seq"], row))
+    for span in spans.values():
+        span.sort(key=_seq)
+        keyed += (((n - 0.5) / row["weight"], row["seq"], row) for n, row in enumerate(span, 1))
+    keyed.sort(key=_turn_and_seq)
+    return [ClaimedJob._make(row[:_JOB_COLUMNS]) for _, _, row in keyed]
+
+
+def _seq(row: asyncpg.Record) -> int:
+    seq: int = row["seq"]
+    return seq
+
+
+def _turn_and_seq(item: tuple[float, int, asyncpg.Record]) -> tuple[float, int]:
+    return item[0], item[1]
 
 
 async def get_batch(db: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> Batch | None:

@@ -33,7 +33,7 @@ from .backoff import backoff_s
 from .context import Context
 from .provider import api_message, retry_after
 from .store import Batch, sql
-from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, custom_id, job_id_from, new_tag
+from .templates import BODY_OVERHEAD, ITEM_OVERHEAD, create_body, job_id_from, new_tag
 
 log = structlog.get_logger("batchd.submitter")
 
@@ -52,15 +52,17 @@ NOT_ABOUT_THE_REQUESTS = frozenset({401, 403, 408, 409, 429, 502, 503, 504, 529}
 async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
     bound = log.bind(batch_id=str(batch.id), tag=batch.tag)
     rows: list[asyncpg.Record] | None = None
-    # The body the flusher built is sent as is while the batch still holds exactly its jobs; otherwise (a
-    # restart, a split) it is rebuilt from the params stored with each job, exactly as first claimed.
-    if body is None or await ctx.pool.fetchval(sql("submitting_count"), batch.id) != batch.request_count:
+    # The body the flusher built is sent as is on the batch's first attempt: until a create is answered,
+    # nothing changes a batch's jobs (a refusal splits or shrinks it). Otherwise (a restart, a retry) it is
+    # rebuilt from the params stored with each job, exactly as first claimed. (Counting the batch's jobs to
+    # check took 0.1 to 0.4 s for 100,000.)
+    if body is None or batch.create_attempts > 0:
         rows = await ctx.pool.fetch(sql("batch_payload"), batch.id)
         if not rows:
             await ctx.pool.execute(sql("abandon_batch"), batch.id, "no jobs left to send", ctx.instance_id)
             bound.info("batch.abandoned", reason="no jobs left to send")
             return
-        body = create_body([(custom_id(batch.tag, row["id"]), row["params"]) for row in rows])
+        body = create_body(batch.tag, ((row["id"], row["params"]) for row in rows))
     grace = ctx.settings.daemon.reconcile_grace_s
     started = await ctx.pool.fetchval(sql("begin_create"), batch.id, ctx.instance_id, grace)
     if started is None:
@@ -81,9 +83,20 @@ async def submit(ctx: Context, batch: Batch, body: bytes | None) -> None:
 
 
 async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *, adopted: bool) -> None:
+    """The provider made the batch: its id, then its jobs `submitted`. The id is committed on its own first
+    when the create answered (recording 100,000 jobs takes seconds): a daemon that dies before its jobs are
+    recorded leaves a batch its successor records without reconciling, which would wait for the provider's
+    batch to end. An adopted batch, found by reconciling, is recorded in one transaction."""
+    if not adopted:
+        await ctx.pool.execute(sql("batch_created"), batch.id, created.id, ctx.instance_id)
+    await record_jobs_submitted(ctx, batch, created.id, adopted=adopted)
+
+
+async def record_jobs_submitted(ctx: Context, batch: Batch, provider_batch_id: str, *, adopted: bool) -> None:
+    """The batch in progress, its jobs `submitted`, and the events saying so (at once: batch_submitted)."""
     async with ctx.pool.acquire() as connection, connection.transaction():
         status = await connection.execute(
-            sql("batch_submitted"), batch.id, created.id, adopted, ctx.instance_id
+            sql("batch_submitted"), batch.id, provider_batch_id, adopted, ctx.instance_id
         )
         await connection.execute(sql("notify_events"))
     if status.split()[-1] != "0":  # "INSERT 0 n": n batch.submitted events, none when it was not pending
@@ -91,7 +104,7 @@ async def record_submitted(ctx: Context, batch: Batch, created: MessageBatch, *,
     log.info(
         "batch.submitted",
         batch_id=str(batch.id),
-        provider_batch_id=created.id,
+        provider_batch_id=provider_batch_id,
         requests=batch.request_count,
         adopted=adopted,
     )

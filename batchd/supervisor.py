@@ -1,6 +1,7 @@
 """The supervisor: one task per open batch, driving it from wherever it stands to the end.
 
-    pending (not attempted) --submit--> in_progress --poll--> ended --apply results--> applied
+    pending (not attempted) --submit--> pending (made: its provider id) --its jobs--> in_progress
+    in_progress --poll--> ended --apply results--> applied
     pending (attempted: maybe made) --reconcile--> in_progress (adopted) | pending (send again)
     pending with no jobs left --> abandoned
 
@@ -28,7 +29,7 @@ from .provider import CONNECTION_ERRORS
 from .results import NotOurBatch, apply_results
 from .statuses import FINAL_BATCH_STATUSES
 from .store import DB_ERRORS, sql
-from .submitter import reconcile, submit
+from .submitter import reconcile, record_jobs_submitted, submit
 
 log = structlog.get_logger("batchd.supervisor")
 
@@ -120,6 +121,10 @@ class Supervisor:
         batch = await store.get_batch(ctx.pool, batch_id)
         if batch is None or batch.status in FINAL_BATCH_STATUSES or batch.owner != ctx.instance_id:
             return False
+        if batch.status == "pending" and batch.provider_batch_id is not None:
+            # The create was answered and its id recorded, not yet its jobs (a daemon stopped in between).
+            await record_jobs_submitted(ctx, batch, batch.provider_batch_id, adopted=False)
+            return True
         if not ctx.provider.health.usable:
             # Every step below calls the API. Looked at again when the API is ok, and every lease meanwhile.
             await ctx.provider.health.wait_usable(ctx.stopping, ctx.settings.daemon.lease_s)

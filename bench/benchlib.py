@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -102,12 +103,17 @@ def machine() -> str:
         ),
         "unknown CPU",
     )
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    load = load_average()
     versions = ", ".join(f"{name} {_version(name)}" for name in ("anthropic", "aiohttp", "asyncpg"))
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory_kb / 1024 / 1024:.1f} GiB RAM, load average {load}, "
         f"Linux {platform.release()}, Python {platform.python_version()}, {versions}"
     )
+
+
+def load_average() -> str:
+    """The machine's load over 1, 5 and 15 minutes: others' work shares its cores with the benchmark."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def _version(distribution: str) -> str:
@@ -320,6 +326,52 @@ async def run_json_child(script: str, args: list[str], timeout_s: float) -> dict
     return report
 
 
+# -- where the time goes: each statement as the driver saw it ----------------------------------------------
+
+
+class StatementTimes:
+    """The time each of batchd's named queries (store.QUERIES) took, as the driver saw it (from sending it to
+    its last row decoded), on every connection batchd opens while `watching()`."""
+
+    def __init__(self) -> None:
+        from batchd import store  # noqa: PLC0415 - only the scripts that watch statements pay for the import
+
+        self._names = {text: name for name, text in store.QUERIES.items()}
+        self.seconds: dict[str, float] = {}
+        self.calls: Counter[str] = Counter()
+
+    def _log(self, record: asyncpg.connection.LoggedQuery) -> None:
+        name = self._names.get(record.query, "(not batchd's)")
+        self.seconds[name] = self.seconds.get(name, 0.0) + record.elapsed
+        self.calls[name] += 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[StatementTimes]:
+        """Every connection batchd's store opens meanwhile (its pools', its listener's) reports here."""
+        from batchd import store  # noqa: PLC0415
+
+        original = store.init_connection
+
+        async def init_and_watch(connection: asyncpg.Connection) -> None:
+            await original(connection)
+            connection.add_query_logger(self._log)
+
+        store.init_connection = init_and_watch
+        try:
+            yield self
+        finally:
+            store.init_connection = original
+
+    def summary(self, top: int = 8) -> str:
+        """The statements that took longest, with their calls: "claim_all 1.23 s (1), ..."."""
+        longest = sorted(self.seconds.items(), key=lambda item: -item[1])[:top]
+        return ", ".join(f"{name} {seconds:.2f} s ({self.calls[name]})" for name, seconds in longest)
+
+
 # -- verdicts ----------------------------------------------------------------------------------------------
 
 
@@ -376,6 +428,19 @@ STEADY_WAKE_SEQ = 1 << 62  # "wake me at a job number far ahead": the trigger ne
 INSERT_CHUNK = (
     "INSERT INTO batchd.jobs (tenant_id, request) SELECT 'bench', r::jsonb FROM unnest($1::text[]) AS r"
 )
+INSERT_TENANTS_CHUNK = (
+    "INSERT INTO batchd.jobs (tenant_id, request)"
+    " SELECT t, r::jsonb FROM unnest($1::text[], $2::text[]) AS q (r, t)"
+)
+# The claim batchd is measured against: one UPDATE ... FROM a FOR UPDATE SKIP LOCKED CTE in seq order.
+RAW_BATCH = "INSERT INTO batchd.batches (tag, request_count, bytes) VALUES ($1, $2, 0) RETURNING id"
+RAW_CLAIM = """
+WITH c AS (
+    SELECT id FROM batchd.jobs WHERE status = 'queued' ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+UPDATE batchd.jobs AS j SET status = 'submitting', batch_id = $1 FROM c WHERE j.id = c.id
+RETURNING j.id, j.request
+"""
 RESET = (
     "TRUNCATE batchd.jobs, batchd.batches, batchd.batch_tenants, batchd.events, batchd.tenant_event_log"
     " RESTART IDENTITY;"
@@ -429,14 +494,19 @@ async def settle(connection: asyncpg.Connection) -> None:
     await connection.execute("CHECKPOINT")
 
 
-async def fresh_queue(connection: asyncpg.Connection, chunks: list[list[str]]) -> None:
+async def fresh_queue(
+    connection: asyncpg.Connection, chunks: list[list[str]], tenants: list[list[str]] | None = None
+) -> None:
     """Empties the tables, enqueues the jobs (trigger enabled, daemon busy), vacuums and checkpoints: every
-    timed step on a queue starts from the same state."""
+    timed step on a queue starts from the same state. `tenants`: each job's, chunk by chunk (else 'bench')."""
     await connection.execute(RESET)
     await connection.execute("ALTER TABLE batchd.jobs ENABLE TRIGGER jobs_inserted")
     await connection.execute("UPDATE batchd.wakeup SET armed = false, wake_seq = $1", STEADY_WAKE_SEQ)
-    for chunk in chunks:
-        await connection.execute(INSERT_CHUNK, chunk)
+    for i, chunk in enumerate(chunks):
+        if tenants is None:
+            await connection.execute(INSERT_CHUNK, chunk)
+        else:
+            await connection.execute(INSERT_TENANTS_CHUNK, chunk, tenants[i])
     await settle(connection)
 
 

@@ -90,7 +90,9 @@ async def main(url: str, batch: int, rounds: int, lookahead: float) -> None:
             await fill(connection, shape)
 
             async def fair() -> list[Any]:
-                return await store.claim(connection, batch, LONG_AGO, round(batch * (1 + lookahead)), routing)
+                window = round(batch * (1 + lookahead))
+                claim = await store.claim(connection, batch, LONG_AGO, window, routing, whole=False)
+                return claim.jobs
 
             async def fifo() -> list[Any]:
                 return list(await connection.fetch(FIFO, batch, []))

@@ -9,19 +9,22 @@ stage is a benchmark of its own over bench/benchlib.py, and all but stage 2/3 ca
 2. `Flusher.flush_one()` (claim, encode, record) and `submitter.submit()` (the create through the SDK),
    next to the raw claim (one UPDATE ... FROM a FOR UPDATE SKIP LOCKED CTE) and a raw create (the same
    kind of body POSTed with aiohttp, then one UPDATE) on an identical fresh queue. (This file.)
+   2b. The claim path by queue shape (bench/fair.py): `Flusher.flush_one()` next to the raw claim, in turns
+   for a few rounds, on one tenant's 100,000 jobs (the FIFO case), 100 tenants' 1,000 each, and 100,000 + 10.
 3. `results.apply_results()` once the emulator has ended the batch, next to a raw COPY of the same results
    into a temporary table and one UPDATE ... FROM. Each apply runs in a subprocess of its own, whose peak
    resident memory (VmHWM, reset just before the step) is the step's alone: batches of N/10, N/2 and N.
    (This file.)
 4. A burst of N jobs (statements of 1,000) into a running daemon (bench/burst.py), timed until the batch has
-   its provider_batch_id.
+   its provider_batch_id, and until its jobs are recorded submitted.
 5. pgqueuer draining N jobs of 1 KB with a no-op entrypoint, 5 consumers, batch size 500
-   (bench/pgqueuer_drain.py, in a subprocess), next to batchd's claim of stage 2.
+   (bench/pgqueuer_drain.py, in a subprocess), next to batchd's claim (the FIFO case's median in stage 2b).
 
 Every timed step on the database starts after VACUUM (ANALYZE) and CHECKPOINT, and autovacuum is off on
 batchd.jobs in the scratch database, so no step inherits another's dirty pages or a vacuum mid-way.
 
-    .venv/bin/python bench/pipeline.py [--jobs 100000] [--rounds 8] [--producer-seconds 0.5] [--apply-only]
+    .venv/bin/python bench/pipeline.py [--jobs 100000] [--rounds 8] [--producer-seconds 0.5]
+                                       [--claim-rounds 3] [--apply-only]
 
 Prints a Markdown table with a verdict per target, and exits non-zero when a target is missed or a check
 (every job claimed, sent, applied, drained exactly once) fails. Needs pgqueuer (a bench-only dependency)
@@ -35,6 +38,7 @@ import asyncio
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -47,12 +51,15 @@ from uuid import UUID
 import aiohttp
 import asyncpg
 import burst as burst_stage
+import fair as fair_stage
 import trigger_cost
 from benchlib import (
     API_KEY,
     CHUNK_ROWS,
     INSERT_CHUNK,
     MIB,
+    RAW_BATCH,
+    RAW_CLAIM,
     EmulatorProcess,
     Row,
     bench_settings,
@@ -92,14 +99,6 @@ MIN_RAW_RATIO = 0.5  # each batchd stage at least half the speed of its raw SQL
 MIN_PGQUEUER_RATIO = 2.0  # batchd's claim at least twice pgqueuer's drain
 MAX_MEMORY_GROWTH_MIB = 8.0  # the apply's peak at N at most this much above its peak at N/10
 
-RAW_BATCH = "INSERT INTO batchd.batches (tag, request_count, bytes) VALUES ($1, $2, 0) RETURNING id"
-RAW_CLAIM = """
-WITH c AS (
-    SELECT id FROM batchd.jobs WHERE status = 'queued' ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
-)
-UPDATE batchd.jobs AS j SET status = 'submitting', batch_id = $1 FROM c WHERE j.id = c.id
-RETURNING j.id, j.request
-"""
 RAW_SUBMITTED = """
 UPDATE batchd.jobs SET status = 'submitted', submitted_at = now()
  WHERE batch_id = $1 AND status = 'submitting'
@@ -427,6 +426,8 @@ def report_rows(
     n: int,
     inserts: trigger_cost.InsertResults,
     pipeline: PipelineResults,
+    shapes: list[fair_stage.ShapeResults],
+    *,
     burst: burst_stage.BurstResults,
     pgq: dict[str, Any],
 ) -> list[Row]:
@@ -449,12 +450,17 @@ def report_rows(
             "raw create",
         )
     )
+    rows += fair_stage.fair_rows(shapes)
     rows += apply_rows(n, pipeline)
     rows.append(burst_stage.burst_row(burst))
-    claim_rate, pgq_rate = per_s(n, pipeline.claim_s), per_s(pgq["jobs"], pgq["seconds"])
+    # The FIFO shape's median flush of stage 2b, taken in turns, not stage 2's single one.
+    fifo = shapes[0]
+    claim_rate = per_s(fifo.batch, statistics.median(fifo.flush_s))
+    pgq_rate = per_s(pgq["jobs"], pgq["seconds"])
     rows.append(
         Row(
-            "batchd's claim path (Flusher.flush_one) next to pgqueuer draining the same jobs",
+            f"batchd's claim path (Flusher.flush_one, median of {len(fifo.flush_s)} in stage 2b) next to"
+            " pgqueuer draining the same jobs",
             f"{claim_rate:,.0f} jobs/s",
             f"pgqueuer, {PGQUEUER_CONSUMERS} consumers x {PGQUEUER_BATCH_SIZE}: "
             f"{pgq_rate:,.0f} jobs/s ({pgq['seconds']:.2f} s)",
@@ -525,6 +531,9 @@ async def main(args: argparse.Namespace) -> int:
             print(f"\n== 2./3. claim, submit, apply: {n:,} jobs", flush=True)
             pipeline = await pipeline_benchmark(url, emulator, requests)
 
+            print(f"\n== 2b. the claim path by queue shape, {args.claim_rounds} rounds in turns", flush=True)
+            shapes, shape_failures = await fair_stage.fair_benchmark(url, requests, args.claim_rounds)
+
             print(f"\n== 4. a burst of {n:,} jobs into a running daemon", flush=True)
             burst = await burst_stage.burst_benchmark(url, emulator, requests)
 
@@ -537,10 +546,10 @@ async def main(args: argparse.Namespace) -> int:
                 PGQUEUER_SCRIPT, ["--database-url", url, "--jobs", str(n)], CHILD_TIMEOUT_S
             )
 
-    failures = [*pipeline.failures, *burst_stage.burst_failures(burst)]
+    failures = [*pipeline.failures, *shape_failures, *burst_stage.burst_failures(burst)]
     if pgq["done"] != n or pgq["remaining"] != 0:
         failures.append(f"pgqueuer ran {pgq['done']} of {n} jobs, {pgq['remaining']} left")
-    return finish(started, failures, report_rows(n, inserts, pipeline, burst, pgq))
+    return finish(started, failures, report_rows(n, inserts, pipeline, shapes, burst=burst, pgq=pgq))
 
 
 def parse_args() -> argparse.Namespace:
@@ -550,6 +559,9 @@ def parse_args() -> argparse.Namespace:
         "--apply-only",
         action="store_true",
         help="stages 2 and 3 only (claim, submit, apply), reporting the apply's measures",
+    )
+    parser.add_argument(
+        "--claim-rounds", type=int, default=3, help="rounds per side and queue shape in stage 2b (default 3)"
     )
     parser.add_argument("--child", choices=["apply"], help=argparse.SUPPRESS)
     parser.add_argument("--emulator-url", help=argparse.SUPPRESS)

@@ -33,7 +33,7 @@ from batchd.provider import Provider
 from batchd.ratelimit import RateLimiter
 from batchd.results import apply_results
 from batchd.submitter import reconcile, record_submitted
-from batchd.templates import create_body, custom_id, new_tag
+from batchd.templates import create_body, new_tag
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ async def pending_batch(db: Any, ctx: Context, jobs: int) -> tuple[uuid.UUID, li
     batch_id = await db.fetchval(store.sql("insert_batch"), tag, jobs, 1000, OLD, 30.0)
     await db.execute(store.sql("assign_raw_jobs"), batch_id, ids, ["test"] * jobs)
     rows = await db.fetch(store.sql("batch_payload"), batch_id)
-    body = create_body([(custom_id(tag, row["id"]), row["params"]) for row in rows])
+    body = create_body(tag, ((row["id"], row["params"]) for row in rows))
     return batch_id, ids, body
 
 
@@ -275,6 +275,32 @@ async def test_a_daemon_that_lost_its_lease_changes_nothing_at_any_step(
         assert await snapshot(db, batch_id) == before, f"{step} changed the new owner's batch or its jobs"
         after = (await emulator.stats())["calls"].get("delete", 0)
         assert after == deletes, "nor deleted the provider's copy, which the new owner may still be reading"
+
+
+async def test_a_created_batch_whose_jobs_were_not_recorded_is_recorded_by_the_next_owner(
+    db: Any, emulator: EmulatorHandle, database_url: str, daemon_settings: Any, start_daemon: Any
+) -> None:
+    # The create was answered and its provider id committed; the daemon died before its jobs were recorded
+    # `submitted` (seconds, for a big batch). The next owner records them at once: no reconciliation, which
+    # would list the provider's batches and adopt this one only once it had ended.
+    async with stale_daemon(database_url, emulator) as ctx:
+        batch_id, ids, body = await pending_batch(db, ctx, 5)
+        assert await db.fetchval(store.sql("begin_create"), batch_id, OLD, 3600.0) is not None
+        created = await ctx.provider.create_batch(body)
+        await db.execute(store.sql("batch_created"), batch_id, created.id, OLD)
+    await db.execute("UPDATE batchd.batches SET lease_until = now() - interval '1 s' WHERE id = $1", batch_id)
+    async with start_daemon(daemon_settings()):
+
+        async def recorded() -> bool:
+            status = await db.fetchval("SELECT status FROM batchd.batches WHERE id = $1", batch_id)
+            return bool(status == "in_progress")
+
+        await wait_until(recorded, timeout=60)
+    assert await job_counts(db) == {"submitted": 5}
+    submitted = await db.fetch("SELECT job_id FROM batchd.events WHERE type = 'job.submitted'")
+    assert sorted(row["job_id"] for row in submitted) == sorted(ids)
+    stats = await emulator.stats()
+    assert (stats["batches_created"], stats["calls"].get("list", 0)) == (1, 0)
 
 
 async def test_a_chunk_that_fails_stops_the_apply_and_the_next_applies_every_job_once(

@@ -10,19 +10,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from support import EmulatorHandle, insert_raw, make_settings, run_python, wait_until
+from support import EmulatorHandle, insert_raw, make_settings, raw_request, run_python, wait_until
 
 from batchd import fairness, store
 from batchd.config import RoutingSettings
+from batchd.context import Context
 from batchd.emulator import EmulatorConfig
+from batchd.flusher import Flusher
+from batchd.provider import Provider
+from batchd.ratelimit import RateLimiter
 from batchd.store import init_connection, sql
 from batchd.unset import UNSET, update_parameters
 
@@ -35,10 +41,10 @@ async def claimed(db: Any, limit: int, window: int | None = None) -> list[asyncp
     transaction = db.transaction()
     await transaction.start()
     try:
-        jobs = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit, ROUTING)
+        claim = await store.claim(db, limit, LONG_AGO, window if window is not None else 2 * limit, ROUTING)
         return [
             await db.fetchrow("SELECT id, tenant_id, job_type, seq FROM batchd.jobs WHERE id = $1", job.id)
-            for job in jobs
+            for job in claim.jobs
         ]
     finally:
         await transaction.rollback()
@@ -192,26 +198,234 @@ async def test_raw_requests_with_the_same_cached_system_prompt_are_grouped(db: A
     assert kinds == {"plain": 1, "You are A.": 59}
 
 
-async def claim_plan(db: Any, limit: int) -> str:
-    """EXPLAIN of the fair claim of `limit` jobs (a window of twice as many), with the default routing."""
-    query = (
-        sql("claim_fair")
-        .replace("$1", str(limit))
-        .replace("$2::uuid[]", "'{}'::uuid[]")
-        .replace("$3", str(2 * limit))
-        .replace("$4", "50")
-        .replace("$5", "10")
-        .replace("$6", "3600")
-        .replace("$7", "60")
+# -- the pick against its rule, stated here in Python ------------------------------------------------------
+
+
+def cacheable_prefix(job_type: str | None, request: dict[str, Any] | None) -> Any:
+    """What a job shares a cacheable prefix with others by, as fairness.py says; None: a group of its own."""
+    if job_type is not None:
+        return ("type", job_type)
+    assert request is not None
+    shared = [request.get("tools"), request.get("system")]
+    if '"cache_control"' not in json.dumps(shared):
+        return None
+    return (request.get("model"), json.dumps(shared, sort_keys=True))
+
+
+async def expected_pick(db: Any, limit: int, window: int, taken: list[Any]) -> list[Any]:
+    """The fair claim's jobs in turn order, by the rule: each tenant's window (its first `window` jobs
+    that may go, fewer under max_in_flight) in groups of a cacheable prefix, each group from its first job;
+    the n-th of a tenant of weight w at turn (n - 1/2) / w, exactly; ties to the older job."""
+    jobs = await db.fetch(
+        "SELECT j.id, j.tenant_id, j.seq, j.job_type, j.request FROM batchd.jobs AS j"
+        " WHERE j.status = 'queued' AND j.id <> ALL($1::uuid[])"
+        "   AND j.tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)"
+        "   AND batchd.batch_bound(j.route, j.path, j.deadline,"
+        "                          (SELECT p90_s FROM batchd.batch_turnaround($2, $3, $4)) + $5)"
+        " ORDER BY j.seq",
+        taken,
+        *ROUTING.params(),
     )
-    return "\n".join(row[0] for row in await db.fetch("EXPLAIN " + query))
+    limits = {
+        row["tenant_id"]: row
+        for row in await db.fetch(
+            "SELECT t.tenant_id, l.weight, l.max_in_flight,"
+            "       (SELECT count(*) FROM batchd.jobs AS f WHERE f.tenant_id = t.tenant_id"
+            "           AND f.status IN ('submitting', 'submitted'))"
+            "       + (SELECT count(*) FROM batchd.jobs AS u WHERE u.id = ANY($1::uuid[])"
+            "           AND u.tenant_id = t.tenant_id) AS in_flight"
+            "  FROM (SELECT DISTINCT tenant_id FROM batchd.jobs) AS t"
+            " CROSS JOIN LATERAL batchd.tenant_limits(t.tenant_id) AS l",
+            taken,
+        )
+    }
+    turns: list[tuple[Fraction, int, Any]] = []
+    for tenant, limit_row in limits.items():
+        room = window
+        if limit_row["max_in_flight"] is not None:
+            room = min(window, max(0, limit_row["max_in_flight"] - limit_row["in_flight"]))
+        queue = [job for job in jobs if job["tenant_id"] == tenant][:room]
+        firsts: dict[Any, int] = {}
+        for job in queue:
+            firsts.setdefault(cacheable_prefix(job["job_type"], job["request"]), job["seq"])
+        grouped = sorted(
+            queue,
+            key=lambda job: (
+                job["seq"]
+                if (prefix := cacheable_prefix(job["job_type"], job["request"])) is None
+                else firsts[prefix],
+                job["seq"],
+            ),
+        )
+        turns += [
+            (Fraction(2 * n - 1, 2 * limit_row["weight"]), job["seq"], job["id"])
+            for n, job in enumerate(grouped, 1)
+        ]
+    return [job_id for _, _, job_id in sorted(turns)[:limit]]
 
 
-async def test_the_claim_skips_through_the_tenants_index(db: Any) -> None:
-    await insert_many(db, "a", 2_000)
-    await insert_many(db, "b", 2_000)
+async def queue_of_every_kind(db: Any, rng: random.Random) -> None:
+    """Tenants of several weights, limits and holds; raw requests, some with a cached system prompt, and job
+    types; jobs routed every way; some already in flight."""
+    tenants = [f"t{i}" for i in range(rng.randint(1, 6))]
+    for tenant in tenants:
+        if rng.random() < 0.5:
+            await db.execute(
+                "INSERT INTO batchd.tenants (name, weight, max_in_flight, hold_reason)"
+                " VALUES ($1, $2, $3, $4)",
+                tenant,
+                rng.choice([1, 2, 3, 4, 6, 9]),
+                rng.choice([None, None, rng.randint(0, 120)]),
+                "over budget" if rng.random() < 0.1 else None,
+            )
+    rows: list[tuple[str, str | None, str | None, str | None, str]] = []
+    for tenant in tenants:
+        mixed = rng.random() < 0.5
+        for i in range(rng.choice([rng.randint(1, 15), rng.randint(1, 250), rng.randint(200, 500)])):
+            if mixed and rng.random() < 0.4:
+                job_type = rng.choice(["classify", "summarize"])
+                rows.append((tenant, None, job_type, json.dumps({"text": f"{i}"}), "batch"))
+                continue
+            system = rng.choice(["A", "B"]) * 40
+            cached = {"system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]}
+            request = raw_request(f"{tenant} {i}", **(cached if mixed and rng.random() < 0.5 else {}))
+            route = rng.choices(["batch", "auto", "sync"], [12, 2, 1])[0]
+            rows.append((tenant, json.dumps(request), None, None, route))
+    rng.shuffle(rows)
+    await db.execute(
+        "INSERT INTO batchd.jobs (tenant_id, request, job_type, input, route, deadline)"
+        " SELECT t, r::jsonb, jt, i::jsonb, ro,"
+        "        CASE WHEN ro = 'auto' AND random() < 0.5 THEN now() + interval '1 minute' END"
+        "   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS q (t, r, jt, i, ro)",
+        *(list(column) for column in zip(*rows, strict=True)),
+    )
+    batch_id = await db.fetchval(sql("insert_batch"), "fairtest0002", 1, 1000, "test", 60.0)
+    await db.execute(
+        "UPDATE batchd.jobs SET status = 'submitting', batch_id = $1"
+        " WHERE id IN (SELECT id FROM batchd.jobs WHERE route = 'batch' ORDER BY random() LIMIT 40)",
+        batch_id,
+    )
     await db.execute("ANALYZE batchd.jobs")
-    assert "jobs_queued_tenant" in await claim_plan(db, 100)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_fair_pick_follows_its_rule(db: Any, seed: int) -> None:
+    rng = random.Random(seed)
+    await queue_of_every_kind(db, rng)
+    for _ in range(4):
+        limit = rng.choice([1, 7, 50, 180, 1_000])
+        window = rng.choice([limit, 2 * limit, 3 * limit + 7])
+        taken = [
+            row["id"] for row in await db.fetch("SELECT id FROM batchd.jobs WHERE status = 'queued' LIMIT 3")
+        ]
+        taken = taken if rng.random() < 0.3 else []
+        expected = await expected_pick(db, limit, window, taken)
+        transaction = db.transaction()
+        await transaction.start()
+        try:
+            rows = await db.fetch(sql("claim_fair"), limit, taken, window, *ROUTING.params())
+            picked = [job.id for job in store.in_turn_order(rows)]
+        finally:
+            await transaction.rollback()
+        assert picked == expected, (limit, window, len(taken))
+
+
+async def test_equal_turns_go_to_the_older_job_whatever_the_weights(db: Any) -> None:
+    # (11 - 1/2) / 9 = (4 - 1/2) / 3: the 14th place is nine's 11th job or three's 4th, and nine's is older.
+    await fairness.publish(db, settings(tenants={"nine": {"weight": 9}, "three": {"weight": 3}}))
+    await insert_many(db, "nine", 50)
+    await insert_many(db, "three", 50)
+    assert Counter(job["tenant_id"] for job in await claimed(db, 14)) == {"nine": 11, "three": 3}
+
+
+async def claim_whole_or_not(db: Any, limit: int) -> store.Claim:
+    """store.claim as the flusher calls it when it does not know whether everything fits; nothing is kept."""
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        return await store.claim(db, limit, LONG_AGO, 2 * limit, ROUTING)
+    finally:
+        await transaction.rollback()
+
+
+async def test_what_fits_is_taken_whole_in_one_pass(db: Any) -> None:
+    await insert_many(db, "a", 30)
+    await insert_many(db, "b", 5)
+    sync = await insert_raw(db, "b", ["now"])
+    await db.execute("UPDATE batchd.jobs SET route = 'sync' WHERE id = $1", sync[0])
+    await db.execute("INSERT INTO batchd.tenants (name, hold_reason) VALUES ('held', 'over budget')")
+    await insert_many(db, "held", 5)
+    claim = await claim_whole_or_not(db, 35)
+    # Every job that may go, in seq order: none of a held tenant's, none the sync path's.
+    assert claim.whole
+    seqs = {row["id"]: row["seq"] for row in await db.fetch("SELECT id, seq FROM batchd.jobs")}
+    assert [seqs[job.id] for job in claim.jobs] == sorted(seqs[job.id] for job in claim.jobs)
+    assert Counter(job.tenant_id for job in claim.jobs) == {"a": 30, "b": 5}
+    assert {job.path_reason for job in claim.jobs} == {"batch: route = batch"}
+    # One job more than fits: the claim is the fair one, b's 5 in the first turns.
+    claim = await claim_whole_or_not(db, 34)
+    assert not claim.whole
+    assert Counter(job.tenant_id for job in claim.jobs[:10]) == {"a": 5, "b": 5}
+    # A max_in_flight anywhere is the fair claim's to weigh, even when everything fits.
+    await fairness.set_limits(db, "a", max_in_flight=1_000)
+    assert not (await claim_whole_or_not(db, 35)).whole
+
+
+async def test_a_whole_claim_past_max_bytes_is_cut_fairly(db: Any, database_url: str) -> None:
+    # Every job fits by count, not by bytes: which wait for the next batch is fairness's to decide, so the
+    # small tenant's jobs, last in seq order, are in the batch.
+    await insert_many(db, "dumper", 300)
+    small = await insert_raw(db, "small", [f"small {i}" for i in range(5)])
+    request_bytes = await db.fetchval(
+        "SELECT octet_length(request::text) FROM batchd.jobs WHERE id = $1", small[0]
+    )
+    settings = make_settings(
+        database_url,
+        "http://unused",
+        batching={"max_requests": 1_000, "max_bytes": 100 * (request_bytes + 100), "max_wait_s": 3600},
+    )
+    pool = await store.create_pool(database_url, max_size=2)
+    provider = Provider("test-key", base_url="http://unused", limiter=RateLimiter(60), timeout_s=10)
+    try:
+        flushed = await Flusher(
+            Context(pool=pool, settings=settings, provider=provider), lambda *_: None
+        ).flush_one()
+    finally:
+        await provider.close()
+        await pool.close()
+    assert flushed.batch_id is not None
+    assert flushed.jobs < 305  # cut short by max_bytes
+    batch = await db.fetch("SELECT tenant_id FROM batchd.jobs WHERE batch_id = $1", flushed.batch_id)
+    assert Counter(row["tenant_id"] for row in batch)["small"] == 5
+
+
+async def claim_plan(db: Any, limit: int) -> str:
+    """EXPLAIN ANALYZE of the fair claim of `limit` jobs (a window of twice as many), with the default routing
+    and the claim's settings, in a transaction rolled back."""
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        await db.execute(sql("claim_settings"))
+        rows = await db.fetch(
+            "EXPLAIN (ANALYZE) " + sql("claim_fair"), limit, [], 2 * limit, *ROUTING.params()
+        )
+        return "\n".join(row[0] for row in rows)
+    finally:
+        await transaction.rollback()
+
+
+async def test_each_tenants_queue_is_read_from_the_tenants_index(db: Any) -> None:
+    # Statistics that show 20 tenants, then a small one behind them: left to its defaults, the planner read
+    # each tenant's whole queue from jobs_live and sorted it (with two tenants, it walked the whole queue in
+    # seq order, jobs_queued, to find the small one's jobs).
+    for tenant in range(20):
+        await insert_many(db, f"t{tenant:02}", 500)
+    await db.execute("ANALYZE batchd.jobs")
+    await insert_many(db, "small", 5)
+    plan = await claim_plan(db, 100)
+    assert "Index Scan using jobs_queued_tenant" in plan, plan
+    assert "using jobs_queued on" not in plan, plan
+    assert "Index Scan using jobs_live" not in plan, plan  # the skip scan is an Index Only Scan
 
 
 async def test_the_claim_locks_by_primary_key_when_statistics_say_nothing_is_queued(db: Any) -> None:
@@ -363,10 +577,9 @@ async def test_the_first_batch_holds_the_small_tenants_jobs(
     small = await insert_raw(db, "small", [f"small {i}" for i in range(10)])
     config = daemon_settings(batching={"max_requests": 1_000, "max_in_flight_requests": 1_000})
     async with start_daemon(config):
+        # Sent, and its jobs recorded submitted (its provider id is committed first).
         await wait_until(
-            lambda: _true(
-                db.fetchval("SELECT count(*) FROM batchd.batches WHERE provider_batch_id IS NOT NULL")
-            )
+            lambda: _true(db.fetchval("SELECT count(*) FROM batchd.batches WHERE status = 'in_progress'"))
         )
         first = await db.fetchval("SELECT id FROM batchd.batches ORDER BY created_at LIMIT 1")
         in_first = await db.fetch("SELECT id, tenant_id FROM batchd.jobs WHERE batch_id = $1", first)

@@ -61,6 +61,23 @@ UPDATE batchd.wakeup SET armed = $1, wake_seq = $2 WHERE armed IS DISTINCT FROM 
 -- One flush at a time across every daemon on the database: the in-flight budget is read and spent whole.
 SELECT pg_advisory_xact_lock(hashtext('batchd.flush'));
 
+-- name: claim_settings
+-- For the rest of a claim's transaction (store.claim): the claims' plans must not hang on statistics, often
+-- taken when the queue looked nothing like it does at a flush.
+-- * jit off: planned for a batch's worth of rows, the fair claim's cost passed jit_above_cost, and compiling
+--   it took 2.2 s of 6.7 s for 100,000 jobs.
+-- * random_page_cost 1.1 and no incremental sort: each tenant's queue is read from jobs_queued_tenant, in seq
+--   order, as far as needed. The planner, seeing tenants interleaved through the table, costed that walk as
+--   random reads (it reads the queue's newest pages, in cache, in the order they were written), and read the
+--   tenant's whole queue from jobs_live and sorted it, or walked the whole queue in seq order (jobs_queued) to
+--   find a small tenant's jobs.
+-- * work_mem: the fair claim sorts up to a batch's worth of turns (about 16 MB for 100,000), which spilled to
+--   disk at the default 4 MB. Claims run one at a time (lock_flush).
+SET LOCAL jit = off;
+SET LOCAL random_page_cost = 1.1;
+SET LOCAL enable_incremental_sort = off;
+SET LOCAL work_mem = '64MB';
+
 -- name: in_flight_requests
 SELECT coalesce(sum(request_count), 0) FROM batchd.batches WHERE status IN ('pending', 'in_progress', 'ended');
 
@@ -81,20 +98,70 @@ SELECT id, tenant_id, request::text AS request, job_type, input::text AS input, 
  LIMIT $1
    FOR UPDATE SKIP LOCKED;
 
+-- name: claim_all
+-- Every queued job that may go in a batch now, when they all fit in this one (the common case, and a burst's):
+-- fairness has nothing to decide, so they are taken in one pass, in seq order, as they are locked. One job
+-- more than $1 (the room left in the batch) is read: when it is there they do not all fit, and the caller
+-- claims fairly instead (claim_fair; what this locked stays queued). Nothing is taken while any tenant has a
+-- max_in_flight, whose room is claim_fair's to weigh. $2: jobs already claimed (claim_urgent); the routing
+-- rule as in claim_urgent, with the batch p90 (window $3, min_samples $4, prior $5) plus the margin $6. A
+-- batch-routed job's reason does not depend on its deadline: it is asked once.
+WITH routing AS MATERIALIZED (SELECT * FROM batchd.batch_turnaround($3, $4, $5)),
+batch_reason AS MATERIALIZED (
+    SELECT batchd.route_reason('batch', NULL, 0, p90_s, samples, measured, $6, $4) AS reason FROM routing
+)
+SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
+       batchd.request_problem(j.request) AS problem,
+       CASE WHEN j.route = 'batch' THEN (SELECT reason FROM batch_reason)
+            ELSE batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing),
+                                     (SELECT samples FROM routing), (SELECT measured FROM routing), $6, $4)
+       END AS path_reason
+  FROM batchd.jobs AS j
+ WHERE j.status = 'queued' AND j.id <> ALL($2::uuid[])
+   AND j.tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)  -- over budget: wait (budgets.py)
+   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $6)
+   AND NOT EXISTS (SELECT 1 FROM batchd.configured_limits WHERE max_in_flight IS NOT NULL)
+   AND NOT EXISTS (SELECT 1 FROM batchd.tenants WHERE max_in_flight IS NOT NULL)
+ ORDER BY j.seq
+ LIMIT $1 + 1
+   FOR UPDATE OF j SKIP LOCKED;
+
 -- name: claim_fair
 -- One batch's worth of queued jobs shared fairly between tenants (fairness.py): each tenant's queue head, in
 -- turns of weighted round robin — the n-th job of a tenant of weight w has its turn at (n - 1/2) / w, ties
 -- to the older job — so a tenant with 10 jobs is not put behind another's 200,000. A tenant takes no more
 -- than its room under max_in_flight, and none of a held tenant's (over budget: budgets.py). Within a tenant,
 -- jobs that share a cacheable prefix (one job type; or raw requests whose tools or system prompt carry
--- cache_control, with the same model, tools and system) are taken together, from the first of them on, so that the provider's prompt
--- cache serves the rest: the window looked at per tenant ($3) is longer than a batch, but its oldest job's
--- group always comes first, so no job waits more than a batch longer for it.
+-- cache_control, with the same model, tools and system) are taken together, from the first of them on, so
+-- that the provider's prompt cache serves the rest: the window looked at per tenant ($3) is longer than a
+-- batch, but its oldest job's group always comes first, so no job waits more than a batch longer for it.
 -- Never a job the sync path should take: the routing rule (batchd.batch_bound) as in claim_urgent, with the
--- batch p90 (window $4, min_samples $5, prior $6) plus the margin $7, checked in each tenant's head and
--- again on each row as it is locked; path_reason says why each goes in a batch.
+-- batch p90 (window $4, min_samples $5, prior $6) plus the margin $7, checked as each tenant's queue is read
+-- and again on each row as it is locked; path_reason says why each goes in a batch. Each job comes with its
+-- seq and its turn (float8: equal turns are equal, as numeric's rounding did not always make them), or with
+-- none when its tenant's jobs were locked in one scan: then its turn is (n - 1/2) / weight for the n-th of
+-- them in seq order (store.claim puts them all in turn order).
 -- $1: how many, $2: jobs already claimed (claim_urgent), $3: the window per tenant.
-WITH RECURSIVE routing AS (SELECT * FROM batchd.batch_turnaround($4, $5, $6)),
+--
+-- The pick reads little more of each queue than it takes from it:
+-- 1. Heads. Each tenant's first jobs in seq order: its weight's part of $1 were every tenant to have enough,
+--    and one more; and where the first of them with a cacheable prefix is. Up to and including that job, a
+--    tenant's turn order is its seq order (the jobs before it are each a group of their own; it heads its
+--    group, whose later jobs may then come before the tenant's others). Reading more of any queue can only
+--    lower the last turn picked, so a tenant then gets no more than it got from the heads, or one more at a
+--    tie. So the pick on the heads stands for a tenant that did not get all its head read (or gave all it may:
+--    its window, or $1) and got none from its first such job on: its picks and the one more are in what was
+--    read, in their places.
+-- 2. More. A tenant whose head was too short, with no such job in it, reads on in seq order as far as it may
+--    give, and the pick is made again.
+-- 3. Windows. A tenant whose pick reaches a job with a cacheable prefix is read whole, its jobs grouped.
+-- Its picked jobs are then locked: those of a tenant whose pick is its first jobs in seq order by one scan of
+-- its queue, any others by primary key, one probe each.
+WITH RECURSIVE routing AS MATERIALIZED (SELECT * FROM batchd.batch_turnaround($4, $5, $6)),
+batch_reason AS MATERIALIZED (
+    -- A batch-routed job's reason does not depend on its deadline: asked once.
+    SELECT batchd.route_reason('batch', NULL, 0, p90_s, samples, measured, $7, $5) AS reason FROM routing
+),
 queued_tenants (tenant_id) AS (
     -- A skip scan of jobs_queued_tenant: one probe per tenant with queued jobs.
     (SELECT tenant_id FROM batchd.jobs WHERE status = 'queued' ORDER BY tenant_id LIMIT 1)
@@ -104,63 +171,183 @@ queued_tenants (tenant_id) AS (
              ORDER BY j.tenant_id LIMIT 1)
       FROM queued_tenants AS q
      WHERE q.tenant_id IS NOT NULL
-), shares AS (
+), windows AS (
+    -- How far into its queue each tenant is looked at: $3, or its room under max_in_flight if less.
     SELECT q.tenant_id, l.weight,
            CASE WHEN l.max_in_flight IS NULL THEN $3::bigint
-                ELSE greatest(0, l.max_in_flight
-                                 - (SELECT count(*) FROM batchd.jobs AS f
-                                     WHERE f.tenant_id = q.tenant_id AND f.status IN ('submitting', 'submitted'))
-                                 - (SELECT count(*) FROM batchd.jobs AS u
-                                     WHERE u.id = ANY($2::uuid[]) AND u.tenant_id = q.tenant_id))
-           END AS room
+                ELSE least($3::bigint,
+                           greatest(0, l.max_in_flight
+                                       - (SELECT count(*) FROM batchd.jobs AS f
+                                           WHERE f.tenant_id = q.tenant_id
+                                             AND f.status IN ('submitting', 'submitted'))
+                                       - (SELECT count(*) FROM batchd.jobs AS u
+                                           WHERE u.id = ANY($2::uuid[]) AND u.tenant_id = q.tenant_id)))
+           END AS size
       FROM queued_tenants AS q
      CROSS JOIN LATERAL batchd.tenant_limits(q.tenant_id) AS l
      WHERE q.tenant_id IS NOT NULL
        AND q.tenant_id NOT IN (SELECT tenant_id FROM batchd.held_tenants)
-), heads AS (
-    SELECT s.tenant_id, s.weight, s.room, h.id, h.seq,
-           CASE WHEN h.prefix IS NULL THEN h.seq
-                ELSE min(h.seq) OVER (PARTITION BY s.tenant_id, h.prefix) END AS group_seq
+), shares AS (
+    SELECT tenant_id, weight, size, least(size, $1::bigint) AS most,
+           least(size, $1::bigint, ceil($1::numeric * weight / sum(weight) OVER ())::bigint + 1) AS head_size
+      FROM windows
+     WHERE size > 0
+), heads AS MATERIALIZED (
+    SELECT s.tenant_id, s.weight, h.id, h.seq, h.n, (h.n - 0.5::float8) / s.weight AS turn, h.prefixed
       FROM shares AS s
      CROSS JOIN LATERAL (
-        SELECT j.id, j.seq,
-               CASE WHEN j.job_type IS NOT NULL THEN 'type:' || j.job_type
-                    -- Only the system prompt and tools are looked at (a whole request's text costs 4x more).
-                    WHEN concat((j.request -> 'tools')::text, (j.request -> 'system')::text)
-                         LIKE '%"cache_control"%'
-                    THEN md5(concat_ws('|', j.request ->> 'model', (j.request -> 'tools')::text,
-                                       (j.request -> 'system')::text))
-               END AS prefix
-          FROM batchd.jobs AS j
-         -- The row comparison is jobs_queued_tenant's own condition: without it the planner may walk the
-         -- whole queue in seq order (jobs_queued) to find a small tenant's few jobs behind a big one's.
-         WHERE j.tenant_id = s.tenant_id AND (j.tenant_id, j.seq) >= (s.tenant_id, 0)
-           AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
-           AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
-         ORDER BY j.tenant_id, j.seq
-         LIMIT least(s.room, $3)
+        SELECT x.id, x.seq, x.prefixed, row_number() OVER (ORDER BY x.tenant_id, x.seq) AS n
+          FROM (SELECT j.tenant_id, j.id, j.seq,
+                       j.job_type IS NOT NULL
+                       OR concat((j.request -> 'tools')::text, (j.request -> 'system')::text)
+                          LIKE '%"cache_control"%' AS prefixed
+                  FROM batchd.jobs AS j
+                 -- A tenant's queue as a range of jobs_queued_tenant, which no other index serves: given
+                 -- `tenant_id =`, the planner may walk the whole queue in seq order (jobs_queued) to find a
+                 -- small tenant's few jobs behind a big one's.
+                 WHERE (j.tenant_id, j.seq) >= (s.tenant_id, 0) AND j.tenant_id <= s.tenant_id
+                   AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
+                   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
+                 ORDER BY j.tenant_id, j.seq
+                 LIMIT s.head_size) AS x
      ) AS h
-     WHERE s.room > 0
-), turns AS (
-    SELECT id, seq, (row_number() OVER (PARTITION BY tenant_id ORDER BY group_seq, seq) - 0.5) / weight AS turn
-      FROM heads
-), picked AS (
-    SELECT id, seq, turn FROM turns ORDER BY turn, seq LIMIT $1
+), first_pick AS (
+    -- The heads' first $1 turns; all of them when they are no more (no sort).
+    SELECT tenant_id FROM heads WHERE (SELECT count(*) FROM heads) <= $1
+    UNION ALL
+    (SELECT tenant_id FROM heads WHERE (SELECT count(*) FROM heads) > $1 ORDER BY turn, seq LIMIT $1)
+), first_verdicts AS MATERIALIZED (
+    SELECT s.tenant_id, s.weight, s.size, s.most, r.read, r.last_seq, r.first_prefixed,
+           -- Settled: its picks, and the one more a tie may give it, are read, in their places.
+           (r.first_prefixed IS NULL OR coalesce(p.picked, 0) < r.first_prefixed)
+           AND (r.read < s.head_size OR s.head_size = s.most OR coalesce(p.picked, 0) < r.read) AS settled
+      FROM shares AS s
+      JOIN (SELECT tenant_id, count(*) AS read, max(seq) AS last_seq,
+                   min(n) FILTER (WHERE prefixed) AS first_prefixed
+              FROM heads GROUP BY tenant_id) AS r USING (tenant_id)
+      LEFT JOIN (SELECT tenant_id, count(*) AS picked FROM first_pick GROUP BY tenant_id) AS p USING (tenant_id)
+), more AS MATERIALIZED (
+    SELECT v.tenant_id, v.weight, m.id, m.seq, m.n, (m.n - 0.5::float8) / v.weight AS turn, m.prefixed
+      FROM first_verdicts AS v
+     CROSS JOIN LATERAL (
+        SELECT x.id, x.seq, x.prefixed, v.read + row_number() OVER (ORDER BY x.tenant_id, x.seq) AS n
+          FROM (SELECT j.tenant_id, j.id, j.seq,
+                       j.job_type IS NOT NULL
+                       OR concat((j.request -> 'tools')::text, (j.request -> 'system')::text)
+                          LIKE '%"cache_control"%' AS prefixed
+                  FROM batchd.jobs AS j
+                 WHERE (j.tenant_id, j.seq) > (v.tenant_id, v.last_seq) AND j.tenant_id <= v.tenant_id
+                   AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
+                   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
+                 ORDER BY j.tenant_id, j.seq
+                 LIMIT v.most - v.read) AS x
+     ) AS m
+     WHERE NOT v.settled AND v.first_prefixed IS NULL
+), second_pick AS (
+    -- Made again only if some tenant read more.
+    SELECT tenant_id
+      FROM (SELECT tenant_id, turn, seq FROM heads UNION ALL SELECT tenant_id, turn, seq FROM more) AS c
+     WHERE EXISTS (SELECT 1 FROM more)
+     ORDER BY turn, seq
+     LIMIT $1
+), verdicts AS MATERIALIZED (
+    -- A tenant that read more has read as far as it may give: settled unless it got its first job with a
+    -- cacheable prefix or one after it.
+    SELECT v.tenant_id, v.weight, v.size,
+           v.settled OR (v.first_prefixed IS NULL
+                         AND (m.first_prefixed IS NULL
+                              OR coalesce(p.picked, 0) < m.first_prefixed)) AS settled,
+           coalesce(v.first_prefixed, m.first_prefixed) AS first_prefixed
+      FROM first_verdicts AS v
+      LEFT JOIN (SELECT tenant_id, min(n) FILTER (WHERE prefixed) AS first_prefixed FROM more GROUP BY tenant_id)
+           AS m USING (tenant_id)
+      LEFT JOIN (SELECT tenant_id, count(*) AS picked FROM second_pick GROUP BY tenant_id) AS p USING (tenant_id)
+), grouped AS (
+    SELECT v.tenant_id, v.weight, g.id, g.seq, g.r,
+           row_number() OVER (PARTITION BY v.tenant_id ORDER BY g.group_seq, g.seq) AS n
+      FROM verdicts AS v
+     CROSS JOIN LATERAL (
+        SELECT x.id, x.seq, row_number() OVER (ORDER BY x.tenant_id, x.seq) AS r,
+               CASE WHEN x.prefix IS NULL THEN x.seq
+                    ELSE min(x.seq) OVER (PARTITION BY x.prefix) END AS group_seq
+          FROM (SELECT j.tenant_id, j.id, j.seq,
+                       CASE WHEN j.job_type IS NOT NULL THEN 'type:' || j.job_type
+                            -- Only the system prompt and tools are looked at (a whole request's text costs 4x
+                            -- more).
+                            WHEN concat((j.request -> 'tools')::text, (j.request -> 'system')::text)
+                                 LIKE '%"cache_control"%'
+                            THEN md5(concat_ws('|', j.request ->> 'model', (j.request -> 'tools')::text,
+                                               (j.request -> 'system')::text))
+                       END AS prefix
+                  FROM batchd.jobs AS j
+                 WHERE (j.tenant_id, j.seq) >= (v.tenant_id, 0) AND j.tenant_id <= v.tenant_id
+                   AND j.status = 'queued' AND j.id <> ALL($2::uuid[])
+                   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
+                 ORDER BY j.tenant_id, j.seq
+                 LIMIT v.size) AS x
+     ) AS g
+     WHERE NOT v.settled
+), candidates AS MATERIALIZED (
+    -- Each settled tenant's jobs whose place in its turn order is known (r: its place in seq order, the same),
+    -- and the others' grouped.
+    SELECT c.tenant_id, c.weight, c.id, c.seq, c.n AS r, c.n, c.turn
+      FROM (SELECT tenant_id, weight, id, seq, n, turn FROM heads
+            UNION ALL
+            SELECT tenant_id, weight, id, seq, n, turn FROM more) AS c
+      JOIN verdicts AS v USING (tenant_id)
+     WHERE v.settled AND c.n <= coalesce(v.first_prefixed, c.n)
+    UNION ALL
+    SELECT tenant_id, weight, id, seq, r, n, (n - 0.5::float8) / weight FROM grouped
+), picked AS MATERIALIZED (
+    SELECT tenant_id, weight, id, seq, r, n, turn FROM candidates WHERE (SELECT count(*) FROM candidates) <= $1
+    UNION ALL
+    (SELECT tenant_id, weight, id, seq, r, n, turn FROM candidates WHERE (SELECT count(*) FROM candidates) > $1
+      ORDER BY turn, seq LIMIT $1)
+), spans AS MATERIALIZED (
+    -- Tenants whose picked jobs are their first in seq order, and in turn order too (a tenant's pick is its
+    -- first in turn order: each at its place in seq order), up to the last of them.
+    SELECT tenant_id, max(weight) AS weight, max(seq) AS last_seq, count(*) AS picked
+      FROM picked GROUP BY tenant_id HAVING bool_and(n = r)
 )
-SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
-       batchd.request_problem(j.request) AS problem,
-       batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing), (SELECT samples FROM routing),
-                           (SELECT measured FROM routing), $7, $5) AS path_reason
-  FROM picked AS p
- -- By primary key, one probe per picked job, whatever the statistics say. Joined plainly, a planner whose
- -- statistics say almost nothing is queued (taken before a burst) rescanned the whole queue for each job:
- -- 19 s for 10,000 (docs/benchmarks.md). OFFSET 0 keeps the status test out of the lookup; the lock
- -- applies inside it, and the status is tested on the row as locked.
- CROSS JOIN LATERAL (SELECT * FROM batchd.jobs AS k WHERE k.id = p.id OFFSET 0) AS j
- WHERE j.status = 'queued'
-   AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
- ORDER BY p.turn, p.seq
-   FOR UPDATE OF j SKIP LOCKED;
+SELECT * FROM (
+    SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
+           batchd.request_problem(j.request) AS problem,
+           CASE WHEN j.route = 'batch' THEN (SELECT reason FROM batch_reason)
+                ELSE batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing),
+                                         (SELECT samples FROM routing), (SELECT measured FROM routing), $7, $5)
+           END AS path_reason,
+           NULL::float8 AS turn, j.seq, s.weight
+      FROM spans AS s
+     CROSS JOIN LATERAL (
+        SELECT * FROM batchd.jobs AS k
+         WHERE (k.tenant_id, k.seq) BETWEEN (s.tenant_id, 0) AND (s.tenant_id, s.last_seq)
+           AND k.status = 'queued' AND k.id <> ALL($2::uuid[])
+           AND batchd.batch_bound(k.route, k.path, k.deadline, (SELECT p90_s FROM routing) + $7)
+         ORDER BY k.tenant_id, k.seq
+         LIMIT s.picked
+           FOR UPDATE SKIP LOCKED
+     ) AS j
+) AS scanned
+UNION ALL
+SELECT * FROM (
+    SELECT j.id, j.tenant_id, j.request::text AS request, j.job_type, j.input::text AS input, j.attempts,
+           batchd.request_problem(j.request) AS problem,
+           CASE WHEN j.route = 'batch' THEN (SELECT reason FROM batch_reason)
+                ELSE batchd.route_reason(j.route, j.deadline, 0, (SELECT p90_s FROM routing),
+                                         (SELECT samples FROM routing), (SELECT measured FROM routing), $7, $5)
+           END AS path_reason,
+           p.turn, p.seq, p.weight
+      FROM picked AS p
+     -- By primary key, one probe per picked job, whatever the statistics say. Joined plainly, a planner whose
+     -- statistics say almost nothing is queued (taken before a burst) rescanned the whole queue for each job:
+     -- 19 s for 10,000 (docs/benchmarks.md). OFFSET 0 keeps the status test out of the lookup; the lock
+     -- applies inside it, and the status is tested on the row as locked.
+     CROSS JOIN LATERAL (SELECT * FROM batchd.jobs AS k WHERE k.id = p.id OFFSET 0) AS j
+     WHERE p.tenant_id NOT IN (SELECT tenant_id FROM spans)
+       AND j.status = 'queued'
+       AND batchd.batch_bound(j.route, j.path, j.deadline, (SELECT p90_s FROM routing) + $7)
+       FOR UPDATE OF j SKIP LOCKED
+) AS probed;
 
 -- name: fail_jobs
 -- Jobs that can never be sent: failed at once, with the reason, and an event each.
@@ -197,9 +384,6 @@ UPDATE batchd.jobs AS j
    SET status = 'submitting', batch_id = $1, params = r.params::jsonb, path = 'batch', path_reason = r.reason
   FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, params, reason)
  WHERE j.id = r.id;
-
--- name: submitting_count
-SELECT count(*) FROM batchd.jobs WHERE batch_id = $1 AND status = 'submitting';
 
 -- name: batch_payload
 -- What to send again when a batch must be rebuilt after a restart: the params exactly as first claimed.
@@ -270,8 +454,16 @@ SELECT last_error FROM batchd.batches WHERE id = $1;
 -- name: set_create_attempts
 UPDATE batchd.batches SET create_attempts = $2 WHERE id = ANY($1::uuid[]) AND owner = $3;
 
+-- name: batch_created
+-- The provider's answer to a create: its batch id, committed the moment it comes, before the jobs are recorded
+-- (batch_submitted: seconds for 100,000). Until then the batch stays pending; a daemon that died in between
+-- leaves it so, and the next owner records its jobs without reconciling (supervisor.py).
+UPDATE batchd.batches SET provider_batch_id = $2
+ WHERE id = $1 AND status = 'pending' AND owner = $3 AND provider_batch_id IS NULL;
+
 -- name: batch_submitted
 -- The batch, its jobs, and the events saying so, at once; each tenant hears of its own share of the batch.
+-- Its provider id may be recorded already (batch_created).
 WITH batch AS (
     UPDATE batchd.batches
        SET provider_batch_id = $2, status = 'in_progress', submitted_at = now(), last_error = NULL,
