@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -149,35 +149,52 @@ class Page:
 
 
 @dataclass
-class _Block:
+class Message:
+    """One block of a `text/event-stream`, as the HTML standard's EventSource reads it: `data:` lines
+    joined with newlines, `event:`, `id:`, `retry:`, and the comments (`: heartbeat`)."""
+
     event: str = "message"
-    data: list[str] = field(default_factory=list)
+    data: str = ""
     id: str | None = None
     retry: int | None = None
+    comments: list[str] = field(default_factory=list)
+    data_lines: list[str] = field(default_factory=list, repr=False)
+    # A field other than a comment came: a block of comments alone (a heartbeat) has none.
+    has_fields: bool = field(default=False, repr=False)
+
+    @property
+    def is_event(self) -> bool:
+        """False for a block of only comments or `retry:`: the browser dispatches no event for it."""
+        return bool(self.data_lines)
 
 
-async def _blocks(response: aiohttp.ClientResponse) -> AsyncIterator[_Block]:
-    """The stream's blocks as text/event-stream defines them; a block of nothing but comments (a heartbeat)
-    yields nothing. Read by chunks, lines put back together across them: an event of any size."""
+async def messages(chunks: AsyncIterable[bytes]) -> AsyncIterator[Message]:
+    """Yields each block (events, and comment-only blocks such as heartbeats) as it is completed, from any
+    async iterator of byte chunks (aiohttp's `response.content.iter_any()`): lines split across chunks are
+    put back together, so an event may be of any size."""
     pending = b""
-    current, touched = _Block(), False
-    async for chunk in response.content.iter_any():
+    current = Message()
+    touched = False
+    async for chunk in chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for raw in lines:
             line = raw.removesuffix(b"\r").decode()
             if line == "":
                 if touched:
+                    current.data = "\n".join(current.data_lines)
                     yield current
-                current, touched = _Block(), False
+                current, touched = Message(), False
                 continue
+            touched = True
             name, _, value = line.partition(":")
             value = value.removeprefix(" ")
             if name == "":
+                current.comments.append(value)
                 continue
-            touched = True
+            current.has_fields = True
             if name == "data":
-                current.data.append(value)
+                current.data_lines.append(value)
             elif name == "event":
                 current.event = value
             elif name == "id" and "\0" not in value:
@@ -311,18 +328,20 @@ class Client:
                         raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
                     await _raise_for(response)
                     connected = False
-                    async for block in _blocks(response):
+                    async for block in messages(response.content.iter_any()):
+                        if not block.has_fields:
+                            continue  # a heartbeat
                         if block.retry is not None:
                             retry_s = block.retry / 1000
                         if not connected:
                             connected, failures = True, 0
                             yield _Connected(resumed=last_event_id is not None)
-                        if not block.data or block.event == "disconnect":
+                        if not block.is_event or block.event == "disconnect":
                             continue  # `retry:` alone; a disconnect carries no id: the stream resumes after
                         event = Event(
                             None if block.id is None else int(block.id),
                             block.event,
-                            json.loads("\n".join(block.data)),
+                            json.loads(block.data),
                         )
                         if event.id is not None:
                             last_event_id = event.id

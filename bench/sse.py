@@ -7,7 +7,7 @@ and `batchd run` as subprocesses (stopped however the run ends):
 - The daemon is configured through the environment (BATCHD_*): max_wait_s an hour and max_requests 100,000,
   so the jobs the benchmark inserts stay queued; a per-tenant stream limit above the clients per tenant.
 - The clients are aiohttp streams (one ClientSession, TCPConnector(limit=0)) parsed with
-  `batchd.dev.sse_client`, spread round-robin over tenants (`tenants.add_tenant`) and over client worker
+  `batchd.client.messages`, spread round-robin over tenants (`tenants.add_tenant`) and over client worker
   processes (this script again, `--child clients`), so parsing 1,000 streams does not run on one core.
   A worker stamps each event with time.time() when the chunk holding its last byte was read.
 - An event is made as a producer makes one: a queued job is canceled (`SELECT batchd.cancel_job($1)`, or one
@@ -78,7 +78,7 @@ from benchlib import (
 )
 
 from batchd import tenants
-from batchd.dev.sse_client import messages
+from batchd.client import messages
 
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
 EVENT_TYPE = "job.canceled"

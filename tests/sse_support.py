@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from support import wait_until
 
-from batchd.dev.sse_client import Message, messages
+from batchd.client import Message, messages
 
 
 class Collector:

@@ -55,9 +55,9 @@ from support import (
 )
 
 import batchd
+from batchd.client import Message, messages
 from batchd.config import ADMIN_CREDENTIAL_NAME, CREDENTIAL_NAME, EventsSettings, HttpSettings
 from batchd.dev import embedded_pg
-from batchd.dev.sse_client import Message, messages
 from batchd.tenants import TOKEN_PREFIX
 
 pytestmark = pytest.mark.slow

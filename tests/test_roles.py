@@ -36,8 +36,8 @@ from support import (
 )
 
 from batchd import migrate, pruner, tenants
+from batchd.client import messages
 from batchd.daemon import Daemon
-from batchd.dev.sse_client import messages
 from batchd.emulator import EmulatorConfig
 from batchd.store import init_connection
 

@@ -108,7 +108,7 @@ def test_the_daemon_imports_nothing_from_the_development_tools() -> None:
 
 def test_the_development_tools_are_in_their_own_subpackage() -> None:
     modules = package_modules()
-    for tool in ("embedded_pg", "demo", "tour", "sse_client"):
+    for tool in ("embedded_pg", "demo", "tour"):
         assert f"batchd.dev.{tool}" in modules
         elsewhere = [name for name in modules if name.endswith(f".{tool}") and name != f"batchd.dev.{tool}"]
         assert elsewhere == []

@@ -21,6 +21,7 @@ import aiohttp
 import asyncpg
 
 from batchd import migrate
+from batchd.client import messages
 from batchd.config import Settings
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, serve
@@ -29,7 +30,6 @@ from batchd.statuses import FINAL_JOB_STATUSES
 from batchd.store import init_connection, sql
 
 from . import embedded_pg
-from .sse_client import messages
 
 TENANTS = ("acme", "globex", "initech")
 DOCUMENTS = [
