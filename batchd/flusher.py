@@ -26,7 +26,7 @@ from uuid import UUID
 
 import structlog
 
-from . import budgets, store
+from . import budgets, gcpause, store
 from .aio import run_loop
 from .config import API_MAX_BYTES
 from .context import Context
@@ -163,6 +163,10 @@ class Flusher:
         """Claim one batch's worth of jobs and record the batch, in one transaction. `head`, the queue as last
         looked at, tells whether everything that may go would fit: fairness then has nothing to decide and
         the claim takes it all in one pass (without it, the claim finds out)."""
+        with gcpause.paused():  # a batch's rows, alive until it is recorded (gcpause.py)
+            return await self._flush_one(head)
+
+    async def _flush_one(self, head: store.QueueHead | None) -> Flushed:
         settings = self.ctx.settings
         batching = settings.batching
         max_bytes = min(batching.max_bytes, API_MAX_BYTES)

@@ -24,7 +24,7 @@ from .config import EmulatorConfig, checked_processing_time
 from .faults import Endpoint, FaultPlan, Faults
 from .responder import Responder
 from .stats import Stats
-from .wire import APIError, dumps, error_response, invalid_request, json_response, new_id, not_found
+from .wire import APIError, error_response, invalid_request, json_response, new_id, not_found
 
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _READ_CHUNK_BYTES = 1024 * 1024
@@ -333,23 +333,22 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-jsonl"})
     response.enable_chunked_encoding()
     await response.prepare(request)
-    chunk: list[str] = []
+    chunk: list[bytes] = []
     size = 0
     for sent, line in enumerate(batch.results()):
         if break_after is not None and sent >= break_after:
-            await response.write("".join(chunk).encode())
+            await response.write(b"".join(chunk))
             _drop_connection(request)
             return response
-        text = dumps(line) + "\n"  # LF only, never a blank line: the SDK's decoder needs both
-        chunk.append(text)
-        size += len(text)
+        chunk.append(line)
+        size += len(line)
         if size >= chunk_bytes:
-            await response.write("".join(chunk).encode())
+            await response.write(b"".join(chunk))
             chunk, size = [], 0
             if delay:
                 await asyncio.sleep(delay)
     if chunk:
-        await response.write("".join(chunk).encode())
+        await response.write(b"".join(chunk))
     await response.write_eof()
     return response
 

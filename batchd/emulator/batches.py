@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from .faults import Faults, RequestFault
 from .responder import Completion, Responder
-from .wire import new_id
+from .wire import dumps, new_id
 
 DAY_S = 86_400.0
 EXPIRES_AFTER_S = DAY_S  # a batch ends, unfinished requests expired, 24 h after it was created
@@ -50,6 +50,10 @@ class Batch:
     cancel_initiated_at: float | None = None
     ended_at: float | None = None
     final: list[ResultType] = field(default_factory=list)
+    # The results file, one JSON line each, written once when the batch ends (as the API prepares its
+    # file): a download only sends it, so downloading 100,000 results costs the emulator no rendering
+    # (1.1 s of CPU each time, which on one machine was taken from the client applying them).
+    lines: list[bytes] = field(default_factory=list)
 
     @property
     def expires_at(self) -> float:
@@ -94,9 +98,16 @@ class Batch:
             _result_type(r.outcome) if r.done_at <= processed_until else unprocessed for r in self.requests
         ]
         self.ended_at = at
+        self.lines = [(dumps(line) + "\n").encode() for line in self._results()]
+        for request in self.requests:
+            request.completion = None  # in the lines now; kept twice, an ended batch took twice the memory
 
-    def results(self) -> Iterator[dict[str, Any]]:
-        """Result lines, in an order unrelated to the requests' (as the API warns)."""
+    def results(self) -> list[bytes]:
+        """The results file's lines (LF-terminated, never blank: the SDK's decoder needs both), in an order
+        unrelated to the requests' (as the API warns); empty until the batch has ended."""
+        return self.lines
+
+    def _results(self) -> Iterator[dict[str, Any]]:
         order = sorted(
             range(len(self.requests)), key=lambda i: zlib.crc32(self.requests[i].custom_id.encode())
         )
