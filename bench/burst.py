@@ -188,7 +188,7 @@ async def burst_round(url: str, emulator: EmulatorProcess, requests: list[str]) 
 
 def burst_row(bursts: list[BurstResults]) -> Row:
     def median(step: str) -> float:
-        return statistics.median(getattr(burst, step) for burst in bursts)
+        return statistics.median(float(getattr(burst, step)) for burst in bursts)
 
     total = [burst.total_s for burst in bursts]
     rounds = f", median of {len(bursts)}" if len(bursts) > 1 else ""
