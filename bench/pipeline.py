@@ -8,23 +8,33 @@ stage is a benchmark of its own over bench/benchlib.py, and all but stage 2/3 ca
    taking turns for a number of rounds, medians reported with the range.
 2. `Flusher.flush_one()` (claim, encode, record) and `submitter.submit()` (the create through the SDK),
    next to the raw claim (one UPDATE ... FROM a FOR UPDATE SKIP LOCKED CTE) and a raw create (the same
-   kind of body POSTed with aiohttp, then one UPDATE) on an identical fresh queue. (This file.)
+   kind of body POSTed with aiohttp, then one UPDATE), in turns for --pipeline-rounds rounds. Each round
+   empties the tables and queues N jobs for the first side, then N more behind its batch for the second;
+   the raw side goes first in odd rounds, batchd in even ones. (This file.)
    2b. The claim path by queue shape (bench/fair.py): `Flusher.flush_one()` next to the raw claim, in turns
    for a few rounds, on one tenant's 100,000 jobs (the FIFO case), 100 tenants' 1,000 each, and 100,000 + 10.
-3. `results.apply_results()` once the emulator has ended the batch, next to a raw COPY of the same results
-   into a temporary table and one UPDATE ... FROM. Each apply runs in a subprocess of its own, whose peak
-   resident memory (VmHWM, reset just before the step) is the step's alone: batches of N/10, N/2 and N.
+3. In each round of stage 2, once the emulator has ended both batches: `results.apply_results()` next to a
+   raw COPY of the same results into a temporary table and one UPDATE ... FROM, in the round's order; then
+   both batches are deleted from the emulator (DELETE /v1/messages/batches/{id}, as the real API allows
+   once a batch has ended), so its memory does not grow with the rounds. Each apply runs in a subprocess
+   of its own, whose peak resident memory (VmHWM, reset just before the step) is the step's alone: after
+   the rounds, batches of N/10 and N/2 are applied once, next to the round at N with the highest peak.
    (This file.)
 4. A burst of N jobs (statements of 1,000) into a running daemon (bench/burst.py), timed until the batch has
-   its provider_batch_id, and until its jobs are recorded submitted.
+   its provider_batch_id, and until its jobs are recorded submitted; --burst-rounds times.
 5. pgqueuer draining N jobs of 1 KB with a no-op entrypoint, 5 consumers, batch size 500
-   (bench/pgqueuer_drain.py, in a subprocess), next to batchd's claim (the FIFO case's median in stage 2b).
+   (bench/pgqueuer_drain.py, in a subprocess each time), --claim-rounds times back to back; batchd's claim
+   (the FIFO case's median in stage 2b) is held against pgqueuer's best round.
 
-Every timed step on the database starts after VACUUM (ANALYZE) and CHECKPOINT, and autovacuum is off on
-batchd.jobs in the scratch database, so no step inherits another's dirty pages or a vacuum mid-way.
+Every row with a baseline shows batchd's median and range (min-max) over its rounds next to the baseline's;
+the verdicts are on the medians. The machine's load average is printed at the start, after each stage and
+at the end, and listed in the table's last row. Every timed step on the database starts after VACUUM
+(ANALYZE) and CHECKPOINT, and autovacuum is off on batchd.jobs in the scratch database, so no step inherits
+another's dirty pages or a vacuum mid-way.
 
     .venv/bin/python bench/pipeline.py [--jobs 100000] [--rounds 8] [--producer-seconds 0.5]
-                                       [--claim-rounds 3] [--apply-only]
+                                       [--pipeline-rounds 3] [--claim-rounds 3] [--burst-rounds 3]
+                                       [--apply-only]
 
 Prints a Markdown table with a verdict per target, and exits non-zero when a target is missed or a check
 (every job claimed, sent, applied, drained exactly once) fails. Needs pgqueuer (a bench-only dependency)
