@@ -3,6 +3,7 @@ the description of the machine, a few statistics and the Markdown tables they pr
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -36,6 +37,7 @@ API_KEY = "bench-key"  # the emulator takes any key; the daemon and the SDK insi
 MIB = 1024 * 1024
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
+T = TypeVar("T")
 
 
 # -- small things ------------------------------------------------------------------------------------------
@@ -63,9 +65,36 @@ def per_s(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
-def spread(values: Sequence[float], unit: str = "") -> str:
-    """The median and the range: "75,948 rows/s (69,529-80,787)"."""
-    return f"{statistics.median(values):,.0f}{unit} ({min(values):,.0f}-{max(values):,.0f})"
+def spread(values: Sequence[float], unit: str = "", digits: int = 0) -> str:
+    """The median and the range: "75,948 rows/s (69,529-80,787)", "7.70 s (7.12-8.03)" with `digits` 2."""
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:,.{digits}f}{unit} ({low:,.{digits}f}-{high:,.{digits}f})"
+
+
+def rate_spread(count: int, seconds: Sequence[float], unit: str = " jobs/s") -> str:
+    """The median rate and the range of rates of `count` items done in each of `seconds`."""
+    return spread([per_s(count, s) for s in seconds], unit)
+
+
+def seconds_spread(seconds: Sequence[float]) -> str:
+    """The median time and the range: "7.70 s (7.12-8.03)"; one value alone when there was one round."""
+    if len(seconds) == 1:
+        return f"{seconds[0]:.2f} s"
+    return spread(seconds, " s", 2)
+
+
+def in_turns(round_number: int, sides: Sequence[T]) -> list[T]:
+    """The sides of a comparison in round `round_number`'s order: as given in even rounds, reversed in odd
+    ones, so that whatever the first side leaves behind (dirty pages, a warm cache, a grown table) falls on
+    each side alike over the rounds."""
+    return list(sides) if round_number % 2 == 0 else list(reversed(sides))
+
+
+def speed_ratio(ours_s: Sequence[float], theirs_s: Sequence[float]) -> float:
+    """How many times the baseline's speed batchd's is, on the medians: the baseline's median time over
+    batchd's, for the same work."""
+    ours = statistics.median(ours_s)
+    return statistics.median(theirs_s) / ours if ours > 0 else 0.0
 
 
 def status_mib(pid: int | str, key: str) -> float:
@@ -114,6 +143,29 @@ def machine() -> str:
 def load_average() -> str:
     """The machine's load over 1, 5 and 15 minutes: others' work shares its cores with the benchmark."""
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+class LoadLog:
+    """The machine's load average at the start of a run, between its stages and at its end: printed as it
+    goes, and summed up in a row of the table, so that a run's numbers come with the load they ran under."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, when: str) -> None:
+        self.marks.append((when, os.getloadavg()[0]))
+        print(f"load average {when}: {load_average()}", flush=True)
+
+    def row(self) -> Row:
+        ones = [load for _, load in self.marks]
+        return Row(
+            "the machine's load average over 1 minute: at the start, between stages, at the end",
+            " -> ".join(f"{load:.1f}" for load in ones),
+            f"{', '.join(when for when, _ in self.marks)}",
+            f"max {max(ones):.1f}" if ones else "",
+            "",
+            None,
+        )
 
 
 def _version(distribution: str) -> str:
@@ -272,6 +324,34 @@ class EmulatorProcess(ServiceProcess):
     async def end_all_batches(self) -> None:
         """Push the emulated clock past every batch's processing time."""
         await self.admin("POST", "clock/advance", {"seconds": self.processing_time_s * 10 + 5})
+
+    async def api(self, method: str, path: str) -> Any:
+        """A call to the emulated Message Batches API (`path` under /v1/messages/batches), as a client makes
+        it."""
+        async with (
+            aiohttp.ClientSession(headers=api_headers()) as session,
+            session.request(method, f"{self.url}/v1/messages/batches{path}") as response,
+        ):
+            response.raise_for_status()
+            return await response.json()
+
+    async def wait_ended(self, provider_batch_id: str, within_s: float = 60.0) -> None:
+        """Polls the batch until the API says it has ended (after `end_all_batches`)."""
+        deadline = time.monotonic() + within_s
+        while (await self.api("GET", f"/{provider_batch_id}"))["processing_status"] != "ended":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"batch {provider_batch_id} did not end within {within_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def delete_batches(self, provider_batch_ids: Sequence[str]) -> None:
+        """DELETE ended batches, as the real API allows: the emulator's memory then does not grow with the
+        rounds of a benchmark."""
+        for provider_batch_id in provider_batch_ids:
+            await self.api("DELETE", f"/{provider_batch_id}")
+
+
+def api_headers() -> dict[str, str]:
+    return {"x-api-key": API_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
 
 
 @contextlib.asynccontextmanager
@@ -533,6 +613,32 @@ def interrupt_on_sigterm() -> None:
     """Prints the command line, and makes SIGTERM end the run as Ctrl-C does: through every `finally`."""
     print("$ " + shlex.join([sys.executable, *sys.argv]), flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+# -- the options every pipeline benchmark takes ------------------------------------------------------------
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, jobs_help: str = "jobs in the queue and the batch (default 100,000)"
+) -> None:
+    parser.add_argument("--jobs", type=int, default=100_000, help=jobs_help)
+    parser.add_argument(
+        "--database-url", default=SERVER_URL, help="a server database to create the scratch one from"
+    )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, *rounds: str) -> None:
+    """--jobs within what a batch holds; each option named in `rounds` at least 1."""
+    if not 1_000 <= args.jobs <= 100_000:
+        parser.error("--jobs must be between 1,000 and 100,000 (the API's limit per batch)")
+    for name in rounds:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A parser described by the first line of the script's docstring."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
 
 
 MAX_BYTES = 256_000_000

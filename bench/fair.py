@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 import uuid
@@ -39,17 +38,21 @@ from benchlib import (
     CHUNK_ROWS,
     RAW_BATCH,
     RAW_CLAIM,
-    SERVER_URL,
     Row,
     StatementTimes,
+    add_common_arguments,
+    bench_parser,
     bench_settings,
     build_requests,
+    check_arguments,
     finish,
     fresh_queue,
+    in_turns,
     interrupt_on_sigterm,
     load_average,
     machine,
-    per_s,
+    rate_spread,
+    speed_ratio,
     timing_database,
 )
 
@@ -156,7 +159,7 @@ async def fair_benchmark(url: str, requests: list[str], rounds: int) -> tuple[li
             statements.reset()
             print(f"  {shape.label}", flush=True)
             for round_number in range(rounds):
-                for side in ("batchd", "raw") if round_number % 2 == 0 else ("raw", "batchd"):
+                for side in in_turns(round_number, ("batchd", "raw")):
                     if side == "raw":
                         claimed = await raw_round(connection, shape, batch, results)
                         if claimed != batch:
@@ -188,22 +191,15 @@ def batch_failures(shape: Shape, batch: int, tenants: Counter[str]) -> list[str]
     return failures
 
 
-def spread_of(count: int, seconds: list[float]) -> str:
-    rates = [per_s(count, s) for s in seconds]
-    return f"{statistics.median(rates):,.0f} jobs/s ({min(rates):,.0f}-{max(rates):,.0f})"
-
-
 def fair_rows(measured: list[ShapeResults]) -> list[Row]:
     rows = []
     for results in measured:
-        ours = per_s(results.batch, statistics.median(results.flush_s))
-        theirs = per_s(results.batch, statistics.median(results.raw_s))
-        ratio = ours / theirs if theirs else 0.0
+        ratio = speed_ratio(results.flush_s, results.raw_s)
         rows.append(
             Row(
                 f"claim + encode + record (Flusher.flush_one), {results.shape.label}",
-                spread_of(results.batch, results.flush_s),
-                f"raw claim: {spread_of(results.batch, results.raw_s)}",
+                rate_spread(results.batch, results.flush_s),
+                f"raw claim: {rate_spread(results.batch, results.raw_s)}",
                 f"{ratio:.2f}x",
                 f">= {MIN_RAW_RATIO:.1f}x",
                 ratio >= MIN_RAW_RATIO,
@@ -228,14 +224,10 @@ async def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--jobs", type=int, default=100_000, help="jobs per queue, and per batch (100,000)")
+    parser = bench_parser(__doc__)
+    add_common_arguments(parser, "jobs per queue, and per batch (100,000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each side per shape (5)")
-    parser.add_argument(
-        "--database-url", default=SERVER_URL, help="a server database to create the scratch one from"
-    )
     arguments = parser.parse_args()
-    if not 1_000 <= arguments.jobs <= 100_000:
-        parser.error("--jobs must be between 1,000 and 100,000 (the API's limit per batch)")
+    check_arguments(parser, arguments, "rounds")
     interrupt_on_sigterm()
     sys.exit(asyncio.run(main(arguments)))

@@ -8,23 +8,33 @@ stage is a benchmark of its own over bench/benchlib.py, and all but stage 2/3 ca
    taking turns for a number of rounds, medians reported with the range.
 2. `Flusher.flush_one()` (claim, encode, record) and `submitter.submit()` (the create through the SDK),
    next to the raw claim (one UPDATE ... FROM a FOR UPDATE SKIP LOCKED CTE) and a raw create (the same
-   kind of body POSTed with aiohttp, then one UPDATE) on an identical fresh queue. (This file.)
+   kind of body POSTed with aiohttp, then one UPDATE), in turns for --pipeline-rounds rounds. Each round
+   empties the tables and queues N jobs for the first side, then N more behind its batch for the second;
+   the raw side goes first in odd rounds, batchd in even ones. (This file.)
    2b. The claim path by queue shape (bench/fair.py): `Flusher.flush_one()` next to the raw claim, in turns
    for a few rounds, on one tenant's 100,000 jobs (the FIFO case), 100 tenants' 1,000 each, and 100,000 + 10.
-3. `results.apply_results()` once the emulator has ended the batch, next to a raw COPY of the same results
-   into a temporary table and one UPDATE ... FROM. Each apply runs in a subprocess of its own, whose peak
-   resident memory (VmHWM, reset just before the step) is the step's alone: batches of N/10, N/2 and N.
+3. In each round of stage 2, once the emulator has ended both batches: `results.apply_results()` next to a
+   raw COPY of the same results into a temporary table and one UPDATE ... FROM, in the round's order; then
+   both batches are deleted from the emulator (DELETE /v1/messages/batches/{id}, as the real API allows
+   once a batch has ended), so its memory does not grow with the rounds. Each apply runs in a subprocess
+   of its own, whose peak resident memory (VmHWM, reset just before the step) is the step's alone: after
+   the rounds, batches of N/10 and N/2 are applied once, next to the round at N with the highest peak.
    (This file.)
 4. A burst of N jobs (statements of 1,000) into a running daemon (bench/burst.py), timed until the batch has
-   its provider_batch_id, and until its jobs are recorded submitted.
+   its provider_batch_id, and until its jobs are recorded submitted; --burst-rounds times.
 5. pgqueuer draining N jobs of 1 KB with a no-op entrypoint, 5 consumers, batch size 500
-   (bench/pgqueuer_drain.py, in a subprocess), next to batchd's claim (the FIFO case's median in stage 2b).
+   (bench/pgqueuer_drain.py, in a subprocess each time), --claim-rounds times back to back; batchd's claim
+   (the FIFO case's median in stage 2b) is held against pgqueuer's best round.
 
-Every timed step on the database starts after VACUUM (ANALYZE) and CHECKPOINT, and autovacuum is off on
-batchd.jobs in the scratch database, so no step inherits another's dirty pages or a vacuum mid-way.
+Every row with a baseline shows batchd's median and range (min-max) over its rounds next to the baseline's;
+the verdicts are on the medians. The machine's load average is printed at the start, after each stage and
+at the end, and listed in the table's last row. Every timed step on the database starts after VACUUM
+(ANALYZE) and CHECKPOINT, and autovacuum is off on batchd.jobs in the scratch database, so no step inherits
+another's dirty pages or a vacuum mid-way.
 
     .venv/bin/python bench/pipeline.py [--jobs 100000] [--rounds 8] [--producer-seconds 0.5]
-                                       [--claim-rounds 3] [--apply-only]
+                                       [--pipeline-rounds 3] [--claim-rounds 3] [--burst-rounds 3]
+                                       [--apply-only]
 
 Prints a Markdown table with a verdict per target, and exits non-zero when a target is missed or a check
 (every job claimed, sent, applied, drained exactly once) fails. Needs pgqueuer (a bench-only dependency)
@@ -61,18 +71,25 @@ from benchlib import (
     RAW_BATCH,
     RAW_CLAIM,
     EmulatorProcess,
+    LoadLog,
     Row,
+    api_headers,
+    bench_parser,
     bench_settings,
     build_requests,
+    check_arguments,
     chunked,
     finish,
     fresh_queue,
+    in_turns,
     interrupt_on_sigterm,
     machine,
     per_s,
+    rate_spread,
     run_json_child,
     running,
     settle,
+    speed_ratio,
     status_mib,
     timing_database,
 )
@@ -87,6 +104,7 @@ from batchd.provider import Provider
 from batchd.publisher import publish
 from batchd.ratelimit import RateLimiter
 from batchd.results import apply_results, publish_prices
+from batchd.store import Batch
 from batchd.submitter import submit
 
 EMULATOR_PROCESSING_S = 3_600  # batches end only when the clock is pushed
@@ -141,6 +159,7 @@ class ApplyReport:
     status: str
     published: int = 0  # events numbered for the SSE log after the apply (its and the submit's)
     publish_s: float = 0.0
+    note: str = ""  # which apply this is, in the memory rows
 
     @property
     def extra_mib(self) -> float:
@@ -149,25 +168,24 @@ class ApplyReport:
 
 @dataclass
 class PipelineResults:
+    """Stages 2 and 3: each list holds one time per round, batchd's and its baseline's taken in turns."""
+
     jobs: int
-    raw_claim_s: float = 0.0
-    raw_submit_s: float = 0.0
-    raw_apply_s: float = 0.0
-    raw_download_s: float = 0.0
+    raw_claim_s: list[float] = field(default_factory=list)
+    raw_submit_s: list[float] = field(default_factory=list)
+    raw_apply_s: list[float] = field(default_factory=list)
+    raw_download_s: list[float] = field(default_factory=list)
     result_line_bytes: float = 0.0  # the average results line, as the emulator sends it
-    claim_s: float = 0.0
-    submit_s: float = 0.0
-    applies: list[ApplyReport] = field(default_factory=list)
+    claim_s: list[float] = field(default_factory=list)
+    submit_s: list[float] = field(default_factory=list)
+    applies: list[ApplyReport] = field(default_factory=list)  # batchd's apply of N jobs, one per round
+    memory: list[ApplyReport] = field(default_factory=list)  # N/10, N/2, then one of the rounds' at N
     failures: list[str] = field(default_factory=list)
 
     def check(self, ok: bool, failure: str) -> None:
         if not ok:
             self.failures.append(failure)
             print(f"CHECK FAILED: {failure}", flush=True)
-
-
-def api_headers() -> dict[str, str]:
-    return {"x-api-key": API_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
 
 
 async def raw_path(
@@ -179,7 +197,7 @@ async def raw_path(
     async with connection.transaction():
         batch_id: UUID = await connection.fetchval(RAW_BATCH, uuid.uuid4().hex[:12], n)
         rows = await connection.fetch(RAW_CLAIM, batch_id, n)
-    results.raw_claim_s = time.perf_counter() - started
+    results.raw_claim_s.append(time.perf_counter() - started)
     results.check(len(rows) == n, f"the raw claim took {len(rows)} jobs, not {n}")
     body = (
         '{"requests":['
@@ -201,7 +219,7 @@ async def raw_path(
                 created["id"],
             )
             status = await connection.execute(RAW_SUBMITTED, batch_id)
-        results.raw_submit_s = time.perf_counter() - started
+        results.raw_submit_s.append(time.perf_counter() - started)
     results.check(status == f"UPDATE {n}", f"the raw submit recorded {status}, not {n} jobs")
     return batch_id, created["id"]
 
@@ -230,18 +248,18 @@ async def raw_apply(
                 line = json.loads(raw_line)
                 message = json.dumps(line["result"]["message"], separators=(",", ":"))
                 records.append((UUID(hex=line["custom_id"][2:]), message))
-    results.raw_download_s = time.perf_counter() - started
+    results.raw_download_s.append(time.perf_counter() - started)
     results.result_line_bytes = total_bytes / max(1, len(records))
     started = time.perf_counter()
     async with connection.transaction():
         await connection.execute(RAW_RESULTS_TABLE)
         await connection.copy_records_to_table("raw_results", records=records, columns=["job_id", "result"])
         status = await connection.execute(RAW_APPLY, batch_id)
-    results.raw_apply_s = time.perf_counter() - started
+    results.raw_apply_s.append(time.perf_counter() - started)
     results.check(status == f"UPDATE {results.jobs}", f"the raw apply recorded {status}, not {results.jobs}")
 
 
-async def make_batch(ctx: Context) -> tuple[UUID, float, float]:
+async def make_batch(ctx: Context) -> tuple[Batch, float, float]:
     """Flusher.flush_one() then submit(), as the daemon runs them; returns the batch and both times."""
     made: list[tuple[UUID, bytes]] = []
     flusher = Flusher(ctx, on_batch=lambda batch_id, body: made.append((batch_id, body)))
@@ -256,7 +274,10 @@ async def make_batch(ctx: Context) -> tuple[UUID, float, float]:
     started = time.perf_counter()
     await submit(ctx, batch, body)
     submit_s = time.perf_counter() - started
-    return flushed.batch_id, claim_s, submit_s
+    submitted = await store.get_batch(ctx.pool, flushed.batch_id)
+    if submitted is None or submitted.provider_batch_id is None:
+        raise RuntimeError(f"batch {flushed.batch_id} was not created")
+    return submitted, claim_s, submit_s
 
 
 async def job_statuses(connection: store.Connection, batch_id: UUID) -> dict[str, int]:
@@ -266,69 +287,138 @@ async def job_statuses(connection: store.Connection, batch_id: UUID) -> dict[str
     return {row["status"]: row["n"] for row in rows}
 
 
-async def pipeline_benchmark(url: str, emulator: EmulatorProcess, requests: list[str]) -> PipelineResults:
+async def apply_in_child(
+    url: str, emulator: EmulatorProcess, batch: Batch, results: PipelineResults
+) -> ApplyReport:
+    """batchd's apply of an ended batch, in a subprocess of its own (its peak RSS the apply's alone)."""
+    report = ApplyReport(
+        **await run_child(
+            [
+                *("--child", "apply", "--database-url", url),
+                *("--emulator-url", emulator.url, "--batch-id", str(batch.id)),
+            ]
+        )
+    )
+    results.check(
+        report.succeeded == batch.request_count and report.status == "applied",
+        f"applying {batch.request_count:,}: {report.succeeded} succeeded, batch {report.status}",
+    )
+    return report
+
+
+async def end_batches(ctx: Context, emulator: EmulatorProcess, batches: list[Batch], raw: list[str]) -> bool:
+    """Ends every batch in the emulator; batchd's are polled until recorded ended, the raw ones (provider
+    ids) until the API says so."""
+    await emulator.end_all_batches()
+    ended = True
+    for batch in batches:
+        ended = await poll_until_ended(ctx, batch) and ended
+    for provider_batch_id in raw:
+        await emulator.wait_ended(provider_batch_id)
+    return ended
+
+
+async def pipeline_round(
+    connection: asyncpg.Connection,
+    ctx: Context,
+    emulator: EmulatorProcess,
+    chunks: list[list[str]],
+    *,
+    round_number: int,
+    results: PipelineResults,
+) -> None:
+    """One self-contained round: the raw claim + create and batchd's flush + submit on N queued jobs each
+    (the first side on a fresh queue, the second on N more queued after it), then both batches ended and
+    applied, the sides in this round's turn; the ended batches deleted from the emulator."""
+    n = results.jobs
+    url = ctx.settings.database.url
+    sides = in_turns(round_number, ("raw", "batchd"))
+    await fresh_queue(connection, chunks)
+    raw: tuple[UUID, str] | None = None
+    ours: Batch | None = None
+    for i, side in enumerate(sides):
+        if i > 0:  # the second side's N jobs, queued behind the first side's batch
+            for chunk in chunks:
+                await connection.execute(INSERT_CHUNK, chunk)
+            await settle(connection)
+        if side == "raw":
+            raw = await raw_path(connection, emulator, results)
+        else:
+            ours, claim_s, submit_s = await make_batch(ctx)
+            results.claim_s.append(claim_s)
+            results.submit_s.append(submit_s)
+            statuses = await job_statuses(connection, ours.id)
+            results.check(statuses == {"submitted": n}, f"batchd's batch holds {statuses}, not {n} submitted")
+    assert raw is not None
+    assert ours is not None
+    assert ours.provider_batch_id is not None
+    results.check(await end_batches(ctx, emulator, [ours], [raw[1]]), f"batch {ours.id} did not end")
+    for side in sides:
+        await settle(connection)
+        if side == "raw":
+            await raw_apply(connection, emulator, *raw, results)
+        else:
+            results.applies.append(await apply_in_child(url, emulator, ours, results))
+    applied = results.applies[-1]
+    print(
+        f"  round {round_number + 1} ({' first, '.join(sides)} second):"
+        f" claim {results.claim_s[-1]:.2f} s, raw {results.raw_claim_s[-1]:.2f} s;"
+        f" submit {results.submit_s[-1]:.2f} s, raw {results.raw_submit_s[-1]:.2f} s;"
+        f" apply {applied.seconds:.2f} s (peak RSS +{applied.extra_mib:.1f} MiB),"
+        f" raw {results.raw_apply_s[-1]:.2f} s (+ download {results.raw_download_s[-1]:.2f} s)",
+        flush=True,
+    )
+    await emulator.delete_batches([raw[1], ours.provider_batch_id])
+
+
+async def memory_benchmark(
+    connection: asyncpg.Connection,
+    ctx: Context,
+    emulator: EmulatorProcess,
+    requests: list[str],
+    results: PipelineResults,
+) -> None:
+    """The apply's peak memory at N/10 and N/2 (one batch each, after the rounds), next to the rounds' at N:
+    the round with the highest peak, the least flattering."""
+    n = len(requests)
+    sizes = sorted({max(1, n // 10), max(1, n // 2)} - {n})
+    print(f"  batchd: batches of {', '.join(f'{s:,}' for s in sizes)} for the memory of applying", flush=True)
+    await fresh_queue(connection, [])
+    batches = []
+    for size in sizes:
+        for chunk in chunked(requests[:size], CHUNK_ROWS):
+            await connection.execute(INSERT_CHUNK, chunk)
+        # The rounds' owner: polling and applying write only a batch whose lease they hold.
+        settings = bench_settings(ctx.settings.database.url, emulator.url, size)
+        sized = Context(pool=ctx.pool, settings=settings, provider=ctx.provider, instance_id=ctx.instance_id)
+        batches.append((await make_batch(sized))[0])
+    results.check(await end_batches(ctx, emulator, batches, []), "a batch for the memory did not end")
+    for batch in batches:
+        await settle(connection)
+        report = await apply_in_child(ctx.settings.database.url, emulator, batch, results)
+        report.note = "after the rounds"
+        results.memory.append(report)
+    await emulator.delete_batches([batch.provider_batch_id for batch in batches if batch.provider_batch_id])
+    rounds = len(results.applies)
+    highest = max(range(rounds), key=lambda i: results.applies[i].extra_mib)
+    results.memory.append(results.applies[highest])
+    results.memory[-1].note = f"round {highest + 1} of {rounds}, the highest peak"
+
+
+async def pipeline_benchmark(
+    url: str, emulator: EmulatorProcess, requests: list[str], rounds: int
+) -> PipelineResults:
     n = len(requests)
     results = PipelineResults(jobs=n)
-    sizes = sorted({max(1, n // 10), max(1, n // 2)})
+    chunks = chunked(requests, CHUNK_ROWS)
     connection = await asyncpg.connect(url)
     pool = await store.create_pool(url, min_size=2, max_size=10)
     provider = new_provider(emulator.url)
+    ctx = Context(pool=pool, settings=bench_settings(url, emulator.url, n), provider=provider)
     try:
-        print("  raw SQL: claim, create, record", flush=True)
-        await fresh_queue(connection, chunked(requests, CHUNK_ROWS))
-        raw_batch, raw_provider_batch = await raw_path(connection, emulator, results)
-
-        print("  batchd: Flusher.flush_one(), submit()", flush=True)
-        await connection.execute("DELETE FROM batchd.jobs WHERE status = 'queued'")  # none: checked below
-        for chunk in chunked(requests, CHUNK_ROWS):
-            await connection.execute(INSERT_CHUNK, chunk)
-        await settle(connection)
-        ctx = Context(pool=pool, settings=bench_settings(url, emulator.url, n), provider=provider)
-        batch_id, results.claim_s, results.submit_s = await make_batch(ctx)
-        statuses = await job_statuses(connection, batch_id)
-        results.check(statuses == {"submitted": n}, f"batchd's batch holds {statuses}, not {n} submitted")
-
-        print(
-            f"  batchd: batches of {', '.join(f'{s:,}' for s in sizes)} for the memory of applying",
-            flush=True,
-        )
-        batches = {n: batch_id}
-        for size in sizes:
-            for chunk in chunked(requests[:size], CHUNK_ROWS):
-                await connection.execute(INSERT_CHUNK, chunk)
-            # The same owner as `ctx`'s batch: polling and applying write only a batch whose lease they hold.
-            sized_settings = bench_settings(url, emulator.url, size)
-            sized = Context(
-                pool=pool, settings=sized_settings, provider=provider, instance_id=ctx.instance_id
-            )
-            batches[size] = (await make_batch(sized))[0]
-
-        await emulator.end_all_batches()
-        for made in batches.values():
-            batch = await store.get_batch(pool, made)
-            assert batch is not None
-            results.check(await poll_until_ended(ctx, batch), f"batch {made} did not end")
-        await settle(connection)
-
-        print("  raw SQL: COPY + UPDATE of the results", flush=True)
-        await raw_apply(connection, emulator, raw_batch, raw_provider_batch, results)
-
-        for size in sorted(batches):
-            print(f"  batchd: apply_results() on {size:,} jobs, in a subprocess", flush=True)
-            await settle(connection)
-            report = ApplyReport(
-                **await run_child(
-                    [
-                        *("--child", "apply", "--database-url", url),
-                        *("--emulator-url", emulator.url, "--batch-id", str(batches[size])),
-                    ]
-                )
-            )
-            results.applies.append(report)
-            results.check(
-                report.succeeded == size and report.status == "applied",
-                f"applying {size:,}: {report.succeeded} succeeded, batch {report.status}",
-            )
+        for number in range(rounds):
+            await pipeline_round(connection, ctx, emulator, chunks, round_number=number, results=results)
+        await memory_benchmark(connection, ctx, emulator, requests, results)
     finally:
         await provider.close()
         await pool.close()
@@ -381,32 +471,31 @@ async def child_apply(args: argparse.Namespace) -> dict[str, Any]:
 # -- the report --------------------------------------------------------------------------------------------
 
 
-def rate_row(measure: str, jobs: int, seconds: float, baseline_s: float, what: str) -> Row:
-    ours, theirs = per_s(jobs, seconds), per_s(jobs, baseline_s)
-    ratio = ours / theirs if theirs else 0.0
+def rate_row(measure: str, jobs: int, seconds: list[float], baseline_s: list[float], what: str) -> Row:
+    ratio = speed_ratio(seconds, baseline_s)
     return Row(
         measure,
-        f"{ours:,.0f} jobs/s ({seconds:.2f} s)",
-        f"{what}: {theirs:,.0f} jobs/s ({baseline_s:.2f} s)",
+        f"{rate_spread(jobs, seconds)}, {statistics.median(seconds):.2f} s",
+        f"{what}: {rate_spread(jobs, baseline_s)}, {statistics.median(baseline_s):.2f} s",
         f"{ratio:.2f}x",
         f">= {MIN_RAW_RATIO:.1f}x",
         ratio >= MIN_RAW_RATIO,
     )
 
 
-def memory_rows(applies: list[ApplyReport], line_bytes: float) -> list[Row]:
+def memory_rows(memory: list[ApplyReport], line_bytes: float) -> list[Row]:
     rows = [
         Row(
-            f"apply_results, {report.jobs:,} jobs: peak RSS above its start",
+            f"apply_results, {report.jobs:,} jobs ({report.note}): peak RSS above its start",
             f"{report.extra_mib:.1f} MiB (peak {report.peak_mib:.0f} MiB)",
             "",
             f"{per_s(report.jobs, report.seconds):,.0f} jobs/s",
             "",
             None,
         )
-        for report in applies
+        for report in memory
     ]
-    smallest, largest = applies[0], applies[-1]
+    smallest, largest = memory[0], memory[-1]
     growth = largest.extra_mib - smallest.extra_mib
     whole = (largest.jobs - smallest.jobs) * line_bytes / MIB
     rows.append(
@@ -422,92 +511,98 @@ def memory_rows(applies: list[ApplyReport], line_bytes: float) -> list[Row]:
     return rows
 
 
-def report_rows(
-    n: int,
-    inserts: trigger_cost.InsertResults,
-    pipeline: PipelineResults,
-    shapes: list[fair_stage.ShapeResults],
-    *,
-    burst: burst_stage.BurstResults,
-    pgq: dict[str, Any],
-) -> list[Row]:
-    rows = trigger_cost.insert_rows(inserts)
-    rows.append(
+def stage2_rows(pipeline: PipelineResults) -> list[Row]:
+    n, rounds = pipeline.jobs, len(pipeline.claim_s)
+    return [
         rate_row(
-            "claim + encode + record (Flusher.flush_one)",
+            f"claim + encode + record (Flusher.flush_one), {rounds} rounds in turns",
             n,
             pipeline.claim_s,
             pipeline.raw_claim_s,
             "raw claim",
-        )
-    )
-    rows.append(
+        ),
         rate_row(
-            "submit: create through the SDK + record",
+            f"submit: create through the SDK + record, {rounds} rounds in turns",
             n,
             pipeline.submit_s,
             pipeline.raw_submit_s,
             "raw create",
-        )
-    )
-    rows += fair_stage.fair_rows(shapes)
-    rows += apply_rows(n, pipeline)
-    rows.append(burst_stage.burst_row(burst))
-    # The FIFO shape's median flush of stage 2b, taken in turns, not stage 2's single one.
-    fifo = shapes[0]
+        ),
+    ]
+
+
+def pgqueuer_row(fifo: fair_stage.ShapeResults, pgq: list[dict[str, Any]]) -> Row:
+    """batchd's claim (stage 2b's FIFO rounds, on their median) next to pgqueuer's best round."""
     claim_rate = per_s(fifo.batch, statistics.median(fifo.flush_s))
-    pgq_rate = per_s(pgq["jobs"], pgq["seconds"])
-    rows.append(
-        Row(
-            f"batchd's claim path (Flusher.flush_one, median of {len(fifo.flush_s)} in stage 2b) next to"
-            " pgqueuer draining the same jobs",
-            f"{claim_rate:,.0f} jobs/s",
-            f"pgqueuer, {PGQUEUER_CONSUMERS} consumers x {PGQUEUER_BATCH_SIZE}: "
-            f"{pgq_rate:,.0f} jobs/s ({pgq['seconds']:.2f} s)",
-            f"{claim_rate / pgq_rate:.1f}x" if pgq_rate else "",
-            f">= {MIN_PGQUEUER_RATIO:.0f}x",
-            claim_rate >= MIN_PGQUEUER_RATIO * pgq_rate,
-        )
+    best = max(per_s(run["jobs"], run["seconds"]) for run in pgq)
+    jobs = pgq[0]["jobs"]
+    return Row(
+        f"batchd's claim path (Flusher.flush_one, stage 2b's {len(fifo.flush_s)} FIFO rounds) next to"
+        f" pgqueuer draining the same jobs ({len(pgq)} rounds), on its best round",
+        rate_spread(fifo.batch, fifo.flush_s),
+        f"pgqueuer, {PGQUEUER_CONSUMERS} consumers x {PGQUEUER_BATCH_SIZE}: best {best:,.0f} jobs/s; "
+        f"{rate_spread(jobs, [run['seconds'] for run in pgq])}",
+        f"{claim_rate / best:.1f}x the best" if best else "",
+        f">= {MIN_PGQUEUER_RATIO:.0f}x",
+        claim_rate >= MIN_PGQUEUER_RATIO * best,
     )
+
+
+def report_rows(
+    inserts: trigger_cost.InsertResults,
+    pipeline: PipelineResults,
+    shapes: list[fair_stage.ShapeResults],
+    *,
+    bursts: list[burst_stage.BurstResults],
+    pgq: list[dict[str, Any]],
+) -> list[Row]:
+    rows = trigger_cost.insert_rows(inserts)
+    rows += stage2_rows(pipeline)
+    rows += fair_stage.fair_rows(shapes)
+    rows += apply_rows(pipeline)
+    rows.append(burst_stage.burst_row(bursts))
+    rows.append(pgqueuer_row(shapes[0], pgq))
     return rows
 
 
-def apply_rows(n: int, pipeline: PipelineResults) -> list[Row]:
+def apply_rows(pipeline: PipelineResults) -> list[Row]:
     """Stage 3's rows: the apply next to the raw one, its publish, its memory."""
-    rows = []
-    full = next(report for report in pipeline.applies if report.jobs == n)
-    rows.append(
+    n, rounds = pipeline.jobs, len(pipeline.applies)
+    ours_s = [report.seconds for report in pipeline.applies]
+    rows = [
         rate_row(
-            "apply_results: download, parse, COPY + UPDATE",
+            f"apply_results: download, parse, COPY + UPDATE, {rounds} rounds in turns",
             n,
-            full.seconds,
+            ours_s,
             pipeline.raw_apply_s,
             "raw apply",
         )
-    )
-    ours, raw_whole_s = per_s(n, full.seconds), pipeline.raw_download_s + pipeline.raw_apply_s
+    ]
+    raw_whole_s = [d + a for d, a in zip(pipeline.raw_download_s, pipeline.raw_apply_s, strict=True)]
     rows.append(
         Row(
             "(reference) apply_results next to a raw download + parse, then the raw apply",
-            f"{ours:,.0f} jobs/s",
-            f"{per_s(n, raw_whole_s):,.0f} jobs/s "
-            f"({pipeline.raw_download_s:.2f} s + {pipeline.raw_apply_s:.2f} s)",
-            f"{ours / per_s(n, raw_whole_s):.2f}x",
+            rate_spread(n, ours_s),
+            f"{rate_spread(n, raw_whole_s)} (medians {statistics.median(pipeline.raw_download_s):.2f} s"
+            f" + {statistics.median(pipeline.raw_apply_s):.2f} s)",
+            f"{speed_ratio(ours_s, raw_whole_s):.2f}x",
             "",
             None,
         )
     )
+    publish_s = [report.publish_s for report in pipeline.applies]
+    published = pipeline.applies[0].published
     rows.append(
         Row(
             "publish: number the events of the submit and the apply for SSE (publisher.py)",
-            f"{per_s(full.published, full.publish_s):,.0f} events/s ({full.publish_s:.2f} s)",
-            f"apply_results: {full.seconds:.2f} s",
-            f"{full.publish_s / full.seconds * 100:.0f} % of the apply's time",
+            f"{rate_spread(published, publish_s, ' events/s')}, {statistics.median(publish_s):.2f} s",
+            f"apply_results: {statistics.median(ours_s):.2f} s (median)",
+            f"{statistics.median(publish_s) / statistics.median(ours_s) * 100:.0f} % of the apply's time",
             "",
             None,
         )
     )
-    return rows + memory_rows(pipeline.applies, pipeline.result_line_bytes)
+    return rows + memory_rows(pipeline.memory, pipeline.result_line_bytes)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -515,60 +610,93 @@ async def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("ANTHROPIC_API_KEY", API_KEY)  # the daemon insists on a key; the emulator takes any
     n = args.jobs
     print(f"machine: {machine()}", flush=True)
+    load = LoadLog()
+    load.mark("at the start")
     started = time.perf_counter()
     requests = build_requests(n)
+    stage23 = f"claim, submit, apply: {n:,} jobs, {args.pipeline_rounds} rounds in turns"
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as log_dir:
         emulator = EmulatorProcess(Path(log_dir) / "emulator.log", processing_time_s=EMULATOR_PROCESSING_S)
         async with timing_database(args.database_url) as url, running(emulator):
             if args.apply_only:
-                print(f"\n== 2./3. claim, submit, apply: {n:,} jobs (--apply-only)", flush=True)
-                pipeline = await pipeline_benchmark(url, emulator, requests)
-                return finish(started, pipeline.failures, apply_rows(n, pipeline))
+                print(f"\n== 2./3. {stage23} (--apply-only)", flush=True)
+                pipeline = await pipeline_benchmark(url, emulator, requests, args.pipeline_rounds)
+                load.mark("at the end")
+                rows = [*stage2_rows(pipeline), *apply_rows(pipeline), load.row()]
+                return finish(started, pipeline.failures, rows)
             print(f"\n== 1. {trigger_cost.describe(args)}", flush=True)
             inserts = await trigger_cost.insert_benchmark(url, requests, args.rounds, args.producer_seconds)
             print(f"  notifications heard: {inserts.notifications}", flush=True)
+            load.mark("after stage 1")
 
-            print(f"\n== 2./3. claim, submit, apply: {n:,} jobs", flush=True)
-            pipeline = await pipeline_benchmark(url, emulator, requests)
+            print(f"\n== 2./3. {stage23}", flush=True)
+            pipeline = await pipeline_benchmark(url, emulator, requests, args.pipeline_rounds)
+            load.mark("after stages 2/3")
 
             print(f"\n== 2b. the claim path by queue shape, {args.claim_rounds} rounds in turns", flush=True)
             shapes, shape_failures = await fair_stage.fair_benchmark(url, requests, args.claim_rounds)
+            load.mark("after stage 2b")
 
-            print(f"\n== 4. a burst of {n:,} jobs into a running daemon", flush=True)
-            burst = await burst_stage.burst_benchmark(url, emulator, requests)
+            print(
+                f"\n== 4. a burst of {n:,} jobs into a running daemon, {args.burst_rounds} rounds", flush=True
+            )
+            bursts = await burst_stage.burst_benchmark(url, emulator, requests, args.burst_rounds)
+            load.mark("after stage 4")
 
             print(
                 f"\n== 5. pgqueuer: {n:,} jobs drained by {PGQUEUER_CONSUMERS} consumers, "
-                f"batch size {PGQUEUER_BATCH_SIZE}",
+                f"batch size {PGQUEUER_BATCH_SIZE}, {args.claim_rounds} rounds",
                 flush=True,
             )
-            pgq = await run_json_child(
-                PGQUEUER_SCRIPT, ["--database-url", url, "--jobs", str(n)], CHILD_TIMEOUT_S
-            )
+            pgq = []
+            for round_number in range(args.claim_rounds):
+                run = await run_json_child(
+                    PGQUEUER_SCRIPT, ["--database-url", url, "--jobs", str(n)], CHILD_TIMEOUT_S
+                )
+                print(
+                    f"  round {round_number + 1}: {per_s(run['jobs'], run['seconds']):,.0f} jobs/s",
+                    flush=True,
+                )
+                pgq.append(run)
+            load.mark("at the end")
 
-    failures = [*pipeline.failures, *shape_failures, *burst_stage.burst_failures(burst)]
-    if pgq["done"] != n or pgq["remaining"] != 0:
-        failures.append(f"pgqueuer ran {pgq['done']} of {n} jobs, {pgq['remaining']} left")
-    return finish(started, failures, report_rows(n, inserts, pipeline, shapes, burst=burst, pgq=pgq))
+    failures = [*pipeline.failures, *shape_failures, *burst_stage.burst_failures(bursts)]
+    failures += [
+        f"pgqueuer round {i + 1} ran {run['done']} of {n} jobs, {run['remaining']} left"
+        for i, run in enumerate(pgq)
+        if run["done"] != n or run["remaining"] != 0
+    ]
+    rows = report_rows(inserts, pipeline, shapes, bursts=bursts, pgq=pgq)
+    return finish(started, failures, [*rows, load.row()])
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     trigger_cost.add_arguments(parser)
     parser.add_argument(
         "--apply-only",
         action="store_true",
-        help="stages 2 and 3 only (claim, submit, apply), reporting the apply's measures",
+        help="stages 2 and 3 only (claim, submit, apply, in turns with their baselines)",
     )
     parser.add_argument(
-        "--claim-rounds", type=int, default=3, help="rounds per side and queue shape in stage 2b (default 3)"
+        "--pipeline-rounds",
+        type=int,
+        default=3,
+        help="rounds of stages 2 and 3, batchd and the raw SQL in turns (default 3)",
     )
+    parser.add_argument(
+        "--claim-rounds",
+        type=int,
+        default=3,
+        help="rounds per side and queue shape in stage 2b, and of pgqueuer's drain in stage 5 (default 3)",
+    )
+    parser.add_argument("--burst-rounds", type=int, default=3, help="bursts in stage 4 (default 3)")
     parser.add_argument("--child", choices=["apply"], help=argparse.SUPPRESS)
     parser.add_argument("--emulator-url", help=argparse.SUPPRESS)
     parser.add_argument("--batch-id", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is None:
-        trigger_cost.check_arguments(parser, args)
+        check_arguments(parser, args, "rounds", "pipeline_rounds", "claim_rounds", "burst_rounds")
     return args
 
 

@@ -28,10 +28,12 @@ from benchlib import (
     INSERT_CHUNK,
     REQUEST_BYTES,
     RESET,
-    SERVER_URL,
     STEADY_WAKE_SEQ,
     Row,
+    add_common_arguments,
+    bench_parser,
     build_requests,
+    check_arguments,
     chunked,
     finish,
     interrupt_on_sigterm,
@@ -242,9 +244,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--jobs", type=int, default=100_000, help="jobs in the queue and the batch (default 100,000)"
-    )
+    add_common_arguments(parser)
     parser.add_argument(
         "--rounds", type=int, default=8, help="timed slices of each INSERT mode, taking turns (default 8)"
     )
@@ -254,22 +254,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help=f"length of each timed slice of the {PRODUCERS} producers (default 0.5)",
     )
-    parser.add_argument(
-        "--database-url", default=SERVER_URL, help="a server database to create the scratch one from"
-    )
-
-
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 1_000 <= args.jobs <= 100_000:
-        parser.error("--jobs must be between 1,000 and 100,000 (the API's limit per batch)")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     add_arguments(parser)
     arguments = parser.parse_args()
-    check_arguments(parser, arguments)
+    check_arguments(parser, arguments, "rounds")
     interrupt_on_sigterm()
     sys.exit(asyncio.run(main(arguments)))
