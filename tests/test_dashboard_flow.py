@@ -156,6 +156,9 @@ async def screenshots(browser: Any, name: str) -> None:
     for width, height in (WINDOW, NARROW):
         await browser.set_viewport(width, height)
         await browser.wait_for(f"window.innerWidth === {width}")
-        await browser.evaluate("document.querySelector('[data-testid=chart-queue]').scrollIntoView()")
+        await browser.evaluate(
+            "window.scrollTo(0, window.scrollY - 80"
+            " + document.querySelector('[data-testid=chart-queue]').getBoundingClientRect().top)"
+        )
         await browser.screenshot(ARTIFACTS / f"dashboard-flow-charts-{name}-{width}-charts.png")
     await browser.set_viewport(*WINDOW)

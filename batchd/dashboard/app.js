@@ -1336,8 +1336,11 @@
     $(".chart-total", figure).textContent = total;
     const first = series.intervals[0];
     const last = series.intervals[count - 1];
-    $(".chart-from", figure).textContent = first ? intervalName(first.start, series.interval) : "";
-    $(".chart-to", figure).textContent = last ? `${intervalName(last.start, series.interval)} (so far)` : "";
+    // Minutes by their time alone (the window is the last hour); titles carry the date.
+    const axis = (start) =>
+      series.interval === "minute" ? `${new Date(start).toISOString().slice(11, 16)} UTC` : intervalName(start, series.interval);
+    $(".chart-from", figure).textContent = first ? axis(first.start) : "";
+    $(".chart-to", figure).textContent = last ? `${axis(last.start)} (so far)` : "";
   }
 
   const spendText = (spend) => `cost ${exactDollars(spend.cost_usd)} · saved ${exactDollars(spend.saved_usd)}`;
