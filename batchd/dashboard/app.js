@@ -29,7 +29,6 @@
     "cache_creation_input_tokens",
   ];
   const INTERVAL_MS = { minute: 60_000, hour: 3_600_000, day: 86_400_000 };
-  const FLOW_POINTS = 60; // the queue's depth and oldest wait at the last this many snapshots (~30 min)
   const SYNC_REASONS = {
     route: ["route = sync", "the producer asked for the Messages API"],
     deadline: ["deadline too near", "an auto job whose deadline was nearer than the flush + batch p90 + margin"],
@@ -92,7 +91,6 @@
     chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
     seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
     series: null, // the last series drawn, moved on by job events
-    flow: [], // [{at, queued, oldest_s}] at each snapshot, oldest first (at most FLOW_POINTS)
     seriesDirty: false, // redraw the charts at the next render
     // The last event the series' reading holds, as the stream numbers them: later job events are counted
     // into it, whatever snapshot the cards were re-based on since. null: not known yet (the series was read
@@ -320,7 +318,6 @@
     state.snapshot = null;
     state.deltas = [];
     state.deltasFrom = 0;
-    state.flow = [];
     state.series = null;
     state.seriesDirty = false;
     state.seriesFrom = null;
@@ -426,10 +423,6 @@
     }
     state.totals = totals;
     if (rebase) for (const delta of state.deltas) addToTotals(delta);
-    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
-    const oldest = Math.max(0, ...overview.queued.map((row) => Number(row.oldest_s) || 0));
-    state.flow.push({ at: state.snapshotWallClock.toISOString(), queued, oldest_s: oldest });
-    if (state.flow.length > FLOW_POINTS) state.flow.splice(0, state.flow.length - FLOW_POINTS);
     renderOverview();
     renderTotals();
     renderFlow();
@@ -1485,7 +1478,11 @@
         row.queued === null
           ? `${intervalName(row.start, interval)}: not sampled`
           : `${intervalName(row.start, interval)}: ${decimal.format(row.queued)} queued on average, ${num(row.queued_max)} at most · oldest waited ${seconds(row.oldest_wait_s)}`,
-      sampled.length ? `at most ${num(most("queued_max"))} · longest wait ${seconds(most("oldest_wait_s"))}` : "not sampled yet",
+      !sampled.length
+        ? "not sampled yet"
+        : most("queued_max")
+          ? `at most ${num(most("queued_max"))} · longest wait ${seconds(most("oldest_wait_s"))}`
+          : "nothing queued",
       [["wait", (row) => row.oldest_wait_s, most("oldest_wait_s")]],
     );
     const finished = rows.filter((row) => row.turnaround_jobs > 0);
@@ -1548,41 +1545,7 @@
     drawFlowCharts(flow);
   }
 
-  // ---- the flow: the queue over the last snapshots, batch turnaround, what went sync and why -------
-
-  /** Bars of one number per snapshot, kept by the page (the server keeps no history of its queue). */
-  function drawFlowChart(testId, key, format, total) {
-    const figure = byTestId(testId);
-    const points = state.flow;
-    const offset = Math.max(0, MIN_SLOTS - points.length);
-    const top = Math.max(0, ...points.map((point) => point[key]));
-    const plot = svg("svg", {
-      viewBox: `0 0 ${(points.length + offset) * 10} ${PLOT_HEIGHT}`,
-      preserveAspectRatio: "none",
-      role: "img",
-      "aria-label": $(".chart-title", figure).textContent,
-    });
-    points.forEach((point, position) => {
-      const index = position + offset;
-      const group = svg(
-        "g",
-        { class: "bar", "data-at": point.at, "data-value": point[key] },
-        svgTitle(`${clockTime(point.at)}: ${format(point[key])}`),
-      );
-      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
-      const height = top > 0 ? (point[key] / top) * PLOT_HEIGHT : 0;
-      if (height > 0) {
-        group.append(
-          svg("rect", { class: `part part-${key === "queued" ? "queued" : "wait"}`, x: index * 10 + 1, y: PLOT_HEIGHT - height, width: 8, height }),
-        );
-      }
-      plot.append(group);
-    });
-    $(".chart-plot", figure).replaceChildren(plot);
-    $(".chart-total", figure).textContent = total;
-    $(".chart-from", figure).textContent = points.length ? clockTime(points[0].at) : "";
-    $(".chart-to", figure).textContent = points.length ? clockTime(points[points.length - 1].at) : "";
-  }
+  // ---- the flow now: batch turnaround, what went sync and why (the queue over time is a chart) -------
 
   /** One <div data-field> of a facts list, its exact value in data-value. */
   function fact(field, term, text, value, ...extra) {
@@ -1598,16 +1561,6 @@
 
   function renderFlow() {
     const overview = state.snapshot;
-    const last = state.flow[state.flow.length - 1];
-    drawFlowChart("flow-queue", "queued", (value) => `${num(value)} queued`, last ? `${num(last.queued)} now` : "");
-    drawFlowChart(
-      "flow-wait",
-      "oldest_s",
-      (value) => `oldest waiting ${seconds(value)}`,
-      last ? (last.queued ? `${seconds(last.oldest_s)} now` : "nothing waits") : "",
-    );
-    $("#flow-note").textContent = `the queue at each of the last ${num(state.flow.length)} snapshots`;
-
     const turnaround = overview.turnaround || {};
     const measured = turnaround.samples > 0;
     const turnaroundFigure = byTestId("flow-turnaround");
