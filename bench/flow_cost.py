@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -73,10 +75,11 @@ async def prepare_batch(
     return batch_id, rows
 
 
-async def time_apply(
-    connection: asyncpg.Connection, statement: str, batch_id: uuid.UUID, rows: list[tuple[object, ...]]
-) -> float:
-    """Seconds the apply statement alone takes (COPY before it untimed), rolled back."""
+@contextlib.asynccontextmanager
+async def results_copied(
+    connection: asyncpg.Connection, rows: list[tuple[object, ...]]
+) -> AsyncIterator[None]:
+    """A transaction with the results COPYed into the apply's temporary table, rolled back at the end."""
     transaction = connection.transaction()
     await transaction.start()
     try:
@@ -84,14 +87,26 @@ async def time_apply(
         await connection.copy_records_to_table(
             "batchd_results", records=rows, columns=["job_id", "outcome", "result", "error", "retry_in_s"]
         )
-        started = time.perf_counter()
-        applied = await connection.fetchrow(statement, batch_id, 3, PricingSettings().price_set, OWNER)
-        took = time.perf_counter() - started
-        if applied is None or applied["changed"] != len(rows):
-            raise SystemExit(f"the apply changed {applied and applied['changed']} of {len(rows)} jobs")
-        return took
+        yield
     finally:
         await transaction.rollback()
+
+
+def apply_arguments(batch_id: uuid.UUID) -> tuple[object, ...]:
+    return (batch_id, 3, PricingSettings().price_set, OWNER)
+
+
+async def time_apply(
+    connection: asyncpg.Connection, statement: str, batch_id: uuid.UUID, rows: list[tuple[object, ...]]
+) -> float:
+    """Seconds the apply statement alone takes (COPY before it untimed), rolled back."""
+    async with results_copied(connection, rows):
+        started = time.perf_counter()
+        applied = await connection.fetchrow(statement, *apply_arguments(batch_id))
+        took = time.perf_counter() - started
+    if applied is None or applied["changed"] != len(rows):
+        raise SystemExit(f"the apply changed {applied and applied['changed']} of {len(rows)} jobs")
+    return took
 
 
 def turnaround_node_ms(plan: dict[str, Any]) -> float | None:
@@ -109,21 +124,12 @@ async def explain_apply(
     connection: asyncpg.Connection, statement: str, batch_id: uuid.UUID, rows: list[tuple[object, ...]]
 ) -> tuple[float, float]:
     """EXPLAIN ANALYZE of the apply: the statement's execution time and its turnaround tally's, in ms."""
-    transaction = connection.transaction()
-    await transaction.start()
-    try:
-        await connection.execute(sql("create_results_table"))
-        await connection.copy_records_to_table(
-            "batchd_results", records=rows, columns=["job_id", "outcome", "result", "error", "retry_in_s"]
+    async with results_copied(connection, rows):
+        explained = await connection.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *apply_arguments(batch_id)
         )
-        (plan,) = json.loads(
-            await connection.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, batch_id, 3, PricingSettings().price_set, OWNER
-            )
-        )
-        return float(plan["Execution Time"]), turnaround_node_ms(plan["Plan"]) or 0.0
-    finally:
-        await transaction.rollback()
+    (plan,) = json.loads(explained)
+    return float(plan["Execution Time"]), turnaround_node_ms(plan["Plan"]) or 0.0
 
 
 async def time_sample(connection: asyncpg.Connection, queued: int, tenants: int) -> list[float]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from browser import WINDOW_SIZE as WINDOW
-from support import ADMIN_TOKEN, insert_aged
+from support import ADMIN_TOKEN, APPLIED_BATCHES, insert_aged
 from test_dashboard import ARTIFACTS, CHART, CONNECTION, NARROW, assert_fits, chart_bars, dashboard
-from test_flow import APPLIED_BATCHES, FLOW_ROW, TURNAROUND
+from test_flow import FLOW_ROW, TURNAROUND
 
 from batchd import flow
 from batchd.daemon import Daemon

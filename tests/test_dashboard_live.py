@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from browser import Browser
-from support import ADMIN_TOKEN, insert_aged
+from support import ADMIN_TOKEN, APPLIED_BATCHES, insert_aged
 from test_dashboard import (
     ARTIFACTS,
     CONNECTION,
@@ -158,12 +158,6 @@ async def test_100k_completions_move_cards_and_charts_with_bounded_memory_and_fr
 
 # Ten applied batches that took 10, 20, ... 100 s: p50 55 s, p90 91 s (percentile_cont), which the router
 # uses once it has `min_samples` of them.
-APPLIED_BATCHES = """
-INSERT INTO batchd.batches (tag, status, request_count, bytes, created_at, applied_at)
-SELECT lpad(i::text, 12, 'a'), 'applied', 1, 100, now() - make_interval(secs => 1000 + 10 * i),
-       now() - make_interval(secs => 1000)
-  FROM generate_series(1, 10) AS i
-"""
 FINISHED_SYNC = """
 INSERT INTO batchd.jobs (tenant_id, request, status, route, path, path_reason, completed_at)
 SELECT $1, '{}'::jsonb, 'succeeded', 'sync', 'sync', $2, now() - make_interval(secs => $4)

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import ADMIN_TOKEN, QUICK, insert_aged, insert_raw, wait_for_jobs
+from support import ADMIN_TOKEN, APPLIED_BATCHES, QUICK, insert_aged, insert_raw, wait_for_jobs
 from test_series import get_series, rows_read
 
 from batchd import flow, pruner, rollups
@@ -21,14 +21,7 @@ from batchd.emulator import EmulatorConfig
 from batchd.store import create_pool, sql
 
 ROUTING = (10, 5, 3600.0)  # window, min_samples, prior_s
-# Ten applied batches that took 10 to 100 s: the routing p90 in use is their p90.
-APPLIED_BATCHES = """
-INSERT INTO batchd.batches (tag, status, request_count, bytes, created_at, applied_at)
-SELECT lpad(i::text, 12, 'a'), 'applied', 1, 100, now() - make_interval(secs => 1000 + 10 * i),
-       now() - make_interval(secs => 1000)
-  FROM generate_series(1, 10) AS i
-"""
-ROUTING_P90 = 91.0
+ROUTING_P90 = 91.0  # APPLIED_BATCHES' p90
 TURNAROUND = "INSERT INTO batchd.turnaround_tallies (at, tenant_id, bucket, jobs) VALUES ($1, $2, $3, $4)"
 
 
