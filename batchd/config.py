@@ -345,6 +345,13 @@ class RetentionSettings(_Section):
         description="the cost ledger (`batchd.costs`) and hourly rollups are deleted after this (400 days; "
         "at least 32); day and all-time rollups are kept, and budgets read those",
     )
+    flow_minutes_s: float = Field(
+        default=2 * DAY_S,
+        ge=7_200,
+        description="the queue's and batch turnaround's per-minute history (what the dashboard's last hour "
+        "reads) is deleted after this (2 days; at least 2 hours); their hour rows go with the hourly rollups "
+        "(`ledger_s`), their day rows are kept",
+    )
     interval_s: float = Field(default=300.0, gt=0, description="the pruner looks this often")
     chunk: int = Field(default=1_000, ge=1, le=100_000, description="rows the pruner deletes per statement")
     busy_share: float = Field(
@@ -367,6 +374,13 @@ class RollupSettings(_Section):
         "not yet folded, so totals are exact either way)",
     )
     fold_chunk: int = Field(default=10_000, ge=1, description="tallies folded per statement")
+    flow_sample_interval_s: float = Field(
+        default=15.0,
+        ge=0.5,
+        le=60,
+        description="the queue's depth and oldest wait per tenant, and the routing p90 in use, are sampled "
+        "this often into the dashboard's history, by one daemon whichever the number of daemons",
+    )
 
 
 class HttpSettings(_Section):
@@ -556,7 +570,7 @@ class Settings(BaseSettings):
     rollups: RollupSettings = Field(
         default_factory=RollupSettings,
         description="Folding finished jobs' tallies into the rollups that the totals, `/metrics`, `batchd "
-        "status`, `batchd report` and the budgets read.",
+        "status`, `batchd report` and the budgets read, and sampling the queue for the dashboard's charts.",
     )
     routing: RoutingSettings = Field(
         default_factory=RoutingSettings,

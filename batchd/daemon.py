@@ -30,6 +30,7 @@ from aiohttp import web
 from . import (
     __version__,
     fairness,
+    flow,
     health,
     instances,
     migrate,
@@ -292,6 +293,7 @@ class Daemon:
             asyncio.create_task(publisher.run(), name="publisher"),
             asyncio.create_task(pruner.run(ctx), name="pruner"),
             asyncio.create_task(rollups.run(ctx), name="rollups"),
+            asyncio.create_task(flow.run(ctx), name="flow"),
             asyncio.create_task(ctx.metrics.watch_loop_lag(ctx.stopping), name="loop-lag"),
         }
         if hub is not None:

@@ -460,6 +460,58 @@ def _schemas() -> dict[str, Schema]:
                     "description": "The admin's only: the other tenants' spend summed; null when there are "
                     "none.",
                 },
+                "flow": _object(
+                    {
+                        "interval": {
+                            "type": "string",
+                            "enum": ["minute", "hour", "day"],
+                            "description": "The flow's own intervals: minutes for the last hour, hours for "
+                            "the day, UTC days for 30 days.",
+                        },
+                        "routing_margin_s": {
+                            **NUMBER,
+                            "description": "The margin the router adds to its p90 (`routing.margin_s`).",
+                        },
+                        "intervals": {
+                            "type": "array",
+                            "description": "Oldest first, every interval of the window present. The "
+                            "queue's numbers are the principal's own (every tenant's for the admin), null "
+                            "for an interval no daemon sampled; the routing p90 is the database's.",
+                            "items": _object(
+                                {
+                                    "start": TIME,
+                                    "samples": {**COUNT, "description": "Samples of the queue taken in it."},
+                                    "queued": {
+                                        **_nullable(NUMBER),
+                                        "description": "Queued jobs, on average over the samples.",
+                                    },
+                                    "queued_max": {**_nullable(COUNT), "description": "The most queued."},
+                                    "oldest_wait_s": {
+                                        **_nullable(NUMBER),
+                                        "description": "The longest a queued job had waited at a sample.",
+                                    },
+                                    "routing_p90_s": {
+                                        **_nullable(NUMBER),
+                                        "description": "The batch turnaround p90 the router used, on "
+                                        "average over the samples (the prior while too few batches are "
+                                        "measured).",
+                                    },
+                                    "turnaround_jobs": {
+                                        **COUNT,
+                                        "description": "Jobs batches finished in it (created to finished).",
+                                    },
+                                    "turnaround_p50_s": {
+                                        **_nullable(NUMBER),
+                                        "description": "Their turnaround's median, from a log-scale "
+                                        "histogram (within 9%); null: none.",
+                                    },
+                                    "turnaround_p90_s": {**_nullable(NUMBER), "description": "Its p90."},
+                                }
+                            ),
+                        },
+                    },
+                    description="The queue and batch turnaround over the window (flow.py).",
+                ),
             },
             optional=("spend_by_tenant", "spend_others"),
             description="Oldest interval first, every interval of the window present.",
@@ -663,7 +715,8 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/series": {
             "get": _operation(
-                "Per interval of a window: jobs finished, spend, savings, batch share, cache hit ratio",
+                "Per interval of a window: jobs finished, spend, savings, batch share, cache hit ratio; "
+                "the queue's depth and oldest wait, batch turnaround p50/p90 and the routing p90",
                 {
                     "200": _json("Series", "The principal's series."),
                     "400": _error("An unknown window."),

@@ -6,8 +6,10 @@ transaction short, and a table's pruning stops at the first chunk that was not f
 pruner rests, so that it deletes at most `retention.busy_share` of the time: producers, the flusher and the
 apply keep the machine. Jobs go oldest first per status (each status has its retention), on the partial
 index jobs_finished; a batch goes once no job refers to it; the ledger and hour rollups go
-after `retention.ledger_s`. What was counted stays counted: the rollups (rollups.py) outlive the rows.
-With the history go the rows of daemons that died (batchd.instances) a day after their last heartbeat.
+after `retention.ledger_s`, the queue's and turnaround's minutes (flow.py) after `retention.flow_minutes_s`
+and their hours with the hour rollups. What was counted stays counted: the rollups (rollups.py) outlive
+the rows. With the history go the rows of daemons that died (batchd.instances) a day after their last
+heartbeat.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ async def prune_history(db: Executor, retention: RetentionSettings) -> dict[str,
             (kind, partial(_deleted, db, f"prune_{kind}", retention.ledger_s, chunk))
             for kind in ("costs", "hourly_rollups")
         )
+    # The queue's and turnaround's history (flow.py): minutes after their own retention, hours with the
+    # hourly rollups; days are kept.
+    for table in ("flow", "turnarounds"):
+        work.append(
+            (
+                f"{table}_minutes",
+                partial(_deleted, db, f"prune_{table}", retention.flow_minutes_s, chunk, "minute"),
+            )
+        )
+        if math.isfinite(retention.ledger_s):
+            work.append(
+                (f"{table}_hours", partial(_deleted, db, f"prune_{table}", retention.ledger_s, chunk, "hour"))
+            )
     return {kind: await _drain(delete_chunk, chunk, share) for kind, delete_chunk in work}
 
 

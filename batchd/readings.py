@@ -19,7 +19,8 @@ instruments the parts update; this module, what is read from the database).
   rows of the tenants with a budget), never the history.
 - The charts' series (`series`), one reading per window (`WINDOWS`: the last hour and day by the hour rollups,
   the last 30 days by the day rollups), for every tenant at once and split per principal (`Series.view`),
-  on the overview's interval and timeout.
+  on the overview's interval and timeout; with it, in the same snapshot, the queue and batch turnaround
+  over the window (flow.py: by the minute for the last hour).
   `[http] overview_interval_s` and `overview_timeout_s`.
 
 Tenants are a label of `batchd_jobs`: one series per tenant and status. Past `MAX_TENANTS` tenants, the
@@ -43,6 +44,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from . import flow
 from .config import HttpSettings, RoutingSettings
 from .report import cache_hit_ratio
 from .statuses import BATCH_STATUSES, JOB_STATUSES
@@ -210,6 +212,7 @@ class Series:
     interval: str  # "hour" or "day"
     starts: list[datetime]
     tenants: dict[str, dict[datetime, dict[str, Any]]]  # tenant -> start -> SERIES_SUMS
+    flow: flow.Flow  # the queue and batch turnaround, in intervals of their own (finer for the last hour)
 
     def view(self, tenant_id: str | None) -> list[dict[str, Any]]:
         """Every interval of the window, summed over every tenant (tenant_id None: the admin) or one
@@ -284,6 +287,7 @@ class Readings:
     ) -> None:
         http = http or HttpSettings()
         routing = routing or Routing.from_settings(RoutingSettings())
+        self.routing_margin_s = routing.margin_s
         self.database_errors = Counter(
             "batchd_metrics_database_errors",
             "Readings of the database for the metrics that failed (their metrics are left out of the scrapes "
@@ -318,7 +322,7 @@ class Readings:
         self._series = {
             window: Reading(
                 f"series_{window}",
-                _series_reader(seconds, interval),
+                _series_reader(seconds, interval, flow.SPANS[window]),
                 interval_s=http.overview_interval_s,
                 timeout_s=http.overview_timeout_s,
                 isolation="repeatable_read",
@@ -407,13 +411,15 @@ def _add_reason(rows: list[dict[str, Any]], entry: dict[str, Any]) -> None:
     rows.append(dict(entry))
 
 
-def _series_reader(seconds: float, interval: str) -> Callable[[Connection], Awaitable[Series]]:
+def _series_reader(
+    seconds: float, interval: str, flow_span: str
+) -> Callable[[Connection], Awaitable[Series]]:
     async def read(connection: Connection) -> Series:
         starts = [row["start"] for row in await connection.fetch(sql("series_intervals"), interval, seconds)]
         tenants: dict[str, dict[datetime, dict[str, Any]]] = {}
         for row in await connection.fetch(sql("series"), interval, starts[0]):
             tenants.setdefault(row["tenant_id"], {})[row["start"]] = {key: row[key] for key in SERIES_SUMS}
-        return Series(interval, starts, tenants)
+        return Series(interval, starts, tenants, await flow.read(connection, seconds, flow_span))
 
     return read
 

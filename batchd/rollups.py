@@ -20,16 +20,19 @@ log = structlog.get_logger("batchd.rollups")
 
 
 async def fold(db: Connection, chunk: int) -> int:
-    """Folds every tally into the rollups unless another daemon is folding; returns how many were folded."""
+    """Folds every tally into the rollups, and every turnaround tally into batchd.turnarounds (flow.py reads
+    them), unless another daemon is folding; returns how many tallies of both kinds were folded."""
     folded = 0
-    while True:
-        async with db.transaction():
-            if not await db.fetchval(sql("lock_fold")):
-                return folded  # another daemon folds them
-            count: int = await db.fetchval(sql("fold_tallies"), chunk)
-        folded += count
-        if count < chunk:
-            return folded
+    for query in ("fold_tallies", "fold_turnarounds"):
+        while True:
+            async with db.transaction():
+                if not await db.fetchval(sql("lock_fold")):
+                    return folded  # another daemon folds them
+                count: int = await db.fetchval(sql(query), chunk)
+            folded += count
+            if count < chunk:
+                break
+    return folded
 
 
 async def run(ctx: Context) -> None:

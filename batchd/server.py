@@ -466,8 +466,10 @@ async def overview(request: web.Request) -> web.Response:
 async def series(request: web.Request) -> web.Response:
     """What the dashboard's charts draw: per interval of the window (`?window=1h|1d|30d`: hours for the
     first two, UTC days for the last), the jobs finished by outcome and by path, spend and savings, the
-    share sent in batches and the prompt cache's hit ratio; the principal's own (every tenant's for the
-    admin). Read from the rollups only, shared as the overview's snapshot is (readings.py)."""
+    share sent in batches and the prompt cache's hit ratio; and per interval of its own (minutes for the last
+    hour) the queue's depth and oldest wait, the routing p90 in use and batch turnaround p50/p90 (flow.py).
+    The principal's own (every tenant's for the admin). Read from the rollups and the flow's history only,
+    shared as the overview's snapshot is (readings.py)."""
     window = request.query.get("window", "1d")
     if window not in WINDOWS:
         return _error(400, f"window must be one of {', '.join(WINDOWS)}")
@@ -484,6 +486,11 @@ async def series(request: web.Request) -> web.Response:
         "window": window,
         "interval": reading.interval,
         "intervals": reading.view(principal.tenant_id),
+        "flow": {
+            "interval": reading.flow.interval,
+            "routing_margin_s": request.app[READINGS].routing_margin_s,
+            "intervals": reading.flow.view(principal.tenant_id),
+        },
     }
     if principal.is_admin:
         # Which tenant spent what is the admin's alone: a tenant's answer has no such key.

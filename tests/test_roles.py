@@ -431,6 +431,13 @@ REFUSED = [
     "SELECT * FROM batchd.totals_since(NULL, NULL)",
     "INSERT INTO batchd.tallies (tenant_id, status, jobs, cost_usd) VALUES ('acme', 'succeeded', 1, 1e9)",
     "DELETE FROM batchd.rollups",
+    # The queue's history names every tenant's queue; a producer holding the sampler's gate would stop it.
+    "SELECT 1 FROM batchd.flow",
+    "SELECT 1 FROM batchd.turnarounds",
+    "SELECT 1 FROM batchd.turnaround_tallies",
+    "INSERT INTO batchd.turnaround_tallies (tenant_id, bucket, jobs) VALUES ('acme', 0, 1000000)",
+    "UPDATE batchd.flow_clock SET sampled_at = 'infinity'",
+    "DELETE FROM batchd.flow",
     "INSERT INTO batchd.events (type) VALUES ('job.succeeded')",
     # The daemons' rows say who runs where and whether the API takes the key: not a producer's to read, nor
     # to forge (a fake live daemon would hide a dead one from the operator).

@@ -391,7 +391,8 @@ async def test_pruning_deletes_only_what_is_past_its_retention_and_the_totals_st
 
     # Kept for good (`inf`): nothing is looked at.
     forever = RetentionSettings(succeeded_s=float("inf"), failed_s=float("inf"), canceled_s=float("inf"))
-    assert set(await pruner.prune_history(pool, forever)) == {"costs", "hourly_rollups"}
+    flow = {f"{table}_{span}" for table in ("flow", "turnarounds") for span in ("minutes", "hours")}
+    assert set(await pruner.prune_history(pool, forever)) == {"costs", "hourly_rollups", *flow}
     assert await counts(db, "SELECT status, count(*) FROM batchd.jobs GROUP BY 1") == left
 
 

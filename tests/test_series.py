@@ -15,6 +15,7 @@ from support import ADMIN_TOKEN, QUICK
 
 from batchd import rollups
 from batchd.emulator import EmulatorConfig
+from batchd.flow import Flow
 from batchd.readings import SERIES_SUMS, SPEND_TENANTS, Series
 from batchd.store import sql
 
@@ -202,7 +203,7 @@ def test_past_the_top_tenants_the_rest_are_summed_as_others() -> None:
         sums: dict[str, Any] = dict.fromkeys(SERIES_SUMS, 0)
         tenants[f"t{n}"] = {starts[1]: {**sums, "cost_usd": float(n), "sync_cost_usd": 2.0 * n}}
     tenants["idle"] = {starts[2]: dict.fromkeys(SERIES_SUMS, 0)}  # jobs, but nothing spent: left out
-    top, others = Series("hour", starts, tenants).spend_by_tenant()
+    top, others = Series("hour", starts, tenants, Flow("minute", [], {}, {})).spend_by_tenant()
     names = [f"t{n}" for n in range(SPEND_TENANTS + 3)][::-1]
     assert [entry["tenant"] for entry in top] == names[:SPEND_TENANTS]
     assert top[0]["intervals"] == [

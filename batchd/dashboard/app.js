@@ -28,8 +28,7 @@
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
   ];
-  const INTERVAL_MS = { hour: 3_600_000, day: 86_400_000 };
-  const FLOW_POINTS = 60; // the queue's depth and oldest wait at the last this many snapshots (~30 min)
+  const INTERVAL_MS = { minute: 60_000, hour: 3_600_000, day: 86_400_000 };
   const SYNC_REASONS = {
     route: ["route = sync", "the producer asked for the Messages API"],
     deadline: ["deadline too near", "an auto job whose deadline was nearer than the flush + batch p90 + margin"],
@@ -92,7 +91,6 @@
     chartWindow: "1d", // the charts' window: 1h, 1d or 30d (GET /v1/series)
     seriesAsked: 0, // bumped on every series request: only the latest answer is drawn
     series: null, // the last series drawn, moved on by job events
-    flow: [], // [{at, queued, oldest_s}] at each snapshot, oldest first (at most FLOW_POINTS)
     seriesDirty: false, // redraw the charts at the next render
     // The last event the series' reading holds, as the stream numbers them: later job events are counted
     // into it, whatever snapshot the cards were re-based on since. null: not known yet (the series was read
@@ -124,6 +122,7 @@
   const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
   const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
   const percent = new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 1 });
+  const decimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
   const dollars = (value) => {
     const amount = Number(value) || 0;
     const digits = amount !== 0 && Math.abs(amount) < 1 ? 4 : 2; // cents hide a small bill
@@ -319,7 +318,6 @@
     state.snapshot = null;
     state.deltas = [];
     state.deltasFrom = 0;
-    state.flow = [];
     state.series = null;
     state.seriesDirty = false;
     state.seriesFrom = null;
@@ -425,13 +423,10 @@
     }
     state.totals = totals;
     if (rebase) for (const delta of state.deltas) addToTotals(delta);
-    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
-    const oldest = Math.max(0, ...overview.queued.map((row) => Number(row.oldest_s) || 0));
-    state.flow.push({ at: state.snapshotWallClock.toISOString(), queued, oldest_s: oldest });
-    if (state.flow.length > FLOW_POINTS) state.flow.splice(0, state.flow.length - FLOW_POINTS);
     renderOverview();
     renderTotals();
     renderFlow();
+    sampleIntoFlow(overview);
   }
 
   function addToTotals(delta) {
@@ -1166,10 +1161,11 @@
     return title;
   }
 
-  /** An interval's name, in UTC as the series counts: "2026-12-07 14:00 UTC" or "2026-12-07 UTC". */
+  /** An interval's name, in UTC as the series counts: "2026-12-07 14:00 UTC" (an hour or a minute) or
+   * "2026-12-07 UTC" (a day). */
   function intervalName(start, interval) {
     const iso = new Date(start).toISOString();
-    return interval === "hour" ? `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC` : `${iso.slice(0, 10)} UTC`;
+    return interval === "day" ? `${iso.slice(0, 10)} UTC` : `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC`;
   }
 
   /** Amounts in titles to the 10th decimal, not to cents: a job's cost is often a fraction of one (and the
@@ -1218,19 +1214,14 @@
     const at = data.at ? Date.parse(data.at) : Date.now();
     if (!length || Number.isNaN(at)) return;
     const rows = series.intervals;
-    let last = rows[rows.length - 1];
-    let lastStart = Date.parse(last.start);
-    while (at >= lastStart + length) {
-      lastStart += length;
-      last = emptyInterval(new Date(lastStart).toISOString(), last);
-      rows.push(last);
-      rows.shift();
+    moveWindow(rows, length, at, (start, last) => {
       // The admin's spend by tenant stays aligned with the intervals (nothing spent yet in the new one).
       for (const entry of [...(series.spend_by_tenant || []), ...(series.spend_others ? [series.spend_others] : [])]) {
         entry.intervals.push({ cost_usd: 0, saved_usd: 0 });
         entry.intervals.shift();
       }
-    }
+      return emptyInterval(start, last);
+    });
     let row = null;
     for (let index = rows.length - 1; index >= 0 && row === null; index -= 1) {
       if (at >= Date.parse(rows[index].start)) row = rows[index];
@@ -1244,6 +1235,20 @@
       row.batch_share = sent ? row.batch_jobs / sent : null;
     }
     state.seriesDirty = true;
+  }
+
+  /** Moves a window of intervals `length` ms long on until `at` falls in its last: each new interval made
+   * by `empty(start, last)` at the end, the oldest dropped. Returns the last interval. */
+  function moveWindow(rows, length, at, empty) {
+    let last = rows[rows.length - 1];
+    let lastStart = Date.parse(last.start);
+    while (at >= lastStart + length) {
+      lastStart += length;
+      last = empty(new Date(lastStart).toISOString(), last);
+      rows.push(last);
+      rows.shift();
+    }
+    return last;
   }
 
   function emptyInterval(start, like) {
@@ -1262,8 +1267,11 @@
   }
 
   /** One chart: per interval a <g data-start> carrying the interval's numbers (data-*) and, in its <title>,
-   * what they are exactly; in it a hit area the interval's height, and the stacked bars scaled to `top`. */
-  function drawChart(testId, series, parts, top, describe, total) {
+   * what they are exactly; in it a hit area the interval's height, and the stacked bars scaled to `top`.
+   * `series` is anything with `intervals` and their `interval` (GET /v1/series' answer, or its `flow`).
+   * `lines`: [key, value of a row (null: no point), the line's own top] drawn over the bars, one
+   * <polyline data-line> per run of intervals with a value. */
+  function drawChart(testId, series, parts, top, describe, total, lines = []) {
     const figure = byTestId(testId);
     const count = series.intervals.length;
     // At least MIN_SLOTS wide, the intervals at the right end: the hour window's two bars stay bars.
@@ -1301,12 +1309,31 @@
       }
       plot.append(group);
     });
+    for (const [key, value, lineTop] of lines) {
+      let run = [];
+      const flush = () => {
+        // A run of one interval is a short level line across its slot, so that it shows.
+        if (run.length === 1) run = [[run[0][0] - 4, run[0][1]], [run[0][0] + 4, run[0][1]]];
+        if (run.length) plot.append(svg("polyline", { class: `line line-${key}`, "data-line": key, points: run.join(" ") }));
+        run = [];
+      };
+      series.intervals.forEach((row, position) => {
+        const point = value(row);
+        if (point === null || point === undefined) return flush();
+        const y = lineTop > 0 ? PLOT_HEIGHT - (Math.min(Math.max(0, point), lineTop) / lineTop) * (PLOT_HEIGHT - 2) - 1 : PLOT_HEIGHT - 1;
+        run.push([(position + offset) * 10 + 5, y]);
+      });
+      flush();
+    }
     $(".chart-plot", figure).replaceChildren(plot);
     $(".chart-total", figure).textContent = total;
     const first = series.intervals[0];
     const last = series.intervals[count - 1];
-    $(".chart-from", figure).textContent = first ? intervalName(first.start, series.interval) : "";
-    $(".chart-to", figure).textContent = last ? `${intervalName(last.start, series.interval)} (so far)` : "";
+    // Minutes by their time alone (the window is the last hour); titles carry the date.
+    const axis = (start) =>
+      series.interval === "minute" ? `${new Date(start).toISOString().slice(11, 16)} UTC` : intervalName(start, series.interval);
+    $(".chart-from", figure).textContent = first ? axis(first.start) : "";
+    $(".chart-to", figure).textContent = last ? `${axis(last.start)} (so far)` : "";
   }
 
   const spendText = (spend) => `cost ${exactDollars(spend.cost_usd)} · saved ${exactDollars(spend.saved_usd)}`;
@@ -1432,43 +1459,93 @@
         `${intervalName(row.start, interval)}: cache hit ratio ${row.cache_hit_ratio === null ? "— (no prompt tokens)" : `${ratio(row.cache_hit_ratio)} (${row.cache_hit_ratio})`}`,
       hits.length ? `best ${ratio(Math.max(...hits.map((row) => row.cache_hit_ratio)))}` : "no prompt tokens",
     );
+    if (series.flow) drawFlowCharts(series.flow);
   }
 
-  // ---- the flow: the queue over the last snapshots, batch turnaround, what went sync and why -------
-
-  /** Bars of one number per snapshot, kept by the page (the server keeps no history of its queue). */
-  function drawFlowChart(testId, key, format, total) {
-    const figure = byTestId(testId);
-    const points = state.flow;
-    const offset = Math.max(0, MIN_SLOTS - points.length);
-    const top = Math.max(0, ...points.map((point) => point[key]));
-    const plot = svg("svg", {
-      viewBox: `0 0 ${(points.length + offset) * 10} ${PLOT_HEIGHT}`,
-      preserveAspectRatio: "none",
-      role: "img",
-      "aria-label": $(".chart-title", figure).textContent,
-    });
-    points.forEach((point, position) => {
-      const index = position + offset;
-      const group = svg(
-        "g",
-        { class: "bar", "data-at": point.at, "data-value": point[key] },
-        svgTitle(`${clockTime(point.at)}: ${format(point[key])}`),
-      );
-      group.append(svg("rect", { class: "hit", x: index * 10, y: 0, width: 10, height: PLOT_HEIGHT }));
-      const height = top > 0 ? (point[key] / top) * PLOT_HEIGHT : 0;
-      if (height > 0) {
-        group.append(
-          svg("rect", { class: `part part-${key === "queued" ? "queued" : "wait"}`, x: index * 10 + 1, y: PLOT_HEIGHT - height, width: 8, height }),
-        );
-      }
-      plot.append(group);
-    });
-    $(".chart-plot", figure).replaceChildren(plot);
-    $(".chart-total", figure).textContent = total;
-    $(".chart-from", figure).textContent = points.length ? clockTime(points[0].at) : "";
-    $(".chart-to", figure).textContent = points.length ? clockTime(points[points.length - 1].at) : "";
+  /** The queue over the window (the average queued per interval as bars, the longest wait as a line on
+   * its own scale) and batch turnaround (p50 and p90 as stacked bars, the routing p90 in use as a line on
+   * the same scale), from GET /v1/series' `flow`. */
+  function drawFlowCharts(flow) {
+    const rows = flow.intervals;
+    const most = (key) => Math.max(0, ...rows.map((row) => Number(row[key]) || 0));
+    const sampled = rows.filter((row) => row.samples > 0);
+    drawChart(
+      "chart-queue",
+      flow,
+      (row) => (row.queued === null ? [] : [["queued", row.queued]]),
+      most("queued"),
+      (row, interval) =>
+        row.queued === null
+          ? `${intervalName(row.start, interval)}: not sampled`
+          : `${intervalName(row.start, interval)}: ${decimal.format(row.queued)} queued on average, ${num(row.queued_max)} at most · oldest waited ${seconds(row.oldest_wait_s)}`,
+      !sampled.length
+        ? "not sampled yet"
+        : most("queued_max")
+          ? `at most ${num(most("queued_max"))} · longest wait ${seconds(most("oldest_wait_s"))}`
+          : "nothing queued",
+      [["wait", (row) => row.oldest_wait_s, most("oldest_wait_s")]],
+    );
+    const finished = rows.filter((row) => row.turnaround_jobs > 0);
+    const turnaroundTop = Math.max(most("turnaround_p90_s"), most("routing_p90_s"));
+    const last = sampled[sampled.length - 1];
+    drawChart(
+      "chart-turnaround",
+      flow,
+      (row) =>
+        row.turnaround_p50_s === null
+          ? []
+          : [
+              ["p50", row.turnaround_p50_s],
+              ["p90", row.turnaround_p90_s - row.turnaround_p50_s],
+            ],
+      turnaroundTop,
+      (row, interval) =>
+        `${intervalName(row.start, interval)}: ` +
+        (row.turnaround_jobs
+          ? `${num(row.turnaround_jobs)} jobs · p50 ${seconds(row.turnaround_p50_s)} · p90 ${seconds(row.turnaround_p90_s)}`
+          : "no batch job finished") +
+        (row.routing_p90_s === null ? "" : ` · routing p90 ${seconds(row.routing_p90_s)}`),
+      finished.length
+        ? `p90 up to ${seconds(most("turnaround_p90_s"))}` + (last ? ` · routing ${seconds(last.routing_p90_s)}` : "")
+        : last
+          ? `routing p90 ${seconds(last.routing_p90_s)}`
+          : "no batch job finished",
+      [["routing", (row) => row.routing_p90_s, turnaroundTop]],
+    );
   }
+
+  /** A snapshot's queue (the principal's share) and routing p90 counted as one more sample of the flow's
+   * last interval (a new interval when it is past the last: the window moves on by one), so the queue
+   * chart moves with every overview without reading the series again; the next reading corrects it. */
+  function sampleIntoFlow(overview) {
+    const flow = state.series && state.series.flow;
+    if (!flow || !flow.intervals.length) return;
+    const last = moveWindow(flow.intervals, INTERVAL_MS[flow.interval], Date.now(), (start) => ({
+      start,
+      samples: 0,
+      queued: null,
+      queued_max: null,
+      oldest_wait_s: null,
+      routing_p90_s: null,
+      turnaround_jobs: 0,
+      turnaround_p50_s: null,
+      turnaround_p90_s: null,
+    }));
+    const queued = overview.queued.reduce((total, row) => total + (Number(row.jobs) || 0), 0);
+    const oldest = Math.max(0, ...overview.queued.map((row) => Number(row.oldest_s) || 0));
+    const routing = overview.turnaround ? overview.turnaround.routing_p90_s : null;
+    const samples = last.samples;
+    last.queued = ((last.queued || 0) * samples + queued) / (samples + 1);
+    last.queued_max = Math.max(last.queued_max || 0, queued);
+    last.oldest_wait_s = Math.max(last.oldest_wait_s || 0, oldest);
+    if (routing !== null && routing !== undefined) {
+      last.routing_p90_s = ((last.routing_p90_s || 0) * samples + routing) / (samples + 1);
+    }
+    last.samples = samples + 1;
+    drawFlowCharts(flow);
+  }
+
+  // ---- the flow now: batch turnaround, what went sync and why (the queue over time is a chart) -------
 
   /** One <div data-field> of a facts list, its exact value in data-value. */
   function fact(field, term, text, value, ...extra) {
@@ -1484,16 +1561,6 @@
 
   function renderFlow() {
     const overview = state.snapshot;
-    const last = state.flow[state.flow.length - 1];
-    drawFlowChart("flow-queue", "queued", (value) => `${num(value)} queued`, last ? `${num(last.queued)} now` : "");
-    drawFlowChart(
-      "flow-wait",
-      "oldest_s",
-      (value) => `oldest waiting ${seconds(value)}`,
-      last ? (last.queued ? `${seconds(last.oldest_s)} now` : "nothing waits") : "",
-    );
-    $("#flow-note").textContent = `the queue at each of the last ${num(state.flow.length)} snapshots`;
-
     const turnaround = overview.turnaround || {};
     const measured = turnaround.samples > 0;
     const turnaroundFigure = byTestId("flow-turnaround");

@@ -601,7 +601,7 @@ WITH applied AS (
             OR $1 IS NULL AND j.batch_id IS NULL AND j.status = 'sending' AND j.sync_owner = $4::text)
        AND EXISTS (SELECT 1 FROM batchd.prices AS p WHERE p.price_set = $3::text)
     RETURNING j.id, j.tenant_id, j.status, j.metadata, j.usage, j.error, j.attempts, j.job_type, j.path,
-              r.result ->> 'model' AS model
+              j.created_at, r.result ->> 'model' AS model
 ), billed AS MATERIALIZED (
     -- Errored, expired and canceled requests are not billed: only succeeded ones are. Cache writes are
     -- split by TTL when the usage says how (cache_creation), else all counted at the 5-minute rate. Plain
@@ -672,6 +672,14 @@ WITH applied AS (
       LEFT JOIN ledger AS l ON l.job_id = a.id
      WHERE a.status IN ('succeeded', 'failed')
      GROUP BY 1, 2, 3, 4, 5
+), turned AS (
+    -- The batch turnaround (created to finished) of the jobs a batch finished, per tenant and log-scale
+    -- bucket, for the dashboard's percentiles over time (0015; folded by rollups.py).
+    INSERT INTO batchd.turnaround_tallies (tenant_id, bucket, jobs)
+    SELECT a.tenant_id, batchd.turnaround_bucket(extract(epoch FROM now() - a.created_at)::float8), count(*)
+      FROM applied AS a
+     WHERE $1 IS NOT NULL AND a.status IN ('succeeded', 'failed')
+     GROUP BY 1, 2
 ), job_events AS (
     INSERT INTO batchd.events (type, tenant_id, job_id, batch_id, data)
     SELECT CASE status WHEN 'queued' THEN 'job.retrying' ELSE 'job.' || status END,
@@ -1567,3 +1575,102 @@ SELECT start, tenant_id,
   FROM rows
  GROUP BY start, tenant_id
  ORDER BY start, tenant_id;
+
+-- name: sample_flow
+-- The queue's sample (flow.py): unless one was taken less than $1 seconds ago (batchd.flow_clock, whose
+-- row lock makes a second daemon at the same moment find the first's time and take none), the queued jobs
+-- per tenant and the oldest's wait (on jobs_live: the queue, never the history), and the routing p90 in use
+-- (batchd.batch_turnaround over the last $2 applied batches, the prior $4 below $3), added to batchd.flow's
+-- rows of this UTC minute, hour and day: one per tenant with queued jobs and one for every tenant ('').
+-- Returns whether it sampled, and how many tenants had queued jobs.
+WITH tick AS (
+    UPDATE batchd.flow_clock SET sampled_at = now()
+     WHERE sampled_at <= now() - make_interval(secs => $1::float8)
+    RETURNING sampled_at
+), queued AS (
+    SELECT j.tenant_id, count(*) AS jobs, extract(epoch FROM now() - min(j.created_at))::float8 AS oldest_s
+      FROM batchd.jobs AS j
+     WHERE j.status = 'queued' AND EXISTS (SELECT 1 FROM tick)
+     GROUP BY j.tenant_id
+), sample AS (
+    SELECT q.tenant_id, q.jobs, q.oldest_s, 0::float8 AS routing_p90_s FROM queued AS q
+    UNION ALL
+    SELECT '', coalesce((SELECT sum(q.jobs) FROM queued AS q), 0)::bigint,
+           coalesce((SELECT max(q.oldest_s) FROM queued AS q), 0), t.p90_s
+      FROM tick
+     CROSS JOIN batchd.batch_turnaround($2::integer, $3::integer, $4::float8) AS t
+), added AS (
+    INSERT INTO batchd.flow AS f (span, start, tenant_id, samples, queued_sum, queued_max, oldest_max_s,
+                                  routing_p90_sum_s)
+    SELECT u.span, date_trunc(u.span, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', s.tenant_id, 1, s.jobs,
+           s.jobs, s.oldest_s, s.routing_p90_s
+      FROM sample AS s
+     CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS u (span)
+     ORDER BY 1, 2, 3
+    ON CONFLICT (span, start, tenant_id) DO UPDATE
+       SET samples = f.samples + 1, queued_sum = f.queued_sum + excluded.queued_sum,
+           queued_max = greatest(f.queued_max, excluded.queued_max),
+           oldest_max_s = greatest(f.oldest_max_s, excluded.oldest_max_s),
+           routing_p90_sum_s = f.routing_p90_sum_s + excluded.routing_p90_sum_s
+)
+SELECT EXISTS (SELECT 1 FROM tick) AS sampled, (SELECT count(*) FROM queued) AS tenants;
+
+-- name: fold_turnarounds
+-- Up to $1 turnaround tallies moved into batchd.turnarounds per UTC minute, hour and day, in one statement
+-- (as fold_tallies, under lock_fold). Returns how many were folded.
+WITH moved AS (
+    DELETE FROM batchd.turnaround_tallies
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.turnaround_tallies LIMIT $1))
+    RETURNING *
+), folded AS (
+    INSERT INTO batchd.turnarounds AS t (span, start, tenant_id, bucket, jobs)
+    SELECT u.span, date_trunc(u.span, m.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', m.tenant_id, m.bucket,
+           sum(m.jobs)
+      FROM moved AS m
+     CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS u (span)
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 1, 2, 3, 4
+        ON CONFLICT (span, start, tenant_id, bucket) DO UPDATE SET jobs = t.jobs + excluded.jobs
+)
+SELECT count(*) FROM moved;
+
+-- name: prune_flow
+-- One bounded chunk of batchd.flow's rows of span $3 older than $1 seconds.
+DELETE FROM batchd.flow
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.flow
+                          WHERE span = $3 AND start < now() - make_interval(secs => $1) LIMIT $2));
+
+-- name: prune_turnarounds
+-- One bounded chunk of batchd.turnarounds' rows of span $3 older than $1 seconds.
+DELETE FROM batchd.turnarounds
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM batchd.turnarounds
+                          WHERE span = $3 AND start < now() - make_interval(secs => $1) LIMIT $2));
+
+-- name: flow_intervals
+-- GET /v1/series, the flow's intervals: the UTC $1s ('minute', 'hour' or 'day') of the last $2 seconds,
+-- oldest first, by the database's clock.
+SELECT generate_series(date_trunc($1, now() AT TIME ZONE 'UTC' - make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                       date_trunc($1, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                       CASE $1 WHEN 'minute' THEN interval '1 minute' WHEN 'hour' THEN interval '1 hour'
+                               ELSE interval '1 day' END) AS start;
+
+-- name: flow_series
+-- GET /v1/series, the queue: batchd.flow's rows of span $1 from $2 on, every tenant's and the all-tenants
+-- row (''): a range of its primary key, the window's rows whatever the history.
+SELECT start, tenant_id, samples, queued_sum, queued_max, oldest_max_s, routing_p90_sum_s
+  FROM batchd.flow
+ WHERE span = $1 AND start >= $2
+ ORDER BY start, tenant_id;
+
+-- name: turnaround_series
+-- GET /v1/series, batch turnaround: the histogram rows of span $1 from $2 on (a range of batchd.turnarounds'
+-- primary key) and the tallies not yet folded (a few: the fold drains them), per interval, tenant and bucket.
+SELECT start, tenant_id, bucket, sum(jobs)::bigint AS jobs
+  FROM (SELECT t.start, t.tenant_id, t.bucket, t.jobs FROM batchd.turnarounds AS t
+         WHERE t.span = $1 AND t.start >= $2
+        UNION ALL
+        SELECT date_trunc($1, t.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', t.tenant_id, t.bucket, t.jobs
+          FROM batchd.turnaround_tallies AS t
+         WHERE t.at >= $2) AS rows
+ GROUP BY start, tenant_id, bucket
+ ORDER BY start, tenant_id, bucket;

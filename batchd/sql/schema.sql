@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0014): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0015): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -317,9 +317,51 @@ CREATE TABLE batchd.instances (
     api_reason      text
 );
 
+-- The queue over time: per UTC minute, hour and day, per tenant with queued jobs and for every tenant
+-- together (tenant_id ''), the samples taken in it (flow.py), the queued jobs summed over them and their
+-- maximum, the oldest wait's maximum, and ('' rows) the routing p90 in use summed. Minute rows go after
+-- `retention.flow_minutes_s`, hour rows with the hourly rollups; day rows are kept. [0015]
+CREATE TABLE batchd.flow (
+    span                text NOT NULL CHECK (span IN ('minute', 'hour', 'day')),
+    start               timestamptz NOT NULL,
+    tenant_id           text NOT NULL,
+    samples             integer NOT NULL,
+    queued_sum          bigint NOT NULL,
+    queued_max          bigint NOT NULL,
+    oldest_max_s        double precision NOT NULL,
+    routing_p90_sum_s   double precision NOT NULL DEFAULT 0,
+    PRIMARY KEY (span, start, tenant_id)
+);
+
+-- When the queue was last sampled: one row, the sampler's gate (one daemon per interval). [0015]
+CREATE TABLE batchd.flow_clock (
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    sampled_at  timestamptz NOT NULL
+);
+
+-- Batch turnaround (created to finished) of the jobs each applied chunk finished, per tenant and log-scale
+-- bucket (batchd.turnaround_bucket); the fold (rollups.py) moves them to batchd.turnarounds. [0015]
+CREATE TABLE batchd.turnaround_tallies (
+    at          timestamptz NOT NULL DEFAULT now(),
+    tenant_id   text NOT NULL,
+    bucket      smallint NOT NULL CHECK (bucket BETWEEN 0 AND 79),
+    jobs        bigint NOT NULL
+);
+
+-- The turnaround tallies folded per UTC minute, hour and day: kept as batchd.flow's rows are. [0015]
+CREATE TABLE batchd.turnarounds (
+    span        text NOT NULL CHECK (span IN ('minute', 'hour', 'day')),
+    start       timestamptz NOT NULL,
+    tenant_id   text NOT NULL,
+    bucket      smallint NOT NULL CHECK (bucket BETWEEN 0 AND 79),
+    jobs        bigint NOT NULL,
+    PRIMARY KEY (span, start, tenant_id, bucket)
+);
+
 -- The one row of each singleton table.
 INSERT INTO batchd.wakeup DEFAULT VALUES;
 INSERT INTO batchd.event_log DEFAULT VALUES;
+INSERT INTO batchd.flow_clock (one, sampled_at) VALUES (true, '-infinity');
 
 -- ---- indexes ----------------------------------------------------------------------------------------------
 
@@ -614,6 +656,14 @@ LANGUAGE sql STABLE AS $$
             UNION ALL
             SELECT t.tenant_id, t.status, t.jobs FROM batchd.totals_since(NULL, NULL) AS t) AS counted
      GROUP BY counted.tenant_id, counted.status
+$$;
+
+-- A turnaround's bucket: bucket b holds 2^(b/4) s up to 2^((b+1)/4) s, bucket 0 everything shorter, bucket 79
+-- everything longer (flow.py reads percentiles from the bounds). [0015]
+CREATE FUNCTION batchd.turnaround_bucket(seconds double precision) RETURNS smallint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    -- 4 / ln 2: quarter powers of two.
+    SELECT least(79, greatest(0, floor(ln(greatest(seconds, 1)) * 5.770780163555854)))::smallint
 $$;
 
 -- ---- triggers ---------------------------------------------------------------------------------------------
