@@ -1647,7 +1647,7 @@ SELECT enqueued_seq FROM batchd.webhook_log FOR UPDATE;
 -- is a Standard Webhooks payload ({type, timestamp, data}; data is the event as a stream sends it) and the
 -- message id the tenant's own event number, as its stream's `id:` (a range of events_seq).
 WITH head AS (
-    SELECT least(published_seq, $1 + $2) AS seq FROM batchd.event_log
+    SELECT least(published_seq, $1::bigint + $2::bigint) AS seq FROM batchd.event_log
 ), added AS (
     INSERT INTO batchd.webhook_deliveries (endpoint_id, event_seq, message_id, event_type, body)
     SELECT w.id, e.seq, 'evt_' || coalesce(e.tenant_seq, e.seq), e.type,
