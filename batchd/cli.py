@@ -682,10 +682,17 @@ async def cmd_webhook_add(conn: Connection, settings: Settings, args: Namespace)
     try:
         types = webhooks.parse_event_types(args.events)
         endpoint_id, secret = await webhooks.add_endpoint(
-            conn, args.tenant, args.url, types, TargetPolicy.from_settings(settings.webhooks)
+            conn,
+            args.tenant,
+            args.url,
+            types,
+            TargetPolicy.from_settings(settings.webhooks),
+            max_endpoints=settings.webhooks.max_endpoints_per_tenant,
         )
     except TargetRefused as error:
         raise CommandError(f"refused {args.url!r}: {error}", EX_DATAERR) from None
+    except webhooks.TooManyEndpoints as error:
+        raise CommandError(str(error)) from None
     except ValueError as error:
         raise CommandError(str(error), EX_DATAERR) from None
     if args.json:

@@ -373,6 +373,9 @@ class WebhookSettings(_Section):
         default_factory=list,
         description='non-public networks that endpoints may reach all the same, e.g. `["10.20.0.0/16"]`',
     )
+    max_endpoints_per_tenant: int = Field(
+        default=10, ge=1, le=10_000, description="endpoints one tenant may have (each event is sent to each)"
+    )
     concurrency_per_endpoint: int = Field(
         default=4, ge=1, le=1_000, description="deliveries in flight to one endpoint, across daemons"
     )

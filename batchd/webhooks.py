@@ -15,8 +15,11 @@ import hmac
 import random
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
+import asyncpg
+
+from .config import WebhookSettings
 from .sse import EVENT_TYPES
 from .store import Connection, sql
 from .targets import TargetPolicy, check_url
@@ -25,6 +28,8 @@ from .text import table
 SECRET_PREFIX = "whsec_"  # noqa: S105 - marks a string as a webhook secret; not a secret
 SECRET_BYTES = 32  # the specification asks for 24 to 64
 STATUSES = ("pending", "delivered", "dead")
+# A connection, or the pool (the HTTP API's handlers borrow one per statement).
+Executor: TypeAlias = "Connection | asyncpg.Pool"
 
 
 def new_secret() -> str:
@@ -54,58 +59,87 @@ def expected_span_s(max_attempts: int, base_s: float, cap_s: float) -> float:
     return sum(retry_ceiling_s(n, base_s, cap_s) / 2 for n in range(1, max_attempts))
 
 
+class TooManyEndpoints(Exception):  # noqa: N818 - reads as the condition it reports
+    """The tenant has `[webhooks] max_endpoints_per_tenant` endpoints already."""
+
+
+def check_event_types(types: list[str]) -> list[str]:
+    """The types, sorted and without repeats; unknown ones (or none at all) are refused."""
+    if not types:
+        raise ValueError("name at least one event type (or none at all, for every type)")
+    unknown = set(types) - EVENT_TYPES
+    if unknown:
+        raise ValueError(f"unknown event types {sorted(unknown)}; known: {sorted(EVENT_TYPES)}")
+    return sorted(set(types))
+
+
 def parse_event_types(text: str | None) -> list[str] | None:
     """`--events job.succeeded,job.failed`: the types, or None for all; unknown ones are refused."""
     if text is None:
         return None
-    types = sorted({part.strip() for part in text.split(",") if part.strip()})
+    types = [part.strip() for part in text.split(",") if part.strip()]
     if not types:
         raise ValueError("--events names no event type")
-    unknown = set(types) - EVENT_TYPES
-    if unknown:
-        raise ValueError(f"unknown event types {sorted(unknown)}; known: {sorted(EVENT_TYPES)}")
-    return types
+    return check_event_types(types)
 
 
 async def add_endpoint(
-    connection: Connection, tenant: str, url: str, event_types: list[str] | None, policy: TargetPolicy
+    connection: Connection,
+    tenant: str,
+    url: str,
+    event_types: list[str] | None,
+    policy: TargetPolicy,
+    *,
+    max_endpoints: int = WebhookSettings().max_endpoints_per_tenant,
 ) -> tuple[int, str]:
-    """Adds an endpoint (after checking its URL: TargetRefused) and returns its id and its secret, the only
-    time the secret is shown."""
+    """Adds an endpoint (after checking its URL: TargetRefused; the tenant's count: TooManyEndpoints) and
+    returns its id and its secret, the only time the secret is shown."""
     if not tenant or tenant != tenant.strip():
         raise ValueError("a tenant name must be non-empty, without surrounding spaces")
     await check_url(url, policy)
     secret = new_secret()
-    endpoint_id: int = await connection.fetchval(
-        sql("webhook_add_endpoint"), tenant, url, secret, event_types
-    )
+    async with connection.transaction():
+        await connection.execute(sql("webhook_lock_tenant"), tenant)
+        if await connection.fetchval(sql("webhook_count_endpoints"), tenant) >= max_endpoints:
+            raise TooManyEndpoints(
+                f"tenant {tenant!r} has {max_endpoints} webhook endpoints already "
+                "([webhooks] max_endpoints_per_tenant)"
+            )
+        endpoint_id: int = await connection.fetchval(
+            sql("webhook_add_endpoint"), tenant, url, secret, event_types
+        )
     return endpoint_id, secret
 
 
-async def list_endpoints(connection: Connection, tenant: str | None) -> list[dict[str, Any]]:
+async def get_endpoint(connection: Executor, endpoint_id: int) -> dict[str, Any] | None:
+    row = await connection.fetchrow(sql("webhook_endpoint"), endpoint_id)
+    return None if row is None else dict(row)
+
+
+async def list_endpoints(connection: Executor, tenant: str | None) -> list[dict[str, Any]]:
     return [dict(row) for row in await connection.fetch(sql("webhook_endpoints"), tenant)]
 
 
-async def remove_endpoint(connection: Connection, endpoint_id: int) -> bool:
+async def remove_endpoint(connection: Executor, endpoint_id: int) -> bool:
     return await connection.fetchrow(sql("webhook_remove_endpoint"), endpoint_id) is not None
 
 
 async def deliveries(
-    connection: Connection, endpoint_id: int, limit: int, status: str | None
+    connection: Executor, endpoint_id: int, limit: int, status: str | None
 ) -> list[dict[str, Any]]:
     return [
         dict(row) for row in await connection.fetch(sql("webhook_deliveries"), endpoint_id, limit, status)
     ]
 
 
-async def retry_delivery(connection: Connection, delivery_id: int) -> int | None:
+async def retry_delivery(connection: Executor, delivery_id: int) -> int | None:
     """Sends one delivery again from its first attempt and re-enables its endpoint; the endpoint's id, or
     None when there is no such delivery (or an attempt of it is in flight)."""
     endpoint: int | None = await connection.fetchval(sql("webhook_retry_delivery"), delivery_id)
     return endpoint
 
 
-async def retry_endpoint(connection: Connection, endpoint_id: int) -> int | None:
+async def retry_endpoint(connection: Executor, endpoint_id: int) -> int | None:
     """Re-enables an endpoint and sends its dead deliveries again; how many, or None for no such endpoint."""
     row = await connection.fetchrow(sql("webhook_retry_endpoint"), endpoint_id)
     assert row is not None  # noqa: S101 - an aggregate always returns a row

@@ -1590,6 +1590,22 @@ SELECT w.id, w.tenant_id, w.url, w.event_types, w.created_at, w.disabled_at, w.d
  WHERE $1::text IS NULL OR w.tenant_id = $1
  ORDER BY w.tenant_id, w.id;
 
+-- name: webhook_endpoint
+-- One endpoint, as webhook_endpoints lists it.
+SELECT w.id, w.tenant_id, w.url, w.event_types, w.created_at, w.disabled_at, w.disabled_reason, w.failures,
+       w.failing_since, w.last_success_at,
+       (SELECT count(*) FROM batchd.webhook_deliveries AS d
+         WHERE d.endpoint_id = w.id AND d.status = 'pending') AS pending
+  FROM batchd.webhook_endpoints AS w
+ WHERE w.id = $1;
+
+-- name: webhook_lock_tenant
+-- A tenant's endpoints are added one at a time (until commit), so that its count stays under the limit.
+SELECT pg_advisory_xact_lock(hashtextextended('batchd.webhook_endpoints:' || $1::text, 0));
+
+-- name: webhook_count_endpoints
+SELECT count(*) FROM batchd.webhook_endpoints WHERE tenant_id = $1;
+
 -- name: webhook_remove_endpoint
 -- Its deliveries go with it (ON DELETE CASCADE).
 DELETE FROM batchd.webhook_endpoints WHERE id = $1 RETURNING tenant_id, url;
