@@ -677,3 +677,64 @@ async def test_the_pruner_keeps_events_webhooks_have_not_enqueued_and_prunes_the
     )
     assert await pruner.prune_webhook_deliveries(db, 7 * 86_400, 1, 1.0) == 2
     assert await statuses(db, endpoint[0]) == {"pending": 1}
+
+
+# -- a tenant's own endpoints over HTTP ---------------------------------------------------------------------
+
+
+async def test_a_tenant_manages_its_own_endpoints_over_http_and_sees_no_other(
+    db: asyncpg.Connection,
+    tokens: dict[str, str],
+    serve: Any,
+    session: Any,
+    receiver: Receiver,
+) -> None:
+    acme = {"Authorization": f"Bearer {tokens['acme']}"}
+    globex = {"Authorization": f"Bearer {tokens['globex']}"}
+    async with serve() as (_, url):
+        hooks = f"{url}/v1/webhooks"
+        # The daemon's policy: no private targets. A tenant cannot aim batchd at the operator's network.
+        for target in (
+            receiver.url + "/a",
+            "http://169.254.169.254/latest/",
+            "http://[::1]:80/",
+            "file:///x",
+        ):
+            async with session.post(hooks, json={"url": target}, headers=acme) as response:
+                assert response.status == 400, target
+                assert (await response.json())["error"]["field"] == "url"
+        assert await db.fetchval("SELECT count(*) FROM batchd.webhook_endpoints") == 0
+        async with session.post(
+            hooks, json={"url": "https://8.8.8.8/hook", "events": ["job.failed"]}, headers=acme
+        ) as response:
+            assert response.status == 201
+            created = await response.json()
+            assert response.headers["Location"] == f"/v1/webhooks/{created['id']}"
+        assert created["tenant_id"] == "acme"
+        assert created["events"] == ["job.failed"]
+        Webhook(created["secret"])
+        stored = await db.fetchval("SELECT secret FROM batchd.webhook_endpoints WHERE id = $1", created["id"])
+        assert stored == created["secret"]
+        # Another tenant's: refused to write, invisible to read.
+        async with session.post(
+            hooks, json={"url": "https://8.8.8.8/", "tenant_id": "acme"}, headers=globex
+        ) as response:
+            assert response.status == 403
+        async with session.get(hooks, headers=globex) as response:
+            assert (await response.json()) == {"endpoints": []}
+        own = f"{hooks}/{created['id']}"
+        for method, path in (
+            ("GET", own),
+            ("GET", f"{own}/deliveries"),
+            ("POST", f"{own}/retry"),
+            ("DELETE", own),
+        ):
+            async with session.request(method, path, headers=globex) as response:
+                assert response.status == 404, (method, path)
+        async with session.get(hooks, headers=acme) as response:
+            (listed,) = (await response.json())["endpoints"]
+        assert listed["id"] == created["id"]
+        assert "secret" not in listed
+        async with session.delete(own, headers=acme) as response:
+            assert response.status == 200
+    assert await db.fetchval("SELECT count(*) FROM batchd.webhook_endpoints") == 0
