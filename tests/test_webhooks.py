@@ -615,6 +615,13 @@ async def test_the_webhook_commands(db: asyncpg.Connection, database_url: str, t
     assert added["tenant_id"] == "globex"
     assert added["secret"].startswith("whsec_")
 
+    one_each = {**allow, "BATCHD_WEBHOOKS__MAX_ENDPOINTS_PER_TENANT": "1"}
+    code, out, err = await batchd("add", "acme", "http://127.0.0.1:9/again", env=one_each)
+    assert (code, out) == (1, ""), err
+    assert (
+        err == "batchd: tenant 'acme' has 1 webhook endpoints already ([webhooks] max_endpoints_per_tenant)\n"
+    )
+
     code, out, _ = await batchd("list")
     assert code == 0
     assert "acme" in out
