@@ -143,12 +143,15 @@ class Deliverer:
             free,
             self.settings.lease_s,
         )
+        metrics = self.ctx.metrics
         for row in rows:
+            metrics.webhooks_in_flight.inc()
             task = asyncio.create_task(self._deliver(dict(row)), name=f"webhook-{row['id']}")
             self.in_flight[row["id"]] = task
             task.add_done_callback(partial(self._done, row["id"]))
 
     def _done(self, delivery: int, _: asyncio.Task[None]) -> None:
+        self.ctx.metrics.webhooks_in_flight.dec()
         self.in_flight.pop(delivery, None)
         self._slots.set()
 
@@ -204,10 +207,13 @@ class Deliverer:
 
     async def _record(self, row: dict[str, Any], outcome: Outcome) -> None:
         owner = self.ctx.instance_id
+        counted = self.ctx.metrics.webhook_attempts
         if outcome.error is None:
+            counted.labels("delivered").inc()
             await self.ctx.pool.execute(sql("webhook_delivered"), row["id"], owner, outcome.status)
             return
         settings = self.settings
+        counted.labels("failed" if row["attempts"] < settings.max_attempts else "dead").inc()
         attempts = row["attempts"]
         retry = (
             None

@@ -352,7 +352,7 @@ async def test_failures_back_off_then_die_disable_the_endpoint_and_retry_brings_
     endpoint = await add_endpoint(db, receiver, "/flaky")
     receiver.modes["/flaky"] = "fail"
     settings = settings_with(daemon_settings, retry_base_s=0.2, retry_cap_s=0.4, max_attempts=3, **LOOPBACK)
-    async with start_daemon(settings):
+    async with start_daemon(settings) as daemon:
         await publish(db, 1)
 
         async def disabled() -> bool:
@@ -365,6 +365,10 @@ async def test_failures_back_off_then_die_disable_the_endpoint_and_retry_brings_
 
         await wait_until(disabled, timeout=20)
         assert receiver.ids("/flaky") == {"evt_1": 3}, "max_attempts, the same id every time"
+        sample = daemon.metrics.registry.get_sample_value
+        assert [
+            sample("batchd_webhook_attempts_total", {"outcome": kind}) for kind in ("failed", "dead")
+        ] == [2, 1]
         times = [float(item.timestamp) for item in receiver.received if item.message_id == "evt_1"]
         assert times == sorted(times), "a timestamp per attempt"
         (row,) = await db.fetch(
@@ -392,6 +396,8 @@ async def test_failures_back_off_then_die_disable_the_endpoint_and_retry_brings_
         assert "1 dead deliveries" in out
         await wait_until(lambda: _statuses_are(db, endpoint, {"delivered": 1}), timeout=20)
         assert receiver.ids("/flaky") == {"evt_1": 4}
+        assert sample("batchd_webhook_attempts_total", {"outcome": "delivered"}) == 1
+        await wait_until(lambda: _none_in_flight(daemon))
         assert await db.fetchval("SELECT failures FROM batchd.webhook_endpoints WHERE id = $1", endpoint) == 0
 
         # One delivery again, whatever became of it: same id, same body.
@@ -407,6 +413,10 @@ async def test_failures_back_off_then_die_disable_the_endpoint_and_retry_brings_
         await wait_until(lambda: _ids_seen(receiver, "/flaky", "evt_1", 5), timeout=20)
         bodies = {item.body for item in receiver.received if item.message_id == "evt_1"}
         assert len(bodies) == 1
+
+
+async def _none_in_flight(daemon: Any) -> bool:
+    return bool(daemon.metrics.registry.get_sample_value("batchd_webhooks_in_flight") == 0)
 
 
 async def _cursor_at(db: asyncpg.Connection, seq: int) -> bool:
