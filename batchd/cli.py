@@ -675,6 +675,164 @@ async def cmd_tenant_set(conn: Connection, _settings: Settings, args: Namespace)
     return 0
 
 
+async def cmd_webhook_add(conn: Connection, settings: Settings, args: Namespace) -> int:
+    from . import webhooks  # noqa: PLC0415 - see the imports above
+    from .targets import TargetPolicy, TargetRefused  # noqa: PLC0415
+
+    try:
+        types = webhooks.parse_event_types(args.events)
+        endpoint_id, secret = await webhooks.add_endpoint(
+            conn,
+            args.tenant,
+            args.url,
+            types,
+            TargetPolicy.from_settings(settings.webhooks),
+            max_endpoints=settings.webhooks.max_endpoints_per_tenant,
+        )
+    except TargetRefused as error:
+        raise CommandError(f"refused {args.url!r}: {error}", EX_DATAERR) from None
+    except webhooks.TooManyEndpoints as error:
+        raise CommandError(str(error)) from None
+    except ValueError as error:
+        raise CommandError(str(error), EX_DATAERR) from None
+    if args.json:
+        print(json.dumps({"id": endpoint_id, "tenant_id": args.tenant, "url": args.url, "secret": secret}))
+    else:
+        print(f"endpoint {endpoint_id}")
+        print(f"secret {secret}")
+    print(
+        f"webhook endpoint {endpoint_id} for tenant {args.tenant!r}: its secret is shown this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def cmd_webhook_list(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import webhooks  # noqa: PLC0415 - see the imports above
+
+    rows = await webhooks.list_endpoints(conn, args.tenant)
+    if args.json:
+        print(json.dumps(rows, default=_json_default))
+    else:
+        print(webhooks.render_endpoints(rows))
+    return 0
+
+
+async def cmd_webhook_remove(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import webhooks  # noqa: PLC0415 - see the imports above
+
+    if not await webhooks.remove_endpoint(conn, args.endpoint):
+        raise CommandError(f"no webhook endpoint {args.endpoint}")
+    print(f"removed webhook endpoint {args.endpoint} and its delivery log")
+    return 0
+
+
+async def cmd_webhook_log(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import webhooks  # noqa: PLC0415 - see the imports above
+
+    if not any(row["id"] == args.endpoint for row in await webhooks.list_endpoints(conn, None)):
+        raise CommandError(f"no webhook endpoint {args.endpoint}")
+    rows = await webhooks.deliveries(conn, args.endpoint, args.limit, args.status)
+    if args.json:
+        print(json.dumps(rows, default=_json_default))
+    else:
+        print(webhooks.render_deliveries(rows))
+    return 0
+
+
+async def cmd_webhook_retry(conn: Connection, _settings: Settings, args: Namespace) -> int:
+    from . import webhooks  # noqa: PLC0415 - see the imports above
+
+    if args.delivery is not None:
+        endpoint = await webhooks.retry_delivery(conn, args.delivery)
+        if endpoint is None:
+            raise CommandError(f"no webhook delivery {args.delivery}, or an attempt of it is in flight")
+        print(f"delivery {args.delivery} will be sent again; endpoint {endpoint} is enabled")
+        return 0
+    if args.endpoint is None:
+        raise CommandError("name an endpoint, or --delivery ID", EX_DATAERR)
+    retried = await webhooks.retry_endpoint(conn, args.endpoint)
+    if retried is None:
+        raise CommandError(f"no webhook endpoint {args.endpoint}")
+    print(f"endpoint {args.endpoint} is enabled; {retried} dead deliveries will be sent again")
+    return 0
+
+
+def _json_default(value: object) -> str:
+    from datetime import datetime  # noqa: PLC0415 - see the imports above
+
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _positive_id(text: str) -> int:
+    """An id (a bigserial) or a count: a whole number from 1 to 2^63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 2^63 - 1, got {text!r}")
+    return value
+
+
+def _add_webhook_parsers(commands: Any) -> None:
+    parser = _add_command(
+        commands, "webhook", help="tenants' webhook endpoints and their deliveries (docs/webhooks.md)"
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = _add_command(
+        actions,
+        "add",
+        help="add an endpoint for a tenant; prints its id and its secret, once",
+        description="Add a webhook endpoint: the tenant's events from now on are POSTed to URL, signed as "
+        "the Standard Webhooks specification says. The URL must be http(s) and resolve to public addresses "
+        "only (unless [webhooks] allows more).",
+    )
+    add.add_argument("tenant", metavar="TENANT", help="the tenant: the jobs' tenant_id")
+    add.add_argument("url", metavar="URL", help="where the events go (http:// or https://)")
+    add.add_argument(
+        "--events", metavar="TYPES", help="only these event types, comma-separated (default: every type)"
+    )
+    add.add_argument(
+        "--json", action="store_true", help='one JSON object: {"id", "tenant_id", "url", "secret"}'
+    )
+    add.set_defaults(run=database_command(cmd_webhook_add))
+
+    listing = _add_command(actions, "list", help="the endpoints (of one tenant), with their state")
+    listing.add_argument("tenant", metavar="TENANT", nargs="?", help="one tenant only")
+    listing.add_argument("--json", action="store_true", help="a JSON array of endpoints (without secrets)")
+    listing.set_defaults(run=database_command(cmd_webhook_list))
+
+    remove = _add_command(actions, "remove", help="remove an endpoint and its delivery log")
+    remove.add_argument("endpoint", metavar="ENDPOINT", type=_positive_id, help="the endpoint's id")
+    remove.set_defaults(run=database_command(cmd_webhook_remove))
+
+    log_parser = _add_command(actions, "log", help="an endpoint's deliveries, newest first")
+    log_parser.add_argument("endpoint", metavar="ENDPOINT", type=_positive_id, help="the endpoint's id")
+    log_parser.add_argument("--status", choices=("pending", "delivered", "dead"), help="this status only")
+    log_parser.add_argument(
+        "--limit", type=_positive_id, default=50, metavar="N", help="at most N (default 50)"
+    )
+    log_parser.add_argument("--json", action="store_true", help="a JSON array of deliveries")
+    log_parser.set_defaults(run=database_command(cmd_webhook_log))
+
+    retry = _add_command(
+        actions,
+        "retry",
+        help="re-enable an endpoint and send its dead deliveries again (or one delivery)",
+        description="Re-enable an endpoint and send its dead deliveries again from their first attempt; "
+        "with --delivery, send that one delivery again (whatever became of it) and re-enable its endpoint.",
+    )
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "endpoint", metavar="ENDPOINT", type=_positive_id, nargs="?", help="the endpoint's id"
+    )
+    target.add_argument("--delivery", metavar="ID", type=_positive_id, help="one delivery's id (from `log`)")
+    retry.set_defaults(run=database_command(cmd_webhook_retry))
+
+
 async def cmd_report(conn: Connection, _settings: Settings, args: Namespace) -> int:
     from . import report  # noqa: PLC0415 - see the imports above
 
@@ -786,6 +944,7 @@ def _add_database_parsers(commands: Any) -> None:
     )
     list_parser.set_defaults(run=database_command(cmd_tenant_list))
     _add_tenant_set_parser(tenant_actions)
+    _add_webhook_parsers(commands)
     _add_report_parser(commands)
 
     cancel_parser = _add_command(commands, "cancel", help="cancel a queued job")

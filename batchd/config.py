@@ -11,6 +11,7 @@ token comes the same three ways: `BATCHD_ADMIN_TOKEN`, `[http] admin_token_file`
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import string
 import tomllib
@@ -366,6 +367,81 @@ class RetentionSettings(_Section):
         return {"succeeded": self.succeeded_s, "failed": self.failed_s, "canceled": self.canceled_s}
 
 
+class WebhookSettings(_Section):
+    """Signed webhooks (webhooks.py, deliverer.py; docs/webhooks.md)."""
+
+    allow_private_targets: bool = Field(
+        default=False,
+        description="deliver to loopback, private, link-local and other non-public addresses too; off, an "
+        "endpoint resolving to one is refused when added and at each delivery (a tenant cannot aim batchd at "
+        "the operator's network)",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description='non-public networks that endpoints may reach all the same, e.g. `["10.20.0.0/16"]`',
+    )
+    max_endpoints_per_tenant: int = Field(
+        default=10, ge=1, le=10_000, description="endpoints one tenant may have (each event is sent to each)"
+    )
+    concurrency_per_endpoint: int = Field(
+        default=4, ge=1, le=1_000, description="deliveries in flight to one endpoint, across daemons"
+    )
+    max_in_flight: int = Field(
+        default=64, ge=1, le=10_000, description="deliveries this daemon has in flight, over every endpoint"
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="an attempt's connection must open within this"
+    )
+    timeout_s: float = Field(
+        default=15.0, gt=0, description="an attempt must be answered within this (else it failed)"
+    )
+    max_response_bytes: int = Field(
+        default=16_384, ge=0, description="an endpoint's answer read at most this far (kept for the log)"
+    )
+    retry_base_s: float = Field(
+        default=5.0, gt=0, description="the n-th retry waits a random time up to retry_base_s * 2^(n-1)..."
+    )
+    retry_cap_s: float = Field(default=21_600.0, gt=0, description="...and never more than this (6 hours)")
+    max_attempts: int = Field(
+        default=36,
+        ge=1,
+        le=1_000,
+        description="attempts before a delivery is dead (36: about 3 days of retries on average); a dead "
+        "delivery disables its endpoint unless another delivery to it succeeded since",
+    )
+    lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="an attempt's claim; a daemon that dies mid-request leaves the delivery to be sent again "
+        "after this (it must exceed timeout_s)",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="due retries are looked for this often (new events wake it at once)"
+    )
+    enqueue_chunk: int = Field(default=1_000, ge=1, description="events enqueued per statement")
+    log_retention_s: float = Field(
+        default=7 * DAY_S,
+        gt=0,
+        description="finished deliveries (delivered or dead) stay in the delivery log this long (7 days)",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (e.g. 10.20.0.0/16 or fd00::/8)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_attempt(self) -> WebhookSettings:
+        if self.lease_s <= self.timeout_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must exceed timeout_s ({self.timeout_s})")
+        return self
+
+
 class RollupSettings(_Section):
     fold_interval_s: float = Field(
         default=2.0,
@@ -576,6 +652,10 @@ class Settings(BaseSettings):
         default_factory=RoutingSettings,
         description="Deadline-aware routing (docs/routing.md): when an `auto` job goes through the "
         "synchronous Messages API, and how the sync path sends.",
+    )
+    webhooks: WebhookSettings = Field(
+        default_factory=WebhookSettings,
+        description="Signed webhooks to tenants' endpoints (docs/webhooks.md).",
     )
     http: HttpSettings = Field(
         default_factory=HttpSettings,

@@ -1,7 +1,8 @@
 """`batchd run`: the daemon, put together.
 
 Named side tasks — the listener, the flusher, the sync sender (sync.py), the supervisor, the publisher, the
-event hub (with HTTP), the pruner, the API's check (health.py), and under systemd the notifier (systemd.py:
+webhooks' deliverer (deliverer.py), the event hub (with HTTP), the pruner, the API's check (health.py), and
+under systemd the notifier (systemd.py:
 READY=1, STATUS=, WATCHDOG=1, STOPPING=1) — run until SIGTERM or SIGINT; if any
 dies the daemon stops with an error (systemd restarts it) rather than limp on half-deaf. On a signal it
 stops claiming, cancels the batch tasks (each is safe to stop at any await: the database holds every
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
 import asyncpg
@@ -43,6 +44,7 @@ from . import (
 )
 from .config import Settings, admin_token, api_key
 from .context import Context, new_instance_id
+from .deliverer import Deliverer
 from .events import TOKENS_CHANNEL, EventHub, HubCollector
 from .flusher import Flusher
 from .listener import JOBS_CHANNEL, Listener
@@ -94,6 +96,7 @@ class Daemon:
         self.sync: SyncSender | None = None
         self.listener: Listener | None = None
         self.hub: EventHub | None = None
+        self.deliverer: Deliverer | None = None
         self.http_url: str | None = None
         self.metrics = Metrics()  # this daemon's own registry, served at GET /metrics
         self.readings = Readings(  # the database's, read when asked
@@ -269,10 +272,11 @@ class Daemon:
             supervisor.wake()
 
         ctx.provider.health.on_change = on_api_change
-        publisher = Publisher(ctx, on_published=hub.wake if hub else lambda: None)
-        channels = {JOBS_CHANNEL: on_jobs, EVENTS_CHANNEL: publisher.wake}
+        deliverer = self.deliverer = Deliverer(ctx)
+        on_published = _on_published(deliverer, hub)
+        publisher = Publisher(ctx, on_published=on_published)
+        channels = {JOBS_CHANNEL: on_jobs, EVENTS_CHANNEL: publisher.wake, PUBLISHED_CHANNEL: on_published}
         if hub is not None:
-            channels[PUBLISHED_CHANNEL] = hub.wake
             channels[TOKENS_CHANNEL] = hub.tokens_changed
 
         def on_connect() -> None:
@@ -280,6 +284,7 @@ class Daemon:
             sync.wake()
             supervisor.wake()
             publisher.wake()
+            deliverer.wake()
             if hub is not None:
                 hub.wake()
                 hub.tokens_changed()  # a revocation may have come while the listener was away
@@ -291,6 +296,7 @@ class Daemon:
             asyncio.create_task(sync.run(), name="sync"),
             asyncio.create_task(supervisor.run(), name="supervisor"),
             asyncio.create_task(publisher.run(), name="publisher"),
+            asyncio.create_task(deliverer.run(), name="webhooks"),
             asyncio.create_task(pruner.run(ctx), name="pruner"),
             asyncio.create_task(rollups.run(ctx), name="rollups"),
             asyncio.create_task(flow.run(ctx), name="flow"),
@@ -383,6 +389,17 @@ class Daemon:
 
         with suppress(TimeoutError):
             await asyncio.wait_for(wind_down(), timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def _on_published(deliverer: Deliverer, hub: EventHub | None) -> Callable[[], None]:
+    """Events numbered, here or by another daemon: streams fan them out, webhooks enqueue them."""
+
+    def wake() -> None:
+        deliverer.wake()
+        if hub is not None:
+            hub.wake()
+
+    return wake
 
 
 async def _deregister(ctx: Context) -> None:

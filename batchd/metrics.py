@@ -1,11 +1,12 @@
 """batchd's Prometheus instruments: one registry per daemon (never the process-wide default, so that several
 daemons in one process keep apart), served by `GET /metrics` (server.py).
 
-Here are the counters and histograms that the parts update as they work: every API call (provider.py
-reports each through its `on_call`), requests submitted (submitter.py), results applied (results.py), poll
-lag (poller.py), event-loop lag (below), and the process's own. The daemon registers the others on the same
-registry: the event hub's streams and counters, read from memory at scrape time (events.HubCollector), and
-the database's counts and the cost ledger, read at scrape time and cached (readings.py).
+Here are the counters and histograms that the parts update as they work: every API call (provider.py reports
+each through its `on_call`), requests submitted (submitter.py), results applied (results.py), webhook attempts
+(deliverer.py), poll lag (poller.py), event-loop lag (below), and the process's own. The daemon registers the
+others on the same registry: the event hub's streams and counters, read from memory at scrape time
+(events.HubCollector), and the database's counts and the cost ledger, read at scrape time and cached
+(readings.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = structlog.get_logger("batchd.metrics")
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
 
 RESULT_TYPES = ("succeeded", "errored", "canceled", "expired", "missing")
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dead")
 LOOP_LAG_INTERVAL_S = 0.5
 LOOP_LAG_WARNING_S = 1.0
 
@@ -100,6 +102,16 @@ class Metrics:
             ["type"],
             registry=registry,
         )
+        self.webhook_attempts = Counter(
+            "batchd_webhook_attempts",
+            "Webhook delivery attempts by outcome: delivered (a 2xx), failed (tried again later), dead (its "
+            "last attempt failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.webhooks_in_flight = Gauge(
+            "batchd_webhooks_in_flight", "Webhook deliveries this daemon is sending now.", registry=registry
+        )
         self.poll_lag = Histogram(
             "batchd_poll_lag_seconds",
             "From a batch's ended_at at the provider to batchd recording it ended (by the database's "
@@ -121,6 +133,8 @@ class Metrics:
         )
         for kind in RESULT_TYPES:
             self.results_applied.labels(kind)  # shown from the start, at 0
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_attempts.labels(outcome)
         _ProcessCollector(registry=registry)
 
     def identify(self, instance_id: str) -> None:

@@ -517,8 +517,88 @@ def _schemas() -> dict[str, Schema]:
             description="Oldest interval first, every interval of the window present.",
         ),
         "Session": _object({"tenant": TENANT, "admin": BOOLEAN}),
+        **_webhook_schemas(),
         "SignedOut": _object({"signed_out": {"const": True}}),
         **_event_schemas(),
+    }
+
+
+WEBHOOK_EVENTS: Schema = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string", "enum": sorted(EVENT_TYPES)}, "minItems": 1},
+        {"type": "null"},
+    ],
+    "description": "The event types it gets; null: every type.",
+}
+# webhooks.STATUSES (the test compares; webhooks.py imports the SSE module, which this one does too).
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
+
+
+def _webhook_schemas() -> dict[str, Schema]:
+    endpoint = {
+        "id": {**INTEGER, "minimum": 1},
+        "tenant_id": STRING,
+        "url": STRING,
+        "events": WEBHOOK_EVENTS,
+    }
+    return {
+        "NewWebhookEndpoint": _object(
+            {
+                "url": {**STRING, "description": "http:// or https://, resolving to public addresses only."},
+                "events": WEBHOOK_EVENTS,
+                "tenant_id": {**STRING, "description": "The admin token only (and then required)."},
+            },
+            optional=("events", "tenant_id"),
+        ),
+        "CreatedWebhookEndpoint": _object(
+            {
+                **endpoint,
+                "secret": {
+                    **STRING,
+                    "pattern": "^whsec_[A-Za-z0-9+/]+=*$",
+                    "description": "Verifies the signatures (Standard Webhooks); shown this once.",
+                },
+            }
+        ),
+        "WebhookEndpoint": _object(
+            {
+                **endpoint,
+                "created_at": TIME,
+                "disabled_at": {
+                    **_nullable(TIME),
+                    "description": "Since when nothing is sent (a run of failures); null: enabled.",
+                },
+                "disabled_reason": {"type": ["string", "null"]},
+                "failures": {**COUNT, "description": "Failed attempts since the last success."},
+                "last_success_at": _nullable(TIME),
+                "pending": {**COUNT, "description": "Deliveries waiting or in flight."},
+            }
+        ),
+        "WebhookEndpoints": _object({"endpoints": {"type": "array", "items": _ref("WebhookEndpoint")}}),
+        "WebhookDelivery": _object(
+            {
+                "id": {**INTEGER, "minimum": 1},
+                "webhook_id": {**STRING, "description": "The `webhook-id` header, the same every attempt."},
+                "event_type": STRING,
+                "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
+                "attempts": COUNT,
+                "created_at": TIME,
+                "last_attempt_at": _nullable(TIME),
+                "next_attempt_at": {**TIME, "description": "When a pending one is tried (again)."},
+                "last_status": {"type": ["integer", "null"], "description": "The last answer's HTTP status."},
+                "last_error": {"type": ["string", "null"], "description": "Why the last attempt failed."},
+                "finished_at": _nullable(TIME),
+            }
+        ),
+        "WebhookDeliveries": _object({"deliveries": {"type": "array", "items": _ref("WebhookDelivery")}}),
+        "WebhookRemoved": _object({"id": {**INTEGER, "minimum": 1}, "removed": {"const": True}}),
+        "WebhookRetried": _object(
+            {
+                "id": {**INTEGER, "minimum": 1},
+                "enabled": {"const": True},
+                "retried": {**COUNT, "description": "Dead deliveries sent again."},
+            }
+        ),
     }
 
 
@@ -560,6 +640,75 @@ def _public(summary: str, responses: dict[str, Any], **more: Any) -> dict[str, A
 
 def _query(name: str, description: str, schema: Schema) -> dict[str, Any]:
     return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+ENDPOINT_ID = {
+    "name": "endpoint_id",
+    "in": "path",
+    "required": True,
+    "description": "The endpoint's id (anything else is a 404).",
+    "schema": STRING,
+}
+NO_ENDPOINT = {"404": _error("No such endpoint, or another tenant's.")}
+
+
+def _webhook_paths() -> dict[str, Any]:
+    return {
+        "/v1/webhooks": {
+            "get": _operation(
+                "The principal's webhook endpoints (docs/webhooks.md), without their secrets",
+                {
+                    "200": _json("WebhookEndpoints", "Its endpoints, by tenant and id."),
+                    "403": _error("A tenant's token asking for another tenant's endpoints."),
+                },
+                parameters=[_query("tenant", "Whose (the admin token; a tenant's token: its own).", STRING)],
+            ),
+            "post": _operation(
+                "Add a webhook endpoint; the answer holds its secret, the only time it is shown",
+                {
+                    "201": {
+                        **_json("CreatedWebhookEndpoint", "Added."),
+                        "headers": {"Location": {"description": "The endpoint's URL.", "schema": STRING}},
+                    },
+                    "400": _error("Bad JSON, an unknown member or event type, or a URL refused (`field`)."),
+                    "403": _error("A tenant's token adding another tenant's endpoint."),
+                    "409": _error("The tenant has [webhooks] max_endpoints_per_tenant endpoints already."),
+                    "413": _error("A body over 16 KiB."),
+                },
+                requestBody={"required": True, "content": {JSON: {"schema": _ref("NewWebhookEndpoint")}}},
+            ),
+        },
+        "/v1/webhooks/{endpoint_id}": {
+            "parameters": [ENDPOINT_ID],
+            "get": _operation("A webhook endpoint", {"200": _json("WebhookEndpoint", "It."), **NO_ENDPOINT}),
+            "delete": _operation(
+                "Remove a webhook endpoint and its delivery log",
+                {"200": _json("WebhookRemoved", "Removed."), **NO_ENDPOINT},
+            ),
+        },
+        "/v1/webhooks/{endpoint_id}/deliveries": {
+            "parameters": [ENDPOINT_ID],
+            "get": _operation(
+                "An endpoint's delivery log, newest event first",
+                {
+                    "200": _json("WebhookDeliveries", "Its deliveries."),
+                    "400": _error("A bad status or limit (`field` names it)."),
+                    **NO_ENDPOINT,
+                },
+                parameters=[
+                    _query("status", "Only deliveries of this status.", {"enum": list(DELIVERY_STATUSES)}),
+                    _query("limit", "At most this many.", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                ],
+            ),
+        },
+        "/v1/webhooks/{endpoint_id}/retry": {
+            "parameters": [ENDPOINT_ID],
+            "post": _operation(
+                "Enable the endpoint again and send its dead deliveries again",
+                {"200": _json("WebhookRetried", "Enabled."), **NO_ENDPOINT},
+            ),
+        },
+    }
 
 
 def _paths() -> dict[str, Any]:
@@ -668,6 +817,7 @@ def _paths() -> dict[str, Any]:
                 },
             ),
         },
+        **_webhook_paths(),
         "/v1/events": {
             "get": _operation(
                 "The principal's events as Server-Sent Events, resumable (docs/sse.md)",

@@ -9,7 +9,8 @@ index jobs_finished; a batch goes once no job refers to it; the ledger and hour 
 after `retention.ledger_s`, the queue's and turnaround's minutes (flow.py) after `retention.flow_minutes_s`
 and their hours with the hour rollups. What was counted stays counted: the rollups (rollups.py) outlive
 the rows. With the history go the rows of daemons that died (batchd.instances) a day after their last
-heartbeat.
+heartbeat, and the webhook delivery log's finished rows after `webhooks.log_retention_s`. An event the
+webhook enqueuer has not passed is kept, whatever its age (deliverer.py).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ async def prune_history(db: Executor, retention: RetentionSettings) -> dict[str,
     return {kind: await _drain(delete_chunk, chunk, share) for kind, delete_chunk in work}
 
 
+async def prune_webhook_deliveries(db: Executor, retention_s: float, chunk: int, busy_share: float) -> int:
+    """Deletes finished webhook deliveries (delivered or dead) older than `retention_s`; returns how many."""
+    return await _drain(
+        lambda: _deleted(db, "prune_webhook_deliveries", retention_s, chunk), chunk, busy_share=busy_share
+    )
+
+
 async def prune_instances(db: Executor, chunk: int, older_than_s: float = instances.RETENTION_S) -> int:
     """Deletes the rows of daemons without a heartbeat for `older_than_s` (they died); returns how many."""
     return await _drain(lambda: _deleted(db, "prune_instances", older_than_s, chunk), chunk, busy_share=1.0)
@@ -122,6 +130,9 @@ async def run(ctx: Context) -> None:
     async def prune_old_history() -> None:
         counts = await prune_history(ctx.pool, retention)
         counts["instances"] = await prune_instances(ctx.pool, retention.chunk)
+        counts["webhook_deliveries"] = await prune_webhook_deliveries(
+            ctx.pool, ctx.settings.webhooks.log_retention_s, retention.chunk, retention.busy_share
+        )
         if any(counts.values()):
             log.info("history.pruned", **{kind: n for kind, n in counts.items() if n})
 

@@ -1,8 +1,8 @@
 """batchd's HTTP server: `/healthz` (the process answers), `/readyz` (database and listener up, and the API
 taking the key; both without a token, so they reveal nothing but that and the API's URL), the
 tenant-scoped API under `/v1/` (jobs: read, and posted as a producer's INSERT; the dashboard's overview,
-the SSE stream of sse.py), `/metrics` (Prometheus, admin token only: it names every tenant) and the
-dashboard itself at `/` (static files from batchd/dashboard/).
+the SSE stream of sse.py, a tenant's webhook endpoints), `/metrics` (Prometheus, admin token only: it
+names every tenant) and the dashboard itself at `/` (static files from batchd/dashboard/).
 
 A token comes as `Authorization: Bearer …` (preferred: it stays out of logs), or, for a browser's
 EventSource, which cannot set headers, as the `access_token` query parameter (it ends up in proxy and
@@ -27,13 +27,14 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import enqueue, openapi, statuses
+from . import enqueue, openapi, statuses, webhooks
 from .config import HttpSettings, Settings
 from .events import EventHub
 from .metrics import Metrics
 from .readings import WINDOWS, Readings
 from .sse import HUB, stream_events
 from .store import DB_ERRORS, sql
+from .targets import TargetPolicy, TargetRefused
 from .tenants import Principal, authenticate
 from .text import parse_duration
 
@@ -388,6 +389,191 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
+# -- webhooks: a tenant's own endpoints (webhooks.py; docs/webhooks.md) -------------------------------------
+
+WEBHOOK_MEMBERS = frozenset({"url", "events", "tenant_id"})
+WEBHOOK_POST_MAX_BYTES = 16_384
+ENDPOINT_FIELDS = (
+    "id",
+    "tenant_id",
+    "url",
+    "events",
+    "created_at",
+    "disabled_at",
+    "disabled_reason",
+    "failures",
+    "last_success_at",
+    "pending",
+)
+DELIVERY_FIELDS = (
+    "id",
+    "webhook_id",
+    "event_type",
+    "status",
+    "attempts",
+    "created_at",
+    "last_attempt_at",
+    "next_attempt_at",
+    "last_status",
+    "last_error",
+    "finished_at",
+)
+DELIVERIES_LIMIT_MAX = 1_000
+
+
+def _endpoint_json(row: Mapping[str, object]) -> dict[str, object]:
+    return {field: row["event_types"] if field == "events" else row[field] for field in ENDPOINT_FIELDS}
+
+
+def _delivery_json(row: Mapping[str, object]) -> dict[str, object]:
+    return {field: row["message_id"] if field == "webhook_id" else row[field] for field in DELIVERY_FIELDS}
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    """`GET /v1/webhooks`: the principal's endpoints (the admin's: every tenant's, or `tenant`'s), without
+    their secrets."""
+    principal = request[PRINCIPAL]
+    tenant = request.query.get("tenant")
+    if tenant is not None and not principal.may_see(tenant):
+        return _error(403, "a tenant's token lists its own endpoints only")
+    rows = await webhooks.list_endpoints(request.app[POOL], tenant or principal.tenant_id)
+    return web.json_response({"endpoints": [_endpoint_json(row) for row in rows]}, dumps=_dumps)
+
+
+async def post_webhook(request: web.Request) -> web.Response:
+    """`POST /v1/webhooks`: a new endpoint for the token's tenant (the admin names `tenant_id`); the answer
+    holds its secret, the only time it is shown."""
+    try:
+        tenant, url, types = _posted_webhook(
+            await _body_text(request, WEBHOOK_POST_MAX_BYTES), request[PRINCIPAL]
+        )
+        settings = request.app[SETTINGS].webhooks
+        async with request.app[POOL].acquire() as connection:
+            endpoint_id, secret = await webhooks.add_endpoint(
+                connection,
+                tenant,
+                url,
+                types,
+                TargetPolicy.from_settings(settings),
+                max_endpoints=settings.max_endpoints_per_tenant,
+            )
+    except Refusal as refusal:
+        return refusal.response()
+    except TargetRefused as error:
+        return Refusal(400, f"refused url: {error}", field="url").response()
+    except webhooks.TooManyEndpoints as error:
+        return _error(409, str(error))
+    answer = {"id": endpoint_id, "tenant_id": tenant, "url": url, "events": types, "secret": secret}
+    response = web.json_response(answer, status=201)
+    response.headers["Location"] = f"/v1/webhooks/{endpoint_id}"
+    return response
+
+
+def _posted_webhook(text: str, principal: Principal) -> tuple[str, str, list[str] | None]:
+    """(tenant, url, event types or None for all) from a POST's body, or the Refusal saying why not."""
+    try:
+        body = json.loads(text)
+    except ValueError as error:
+        raise Refusal(400, f"the body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise Refusal(400, 'the body must be a JSON object: {"url", "events"}')
+    unknown = sorted(set(body) - WEBHOOK_MEMBERS)
+    if unknown:
+        raise Refusal(400, f"unknown member {unknown[0]!r}", field=unknown[0])
+    url, types, tenant = body.get("url"), body.get("events"), body.get("tenant_id", principal.tenant_id)
+    if not isinstance(url, str):
+        raise Refusal(400, "url must be a string: where the events go (http:// or https://)", field="url")
+    types = None if types is None else _posted_event_types(types)
+    if principal.is_admin and tenant is None:
+        raise Refusal(400, "the admin token names the endpoint's tenant_id", field="tenant_id")
+    if not isinstance(tenant, str) or not tenant or tenant != tenant.strip():
+        raise Refusal(400, "tenant_id must be a tenant's name", field="tenant_id")
+    if not principal.may_see(tenant):
+        raise Refusal(403, f"this token adds tenant {principal.tenant_id}'s endpoints only")
+    return tenant, url, types
+
+
+def _posted_event_types(types: object) -> list[str]:
+    if not isinstance(types, list) or not all(isinstance(kind, str) for kind in types):
+        raise Refusal(400, "events must be an array of event types, or null for every type", field="events")
+    try:
+        return webhooks.check_event_types(types)
+    except ValueError as error:
+        raise Refusal(400, str(error), field="events") from None
+
+
+async def _principals_endpoint(request: web.Request) -> dict[str, object]:
+    """The endpoint the path names, if the principal's; else the Refusal (404 for another tenant's too)."""
+    try:
+        endpoint_id = int(request.match_info["endpoint_id"])
+    except ValueError:
+        raise Refusal(404, "no such webhook endpoint") from None
+    row = None
+    if 1 <= endpoint_id < 2**63:
+        row = await webhooks.get_endpoint(request.app[POOL], endpoint_id)
+    if row is None or not request[PRINCIPAL].may_see(str(row["tenant_id"])):
+        raise Refusal(404, "no such webhook endpoint")
+    return row
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    try:
+        row = await _principals_endpoint(request)
+    except Refusal as refusal:
+        return refusal.response()
+    return web.json_response(_endpoint_json(row), dumps=_dumps)
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    """`DELETE /v1/webhooks/{id}`: the endpoint and its delivery log."""
+    try:
+        row = await _principals_endpoint(request)
+    except Refusal as refusal:
+        return refusal.response()
+    removed = await webhooks.remove_endpoint(request.app[POOL], int(str(row["id"])))
+    if not removed:  # removed meanwhile
+        return _error(404, "no such webhook endpoint")
+    return web.json_response({"id": row["id"], "removed": True})
+
+
+async def webhook_deliveries(request: web.Request) -> web.Response:
+    """`GET /v1/webhooks/{id}/deliveries`: its delivery log, newest event first."""
+    try:
+        row = await _principals_endpoint(request)
+        status = request.query.get("status")
+        if status is not None and status not in webhooks.STATUSES:
+            raise Refusal(400, f"status must be one of {', '.join(webhooks.STATUSES)}", field="status")
+        limit = _bounded_int(request.query.get("limit"), 100, DELIVERIES_LIMIT_MAX, "limit")
+    except Refusal as refusal:
+        return refusal.response()
+    rows = await webhooks.deliveries(request.app[POOL], int(str(row["id"])), limit, status)
+    return web.json_response({"deliveries": [_delivery_json(delivery) for delivery in rows]}, dumps=_dumps)
+
+
+def _bounded_int(text: str | None, default: int, maximum: int, name: str) -> int:
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise Refusal(400, f"{name} must be a whole number from 1 to {maximum}", field=name) from None
+    if not 1 <= value <= maximum:
+        raise Refusal(400, f"{name} must be a whole number from 1 to {maximum}", field=name)
+    return value
+
+
+async def retry_webhook(request: web.Request) -> web.Response:
+    """`POST /v1/webhooks/{id}/retry`: enables the endpoint and sends its dead deliveries again."""
+    try:
+        row = await _principals_endpoint(request)
+    except Refusal as refusal:
+        return refusal.response()
+    retried = await webhooks.retry_endpoint(request.app[POOL], int(str(row["id"])))
+    if retried is None:  # removed meanwhile
+        return _error(404, "no such webhook endpoint")
+    return web.json_response({"id": row["id"], "enabled": True, "retried": retried})
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -580,6 +766,12 @@ def create_app(
     app.router.add_delete("/v1/jobs/{job_id:[^/]+}", cancel_job)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_post("/v1/jobs", post_jobs)
+    app.router.add_get("/v1/webhooks", list_webhooks)
+    app.router.add_post("/v1/webhooks", post_webhook)
+    app.router.add_get("/v1/webhooks/{endpoint_id:[^/]+}", get_webhook)
+    app.router.add_delete("/v1/webhooks/{endpoint_id:[^/]+}", delete_webhook)
+    app.router.add_get("/v1/webhooks/{endpoint_id:[^/]+}/deliveries", webhook_deliveries)
+    app.router.add_post("/v1/webhooks/{endpoint_id:[^/]+}/retry", retry_webhook)
     app.router.add_get("/v1/overview", overview)
     app.router.add_get("/v1/series", series)
     app.router.add_get("/v1/session", who_am_i)

@@ -14,11 +14,15 @@ import aiohttp
 from sse_support import sse_stream
 from support import ADMIN_TOKEN, insert_raw, raw_request
 
+from batchd import webhooks
 from batchd.config import EventsSettings
 from batchd.events import EventHub
 from batchd.metrics import Metrics
 from batchd.server import create_app
 from batchd.store import sql
+from batchd.targets import TargetPolicy
+
+PERMISSIVE = TargetPolicy(allow_private=True)
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 TIME_LIKE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d")
@@ -58,7 +62,7 @@ def test_the_walk_finds_times_and_refuses_a_space() -> None:
     assert ISO.fullmatch("2026-01-01T10:00:00Z")
 
 
-async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
+async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(  # noqa: PLR0915 - every route
     db: Any, tokens: dict[str, str], serve: Any, session: aiohttp.ClientSession
 ) -> None:
     # A job with every time set, one canceled (its event written by the database's trigger), one failed as
@@ -120,6 +124,7 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
             await call("GET", f"/v1/jobs?{query}", route="/v1/jobs")
         for token in (tokens["acme"], tokens["globex"]):  # 409, 404
             await call("DELETE", f"/v1/jobs/{done}", token, route="/v1/jobs/{job_id}")
+        await walk_webhooks(db, call, tokens["acme"])
         # The event stream's frames: the events (after every one was published), and a reset.
         async with sse_stream(session, url, ADMIN_TOKEN, last_event_id=0) as stream:
             await stream.until(lambda c: len(c.data()) >= 2)
@@ -149,6 +154,15 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
         ".completed_at",
     }
     assert any(where == ".at" for route, where, _ in found if route == "/v1/events"), "the events' times"
+    assert {where for route, where, _ in found if route == "/v1/webhooks"} >= {
+        ".endpoints[0].created_at",
+        ".endpoints[0].last_success_at",
+    }
+    assert {where for route, where, _ in found if route == "/v1/webhooks/{endpoint_id}/deliveries"} >= {
+        ".deliveries[0].created_at",
+        ".deliveries[0].last_attempt_at",
+        ".deliveries[0].next_attempt_at",
+    }
     # And they are the database's instants, to the microsecond.
     shown = next(body for body in answers["/v1/jobs/{job_id}"] if body.get("id") == str(done))
     stored = await db.fetchrow(
@@ -162,3 +176,23 @@ async def test_every_time_the_http_api_sends_is_iso_8601_with_t_and_an_offset(
         if value is not None and not (isinstance(value, str) and ISO.fullmatch(value))
     ]
     assert not wrong, wrong
+
+
+async def walk_webhooks(db: Any, call: Any, acme: str) -> None:
+    """The webhook routes, with an endpoint whose log holds a delivery failed once (every time set)."""
+    endpoint, _ = await webhooks.add_endpoint(db, "acme", "http://127.0.0.1:9/", None, PERMISSIVE)
+    await db.execute(
+        "INSERT INTO batchd.webhook_deliveries (endpoint_id, event_seq, message_id, event_type, body,"
+        " attempts, first_attempt_at, last_attempt_at, last_status, last_error, next_attempt_at)"
+        " VALUES ($1, 1, 'evt_1', 'job.succeeded', '{}', 1, now(), now(), 500, 'no',"
+        " now() + interval '1h')",
+        endpoint,
+    )
+    await db.execute("UPDATE batchd.webhook_endpoints SET failures = 1, last_success_at = now()")
+    hook = "/v1/webhooks/{endpoint_id}"
+    await call("GET", "/v1/webhooks", acme)
+    await call("POST", "/v1/webhooks", acme, body={"url": "ftp://x/"})
+    await call("GET", f"/v1/webhooks/{endpoint}", acme, route=hook)
+    await call("GET", f"/v1/webhooks/{endpoint}/deliveries", route=f"{hook}/deliveries")
+    await call("POST", f"/v1/webhooks/{endpoint}/retry", route=f"{hook}/retry")
+    await call("DELETE", f"/v1/webhooks/{endpoint}", route=hook)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from sse_support import Collector, sse_stream
 from support import ADMIN_TOKEN, QUICK, insert_raw, raw_request, wait_until
 
-from batchd import budgets, enqueue, openapi, server
+from batchd import budgets, enqueue, openapi, server, webhooks
 from batchd.config import EventsSettings
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig
@@ -66,6 +66,9 @@ def test_the_document_says_what_the_code_does() -> None:
     )
     assert tuple(schemas["JobSummary"]["properties"]) == server.LIST_FIELDS
     assert tuple(schemas["Job"]["properties"]) == server.JOB_FIELDS
+    assert tuple(schemas["WebhookEndpoint"]["properties"]) == server.ENDPOINT_FIELDS
+    assert tuple(schemas["WebhookDelivery"]["properties"]) == server.DELIVERY_FIELDS
+    assert openapi.DELIVERY_STATUSES == webhooks.STATUSES
 
 
 def test_every_route_the_server_registers_is_documented_and_no_other() -> None:
@@ -158,6 +161,8 @@ def daemon(daemon_settings: Any, monkeypatch: pytest.MonkeyPatch) -> Daemon:
         http={"max_post_jobs": MAX_POST_JOBS, "overview_interval_s": 0},
         batching={"max_requests": BATCH_SIZE, "max_wait_s": 3600.0},
         events={"poll_interval_s": 1.0, "max_streams_per_tenant": 1},
+        # Endpoints on loopback, where nothing listens: their deliveries fail, and the log shows it.
+        webhooks={"allowed_networks": ["127.0.0.0/8"], "max_endpoints_per_tenant": 2},
     )
     return Daemon(settings)
 
@@ -213,6 +218,8 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
         admin_stream = await streams.enter_async_context(
             sse_stream(session, url, ADMIN_TOKEN, last_event_id=0)
         )
+
+        created = await add_webhooks(call, acme)
 
         # A batch's life, and a job sent alone: events of jobs and batches, and jobs with a result.
         status, posted = await call(
@@ -314,6 +321,8 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
         _, page = await call("GET", "/v1/jobs", "/v1/jobs?limit=2")
         await call("GET", "/v1/jobs", f"/v1/jobs?limit=2&cursor={page['next_cursor']}")
 
+        await walk_webhook(call, created["id"], acme, globex)
+
         # The dashboard's readings, the session, the metrics.
         for token in (ADMIN_TOKEN, acme, None):
             await call("GET", "/v1/overview", token=token)
@@ -385,3 +394,67 @@ async def test_every_answer_of_the_server_is_as_documented(  # noqa: C901, PLR09
     for member in ("queued", "open_batches", "totals", "budgets", "sync_last_hour"):
         assert any(overview[member] for overview in answers["/v1/overview"]), member
     assert any(budget["held"] for overview in answers["/v1/overview"] for budget in overview["budgets"])
+
+
+async def add_webhooks(call: Any, acme: str) -> Any:
+    """Endpoints added (acme's, one by the admin for acme) and refused; the principal's lists. First, so that
+    the test's events give the delivery log rows."""
+    hooks = "/v1/webhooks"
+    status, created = await call("POST", hooks, token=acme, body={"url": "http://127.0.0.1:9/a"})
+    assert status == 201
+    status, _ = await call(
+        "POST", hooks, body={"url": "http://127.0.0.1:9/b", "events": ["job.failed"], "tenant_id": "acme"}
+    )
+    assert status == 201
+    for token, hook_body in [
+        (acme, {"url": "http://127.0.0.1:9/c"}),  # a third: over max_endpoints_per_tenant
+        (acme, {"url": "http://10.0.0.1/"}),
+        (acme, {"url": "ftp://127.0.0.1/"}),
+        (acme, {"url": "http://127.0.0.1:9/", "secret": "mine"}),
+        (acme, {"url": "http://127.0.0.1:9/", "events": ["job.lost"]}),
+        (acme, {"url": "http://127.0.0.1:9/", "events": []}),
+        (acme, ["http://127.0.0.1:9/"]),
+        (ADMIN_TOKEN, {"url": "http://127.0.0.1:9/"}),
+        (acme, {"url": "http://127.0.0.1:9/", "tenant_id": "globex"}),
+        (acme, {"url": "http://127.0.0.1:9/" + "x" * 20_000}),
+        (None, {"url": "http://127.0.0.1:9/"}),
+    ]:
+        status, _ = await call("POST", hooks, token=token, body=hook_body)
+        assert status in {400, 401, 403, 409, 413}, hook_body
+    for token, query in [
+        (acme, ""),
+        (ADMIN_TOKEN, ""),
+        (ADMIN_TOKEN, "?tenant=acme"),
+        (acme, "?tenant=globex"),
+    ]:
+        await call("GET", hooks, f"{hooks}{query}", token)
+    await call("GET", hooks, token=None)
+    return created
+
+
+async def walk_webhook(call: Any, endpoint: int, acme: str, globex: str) -> None:
+    """An endpoint, its delivery log (deliveries to a port where nothing listens fail), a retry, removal."""
+    hooks, hook = "/v1/webhooks", "/v1/webhooks/{endpoint_id}"
+    own = f"/v1/webhooks/{endpoint}"
+
+    async def failed_once() -> bool:
+        _, log = await call("GET", f"{hook}/deliveries", f"{own}/deliveries", acme)
+        return any(delivery["last_error"] for delivery in log["deliveries"])
+
+    await wait_until(failed_once, timeout=20)
+    for token, target in [
+        (acme, own),
+        (ADMIN_TOKEN, own),
+        (globex, own),
+        (acme, f"{hooks}/x"),
+        (None, own),
+    ]:
+        await call("GET", hook, target, token)
+    for token, query in [(acme, "?status=pending&limit=5"), (acme, "?status=lost"), (acme, "?limit=0")]:
+        await call("GET", f"{hook}/deliveries", f"{own}/deliveries{query}", token)
+    for token in (globex, None):
+        await call("GET", f"{hook}/deliveries", f"{own}/deliveries", token)
+    for token in (acme, globex, None):
+        await call("POST", f"{hook}/retry", f"{own}/retry", token)
+    for token in (globex, None, acme, acme):  # 404, 401, 200, then 404: gone
+        await call("DELETE", hook, own, token)

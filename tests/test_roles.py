@@ -449,6 +449,17 @@ REFUSED = [
     "UPDATE batchd.instances SET heartbeat_at = now()",
     "DELETE FROM batchd.instances",
     "INSERT INTO batchd.tenants (name) VALUES ('mine')",
+    # Webhook endpoints hold every tenant's signing secret and say where batchd connects: neither to read nor
+    # to aim (an endpoint of another tenant's, or at the operator's network); nor a delivery to forge.
+    "SELECT secret FROM batchd.webhook_endpoints",
+    (
+        "INSERT INTO batchd.webhook_endpoints (tenant_id, url, secret, after_seq)"
+        " VALUES ('acme', 'http://127.0.0.1/', 'whsec_AAAA', 0)"
+    ),
+    "UPDATE batchd.webhook_endpoints SET url = 'http://169.254.169.254/'",
+    "SELECT 1 FROM batchd.webhook_deliveries",
+    "UPDATE batchd.webhook_deliveries SET status = 'pending'",
+    "UPDATE batchd.webhook_log SET enqueued_seq = 0",
     "UPDATE batchd.wakeup SET armed = true",
     "UPDATE batchd.jobs SET tenant_id = tenant_id WHERE id = $1",
     "UPDATE batchd.jobs SET request = request WHERE id = $1",

@@ -887,7 +887,10 @@ WITH oldest AS (
 )
 DELETE FROM batchd.events AS e
  USING oldest
- WHERE e.id = oldest.id AND oldest.seq < coalesce((SELECT seq FROM young), 9223372036854775807);
+ WHERE e.id = oldest.id AND oldest.seq < coalesce((SELECT seq FROM young), 9223372036854775807)
+   -- Nor one the webhook enqueuer has not passed, while an endpoint is there to get it (webhooks.md).
+   AND (oldest.seq <= (SELECT enqueued_seq FROM batchd.webhook_log)
+        OR NOT EXISTS (SELECT FROM batchd.webhook_endpoints WHERE disabled_at IS NULL));
 
 -- name: publish_events
 SELECT batchd.publish_events($1);
@@ -1674,3 +1677,201 @@ SELECT start, tenant_id, bucket, sum(jobs)::bigint AS jobs
          WHERE t.at >= $2) AS rows
  GROUP BY start, tenant_id, bucket
  ORDER BY start, tenant_id, bucket;
+-- ---- webhooks (webhooks.py, deliverer.py) ------------------------------------------------------------------
+
+-- name: webhook_add_endpoint
+-- A tenant's new endpoint; it gets the events published from now on.
+INSERT INTO batchd.webhook_endpoints (tenant_id, url, secret, event_types, after_seq)
+SELECT $1, $2, $3, $4, published_seq FROM batchd.event_log
+RETURNING id;
+
+-- name: webhook_endpoints
+-- Every endpoint (of tenant $1, or all when null), with its deliveries waiting (pending rows only: an
+-- index range per endpoint).
+SELECT w.id, w.tenant_id, w.url, w.event_types, w.created_at, w.disabled_at, w.disabled_reason, w.failures,
+       w.failing_since, w.last_success_at,
+       (SELECT count(*) FROM batchd.webhook_deliveries AS d
+         WHERE d.endpoint_id = w.id AND d.status = 'pending') AS pending
+  FROM batchd.webhook_endpoints AS w
+ WHERE $1::text IS NULL OR w.tenant_id = $1
+ ORDER BY w.tenant_id, w.id;
+
+-- name: webhook_endpoint
+-- One endpoint, as webhook_endpoints lists it.
+SELECT w.id, w.tenant_id, w.url, w.event_types, w.created_at, w.disabled_at, w.disabled_reason, w.failures,
+       w.failing_since, w.last_success_at,
+       (SELECT count(*) FROM batchd.webhook_deliveries AS d
+         WHERE d.endpoint_id = w.id AND d.status = 'pending') AS pending
+  FROM batchd.webhook_endpoints AS w
+ WHERE w.id = $1;
+
+-- name: webhook_lock_tenant
+-- A tenant's endpoints are added one at a time (until commit), so that its count stays under the limit.
+SELECT pg_advisory_xact_lock(hashtextextended('batchd.webhook_endpoints:' || $1::text, 0));
+
+-- name: webhook_count_endpoints
+SELECT count(*) FROM batchd.webhook_endpoints WHERE tenant_id = $1;
+
+-- name: webhook_remove_endpoint
+-- Its deliveries go with it (ON DELETE CASCADE).
+DELETE FROM batchd.webhook_endpoints WHERE id = $1 RETURNING tenant_id, url;
+
+-- name: webhook_deliveries
+-- An endpoint's delivery log, newest event first, up to $2 rows ($3: one status only, or all when null).
+SELECT id, event_seq, message_id, event_type, status, attempts, created_at, first_attempt_at,
+       last_attempt_at, next_attempt_at, last_status, last_error, finished_at
+  FROM batchd.webhook_deliveries
+ WHERE endpoint_id = $1 AND ($3::text IS NULL OR status = $3)
+ ORDER BY event_seq DESC
+ LIMIT $2;
+
+-- name: webhook_retry_delivery
+-- One delivery sent again from its first attempt, whatever became of it (a pending one is due at once,
+-- unless an attempt is in flight); its endpoint re-enabled. Returns the endpoint.
+WITH retried AS (
+    UPDATE batchd.webhook_deliveries
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+           first_attempt_at = NULL
+     WHERE id = $1 AND (status <> 'pending' OR lease_until IS NULL OR lease_until < now())
+    RETURNING endpoint_id
+)
+UPDATE batchd.webhook_endpoints AS w
+   SET disabled_at = NULL, disabled_reason = NULL, failures = 0, failing_since = NULL
+  FROM retried
+ WHERE w.id = retried.endpoint_id
+RETURNING w.id;
+
+-- name: webhook_retry_endpoint
+-- An endpoint re-enabled and its dead deliveries sent again from their first attempt; returns how many.
+WITH endpoint AS (
+    UPDATE batchd.webhook_endpoints
+       SET disabled_at = NULL, disabled_reason = NULL, failures = 0, failing_since = NULL
+     WHERE id = $1
+    RETURNING id
+), retried AS (
+    UPDATE batchd.webhook_deliveries AS d
+       SET status = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL,
+           first_attempt_at = NULL
+      FROM endpoint
+     WHERE d.endpoint_id = endpoint.id AND d.status = 'dead'
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM endpoint) AS endpoints, (SELECT count(*) FROM retried) AS retried;
+
+-- name: webhook_lock_cursor
+-- The enqueuer's turn: one at a time, across daemons. The next statement, in the same transaction, reads a
+-- snapshot taken after the lock, so it sees every event the cursor's last holder saw.
+SELECT enqueued_seq FROM batchd.webhook_log FOR UPDATE;
+
+-- name: webhook_enqueue
+-- The deliveries of the published events after the cursor ($1), up to $2 events: one per enabled endpoint of
+-- the event's tenant that wants its type and was there before it; then the cursor moves past them. The body
+-- is a Standard Webhooks payload ({type, timestamp, data}; data is the event as a stream sends it) and the
+-- message id the tenant's own event number, as its stream's `id:` (a range of events_seq).
+WITH head AS (
+    SELECT least(published_seq, $1::bigint + $2::bigint) AS seq FROM batchd.event_log
+), added AS (
+    INSERT INTO batchd.webhook_deliveries (endpoint_id, event_seq, message_id, event_type, body)
+    SELECT w.id, e.seq, 'evt_' || coalesce(e.tenant_seq, e.seq), e.type,
+           json_build_object('type', e.type, 'timestamp', e.data::json -> 'at', 'data', e.data::json)::text
+      FROM batchd.event_envelopes AS e
+      JOIN batchd.webhook_endpoints AS w ON w.tenant_id = e.tenant_id
+     WHERE e.seq > $1 AND e.seq <= (SELECT seq FROM head)
+       AND w.disabled_at IS NULL AND e.seq > w.after_seq
+       AND (w.event_types IS NULL OR e.type = ANY (w.event_types))
+        ON CONFLICT (endpoint_id, event_seq) DO NOTHING
+    RETURNING 1
+), moved AS (
+    UPDATE batchd.webhook_log SET enqueued_seq = greatest(enqueued_seq, (SELECT seq FROM head))
+    RETURNING enqueued_seq
+)
+SELECT (SELECT count(*) FROM added) AS deliveries, (SELECT enqueued_seq FROM moved) - $1 AS events;
+
+-- name: webhook_claim
+-- Up to $3 due deliveries for daemon $1, each endpoint's oldest first and at most $2 in flight per endpoint
+-- (across daemons: the endpoint's row is locked while its in-flight count is read). Each is leased for $4
+-- seconds; a lease that runs out makes it due again (its daemon died mid-request). The cost is a probe per
+-- enabled endpoint and the rows taken, never the history.
+WITH endpoints AS (
+    SELECT w.id, w.url, w.secret FROM batchd.webhook_endpoints AS w
+     WHERE w.disabled_at IS NULL
+       AND EXISTS (SELECT FROM batchd.webhook_deliveries AS d
+                    WHERE d.endpoint_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now())
+       FOR UPDATE OF w SKIP LOCKED
+), chosen AS (
+    SELECT due.id, due.next_attempt_at, w.id AS endpoint_id
+      FROM endpoints AS w
+     CROSS JOIN LATERAL (
+        SELECT d.id, d.next_attempt_at FROM batchd.webhook_deliveries AS d
+         WHERE d.endpoint_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+         ORDER BY d.next_attempt_at, d.id
+         LIMIT greatest(0, $2 - (SELECT count(*) FROM batchd.webhook_deliveries AS f
+                                  WHERE f.endpoint_id = w.id AND f.status = 'pending'
+                                    AND f.lease_until > now()))
+     ) AS due
+     ORDER BY due.next_attempt_at, due.id
+     LIMIT $3
+)
+UPDATE batchd.webhook_deliveries AS d
+   SET owner = $1, lease_until = now() + make_interval(secs => $4),
+       next_attempt_at = now() + make_interval(secs => $4), attempts = d.attempts + 1,
+       first_attempt_at = coalesce(d.first_attempt_at, now()), last_attempt_at = now()
+  FROM chosen JOIN endpoints AS w ON w.id = chosen.endpoint_id
+ WHERE d.id = chosen.id AND d.status = 'pending'
+RETURNING d.id, d.endpoint_id, d.message_id, d.body, d.attempts, w.url, w.secret;
+
+-- name: webhook_delivered
+-- An attempt of daemon $2 succeeded with HTTP status $3: the delivery is done, its endpoint's run of
+-- failures over. Nothing when the lease was lost meanwhile (another attempt owns the row now).
+WITH done AS (
+    UPDATE batchd.webhook_deliveries
+       SET status = 'delivered', finished_at = now(), last_status = $3, last_error = NULL, owner = NULL,
+           lease_until = NULL
+     WHERE id = $1 AND owner = $2 AND status = 'pending'
+    RETURNING endpoint_id
+)
+UPDATE batchd.webhook_endpoints AS w
+   SET failures = 0, failing_since = NULL, last_success_at = now()
+  FROM done
+ WHERE w.id = done.endpoint_id;
+
+-- name: webhook_failed
+-- An attempt of daemon $2 failed (HTTP status $3 or none, why $4): tried again in $5 seconds, or dead when
+-- $5 is null. A dead delivery disables its endpoint unless a delivery to it succeeded since the dead one's
+-- first attempt (webhooks.md). Returns the endpoint's state; no row when the lease was lost meanwhile.
+WITH failed AS (
+    UPDATE batchd.webhook_deliveries
+       SET status = CASE WHEN $5::float8 IS NULL THEN 'dead' ELSE 'pending' END,
+           next_attempt_at = now() + make_interval(secs => coalesce($5::float8, 0)),
+           finished_at = CASE WHEN $5::float8 IS NULL THEN now() END,
+           last_status = $3, last_error = $4, owner = NULL, lease_until = NULL
+     WHERE id = $1 AND owner = $2 AND status = 'pending'
+    RETURNING endpoint_id, status, first_attempt_at
+)
+UPDATE batchd.webhook_endpoints AS w
+   SET failures = w.failures + 1, failing_since = coalesce(w.failing_since, now()),
+       disabled_at = CASE WHEN failed.status = 'dead' AND w.disabled_at IS NULL
+                               AND (w.last_success_at IS NULL OR w.last_success_at < failed.first_attempt_at)
+                          THEN now() ELSE w.disabled_at END,
+       disabled_reason = CASE WHEN failed.status = 'dead' AND w.disabled_at IS NULL
+                                   AND (w.last_success_at IS NULL
+                                        OR w.last_success_at < failed.first_attempt_at)
+                              THEN $6 ELSE w.disabled_reason END
+  FROM failed
+ WHERE w.id = failed.endpoint_id
+RETURNING w.id, w.failures, w.disabled_at IS NOT NULL AS disabled, failed.status;
+
+-- name: webhook_release
+-- A stopping daemon hands its attempts back: due again at once, the attempt not counted.
+UPDATE batchd.webhook_deliveries
+   SET owner = NULL, lease_until = NULL, next_attempt_at = now(), attempts = greatest(attempts - 1, 0)
+ WHERE id = ANY ($1::bigint[]) AND owner = $2 AND status = 'pending';
+
+-- name: prune_webhook_deliveries
+-- One bounded chunk of the delivery log's finished rows (delivered or dead) older than $1 seconds.
+DELETE FROM batchd.webhook_deliveries
+ WHERE id IN (SELECT id FROM batchd.webhook_deliveries
+               WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1)
+               ORDER BY finished_at
+               LIMIT $2
+                 FOR UPDATE SKIP LOCKED);

@@ -1,4 +1,4 @@
--- batchd's schema as it stands after the last migration (0015): the whole of it, in one place, to read.
+-- batchd's schema as it stands after the last migration (0016): the whole of it, in one place, to read.
 --
 -- The migrations in sql/migrations/ are what builds and upgrades a database (`batchd migrate`); this file
 -- says what they add up to. Each migration that changes the schema changes this file the same way, in the
@@ -358,10 +358,66 @@ CREATE TABLE batchd.turnarounds (
     PRIMARY KEY (span, start, tenant_id, bucket)
 );
 
+-- A tenant's webhook endpoints: where its events are sent, signed with its secret (`whsec_` + base64, which
+-- batchd signs with, so it is kept as is; only the daemon's role may read the table). [0016]
+CREATE TABLE batchd.webhook_endpoints (
+    id              bigserial PRIMARY KEY,
+    tenant_id       text NOT NULL CHECK (tenant_id <> ''),
+    url             text NOT NULL CHECK (url ~* '^https?://' AND length(url) <= 2048),
+    secret          text NOT NULL CHECK (secret ~ '^whsec_[A-Za-z0-9+/]+=*$'),
+    -- The event types delivered; null: every type.
+    event_types     text[] CHECK (cardinality(event_types) > 0),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- Events up to this seq (the log's head when the endpoint was added) are not delivered to it.
+    after_seq       bigint NOT NULL,
+    -- Set when batchd stops delivering to it (a run of failures, webhooks.py); cleared by `webhook retry`.
+    disabled_at     timestamptz,
+    disabled_reason text,
+    -- Failed attempts since the last success, and when that run of failures began.
+    failures        integer NOT NULL DEFAULT 0 CHECK (failures >= 0),
+    failing_since   timestamptz,
+    last_success_at timestamptz
+);
+
+-- One message to one endpoint: the body as signed, fixed at enqueue (every retry sends the same bytes under
+-- the same webhook-id), and its delivery's state; claimed with a lease, so a daemon killed mid-request
+-- leaves it to be sent again. [0016]
+CREATE TABLE batchd.webhook_deliveries (
+    id               bigserial PRIMARY KEY,
+    endpoint_id      bigint NOT NULL REFERENCES batchd.webhook_endpoints (id) ON DELETE CASCADE,
+    event_seq        bigint NOT NULL,
+    message_id       text NOT NULL,
+    event_type       text NOT NULL,
+    body             text NOT NULL,
+    status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts         integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    -- When it may be tried (again); while an attempt runs, when its lease ends.
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    -- The daemon trying it now, until lease_until; an attempt's outcome is written only by its claimant.
+    owner            text,
+    lease_until      timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at timestamptz,
+    last_attempt_at  timestamptz,
+    -- The last attempt's HTTP status (null: no response) and why it failed.
+    last_status      integer,
+    last_error       text,
+    finished_at      timestamptz,
+    UNIQUE (endpoint_id, event_seq)
+);
+
+-- The webhook enqueuer's cursor over the published events: every event with seq up to enqueued_seq has its
+-- deliveries; the pruner keeps the events past it. One row. [0016]
+CREATE TABLE batchd.webhook_log (
+    singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    enqueued_seq bigint NOT NULL
+);
+
 -- The one row of each singleton table.
 INSERT INTO batchd.wakeup DEFAULT VALUES;
 INSERT INTO batchd.event_log DEFAULT VALUES;
 INSERT INTO batchd.flow_clock (one, sampled_at) VALUES (true, '-infinity');
+INSERT INTO batchd.webhook_log (enqueued_seq) SELECT published_seq FROM batchd.event_log;
 
 -- ---- indexes ----------------------------------------------------------------------------------------------
 
@@ -404,6 +460,13 @@ CREATE INDEX costs_at ON batchd.costs USING brin (at);
 -- Old batches go when their jobs have gone; budgets read one tenant's days of a month. [0012]
 CREATE INDEX rollups_tenant ON batchd.rollups (tenant_id, span, start);
 CREATE INDEX batches_finished ON batchd.batches (created_at) WHERE status IN ('applied', 'abandoned');
+-- A tenant's endpoints; an endpoint's due deliveries and those in flight (pending rows only: the size of
+-- the work in flight, never of the history); finished deliveries oldest first, for the pruner. [0016]
+CREATE INDEX webhook_endpoints_tenant ON batchd.webhook_endpoints (tenant_id);
+CREATE INDEX webhook_deliveries_due ON batchd.webhook_deliveries (endpoint_id, next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_finished ON batchd.webhook_deliveries (finished_at)
+    WHERE status <> 'pending';
 
 -- ---- views ------------------------------------------------------------------------------------------------
 
