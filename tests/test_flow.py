@@ -202,32 +202,39 @@ SELECT s.span, date_trunc(s.span, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' -
 
 @pytest.mark.slow
 async def test_a_window_reads_only_its_rows_of_the_flow_history(db: Any) -> None:
-    await db.execute(FLOW_HISTORY)
-    await db.execute(TURNAROUND_HISTORY)
-    turnarounds = await db.fetchval("SELECT count(*) FROM batchd.turnarounds")
-    assert turnarounds == 5 * 16 * (400 + 400 * 24 + 2 * 1440) > 1_000_000
-    await db.execute("ANALYZE batchd.flow; ANALYZE batchd.turnarounds")
-    for window, (seconds, _) in {"1h": (3600.0, ""), "1d": (86400.0, ""), "30d": (30 * 86400.0, "")}.items():
-        span = flow.SPANS[window]
-        since = await db.fetchval(sql("flow_intervals").replace(";", " LIMIT 1;"), span, seconds)
-        for query, table, per_interval in (
-            ("flow_series", "flow", 6),
-            ("turnaround_series", "turnarounds", 80),
-        ):
-            in_window = await db.fetchval(
-                f"SELECT count(*) FROM batchd.{table} WHERE span = $1 AND start >= $2",  # noqa: S608
-                span,
-                since,
-            )
-            count = {"minute": 61, "hour": 25, "day": 31}[span]
-            assert in_window == per_interval * count
-            (plan,) = json.loads(
-                await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql(query), span, since)
-            )
-            read = rows_read(plan["Plan"], table)
-            assert read == in_window, (
-                f"{window}: read {read} rows of batchd.{table} for a window of {in_window}"
-            )
+    # One transaction: now() is the same for the history built and the windows read, which a minute's turn
+    # between them would otherwise shift by one interval.
+    async with db.transaction():
+        await db.execute(FLOW_HISTORY)
+        await db.execute(TURNAROUND_HISTORY)
+        turnarounds = await db.fetchval("SELECT count(*) FROM batchd.turnarounds")
+        assert turnarounds == 5 * 16 * (400 + 400 * 24 + 2 * 1440) > 1_000_000
+        await db.execute("ANALYZE batchd.flow; ANALYZE batchd.turnarounds")
+        for window, (seconds, _) in {
+            "1h": (3600.0, ""),
+            "1d": (86400.0, ""),
+            "30d": (30 * 86400.0, ""),
+        }.items():
+            span = flow.SPANS[window]
+            since = await db.fetchval(sql("flow_intervals").replace(";", " LIMIT 1;"), span, seconds)
+            for query, table, per_interval in (
+                ("flow_series", "flow", 6),
+                ("turnaround_series", "turnarounds", 80),
+            ):
+                in_window = await db.fetchval(
+                    f"SELECT count(*) FROM batchd.{table} WHERE span = $1 AND start >= $2",  # noqa: S608
+                    span,
+                    since,
+                )
+                count = {"minute": 61, "hour": 25, "day": 31}[span]
+                assert in_window == per_interval * count
+                (plan,) = json.loads(
+                    await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql(query), span, since)
+                )
+                read = rows_read(plan["Plan"], table)
+                assert read == in_window, (
+                    f"{window}: read {read} rows of batchd.{table} for a window of {in_window}"
+                )
 
 
 async def test_the_flow_history_is_pruned_with_the_history(db: Any, pool: asyncpg.Pool) -> None:
