@@ -18,6 +18,7 @@ the queue is empty, else at the job count that would fill a batch. The clock cov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,15 +164,18 @@ class Flusher:
         """Claim one batch's worth of jobs and record the batch, in one transaction. `head`, the queue as last
         looked at, tells whether everything that may go would fit: fairness then has nothing to decide and
         the claim takes it all in one pass (without it, the claim finds out)."""
-        with gcpause.paused():  # a batch's rows, alive until it is recorded (gcpause.py)
-            return await self._flush_one(head)
+        with contextlib.ExitStack() as paused:
+            return await self._flush_one(head, paused)
 
-    async def _flush_one(self, head: store.QueueHead | None) -> Flushed:
+    async def _flush_one(self, head: store.QueueHead | None, paused: contextlib.ExitStack) -> Flushed:
         settings = self.ctx.settings
         batching = settings.batching
         max_bytes = min(batching.max_bytes, API_MAX_BYTES)
         async with self.ctx.pool.acquire() as connection, connection.transaction():
             await connection.execute(sql("lock_flush"))
+            # From here to the batch handed on, its rows are made and held: the collector waits (gcpause.py).
+            # Not before: waiting for another daemon's flush, above, it runs as usual.
+            paused.enter_context(gcpause.paused())
             in_flight = await connection.fetchval(sql("in_flight_requests"))
             budget = min(batching.max_requests, batching.max_in_flight_requests - in_flight)
             if budget <= 0:

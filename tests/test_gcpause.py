@@ -6,10 +6,17 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from support import insert_raw, make_settings, wait_until
 
-from batchd import gcpause
+from batchd import gcpause, store
+from batchd.context import Context
+from batchd.flusher import Flusher
+from batchd.provider import Provider
+from batchd.ratelimit import RateLimiter
+from batchd.store import sql
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +67,41 @@ def test_a_collector_turned_off_by_the_process_stays_off() -> None:
     with gcpause.paused():
         assert not gc.isenabled()
     assert not gc.isenabled()
+
+
+async def test_a_flush_holds_it_off_while_it_builds_its_batch_not_while_it_waits_for_another(
+    db: Any, database_url: str
+) -> None:
+    await insert_raw(db, "acme", ["one", "two", "three"])
+    pool = await store.create_pool(database_url, max_size=2)
+    provider = Provider("test-key", base_url="http://unused", limiter=RateLimiter(60), timeout_s=10)
+    during: list[bool] = []
+    flusher = Flusher(
+        Context(pool=pool, settings=make_settings(database_url, "http://unused"), provider=provider),
+        lambda *_: during.append(gc.isenabled()),  # the batch handed on: still inside the flush
+    )
+    other = await store.connect(database_url)
+    try:
+        # Another daemon's flush holds the lock: this one waits, the collector running meanwhile.
+        async with other.transaction():
+            await other.execute(sql("lock_flush"))
+            flush = asyncio.create_task(flusher.flush_one())
+
+            async def waiting() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT count(*) FROM pg_locks AS l JOIN pg_database AS d ON d.oid = l.database"
+                        " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+                    )
+                )
+
+            await wait_until(waiting, timeout=10)
+            assert gc.isenabled()
+        flushed = await asyncio.wait_for(flush, timeout=10)
+    finally:
+        await other.close()
+        await provider.close()
+        await pool.close()
+    assert flushed.jobs == 3
+    assert during == [False]
+    assert gc.isenabled()
