@@ -293,6 +293,10 @@ async def test_a_host_is_refused_for_what_it_resolves_to() -> None:
         await check_url("http://localhost:8080/hook", TargetPolicy())
     with pytest.raises(TargetRefused, match="private"):
         await check_url("https://[::ffff:192.168.0.1]/hook", TargetPolicy())
+    # Spellings of 127.0.0.1 that are not IP literals to Python, but that the resolver reads as one.
+    for disguised in ("127.1", "2130706433", "0x7f000001", "0177.0.0.1"):
+        with pytest.raises(TargetRefused, match="loopback"):
+            await check_url(f"http://{disguised}:8080/hook", TargetPolicy())
     with pytest.raises(TargetRefused, match="does not resolve"):
         await check_url("https://no-such-host.invalid/hook", TargetPolicy())
     await check_url("http://localhost:8080/hook", PERMISSIVE)
