@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
-from support import EmulatorHandle, daemon_config, daemon_process, log_events, run_batchd, wait_until
+from support import EmulatorHandle, daemon_config, daemon_process, run_batchd, wait_until
 
 from batchd import webhooks
 from batchd.config import Settings, WebhookSettings
@@ -293,6 +293,10 @@ async def test_a_host_is_refused_for_what_it_resolves_to() -> None:
         await check_url("http://localhost:8080/hook", TargetPolicy())
     with pytest.raises(TargetRefused, match="private"):
         await check_url("https://[::ffff:192.168.0.1]/hook", TargetPolicy())
+    # Spellings of 127.0.0.1 that are not IP literals to Python, but that the resolver reads as one.
+    for disguised in ("127.1", "2130706433", "0x7f000001", "0177.0.0.1"):
+        with pytest.raises(TargetRefused, match="loopback"):
+            await check_url(f"http://{disguised}:8080/hook", TargetPolicy())
     with pytest.raises(TargetRefused, match="does not resolve"):
         await check_url("https://no-such-host.invalid/hook", TargetPolicy())
     await check_url("http://localhost:8080/hook", PERMISSIVE)
@@ -592,7 +596,6 @@ async def test_a_daemon_killed_mid_delivery_loses_nothing_and_repeats_only_with_
     for message_id in repeated:
         bodies = {item.body for item in receiver.received if item.message_id == message_id}
         assert len(bodies) == 1, "a repeat is the same message: same id, same body"
-    assert log_events(log)["webhook.failed"] == 0
 
 
 async def _holding(receiver: Receiver, count: int) -> bool:
