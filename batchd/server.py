@@ -179,12 +179,7 @@ def _listing(query: Mapping[str, str], principal: Principal) -> Listing:
     status = query.get("status") or None
     if status is not None and status not in statuses.JOB_STATUSES:
         raise Refusal(400, f"status must be one of {', '.join(statuses.JOB_STATUSES)}", field="status")
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise Refusal(400, f"limit must be an integer from 1 to {LIST_LIMIT_MAX:,}", field="limit")
+    limit = _bounded_int(query.get("limit"), LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, "limit")
     cursor = None
     if "cursor" in query:
         try:
@@ -556,9 +551,9 @@ def _bounded_int(text: str | None, default: int, maximum: int, name: str) -> int
     try:
         value = int(text)
     except ValueError:
-        raise Refusal(400, f"{name} must be a whole number from 1 to {maximum}", field=name) from None
+        value = 0  # refused below, as a number out of range is
     if not 1 <= value <= maximum:
-        raise Refusal(400, f"{name} must be a whole number from 1 to {maximum}", field=name)
+        raise Refusal(400, f"{name} must be a whole number from 1 to {maximum:,}", field=name)
     return value
 
 

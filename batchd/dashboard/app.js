@@ -40,13 +40,7 @@
   const JOB_EVENTS = ["job.succeeded", "job.failed", "job.canceled", "job.retrying"];
   const OTHER_EVENTS = ["job.submitted", "batch.submitted", "batch.ended"];
   const TOTAL_FIELDS = [
-    "succeeded",
-    "failed",
-    "canceled",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
+    ...COUNT_FIELDS,
     "cost_usd", // from the ledger, in each overview (job events carry no cost: it moves when batches end)
     "sync_cost_usd",
     "saved_usd",
